@@ -1,0 +1,300 @@
+"""systemd glue: sd_notify, the watchdog and journald-friendly logging.
+
+Why this module exists instead of a dependency: the sd_notify protocol is one
+``AF_UNIX``/``SOCK_DGRAM`` datagram of ``KEY=VALUE`` lines, and upstream systemd
+itself recommends re-implementing it rather than linking libsystemd (it ships a
+self-contained Python example).  The PyPI options are either unmaintained
+(``sdnotify``, 2017) or C extensions that need libsystemd headers
+(``systemd-python``, ``cysystemd``).  So this is stdlib only, like Synapse's and
+gunicorn's inline versions.
+
+Everything here is a no-op when the process is not run by systemd: with
+``$NOTIFY_SOCKET`` unset nothing is sent and no socket is created, and with
+``$JOURNAL_STREAM`` unset (or pointing at another file) logging stays plain.
+See ``research/systemd.md`` for the protocol notes this follows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import time
+from typing import Callable, TextIO
+
+__all__ = [
+    "Notifier",
+    "notify",
+    "setup_logging",
+    "under_journald",
+    "watchdog_interval",
+]
+
+log = logging.getLogger("spoolq.systemd")
+
+
+def _socket_address(value: str) -> str | None:
+    """Translate ``$NOTIFY_SOCKET`` into an address ``socket.connect`` accepts.
+
+    A leading ``@`` means the Linux abstract namespace, which Python spells
+    with a leading NUL byte.  Newer systemd versions also hand out ``vsock:``
+    addresses (for VMs); spoolq never runs there, so anything that is not a
+    path or an abstract name is reported as unsupported rather than guessed at.
+    """
+    if value.startswith("@"):
+        return "\0" + value[1:]
+    if value.startswith("/"):
+        return value
+    return None
+
+
+def notify(*lines: str) -> bool:
+    """Send one sd_notify datagram made of ``lines`` joined by newlines.
+
+    Returns True when the datagram was handed to the kernel, False when
+    ``$NOTIFY_SOCKET`` is unset (nothing is sent: we are not run by systemd)
+    or when sending failed.  A failure is logged as a warning and never
+    raised: losing a status update must not take the worker down, and systemd
+    will notice a genuinely broken notification path by itself (start-up
+    timeout, watchdog).
+
+    A fresh socket per call keeps this stateless and fork-safe; the cost
+    (a socket()+connect()+send()) is negligible next to one spool operation,
+    and callers that ping often go through :class:`Notifier`, which rate-limits.
+    """
+    value = os.environ.get("NOTIFY_SOCKET")
+    if not value:
+        return False
+    address = _socket_address(value)
+    if address is None:
+        log.warning("unsupported NOTIFY_SOCKET address %r, not notifying systemd", value)
+        return False
+    payload = "\n".join(lines).encode("utf-8")
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(payload)
+    except OSError as exc:
+        log.warning("could not notify systemd via %s: %s", value, exc)
+        return False
+    return True
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between watchdog pings systemd expects from *this* process.
+
+    That is half of ``$WATCHDOG_USEC`` (``sd_watchdog_enabled(3)`` recommends
+    pinging at half the timeout so one late loop iteration is not fatal).
+    None when the watchdog is disabled: the variable is unset, not a positive
+    integer, or ``$WATCHDOG_PID`` names another process -- the variables are
+    inherited by children, and only the process systemd watches should ping.
+    """
+    usec = os.environ.get("WATCHDOG_USEC")
+    if not usec:
+        return None
+    pid = os.environ.get("WATCHDOG_PID")
+    if pid:
+        try:
+            if int(pid) != os.getpid():
+                return None
+        except ValueError:
+            return None
+    try:
+        micros = int(usec)
+    except ValueError:
+        return None
+    if micros <= 0:
+        return None
+    return micros / 2e6
+
+
+def _one_line(text: str) -> str:
+    """Keep a STATUS= value on one line: a newline would start a new key."""
+    return " ".join(text.splitlines())
+
+
+class Notifier:
+    """The daemon's handle on systemd: readiness, status, watchdog, stopping.
+
+    The environment is read once, at construction: the worker builds one
+    Notifier at start-up, and a process that is not run by systemd (tests,
+    a foreground ``spoolq worker`` in a terminal) then pays one attribute
+    check per call and nothing else.
+
+    The watchdog is meant to be fed from the worker's main loop, never from a
+    helper thread: a thread keeps pinging while the loop is stuck, which
+    defeats the point.  Call :meth:`watchdog` on every iteration (it only
+    sends when half of ``WatchdogSec=`` has passed) and bound the loop's
+    blocking wait by :meth:`next_watchdog_in`.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        # ``clock`` is injectable so the rate limiting can be tested without
+        # waiting; it must be monotonic (wall-clock jumps would either flood
+        # systemd or starve the watchdog).
+        self._clock = clock
+        self.enabled: bool = bool(os.environ.get("NOTIFY_SOCKET"))
+        self.interval: float | None = watchdog_interval() if self.enabled else None
+        # No ping yet: the first watchdog() call sends at once.  systemd arms
+        # the watchdog when the main process starts, so however long start-up
+        # took, the first iteration of the loop must ping.
+        self._last_ping: float | None = None
+
+    def _send(self, *lines: str) -> bool:
+        if not self.enabled:
+            return False
+        return notify(*lines)
+
+    def ready(self, status: str) -> bool:
+        """Tell systemd start-up is complete (``Type=notify``).
+
+        Call it only once the spool is opened and this server's orphaned
+        claims are recovered: that is what makes ``systemctl start`` wait for
+        a worker that can really work, and fail when it cannot.  ``MAINPID=``
+        is sent alongside so systemd tracks the right process even if the
+        worker was started through a wrapper that forked.
+        """
+        return self._send("READY=1", f"MAINPID={os.getpid()}", f"STATUS={_one_line(status)}")
+
+    def status(self, text: str) -> bool:
+        """Free-form one-line status shown by ``systemctl status``."""
+        return self._send(f"STATUS={_one_line(text)}")
+
+    def next_watchdog_in(self) -> float | None:
+        """Seconds until the next ping is due (0.0 when due now), None if disabled.
+
+        Use it to bound a ``select()``/``Event.wait()`` timeout so an idle
+        worker still wakes up in time to ping.
+        """
+        if self.interval is None:
+            return None
+        if self._last_ping is None:
+            return 0.0
+        return max(0.0, self._last_ping + self.interval - self._clock())
+
+    def watchdog(self) -> bool:
+        """Send ``WATCHDOG=1`` if the ping interval has elapsed; True if sent.
+
+        Cheap enough to call on every loop iteration: when the watchdog is
+        disabled it is one attribute test, otherwise one clock read.
+        """
+        if self.interval is None:
+            return False
+        now = self._clock()
+        if self._last_ping is not None and now - self._last_ping < self.interval:
+            return False
+        # Record the attempt even if the send fails: retrying on every
+        # iteration would only repeat the same warning in a tight loop.
+        self._last_ping = now
+        return self._send("WATCHDOG=1")
+
+    def stopping(self, status: str) -> bool:
+        """Announce a graceful shutdown (``STOPPING=1``) with a reason.
+
+        ``systemctl status`` then shows "deactivating" and the status text
+        (e.g. how many tasks are being handed back) while the worker drains.
+        """
+        return self._send("STOPPING=1", f"STATUS={_one_line(status)}")
+
+    def extend_timeout(self, seconds: float) -> bool:
+        """Ask for ``seconds`` more before systemd's start/stop timeout fires.
+
+        ``EXTEND_TIMEOUT_USEC=`` does not add to the unit's timeout; it
+        guarantees the next ``seconds`` from now, and must be repeated to keep
+        extending.  Useful while a long recovery or hand-back is in progress.
+        """
+        return self._send(f"EXTEND_TIMEOUT_USEC={max(0, int(seconds * 1_000_000))}")
+
+
+def under_journald(fd: int = 2) -> bool:
+    """True when ``fd`` is connected straight to systemd-journald.
+
+    systemd sets ``$JOURNAL_STREAM`` to ``<st_dev>:<st_ino>`` of the stream it
+    gave the service.  Comparing with ``fstat(fd)`` (rather than trusting the
+    variable alone) gives the right answer when the variable was inherited
+    but the stream was redirected, e.g. ``spoolq worker ... 2>file`` from a
+    shell inside a systemd session.
+    """
+    value = os.environ.get("JOURNAL_STREAM")
+    if not value:
+        return False
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return False
+    return value == f"{st.st_dev}:{st.st_ino}"
+
+
+def syslog_priority(levelno: int) -> int:
+    """Map a logging level to a syslog priority (``<N>`` prefix journald parses).
+
+    Levels between the standard ones (custom levels) take the priority of the
+    standard level just below them, so they are never reported as more severe
+    than they are.
+    """
+    if levelno >= logging.CRITICAL:
+        return 2
+    if levelno >= logging.ERROR:
+        return 3
+    if levelno >= logging.WARNING:
+        return 4
+    if levelno >= logging.INFO:
+        return 6
+    return 7
+
+
+class JournalFormatter(logging.Formatter):
+    """Formatter for a stream that journald reads line by line.
+
+    journald stamps each entry itself, so no timestamp; ``SyslogLevelPrefix=``
+    (on by default) turns a leading ``<N>`` into the entry's PRIORITY and
+    strips it.  Every stdout/stderr line becomes its own journal entry, so
+    every line of a multi-line message (a traceback) gets the prefix, or the
+    continuation lines would land at the default priority and escape
+    ``journalctl -p err``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("%(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{syslog_priority(record.levelno)}>"
+        lines = super().format(record).splitlines() or [""]
+        return "\n".join(prefix + line for line in lines)
+
+
+PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _SpoolqHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Marker class so :func:`setup_logging` can find and replace its own handler."""
+
+
+def setup_logging(level: int = logging.INFO, *, stream: TextIO | None = None) -> None:
+    """Configure the ``spoolq`` logger: one line per event on ``stream``.
+
+    ``stream`` defaults to ``sys.stderr`` as it is at call time (not at import
+    time, so test harnesses that swap stderr are honoured).  Under journald the
+    lines carry ``<N>`` priority prefixes and no timestamp; otherwise they read
+    ``2024-01-01 12:00:00,000 INFO spoolq.daemon: message``.
+
+    Idempotent: calling it again replaces the handler it installed before
+    instead of adding a second one (which would print every line twice).
+    Propagation to the root logger is left alone: the worker configures no
+    root handler, and test tools that listen on the root logger keep working.
+    """
+    if stream is None:
+        stream = sys.stderr
+    try:
+        journal = under_journald(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        # io.StringIO and friends have no descriptor: certainly not journald.
+        journal = False
+    logger = logging.getLogger("spoolq")
+    for old in [h for h in logger.handlers if isinstance(h, _SpoolqHandler)]:
+        logger.removeHandler(old)
+    handler = _SpoolqHandler(stream)
+    handler.setFormatter(JournalFormatter() if journal else logging.Formatter(PLAIN_FORMAT))
+    logger.addHandler(handler)
+    logger.setLevel(level)
