@@ -1,0 +1,771 @@
+"""spoolq@.service under a real systemd user manager.
+
+Why a user manager: in this environment systemd is not PID 1, so there is no
+system manager to talk to and nspawn cannot boot one, but ``systemd --user``
+runs (research/systemd.md section 3c).  It executes the same unit files with
+the same service logic (Type=notify, watchdog, restarts, KillMode, sandbox),
+so it proves what `systemd-analyze verify` cannot: that the worker really
+becomes ``active (running)`` through READY=1 and survives the sandbox.
+
+Safety first.  Started naively as root, ``systemd --user`` believes the whole
+cgroup tree is its own and moves *every process on the host* (PID 1
+included) into ``/init.scope``.  The harness therefore starts it inside a
+fresh cgroup, at the same path in every mounted hierarchy (systemd assumes
+identical paths), nested under the test process's own groups; it refuses to
+start the manager at all if that cannot be arranged, checks afterwards that
+PID 1 did not move, and removes the cgroups at the end.  ``systemd --user``
+also exits unless /run/systemd/system exists; the harness creates that
+directory only if it is missing, and removes it again as soon as the manager
+is up (it is only looked at on start-up; leaving it would make other tools
+believe systemd booted the machine).
+
+Two groups of tests:
+
+* harness tests (always, unless the manager cannot start): the real
+  spoolq@.service, sandbox included, with ExecStart swapped for a tiny
+  worker written with spoolq.systemd.Notifier -- READY=1, STATUS=,
+  STOPPING=1 on SIGTERM and a watchdog that catches a hung main loop.
+* daemon tests (when ``spoolq.daemon`` is importable): the real worker,
+  two instances on one spool, 50 tasks, stop-mid-task hand-back, watchdog.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+UNITS = REPO / "packaging" / "systemd"
+SYSTEMD = next((p for p in ("/lib/systemd/systemd", "/usr/lib/systemd/systemd") if os.access(p, os.X_OK)), None)
+
+pytestmark = [
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="systemd is Linux only"),
+    pytest.mark.skipif(SYSTEMD is None or shutil.which("systemctl") is None,
+                       reason="systemd is not installed (run .ci/install-system-deps)"),
+    pytest.mark.skipif(os.geteuid() != 0,
+                       reason="the user-manager harness needs root (cgroup placement, /run/systemd/system)"),
+]
+
+# Short timings for the harness; each one's production value is in spoolq@.service.
+WATCHDOG_SEC = 3        # production 30s: the worker pings every 1.5 s here
+TIMEOUT_ABORT_SEC = 2   # production: TimeoutStopSec; how long a watchdog-aborted process may take to die
+RESTART_SEC = 0.5       # production 2s
+
+
+def wait_until(what: str, predicate: Callable[[], object], timeout: float,
+               interval: float = 0.1, on_timeout: Callable[[], str] | None = None) -> object:
+    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            extra = on_timeout() if on_timeout else ""
+            pytest.fail(f"timed out after {timeout}s waiting for {what}\n{extra}")
+        time.sleep(interval)
+
+
+# --- cgroup confinement --------------------------------------------------------
+
+
+def _cgroup_dirs(pid: int | str = "self") -> dict[str, tuple[str, str]]:
+    """hierarchy id -> (mount point, our path in it) for every mounted hierarchy.
+
+    /proc/<pid>/cgroup says where the process is ("4:memory:/a/b",
+    "0::/a" for cgroup2); /proc/self/mountinfo says where each hierarchy is
+    mounted (v1 mounts carry their controllers or name= in the super options).
+    Hierarchies that are not mounted cannot be touched by systemd either.
+    """
+    mounts: list[tuple[str, str, set[str]]] = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        fields, rfields = left.split(), right.split()
+        if len(rfields) < 3 or rfields[0] not in ("cgroup", "cgroup2"):
+            continue
+        if fields[3] != "/":          # a bind mount of a sub-tree: paths would not match
+            continue
+        mounts.append((rfields[0], fields[4], set(rfields[2].split(","))))
+    out: dict[str, tuple[str, str]] = {}
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        hid, controllers, path = line.split(":", 2)
+        for fstype, mountpoint, opts in mounts:
+            if controllers == "" and fstype == "cgroup2":
+                out[hid] = (mountpoint, path)
+                break
+            if controllers and fstype == "cgroup" and set(controllers.split(",")) <= opts:
+                out[hid] = (mountpoint, path)
+                break
+    return out
+
+
+class CgroupJail:
+    """A cgroup at one path P in every mounted hierarchy, below our own groups.
+
+    systemd (v1/hybrid) derives its cgroup from the name=systemd hierarchy and
+    uses that same path in every controller hierarchy, so P must be the same
+    everywhere and must lie below the test's current group in each (else the
+    manager would move itself, and what it migrates, somewhere else).
+    """
+
+    def __init__(self) -> None:
+        self.hierarchies = _cgroup_dirs()
+        if not self.hierarchies:
+            raise RuntimeError("no cgroup hierarchy is mounted")
+        base = max((p for _, p in self.hierarchies.values()), key=len).rstrip("/")
+        self.path = f"{base}/spoolq-it-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        for mountpoint, current in self.hierarchies.values():
+            if current != "/" and not self.path.startswith(current.rstrip("/") + "/"):
+                raise RuntimeError(f"our cgroups differ between hierarchies ({current} vs {base}); "
+                                   "cannot give the manager one path everywhere")
+        self.dirs = [Path(m + self.path) for m, _ in self.hierarchies.values()]
+        # Every directory this creates, parents first, so remove() can undo
+        # exactly that (intermediate levels may be new in some hierarchies).
+        self.created: list[Path] = []
+        try:
+            for mountpoint, _ in self.hierarchies.values():
+                d = Path(mountpoint)
+                for part in self.path.strip("/").split("/"):
+                    d = d / part
+                    if not d.exists():
+                        d.mkdir()
+                        self.created.append(d)
+                        self._init_cpuset(d)
+        except OSError as exc:
+            self.remove()
+            raise RuntimeError(f"cannot create {self.path}: {exc}") from exc
+
+    @staticmethod
+    def _init_cpuset(d: Path) -> None:
+        """A new v1 cpuset group has no CPUs or memory nodes: nobody can join
+        it until they are copied from the parent."""
+        for name in ("cpuset.cpus", "cpuset.mems"):
+            f = d / name
+            if f.exists() and not f.read_text().strip():
+                f.write_text((d.parent / name).read_text())
+
+    def procs_files(self) -> list[str]:
+        return [str(d / "cgroup.procs") for d in self.dirs]
+
+    def pids(self) -> set[int]:
+        found: set[int] = set()
+        for d in self.dirs:
+            for procs in d.rglob("cgroup.procs") if d.exists() else []:
+                try:
+                    found.update(int(x) for x in procs.read_text().split())
+                except OSError:
+                    pass
+        return found
+
+    def contains(self, pid: int) -> bool:
+        where = _cgroup_dirs(pid)
+        return all(where[h][1].startswith(self.path) for h in self.hierarchies if h in where)
+
+    def remove(self) -> None:
+        """Kill what is left inside (all of it started by this harness), then rmdir."""
+        deadline = time.monotonic() + 30
+        while (left := self.pids()) and time.monotonic() < deadline:
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.05)
+        for d in self.dirs:
+            if d.exists():
+                for sub in sorted((p for p in d.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                    try:
+                        sub.rmdir()
+                    except OSError:
+                        pass
+        for d in reversed(self.created):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+
+# --- the user manager ------------------------------------------------------------
+
+
+class UserManager:
+    """A private ``systemd --user`` and a ``systemctl --user`` bound to it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.runtime = root / "xdg-runtime"
+        self.config = root / "xdg-config"
+        self.home = root / "home"
+        self.unit_dir = self.config / "systemd" / "user"
+        for d in (self.runtime, self.unit_dir, self.home):
+            d.mkdir(parents=True, exist_ok=True)
+        self.runtime.chmod(0o700)
+        self.log = root / "manager.log"
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(self.home),
+            "LANG": "C.UTF-8",
+            "XDG_RUNTIME_DIR": str(self.runtime),
+            "XDG_CONFIG_HOME": str(self.config),
+        }
+        self.manager_args: list[str] = []   # e.g. ["--log-level=debug"] while debugging
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.jail: CgroupJail | None = None
+
+    def start(self) -> None:
+        pid1_before = Path("/proc/1/cgroup").read_text()
+        self.jail = CgroupJail()
+        flag = Path("/run/systemd/system")
+        created_flag = False
+        if not flag.exists():
+            flag.mkdir(parents=True)
+            created_flag = True
+        try:
+            # The shell joins the jail in every hierarchy, then becomes systemd
+            # (exec keeps the pid), so the manager never runs outside it.
+            # Its log goes to manager.log (console = stderr for a user
+            # manager), never to the kernel ring buffer.
+            script = ('for f in $SPOOLQ_IT_CGROUP_PROCS; do echo $$ > "$f" || exit 99; done; '
+                      'unset SPOOLQ_IT_CGROUP_PROCS; exec "$0" --user "$@"')
+            env = {**self.env, "SPOOLQ_IT_CGROUP_PROCS": " ".join(self.jail.procs_files()),
+                   "SYSTEMD_LOG_TARGET": "console"}
+            with open(self.log, "wb") as log:
+                self.proc = subprocess.Popen(
+                    ["sh", "-c", script, SYSTEMD, "--log-target=console", *self.manager_args],
+                    env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            state = ""
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                state = self.systemctl("is-system-running", check=False).stdout.strip()
+                if state in ("running", "degraded"):
+                    break
+                time.sleep(0.1)
+        finally:
+            if created_flag:
+                flag.rmdir()
+        if self.proc.poll() is not None or state not in ("running", "degraded"):
+            raise RuntimeError(f"user manager did not come up (exit {self.proc.poll()}, state {state!r}):\n"
+                               + self.log.read_text(errors="replace")[-3000:])
+        if Path("/proc/1/cgroup").read_text() != pid1_before:
+            raise AssertionError("PID 1 changed cgroup after the user manager started: confinement failed")
+        if not self.jail.contains(self.proc.pid):
+            raise AssertionError("the user manager is not inside its cgroup jail")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+        if self.jail is not None:
+            self.jail.remove()
+
+    def systemctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(["systemctl", "--user", "--no-pager", *args], env=self.env, text=True,
+                              capture_output=True, timeout=60)
+        if check and done.returncode != 0:
+            raise AssertionError(f"systemctl --user {' '.join(args)} -> exit {done.returncode}\n"
+                                 f"{done.stdout}{done.stderr}")
+        return done
+
+    def show(self, unit: str, *props: str) -> dict[str, str]:
+        out = self.systemctl("show", unit, *(f"--property={p}" for p in props)).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def install(self, name: str, text: str) -> None:
+        (self.unit_dir / name).write_text(text)
+
+
+@pytest.fixture(scope="module")
+def manager(tmp_path_factory) -> Iterator[UserManager]:
+    # The harness root (runtime dir with NOTIFY_SOCKET, spools, logs) must be
+    # visible inside the sandbox: not under /tmp or /var/tmp (PrivateTmp=),
+    # /home or /root (ProtectHome=), nor /run (the user manager mounts a
+    # fresh tmpfs over /run in the service's namespace when /run is not a
+    # mount point, as here).  /var/lib is none of those.
+    try:
+        root = Path(tempfile.mkdtemp(prefix="spoolq-it-", dir="/var/lib"))
+    except OSError as exc:
+        pytest.skip(f"cannot create the harness directory under /var/lib: {exc}")
+    m = UserManager(root)
+    try:
+        m.start()
+    except RuntimeError as exc:
+        m.stop()
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.skip(f"systemd user manager cannot start here: {exc}")
+    except BaseException:
+        m.stop()
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    yield m
+    m.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+# --- staging the real units for the user manager ------------------------------------
+
+
+def _set(text: str, key: str, values: list[str] | None, why: str) -> str:
+    """Replace every ``key=`` line of ``text`` by ``values`` (None: drop it).
+
+    The replacement carries a comment that says why, so a staged unit read
+    while debugging explains how it differs from the shipped one.
+    """
+    pattern = re.compile(rf"^{re.escape(key)}=.*\n", re.M)
+    lines = "".join(f"{key}={v}\n" for v in values or [])
+    note = f"# harness: {key} {'changed' if values else 'removed'}: {why}\n"
+    if pattern.search(text):
+        first = True
+
+        def repl(m: re.Match[str]) -> str:
+            nonlocal first
+            out = (note + lines) if first else ""
+            first = False
+            return out
+
+        return pattern.sub(repl, text)
+    if values is None:
+        return text
+    return text.replace("\n[Install]", f"\n{note}{lines}\n[Install]", 1)
+
+
+def _under(paths: list[Path], prefixes: tuple[str, ...]) -> bool:
+    return any(str(p.resolve()).startswith(prefixes) for p in paths)
+
+
+def stage_user_units(m: UserManager, exec_start: str, *, rw_dir: Path, env_dir: Path,
+                     pythonpath: list[Path]) -> None:
+    """Copy the shipped units into the user manager, adapted as little as possible.
+
+    Every difference from packaging/systemd is one of these:
+    - ExecStart: this interpreter (and the code under test) instead of /opt/spoolq.
+    - User=/Group= dropped: a user manager runs services as its own user and
+      cannot switch to spoolq.
+    - EnvironmentFile= of the instance points at the harness's env directory
+      instead of /etc/spoolq (the site-wide -/etc/default/spoolq is dropped so
+      the host's file cannot leak in).
+    - ReadWritePaths=/RequiresMountsFor= name the harness's spool directory.
+    - Environment= adds PYTHONPATH for the checkout and handler modules.
+    - WatchdogSec/RestartSec shortened and TimeoutAbortSec added so watchdog
+      scenarios take seconds, not minutes; StartLimitBurst raised because the
+      scenarios restart on purpose.
+    - StandardOutput/StandardError go to a file: this harness has no journald.
+    - ProtectHome=read-only (instead of yes) only if the interpreter or the
+      checkout lives under /root or /home, and PrivateTmp=no only if they live
+      under /tmp or /var/tmp: the service must be able to see the code it runs.
+    - [Install] WantedBy=default.target (a user manager has no multi-user.target).
+    Everything else -- the whole sandbox, Type=notify, NotifyAccess=main,
+    KillMode=mixed, Restart=, RestartPreventExitStatus=, TimeoutStopSec= -- is
+    exercised as shipped.
+    """
+    code_paths = [Path(sys.executable), Path(sys.prefix), REPO, *pythonpath]
+    text = (UNITS / "spoolq@.service").read_text()
+    text = _set(text, "ExecStart", [exec_start], "run the code under test with this interpreter")
+    text = _set(text, "User", None, "a user manager cannot switch users")
+    text = _set(text, "Group", None, "a user manager cannot switch groups")
+    text = _set(text, "EnvironmentFile", [f"-{env_dir}/%i.env"], "harness env files, not the host's /etc")
+    text = _set(text, "ReadWritePaths", [str(rw_dir)], "the harness spools")
+    text = _set(text, "RequiresMountsFor", [str(rw_dir)], "the harness spools")
+    text = _set(text, "Environment",
+                ["PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1",
+                 "PYTHONPATH=" + ":".join(str(p) for p in [REPO, *pythonpath])],
+                "shipped values plus PYTHONPATH for the checkout")
+    text = _set(text, "WatchdogSec", [f"{WATCHDOG_SEC}s"], "short, so hangs are caught in seconds")
+    text = _set(text, "TimeoutAbortSec", [f"{TIMEOUT_ABORT_SEC}s"],
+                "SIGKILL a watchdog-aborted process that does not die (e.g. SIGSTOPped) quickly")
+    text = _set(text, "RestartSec", [f"{RESTART_SEC}s"], "quick restarts")
+    text = _set(text, "StartLimitBurst", ["50"], "scenarios restart on purpose")
+    text = _set(text, "StandardOutput", [f"append:{m.root}/%i.log"], "no journald in this harness")
+    text = _set(text, "StandardError", ["inherit"], "same file as stdout")
+    if _under(code_paths, ("/root/", "/home/", "/run/user/")):
+        text = _set(text, "ProtectHome", ["read-only"], "the interpreter/checkout lives in a home directory")
+    if _under(code_paths, ("/tmp/", "/var/tmp/")):
+        text = _set(text, "PrivateTmp", ["no"], "the interpreter/checkout lives under /tmp")
+    text = _set(text, "WantedBy", ["default.target spoolq.target"], "no multi-user.target in a user manager")
+    m.install("spoolq@.service", text)
+    m.install("spoolq.target", (UNITS / "spoolq.target").read_text().replace(
+        "WantedBy=multi-user.target", "WantedBy=default.target"))
+    m.install("spoolq.slice", (UNITS / "spoolq.slice").read_text())
+    m.systemctl("daemon-reload")
+
+
+class Instances:
+    """Helpers for spoolq@<id> units in one manager."""
+
+    def __init__(self, m: UserManager, env_dir: Path) -> None:
+        self.m = m
+        self.env_dir = env_dir
+
+    def unit(self, server: str) -> str:
+        return f"spoolq@{server}.service"
+
+    def write_env(self, server: str, **env: str) -> None:
+        self.env_dir.mkdir(parents=True, exist_ok=True)
+        (self.env_dir / f"{server}.env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+
+    def log(self, server: str) -> str:
+        path = self.m.root / f"{server}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def diagnostics(self, *servers: str) -> str:
+        out = []
+        for s in servers:
+            out.append(self.m.systemctl("status", self.unit(s), check=False).stdout)
+            out.append(f"--- {s}.log (tail) ---\n" + self.log(s)[-4000:])
+        return "\n".join(out)
+
+    def state(self, server: str) -> dict[str, str]:
+        return self.m.show(self.unit(server), "ActiveState", "SubState", "StatusText", "MainPID",
+                           "NRestarts", "Result", "ExecMainStatus", "ExecMainCode")
+
+    def wait_running(self, *servers: str, timeout: float = 60) -> dict[str, dict[str, str]]:
+        def check() -> dict[str, dict[str, str]] | None:
+            states = {s: self.state(s) for s in servers}
+            for s, st in states.items():
+                if st["ActiveState"] == "failed":
+                    pytest.fail(f"{self.unit(s)} failed:\n{self.diagnostics(s)}")
+            ok = all(st["ActiveState"] == "active" and st["SubState"] == "running" for st in states.values())
+            return states if ok else None
+
+        return wait_until(f"{servers} active (running)", check, timeout,
+                          on_timeout=lambda: self.diagnostics(*servers))  # type: ignore[return-value]
+
+    def wait_inactive(self, server: str, timeout: float = 60) -> dict[str, str]:
+        return wait_until(f"{self.unit(server)} inactive",
+                          lambda: (st := self.state(server))["ActiveState"] in ("inactive", "failed") and st,
+                          timeout, on_timeout=lambda: self.diagnostics(server))  # type: ignore[return-value]
+
+    def stop_all(self, *servers: str) -> None:
+        units = [self.unit(s) for s in servers]
+        self.m.systemctl("stop", *units, check=False)
+        for s in servers:
+            self.wait_inactive(s)
+        self.m.systemctl("reset-failed", *units, check=False)
+
+
+# --- harness tests: the shipped unit with a minimal notify worker ------------------------
+
+PROBE = r'''
+"""A minimal Type=notify worker built on spoolq.systemd, for the harness tests."""
+import os, signal, sys, threading, time
+from pathlib import Path
+from spoolq.systemd import Notifier
+
+server, out = sys.argv[1], Path(sys.argv[2])
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+n = Notifier()
+starts = out / f"{server}.starts"
+with open(starts, "a") as f:
+    f.write(f"{os.getpid()}\n")
+status = Path("/proc/self/status").read_text()
+sandbox = {k: v.strip() for k, v in (l.split(":", 1) for l in status.splitlines())
+           if k in ("NoNewPrivs", "Seccomp", "CapEff")}
+(out / f"{server}.sandbox").write_text(repr(sandbox))
+n.ready(f"probe {server} ready")
+hang_after = float(os.environ.get("PROBE_HANG_AFTER", "inf"))
+t0 = time.monotonic()
+while not stop.is_set():
+    if time.monotonic() - t0 > hang_after:
+        print("probe: main loop hangs now", flush=True)
+        threading.Event().wait()          # a hung main loop: no more pings
+    n.watchdog()
+    stop.wait(min(n.next_watchdog_in() or 1.0, 1.0))
+n.stopping(f"probe {server} stopping")
+(out / f"{server}.stopped").write_text("clean")
+sys.exit(0)
+'''
+
+
+@pytest.fixture(scope="module")
+def probe(manager: UserManager) -> Iterator[tuple[Instances, Path]]:
+    out = manager.root / "probe-out"
+    out.mkdir()
+    script = manager.root / "probe.py"
+    script.write_text(PROBE)
+    env_dir = manager.root / "probe-env"
+    stage_user_units(manager, f"{sys.executable} {script} %i {out}", rw_dir=out, env_dir=env_dir,
+                     pythonpath=[])
+    yield Instances(manager, env_dir), out
+
+
+def test_probe_instances_become_active_via_ready(probe):
+    inst, out = probe
+    try:
+        inst.m.systemctl("start", "spoolq@p1.service", "spoolq@p2.service")
+        states = inst.wait_running("p1", "p2")
+        assert states["p1"]["StatusText"] == "probe p1 ready"
+        assert states["p2"]["StatusText"] == "probe p2 ready"
+        # The sandbox is really applied: no new privileges, seccomp filter
+        # mode, no effective capabilities even though the manager runs as root.
+        sandbox = eval((out / "p1.sandbox").read_text())  # our own repr() of a dict of str
+        assert sandbox == {"NoNewPrivs": "1", "Seccomp": "2", "CapEff": "0000000000000000"}
+        # Both stay up across several watchdog periods: the pings arrive.
+        first = {s: states[s]["MainPID"] for s in ("p1", "p2")}
+        deadline = time.monotonic() + 2 * WATCHDOG_SEC
+        while time.monotonic() < deadline:
+            now = inst.wait_running("p1", "p2")
+            assert {s: now[s]["MainPID"] for s in ("p1", "p2")} == first
+            assert all(now[s]["NRestarts"] == "0" for s in ("p1", "p2"))
+            time.sleep(0.2)
+    finally:
+        inst.stop_all("p1", "p2")
+
+
+def test_probe_stop_is_graceful(probe):
+    inst, out = probe
+    try:
+        inst.m.systemctl("start", "spoolq@p3.service")
+        inst.wait_running("p3")
+        inst.m.systemctl("stop", "spoolq@p3.service")
+        st = inst.wait_inactive("p3")
+        assert st["ActiveState"] == "inactive" and st["Result"] == "success", st
+        assert st["ExecMainStatus"] == "0"
+        assert (out / "p3.stopped").read_text() == "clean"
+    finally:
+        inst.stop_all("p3")
+
+
+def test_probe_hung_main_loop_is_restarted_by_the_watchdog(probe):
+    inst, out = probe
+    try:
+        inst.write_env("p4", PROBE_HANG_AFTER="1")
+        inst.m.systemctl("start", "spoolq@p4.service")
+        first = inst.wait_running("p4")["p4"]["MainPID"]
+
+        def restarted() -> dict[str, str] | None:
+            st = inst.state("p4")
+            # SubState "running" again: the new process has sent READY=1.
+            return st if (int(st["NRestarts"]) >= 1 and st["MainPID"] not in ("0", first)
+                          and st["SubState"] == "running") else None
+
+        wait_until("a watchdog restart", restarted, 4 * WATCHDOG_SEC + 30,
+                   on_timeout=lambda: inst.diagnostics("p4"))
+        assert len((out / "p4.starts").read_text().split()) >= 2
+        # PYTHONFAULTHANDLER=1 from the unit: the SIGABRT of the watchdog
+        # dumps the stack of the hung loop, the evidence an operator needs.
+        log = inst.log("p4")
+        assert "probe: main loop hangs now" in log
+        assert "Fatal Python error: Aborted" in log, log[-3000:]
+    finally:
+        inst.stop_all("p4")
+
+
+# --- daemon tests ---------------------------------------------------------------------
+
+
+def _daemon_available() -> bool:
+    try:
+        return importlib.util.find_spec("spoolq.daemon") is not None and \
+            importlib.util.find_spec("spoolq.cli") is not None
+    except ImportError:
+        return False
+
+
+needs_daemon = pytest.mark.skipif(not _daemon_available(),
+                                  reason="spoolq.daemon / spoolq.cli not written yet")
+
+HANDLERS = '''
+"""Task handlers for the systemd integration tests."""
+import time
+
+
+def nap(task_status, input):
+    """Sleep input["seconds"], then finish (the daemon marks it FINISHED)."""
+    time.sleep(float(input["seconds"]))
+'''
+
+CLIENT = r'''
+"""Enqueue tasks and wait for them through the ATP API (one process, not 50)."""
+import json, sys, time
+from spoolq import tracker
+
+cmd = sys.argv[1]
+if cmd == "enqueue":
+    ttype, seconds, ids = sys.argv[2], float(sys.argv[3]), sys.argv[4:]
+    for i in ids:
+        tracker.enqueueTask(ttype, i, {"seconds": seconds})
+elif cmd == "wait":
+    ttype, timeout, ids = sys.argv[2], float(sys.argv[3]), sys.argv[4:]
+    deadline = time.monotonic() + timeout
+    while True:
+        states = {i: tracker.getTaskStatusByIdentifier(ttype, i)[1] for i in ids}
+        if all(s in ("FINISHED", "FAILED") for s in states.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    print(json.dumps(states))
+'''
+
+
+class Spool:
+    """One spool root plus the commands the tests run against it."""
+
+    def __init__(self, root: Path, handlers: Path, client: Path) -> None:
+        self.root = root
+        self.client = client
+        self.env = {**os.environ, "SPOOLQ_ROOT": str(root),
+                    "PYTHONPATH": os.pathsep.join([str(REPO), str(handlers)])}
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "spoolq", *args], env=self.env, text=True,
+                              capture_output=True, timeout=120, check=check)
+
+    def client_run(self, *args: str, timeout: float = 120) -> str:
+        return subprocess.run([sys.executable, str(self.client), *args], env=self.env, text=True,
+                              capture_output=True, timeout=timeout + 60, check=True).stdout
+
+    def enqueue(self, seconds: float, *ids: str) -> None:
+        self.client_run("enqueue", "nap", str(seconds), *ids)
+
+    def wait(self, timeout: float, *ids: str) -> dict[str, str]:
+        return json.loads(self.client_run("wait", "nap", str(timeout), *ids, timeout=timeout))
+
+    def status(self, task_id: str) -> dict[str, object]:
+        return json.loads(self.cli("status", "nap", task_id, "--json").stdout)
+
+
+@pytest.fixture
+def workers(manager: UserManager) -> Iterator[tuple[Instances, Spool]]:
+    """A fresh spool and the real worker units staged for it; stopped afterwards."""
+    base = manager.root / "spools"
+    base.mkdir(exist_ok=True, mode=0o770)
+    root = base / uuid.uuid4().hex[:8]
+    handlers = manager.root / "handlers"
+    handlers.mkdir(exist_ok=True)
+    (handlers / "spoolq_it_handlers.py").write_text(HANDLERS)
+    client = manager.root / "client.py"
+    client.write_text(CLIENT)
+    env_dir = manager.root / "worker-env"
+    stage_user_units(manager, f"{sys.executable} -m spoolq worker %i --grace 30 $SPOOLQ_WORKER_ARGS",
+                     rw_dir=base, env_dir=env_dir, pythonpath=[handlers])
+    spool = Spool(root, handlers, client)
+    spool.cli("init")
+    spool.cli("register", "nap", "spoolq_it_handlers.nap", "--timeout", "120")
+    inst = Instances(manager, env_dir)
+    used: list[str] = []
+
+    def write_env(server: str, **extra: str) -> None:
+        used.append(server)
+        inst.write_env(server, SPOOLQ_ROOT=str(root),
+                       SPOOLQ_WORKER_ARGS="--concurrency 2 --grace 1", **extra)
+
+    inst.prepare = write_env  # type: ignore[attr-defined]
+    yield inst, spool
+    inst.stop_all(*used)
+
+
+@needs_daemon
+def test_two_workers_share_a_spool_and_finish_50_tasks(workers):
+    inst, spool = workers
+    inst.prepare("w1")
+    inst.prepare("w2")
+    # What an operator runs (issue 4), against the user manager.
+    inst.m.systemctl("enable", "--now", "spoolq@w1", "spoolq@w2")
+    states = inst.wait_running("w1", "w2")
+    assert states["w1"]["StatusText"] and states["w2"]["StatusText"], "no STATUS= from the worker"
+    ids = [f"t{i:02d}" for i in range(50)]
+    spool.enqueue(0.05, *ids)
+    result = spool.wait(120, *ids)
+    assert result == {i: "FINISHED" for i in ids}, inst.diagnostics("w1", "w2")
+    inst.wait_running("w1", "w2")
+    inst.m.systemctl("disable", "spoolq@w1", "spoolq@w2")
+
+
+@needs_daemon
+def test_stopping_a_worker_hands_its_task_to_the_other(workers):
+    inst, spool = workers
+    inst.prepare("s1")
+    inst.prepare("s2")
+    inst.m.systemctl("start", "spoolq@s1", "spoolq@s2")
+    inst.wait_running("s1", "s2")
+    spool.enqueue(8, "long")
+
+    def running_on() -> str | None:
+        doc = spool.status("long")
+        return str(doc.get("server")) if doc["state"] == "RUNNING" else None
+
+    holder = wait_until("the long task to run", running_on, 60,
+                        on_timeout=lambda: inst.diagnostics("s1", "s2"))
+    other = {"s1": "s2", "s2": "s1"}[holder]  # type: ignore[index]
+    inst.m.systemctl("stop", f"spoolq@{holder}")
+    st = inst.wait_inactive(holder)  # type: ignore[arg-type]
+    # SIGTERM -> hand back -> exit 0: a clean stop, not a failure.
+    assert st["ActiveState"] == "inactive" and st["Result"] == "success", inst.diagnostics(holder)
+    assert spool.wait(90, "long") == {"long": "FINISHED"}, inst.diagnostics("s1", "s2")
+    assert spool.status("long").get("server") == other
+    inst.wait_running(other)
+
+
+@needs_daemon
+def test_a_frozen_worker_is_restarted_by_the_watchdog(workers):
+    inst, spool = workers
+    inst.prepare("f1")
+    inst.m.systemctl("start", "spoolq@f1")
+    first = inst.wait_running("f1")["f1"]["MainPID"]
+    # SIGSTOP freezes every thread: no WATCHDOG=1 any more.  systemd sends
+    # SIGABRT after WatchdogSec, SIGKILL after TimeoutAbortSec, then restarts.
+    inst.m.systemctl("kill", "--kill-who=main", "--signal=SIGSTOP", "spoolq@f1")
+
+    def restarted() -> bool:
+        st = inst.state("f1")
+        return int(st["NRestarts"]) >= 1 and st["MainPID"] not in ("0", first) \
+            and st["SubState"] == "running"
+
+    wait_until("a watchdog restart", restarted, 4 * WATCHDOG_SEC + TIMEOUT_ABORT_SEC + 30,
+               on_timeout=lambda: inst.diagnostics("f1"))
+    # The restarted worker works.
+    spool.enqueue(0, "after")
+    assert spool.wait(60, "after") == {"after": "FINISHED"}, inst.diagnostics("f1")
+
+
+HANG_HOOK = "SPOOLQ_TEST_HANG_MAIN_LOOP_AFTER"
+
+
+def _daemon_has_hang_hook() -> bool:
+    if not _daemon_available():
+        return False
+    spec = importlib.util.find_spec("spoolq.daemon")
+    return bool(spec and spec.origin and HANG_HOOK in Path(spec.origin).read_text())
+
+
+@needs_daemon
+@pytest.mark.skipif(not _daemon_has_hang_hook(), reason=f"spoolq.daemon does not implement {HANG_HOOK} yet")
+def test_a_hung_main_loop_is_restarted_by_the_watchdog(workers):
+    """The realistic hang: the main loop blocks while helper threads live on.
+
+    This is what proves the worker pings from its main loop and not from a
+    thread (a thread would keep the watchdog happy and the hang would go
+    unnoticed).  The hook: with SPOOLQ_TEST_HANG_MAIN_LOOP_AFTER=S in its
+    environment, the worker's main loop blocks forever S seconds after READY=1.
+    """
+    inst, spool = workers
+    inst.prepare("h1", **{HANG_HOOK: "1"})
+    inst.m.systemctl("start", "spoolq@h1")
+    first = inst.wait_running("h1")["h1"]["MainPID"]
+
+    def restarted() -> bool:
+        st = inst.state("h1")
+        return int(st["NRestarts"]) >= 1 and st["MainPID"] not in ("0", first)
+
+    wait_until("a watchdog restart", restarted, 4 * WATCHDOG_SEC + 30,
+               on_timeout=lambda: inst.diagnostics("h1"))
+    assert "Fatal Python error: Aborted" in inst.log("h1"), inst.log("h1")[-3000:]
