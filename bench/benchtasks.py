@@ -1,0 +1,22 @@
+"""Task handlers for the spoolq side of the daemon benchmarks (e2e, wakeup).
+
+spoolq calls a handler as ``handler(task, input)`` (task: spoolq.TaskContext);
+register them by dotted path, with bench/ on the worker's PYTHONPATH:
+``benchtasks.noop``, ``benchtasks.stamp``.
+"""
+
+import os
+import time
+
+
+def noop(task, input):
+    return None
+
+
+def stamp(task, input):
+    """Record when the handler started: time.monotonic() into input["path"]."""
+    t = time.monotonic()
+    tmp = input["path"] + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(repr(t))
+    os.rename(tmp, input["path"])

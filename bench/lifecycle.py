@@ -1,0 +1,195 @@
+"""Lifecycle throughput: N tiny tasks through each backend in one process.
+
+For every round, mode (non-durable, durable) and backend -- backends in a
+rotated order each round -- a fresh directory is made, N tasks are enqueued,
+then each is taken through claim -> start -> store response -> finish (or the
+peer's nearest equivalent, see backends.py). tasks/s = N / (enqueue time +
+process time). Ratios to the floor, huey FileStorage and dirq.Queue are taken
+within each round and mode, then the median over rounds is reported, as is
+the median tasks/s.
+
+    python bench/lifecycle.py                 # N=5000, 3 rounds, both modes
+    python bench/lifecycle.py --n 500 --rounds 1 --backends floor,spoolq
+    python bench/lifecycle.py --child floor --mode durable --n 200   # one run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+
+import common
+from backends import ALL, BY_NAME
+
+MODES = ("non-durable", "durable")
+REFERENCES = {"floor": "floor", "huey": "huey.FileStorage", "dirq": "dirq.Queue"}
+
+
+def payload(i: int):
+    return {"i": i, "args": [1, 2, 3]}
+
+
+def run_once(cls, n: int, durable: bool, ws: common.Workspace) -> dict:
+    b = cls()
+    label = cls.name.replace(".", "_").lower() + ("-d" if durable else "-nd")
+    with ws.run_dir(label) as root:
+        b.open(root, durable)
+        try:
+            enqueue, process_one = b.enqueue, b.process_one
+            t0 = time.perf_counter()
+            for i in range(n):
+                enqueue(i, payload(i))
+            t1 = time.perf_counter()
+            for _ in range(n):
+                process_one()
+            t2 = time.perf_counter()
+            b.verify(n)
+        finally:
+            b.close()
+    return {
+        "enqueue_s": t1 - t0,
+        "process_s": t2 - t1,
+        "total_s": t2 - t0,
+        "tasks_per_s": n / (t2 - t0),
+    }
+
+
+def plan(names, modes):
+    """Backends to run per mode, and the ones skipped with the reason."""
+    runs, skipped = {}, []
+    for mode in modes:
+        runs[mode] = []
+        for name in names:
+            cls = BY_NAME[name]
+            why = cls.available()
+            if why is None and mode == "durable" and cls.durable_support is None:
+                why = "no durable (fsync) mode"
+            if why is None:
+                runs[mode].append(cls)
+            else:
+                skipped.append({"backend": name, "mode": mode, "reason": why})
+    return runs, skipped
+
+
+def summarize(runs, names, modes):
+    summary = []
+    for mode in modes:
+        for name in names:
+            mine = [r for r in runs if r["backend"] == name and r["mode"] == mode]
+            if not mine:
+                continue
+            row = {
+                "backend": name,
+                "mode": mode,
+                "n": mine[0]["n"],
+                "rounds": len(mine),
+                "errors": sum(1 for r in mine if r.get("error")),
+                "tasks_per_s": [r.get("tasks_per_s") for r in mine],
+                "tasks_per_s_median": common.median(r.get("tasks_per_s") for r in mine),
+                "enqueue_s_median": common.median(r.get("enqueue_s") for r in mine),
+                "process_s_median": common.median(r.get("process_s") for r in mine),
+            }
+            for key, ref in REFERENCES.items():
+                per_round = []
+                for r in mine:
+                    other = next((o for o in runs if o["backend"] == ref and o["mode"] == mode
+                                  and o["round"] == r["round"]), None)
+                    if other and other.get("tasks_per_s") and r.get("tasks_per_s"):
+                        per_round.append(r["tasks_per_s"] / other["tasks_per_s"])
+                row[f"ratio_{key}"] = per_round
+                row[f"ratio_{key}_median"] = common.median(per_round)
+            summary.append(row)
+    return summary
+
+
+def table(summary, skipped) -> str:
+    headers = ["backend", "mode", "N", "tasks/s (median)", "x floor", "x huey FileStorage",
+               "x dirq.Queue"]
+    rows = []
+    for s in summary:
+        tps = common.fmt_num(s["tasks_per_s_median"])
+        if s["errors"]:
+            tps += f" ({s['errors']} failed)"
+        rows.append([s["backend"], s["mode"], s["n"], tps,
+                     common.fmt_ratio(s["ratio_floor_median"]),
+                     common.fmt_ratio(s["ratio_huey_median"]),
+                     common.fmt_ratio(s["ratio_dirq_median"])])
+    for k in skipped:
+        rows.append([k["backend"], k["mode"], "", f"skipped: {k['reason']}", "", "", ""])
+    return common.markdown_table(headers, rows)
+
+
+def _rounds(a, todo, modes, n_for, ws, runs) -> None:
+    for rnd in range(a.rounds):
+        for mode in modes:
+            order = todo[mode]
+            k = rnd % len(order) if order else 0
+            for cls in order[k:] + order[:k]:  # rotate: no backend always first
+                rec = {"round": rnd, "mode": mode, "backend": cls.name, "n": n_for[mode]}
+                try:
+                    rec.update(run_once(cls, n_for[mode], mode == "durable", ws))
+                    msg = f"{rec['tasks_per_s']:10,.0f} tasks/s"
+                except Exception as e:  # report, keep benchmarking the others
+                    rec["error"] = f"{type(e).__name__}: {e}"
+                    msg = "FAILED " + rec["error"]
+                    traceback.print_exc()
+                runs.append(rec)
+                print(f"round {rnd + 1}/{a.rounds} {mode:11} {cls.name:30} {msg}", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=5000, help="tasks per run (default %(default)s)")
+    ap.add_argument("--n-durable", type=int, default=None,
+                    help="tasks per durable run (default: same as --n)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default %(default)s)")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma list of %s" % ", ".join(MODES))
+    ap.add_argument("--backends", default=",".join(b.name for b in ALL),
+                    help="comma list (default: all): %(default)s")
+    ap.add_argument("--json", default="lifecycle.json", help="file in bench/results/ ('' for none)")
+    ap.add_argument("--child", metavar="BACKEND", help="run BACKEND once (for strace) and exit")
+    ap.add_argument("--mode", choices=MODES, default="non-durable", help="mode for --child")
+    common.add_base_dir_arg(ap)
+    common.add_cleanup_arg(ap)
+    a = ap.parse_args(argv)
+
+    if a.child:
+        with common.Workspace(a.dir, a.cleanup) as ws:
+            res = run_once(BY_NAME[a.child], a.n, a.mode == "durable", ws)
+        print(json.dumps(res))
+        return 0
+
+    names = [x for x in a.backends.split(",") if x]
+    modes = [m for m in MODES if m in a.modes.split(",")]
+    for x in names:
+        if x not in BY_NAME:
+            ap.error(f"unknown backend {x!r}; known: {', '.join(BY_NAME)}")
+    n_for = {"non-durable": a.n, "durable": a.n_durable or a.n}
+    todo, skipped = plan(names, modes)
+
+    runs = []
+    t_start = time.monotonic()
+    with common.Workspace(a.dir, a.cleanup) as ws:
+        _rounds(a, todo, modes, n_for, ws, runs)
+    elapsed = time.monotonic() - t_start
+
+    summary = summarize(runs, names, modes)
+    out = {
+        "meta": common.meta(a.dir, n=a.n, n_durable=n_for["durable"], rounds=a.rounds,
+                            elapsed_s=round(elapsed, 1), cleanup=a.cleanup),
+        "backends": {b.name: b.note for b in ALL if b.name in names},
+        "skipped": skipped,
+        "runs": runs,
+        "summary": summary,
+    }
+    print(table(summary, skipped))
+    if a.json:
+        print("wrote", common.write_json(a.json, out), file=sys.stderr)
+    return 1 if any(r.get("error") for r in runs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

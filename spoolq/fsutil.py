@@ -1,0 +1,129 @@
+"""Low-level filesystem steps with the crash-safety rules they rely on.
+
+Every function here works relative to directory file descriptors and never
+follows a symlink at the last path component (``O_NOFOLLOW``), because a spool
+that a producer can write must not let it redirect the worker elsewhere.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_APPEND = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _renameat2 = _libc.renameat2
+    _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    _renameat2.restype = ctypes.c_int
+except (OSError, AttributeError):  # pragma: no cover - non-glibc
+    _renameat2 = None
+
+
+def open_dir(path: str, *, dir_fd: int | None = None) -> int:
+    """Open a directory (never a symlink to one) and return its descriptor."""
+    return os.open(path, _O_DIR, dir_fd=dir_fd)
+
+
+def fsync_dir(path: str) -> None:
+    """Make the entries of directory *path* durable (rename, mkdir, unlink)."""
+    fd = os.open(path, _O_DIR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rename_noreplace(src: str, dst: str) -> None:
+    """Rename *src* to *dst*, failing with EEXIST if *dst* exists.
+
+    Plain rename(2) silently replaces an *empty* target directory; renameat2
+    with RENAME_NOREPLACE makes "the first rename wins" hold for directories
+    too. Falls back to rename(2) where the kernel or filesystem lacks it:
+    task directories are never empty, so there the target still cannot be
+    silently replaced (the rename fails with ENOTEMPTY instead).
+    """
+    if _renameat2 is not None:
+        if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS):
+            raise OSError(err, os.strerror(err), src, None, dst)
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
+    os.rename(src, dst)
+
+
+def write_new(dir_fd: int, name: str, data: bytes, *, sync: bool) -> None:
+    """Create file *name* in *dir_fd* (it must not exist) holding *data*.
+
+    With *sync*, the data is fsynced before returning; the directory entry is
+    the caller's to sync (one directory fsync covers several new files).
+    """
+    fd = os.open(name, _O_NEW, 0o660, dir_fd=dir_fd)
+    try:
+        _write_all(fd, data)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_file(dir_fd: int, name: str, data: bytes, *, sync: bool) -> None:
+    """Replace file *name* in *dir_fd* atomically (tmp + fsync + rename).
+
+    Readers see the old or the new content, never a torn file. The rename is
+    made durable by the caller's fsync of the directory.
+    """
+    tmp = name + ".tmp"
+    write_new_replacing(dir_fd, tmp, data, sync=sync)
+    os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
+def write_new_replacing(dir_fd: int, name: str, data: bytes, *, sync: bool) -> None:
+    """Like :func:`write_new`, removing a leftover *name* from a crash first."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    write_new(dir_fd, name, data, sync=sync)
+
+
+def append(dir_fd: int, name: str, data: bytes, *, sync: bool) -> None:
+    """Append *data* to *name* with O_APPEND in one write (one log record)."""
+    fd = os.open(name, _O_APPEND, dir_fd=dir_fd)
+    try:
+        _write_all(fd, data)
+        if sync:
+            os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_file(dir_fd: int, name: str) -> bytes:
+    """Whole content of *name* in *dir_fd*; never follows a symlink."""
+    fd = os.open(name, _O_READ, dir_fd=dir_fd)
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]

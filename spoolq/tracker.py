@@ -1,0 +1,227 @@
+"""ATP-compatible API: EOxServer's ``eoxserver.resources.processes.tracker``
+names over :class:`spoolq.Spool`, so ATP producers and daemons move over by
+changing their import line.
+
+The spool is ``$SPOOLQ_ROOT`` (default ``/var/spool/spoolq``). Differences
+from ATP, all fixes of its defects (see docs/atp.md): ``task_id`` is a claim
+string ``TYPE:ID#N@SERVER`` rather than a database key, and writes through a
+claim that lost its task raise; terminal states are final; ``max_restarts``
+is enforced; the stored MIME type follows the latest response; the queue
+limit is a spool setting (``spoolq init --max-queue``) and exact.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from typing import Any
+
+from .errors import QueueEmpty, QueueException, QueueFull, SpoolqError, StaleClaim, TaskNotFound, UnknownType
+from .spool import Claim, Spool, State
+from .task import TaskContext
+
+__all__ = [
+    "QueueException", "QueueFull", "QueueEmpty", "TaskStatus",
+    "registerTaskType", "unregisterTaskType", "enqueueTask", "dequeueTask", "startTask",
+    "reenqueueTask", "getQueueSize", "getMaxQueueSize",
+    "getTaskStatus", "getTaskStatusByIdentifier", "getTaskInfo", "getTaskIdentifier",
+    "getTaskLog", "getTaskResponse", "setTaskResponse",
+    "stopTaskSuccess", "stopTaskFailure", "pauseTask", "resumeTask", "stopTaskSuccessIfNotFinished",
+    "deleteTask", "deleteTaskByIdentifier", "reenqueueZombieTasks", "deleteRetiredTasks", "dummyHandler",
+]
+
+_spool: Spool | None = None
+
+
+def _get_spool() -> Spool:
+    """The process's spool, reopened if SPOOLQ_ROOT changed."""
+    global _spool
+    root = os.path.abspath(os.environ.get("SPOOLQ_ROOT") or "/var/spool/spoolq")
+    if _spool is None or _spool.root != root:
+        _spool = Spool(root)
+    return _spool
+
+
+def use_spool(spool: Spool) -> None:
+    """Make the tracker functions work on *spool* (the daemon does this)."""
+    global _spool
+    _spool = spool
+
+
+def _pair(state: State) -> tuple[int, str]:
+    return int(state), state.name
+
+
+# --- types -------------------------------------------------------------------
+
+
+def registerTaskType(identifier: str, handler: str, timeout: float = 3600, timeret: float = -1, maxrestart: int = 2) -> None:
+    _get_spool().register_type(identifier, handler, timeout=timeout, retention=timeret, max_restarts=maxrestart)
+
+
+def unregisterTaskType(identifier: str, force: bool = False) -> None:
+    _get_spool().unregister_type(identifier, force=force)
+
+
+# --- producer ----------------------------------------------------------------
+
+
+def enqueueTask(type_id: str, identifier: str, input: Any, message: str = "") -> None:
+    _get_spool().enqueue(type_id, identifier, input, message=message)
+
+
+def getQueueSize() -> int:
+    return _get_spool().count_enqueued()
+
+
+def getMaxQueueSize() -> int:
+    return _get_spool().max_queue
+
+
+# --- consumer ----------------------------------------------------------------
+
+
+def dequeueTask(serverID: str, message: str = "") -> list[str]:
+    """Claim the oldest waiting task for server *serverID*: a list holding its
+    one task_id. Raises QueueEmpty when there is nothing to claim. The
+    process becomes that server (holds its lock) until it exits."""
+    claim = _get_spool().claim(str(serverID), message=message)
+    if claim is None:
+        raise QueueEmpty("no task is waiting")
+    return [str(claim)]
+
+
+def startTask(task_id: str, message: str = "") -> tuple[str, str, str, Any]:
+    started = _get_spool().start(task_id)
+    return started.type, started.id, started.handler, started.input
+
+
+def reenqueueTask(task_id: str, message: str = "") -> None:
+    _get_spool().hand_back(task_id, message or "re-enqueued")
+
+
+def stopTaskSuccess(task_id: str, message: str = "") -> None:
+    _get_spool().set_state(task_id, State.FINISHED, message)
+
+
+def stopTaskFailure(task_id: str, message: str = "") -> None:
+    _get_spool().set_state(task_id, State.FAILED, message)
+
+
+def pauseTask(task_id: str, message: str = "") -> None:
+    _get_spool().set_state(task_id, State.PAUSED, message)
+
+
+def resumeTask(task_id: str, message: str = "") -> None:
+    _get_spool().set_state(task_id, State.RUNNING, message)
+
+
+def stopTaskSuccessIfNotFinished(task_id: str, message: str = "") -> None:
+    _get_spool().finish_if_not_finished(task_id, message)
+
+
+def setTaskResponse(task_id: str, response: bytes | str, mimeType: str = "text/xml") -> None:
+    _get_spool().store_response(task_id, response, mimeType)
+
+
+# --- inspection --------------------------------------------------------------
+
+
+def getTaskStatusByIdentifier(type_id: str, identifier: str) -> tuple[int, str]:
+    return _pair(_get_spool().status(type_id, identifier).state)
+
+
+def getTaskStatus(task_id: str) -> tuple[int, str]:
+    claim = Claim.parse(task_id)
+    return getTaskStatusByIdentifier(claim.type, claim.id)
+
+
+def getTaskIdentifier(task_id: str) -> tuple[str, str]:
+    claim = Claim.parse(task_id)
+    return claim.type, claim.id
+
+
+def getTaskInfo(task_id: str) -> tuple[str, str, int, str]:
+    claim = Claim.parse(task_id)
+    return (claim.type, claim.id, *getTaskStatus(task_id))
+
+
+def getTaskLog(type_id: str, identifier: str) -> list[tuple[datetime, tuple[int, str], str]]:
+    return [(r.time, _pair(r.state), r.message) for r in _get_spool().log_records(type_id, identifier)]
+
+
+def getTaskResponse(type_id: str, identifier: str) -> tuple[bytes, str]:
+    return _get_spool().response(type_id, identifier)
+
+
+# --- removal and maintenance -------------------------------------------------
+
+
+def deleteTaskByIdentifier(type_id: str, identifier: str) -> None:
+    """Delete the task. As in ATP, an unknown type raises and an unknown task
+    of a known type is a no-op."""
+    spool = _get_spool()
+    spool.get_type(type_id)
+    try:
+        spool.delete(type_id, identifier)
+    except TaskNotFound:
+        pass
+
+
+def deleteTask(task_id: str) -> None:
+    claim = Claim.parse(task_id)
+    deleteTaskByIdentifier(claim.type, claim.id)
+
+
+def reenqueueZombieTasks(message: str = "") -> list[tuple[str, str]]:
+    """Re-enqueue (or fail, once restarts are used up) abandoned and
+    timed-out tasks: [(action, "type::id"), …]."""
+    return [(a.action, f"{a.type}::{a.id}") for a in _get_spool().reenqueue_zombies(message)]
+
+
+def deleteRetiredTasks() -> list[tuple[str, str]]:
+    return [(a.action, f"{a.type}::{a.id}") for a in _get_spool().delete_retired()]
+
+
+def dummyHandler(taskStatus: TaskStatus, input: Any) -> None:
+    """The no-op handler prototype."""
+
+
+class TaskStatus(TaskContext):
+    """What handlers receive, with ATP's method names as well as snake_case.
+
+    ``TaskStatus(task_id)`` works on the tracker's spool; the daemon builds
+    it on its own. ``dbLock`` is accepted and ignored (the filesystem
+    arbitrates)."""
+
+    def __init__(self, task_id: str | Claim, dbLock: Any = None, *, spool: Spool | None = None) -> None:
+        super().__init__(spool or _get_spool(), task_id)
+
+    def setSuccess(self, msg: str = "") -> None:
+        self.set_success(msg)
+
+    def setFailure(self, msg: str = "") -> None:
+        self.set_failure(msg)
+
+    def setPaused(self, msg: str = "") -> None:
+        self.set_paused(msg)
+
+    def setRunning(self, msg: str = "") -> None:
+        self.set_running(msg)
+
+    def storeResponse(self, response: bytes | str, mimeType: str = "text/xml") -> None:
+        self.store_response(response, mimeType)
+
+    def getStatus(self) -> tuple[int, str]:
+        return _pair(self.info().state)
+
+    def getIdentifier(self) -> tuple[str, str]:
+        return self.claim.type, self.claim.id
+
+    def getInfo(self) -> tuple[str, str, int, str]:
+        return (self.claim.type, self.claim.id, *self.getStatus())
+
+
+# Kept importable under the ATP names some callers catch.
+DoesNotExist = TaskNotFound
+_ = (SpoolqError, StaleClaim, UnknownType)
