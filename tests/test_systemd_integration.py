@@ -374,6 +374,9 @@ def stage_user_units(m: UserManager, exec_start: str, *, rw_dir: Path, env_dir: 
       scenarios take seconds, not minutes; StartLimitBurst raised because the
       scenarios restart on purpose.
     - StandardOutput/StandardError go to a file: this harness has no journald.
+    - ExecStopPost= appends "$SERVICE_RESULT $EXIT_CODE $EXIT_STATUS" to
+      <rw_dir>/<id>.exits: how each run ended, which `systemctl show` no
+      longer knows once a stopped unit has been garbage-collected.
     - ProtectHome=read-only (instead of yes) only if the interpreter or the
       checkout lives under /root or /home, and PrivateTmp=no only if they live
       under /tmp or /var/tmp: the service must be able to see the code it runs.
@@ -401,6 +404,9 @@ def stage_user_units(m: UserManager, exec_start: str, *, rw_dir: Path, env_dir: 
     text = _set(text, "StartLimitBurst", ["50"], "scenarios restart on purpose")
     text = _set(text, "StandardOutput", [f"append:{m.root}/%i.log"], "no journald in this harness")
     text = _set(text, "StandardError", ["inherit"], "same file as stdout")
+    text = _set(text, "ExecStopPost",
+                [f"/bin/sh -c 'echo \"$SERVICE_RESULT $EXIT_CODE $EXIT_STATUS\" >> {rw_dir}/%i.exits'"],
+                "record how each run ended; systemd forgets it once an inactive unit is unloaded")
     if _under(code_paths, ("/root/", "/home/", "/run/user/")):
         text = _set(text, "ProtectHome", ["read-only"], "the interpreter/checkout lives in a home directory")
     if _under(code_paths, ("/tmp/", "/var/tmp/")):
@@ -416,9 +422,10 @@ def stage_user_units(m: UserManager, exec_start: str, *, rw_dir: Path, env_dir: 
 class Instances:
     """Helpers for spoolq@<id> units in one manager."""
 
-    def __init__(self, m: UserManager, env_dir: Path) -> None:
+    def __init__(self, m: UserManager, env_dir: Path, rw_dir: Path) -> None:
         self.m = m
         self.env_dir = env_dir
+        self.rw_dir = rw_dir
 
     def unit(self, server: str) -> str:
         return f"spoolq@{server}.service"
@@ -426,6 +433,11 @@ class Instances:
     def write_env(self, server: str, **env: str) -> None:
         self.env_dir.mkdir(parents=True, exist_ok=True)
         (self.env_dir / f"{server}.env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+
+    def exits(self, server: str) -> list[str]:
+        """How each run ended, e.g. ["watchdog dumped ABRT", "success exited 0"]."""
+        path = self.rw_dir / f"{server}.exits"
+        return path.read_text().splitlines() if path.exists() else []
 
     def log(self, server: str) -> str:
         path = self.m.root / f"{server}.log"
@@ -510,7 +522,7 @@ def probe(manager: UserManager) -> Iterator[tuple[Instances, Path]]:
     env_dir = manager.root / "probe-env"
     stage_user_units(manager, f"{sys.executable} {script} %i {out}", rw_dir=out, env_dir=env_dir,
                      pythonpath=[])
-    yield Instances(manager, env_dir), out
+    yield Instances(manager, env_dir, out), out
 
 
 def test_probe_instances_become_active_via_ready(probe):
@@ -544,7 +556,10 @@ def test_probe_stop_is_graceful(probe):
         inst.m.systemctl("stop", "spoolq@p3.service")
         st = inst.wait_inactive("p3")
         assert st["ActiveState"] == "inactive" and st["Result"] == "success", st
-        assert st["ExecMainStatus"] == "0"
+        # Exited by itself with status 0 -- systemd would also call death *by*
+        # SIGTERM a success, so the exit code is what proves the handler ran.
+        wait_until("the stop to be recorded", lambda: inst.exits("p3"), 10)
+        assert inst.exits("p3") == ["success exited 0"]
         assert (out / "p3.stopped").read_text() == "clean"
     finally:
         inst.stop_all("p3")
@@ -566,6 +581,7 @@ def test_probe_hung_main_loop_is_restarted_by_the_watchdog(probe):
         wait_until("a watchdog restart", restarted, 4 * WATCHDOG_SEC + 30,
                    on_timeout=lambda: inst.diagnostics("p4"))
         assert len((out / "p4.starts").read_text().split()) >= 2
+        assert inst.exits("p4")[0].startswith("watchdog "), inst.exits("p4")
         # PYTHONFAULTHANDLER=1 from the unit: the SIGABRT of the watchdog
         # dumps the stack of the hung loop, the evidence an operator needs.
         log = inst.log("p4")
@@ -665,7 +681,7 @@ def workers(manager: UserManager) -> Iterator[tuple[Instances, Spool]]:
     spool = Spool(root, handlers, client)
     spool.cli("init")
     spool.cli("register", "nap", "spoolq_it_handlers.nap", "--timeout", "120")
-    inst = Instances(manager, env_dir)
+    inst = Instances(manager, env_dir, base)
     used: list[str] = []
 
     def write_env(server: str, **extra: str) -> None:
@@ -713,8 +729,12 @@ def test_stopping_a_worker_hands_its_task_to_the_other(workers):
     other = {"s1": "s2", "s2": "s1"}[holder]  # type: ignore[index]
     inst.m.systemctl("stop", f"spoolq@{holder}")
     st = inst.wait_inactive(holder)  # type: ignore[arg-type]
-    # SIGTERM -> hand back -> exit 0: a clean stop, not a failure.
+    # SIGTERM -> hand back -> exit 0: a clean stop, not a failure.  systemd
+    # also counts death *by* SIGTERM as success, so check that the worker
+    # exited by itself with status 0.
     assert st["ActiveState"] == "inactive" and st["Result"] == "success", inst.diagnostics(holder)
+    wait_until("the stop to be recorded", lambda: inst.exits(holder), 10)  # type: ignore[arg-type]
+    assert inst.exits(holder) == ["success exited 0"], inst.diagnostics(holder)  # type: ignore[arg-type]
     assert spool.wait(90, "long") == {"long": "FINISHED"}, inst.diagnostics("s1", "s2")
     assert spool.status("long").get("server") == other
     inst.wait_running(other)
@@ -737,6 +757,7 @@ def test_a_frozen_worker_is_restarted_by_the_watchdog(workers):
 
     wait_until("a watchdog restart", restarted, 4 * WATCHDOG_SEC + TIMEOUT_ABORT_SEC + 30,
                on_timeout=lambda: inst.diagnostics("f1"))
+    assert inst.exits("f1")[0].startswith("watchdog "), inst.exits("f1")
     # The restarted worker works.
     spool.enqueue(0, "after")
     assert spool.wait(60, "after") == {"after": "FINISHED"}, inst.diagnostics("f1")
@@ -773,4 +794,5 @@ def test_a_hung_main_loop_is_restarted_by_the_watchdog(workers):
 
     wait_until("a watchdog restart", restarted, 4 * WATCHDOG_SEC + 30,
                on_timeout=lambda: inst.diagnostics("h1"))
+    assert inst.exits("h1")[0].startswith("watchdog "), inst.exits("h1")
     assert "Fatal Python error: Aborted" in inst.log("h1"), inst.log("h1")[-3000:]
