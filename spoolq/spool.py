@@ -1356,14 +1356,15 @@ class Spool:
             return None
         return SweepAction(parts[0], parts[1], result, reason)
 
-    def recover_server(self, server: str) -> list[SweepAction]:
+    def recover_server(self, server: str, *, keep_scheduled: bool = False) -> list[SweepAction]:
         """Recover what *server* held when it died; call after
-        :meth:`hold_server`. Unstarted claims go back to the queue for free;
+        :meth:`hold_server`. Unstarted claims go back to the queue for free
+        (unless *keep_scheduled*: a draining server runs them itself);
         started ones are abandoned (a restart is charged)."""
         self.hold_server(server)
         actions = []
         sdir = self._p("scheduled", server)
-        for name in os.listdir(sdir):
+        for name in [] if keep_scheduled else os.listdir(sdir):
             parts = split_task_name(name)
             if not parts:
                 self._quarantine(os.path.join(sdir, name), "not a task name")
