@@ -1,0 +1,378 @@
+"""The worker daemon, run as a real process on a real spool."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from spoolq import Spool, State
+
+HERE = Path(__file__).parent
+FINAL = (State.FINISHED, State.FAILED)
+
+
+def wait_until(predicate, timeout: float = 20.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+class Workers:
+    """Starts worker processes and makes sure none outlives its test."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, server: str = "server1", env: dict | None = None, **options) -> subprocess.Popen:
+        options.setdefault("heartbeat_interval", 0.3)
+        options.setdefault("sweep_interval", 0.5)
+        full_env = dict(os.environ)
+        full_env["PYTHONPATH"] = os.pathsep.join([str(HERE), full_env.get("PYTHONPATH", "")])
+        full_env["SPOOLQ_TEST_SERVER"] = server
+        full_env.pop("NOTIFY_SOCKET", None)
+        full_env.update(env or {})
+        proc = subprocess.Popen(
+            [sys.executable, str(HERE / "worker_runner.py"), str(self.root), server, json.dumps(options)],
+            env=full_env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+            if proc.stderr:
+                proc.stderr.close()
+
+
+@pytest.fixture
+def env(tmp_path):
+    root = tmp_path / "spool"
+    spool = Spool.init(root, durable=False)
+    workers = Workers(root)
+    yield spool, workers, tmp_path
+    workers.stop_all()
+
+
+def register(spool: Spool, name: str, handler: str, **kw) -> None:
+    spool.register_type(name, f"daemon_handlers.{handler}", **kw)
+
+
+def state(spool: Spool, type_name: str, task_id: str) -> State:
+    return spool.status(type_name, task_id).state
+
+
+def all_final(spool: Spool, pairs) -> bool:
+    return all(state(spool, t, i) in FINAL for t, i in pairs)
+
+
+def records(path: Path) -> list[list[str]]:
+    if not path.exists():
+        return []
+    return [line.split() for line in path.read_text().splitlines()]
+
+
+def stop(proc: subprocess.Popen, timeout: float = 30) -> tuple[int, str]:
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout)
+    return code, proc.stderr.read() if proc.stderr else ""
+
+
+def test_fifo_order_with_one_slot(env):
+    spool, workers, tmp = env
+    register(spool, "T", "noop")
+    rec = tmp / "runs"
+    ids = [f"t{i:02d}" for i in range(12)]
+    for task_id in ids:
+        spool.enqueue("T", task_id, {"record": str(rec)})
+    workers.start(concurrency=1)
+    wait_until(lambda: all_final(spool, [("T", i) for i in ids]), what="all tasks final")
+    started = [r[1].split(":")[1] for r in records(rec) if r[0] == "start"]
+    assert started == ids
+
+
+def test_concurrency_limit_holds_and_is_used(env):
+    spool, workers, tmp = env
+    register(spool, "T", "sleep")
+    rec = tmp / "runs"
+    ids = [f"t{i}" for i in range(6)]
+    for task_id in ids:
+        spool.enqueue("T", task_id, {"record": str(rec), "seconds": 0.4})
+    workers.start(concurrency=2)
+    wait_until(lambda: all_final(spool, [("T", i) for i in ids]), what="all tasks final")
+    running, peak = 0, 0
+    for event, *_ in records(rec):
+        running += 1 if event == "start" else -1
+        peak = max(peak, running)
+    assert peak == 2
+    assert all(state(spool, "T", i) == State.FINISHED for i in ids)
+
+
+def test_every_failure_mode_gets_a_final_state(env):
+    spool, workers, _ = env
+    cases = {
+        "ok": ("add", State.FINISHED, ""),
+        "boom": ("boom", State.FAILED, "ValueError: boom"),
+        "abort": ("abort", State.FAILED, "handler process died of signal SIGABRT"),
+        "exit3": ("exit3", State.FAILED, "handler called sys.exit(3)"),
+        "exit0": ("exit0", State.FINISHED, ""),
+        "hardexit": ("hard_exit", State.FAILED, "handler process exited with status 0 without finishing the task"),
+        "paused": ("pause_then_return", State.FINISHED, ""),
+    }
+    for name, (handler, _, _) in cases.items():
+        register(spool, name, handler)
+        spool.enqueue(name, "t1", [1, 2, 3])
+    spool.register_type("noimport", "no_such_module_xyz.handler")
+    spool.enqueue("noimport", "t1", None)
+    spool.register_type("noattr", "daemon_handlers.no_such_function")
+    spool.enqueue("noattr", "t1", None)
+    proc = workers.start(concurrency=3)
+    names = [*cases, "noimport", "noattr"]
+    wait_until(lambda: all_final(spool, [(n, "t1") for n in names]), what="all tasks final")
+    for name, (_, expected, message) in cases.items():
+        info = spool.status(name, "t1")
+        assert info.state == expected, (name, info.doc)
+        assert info.doc["message"] == message, name
+    assert spool.response("ok", "t1") == (b"6", "text/plain")
+    boom_log = spool.log_records("boom", "t1")
+    assert "Traceback" in boom_log[-2].message and 'raise ValueError("boom")' in boom_log[-2].message
+    assert [r.state for r in spool.log_records("paused", "t1")] == [
+        State.ENQUEUED, State.SCHEDULED, State.RUNNING, State.PAUSED, State.PAUSED, State.FINISHED,
+    ]
+    for name in ("noimport", "noattr"):
+        info = spool.status(name, "t1")
+        assert info.state == State.FAILED and "cannot import handler" in info.doc["message"]
+    assert proc.poll() is None, "the daemon must survive every handler failure"
+    code, err = stop(proc)
+    assert code == 0
+    assert "Traceback" not in err
+
+
+def test_timeout_kills_the_process_group_and_restarts_are_limited(env):
+    spool, workers, tmp = env
+    register(spool, "H", "hang_with_grandchild", timeout=1, max_restarts=1)
+    pidfile = tmp / "grandchild.pid"
+    spool.enqueue("H", "t1", {"pidfile": str(pidfile)})
+    workers.start()
+    first = int(wait_until(lambda: pidfile.exists() and pidfile.read_text(), what="grandchild pid"))
+    wait_until(lambda: state(spool, "H", "t1") == State.FAILED, timeout=30, what="FAILED after restarts")
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        # A zombie (reparented, not yet reaped) counts as dead.
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+        except FileNotFoundError:
+            return True
+
+    wait_until(lambda: gone(first), what="grandchild killed with its group")
+    info = spool.status("H", "t1")
+    assert info.doc["starts"] == 2 and info.doc["restarts"] == 1
+    assert "timed out after 1 s" in info.doc["message"] and "2 start(s)" in info.doc["message"]
+    messages = [r.message for r in spool.log_records("H", "t1") if r.state == State.ENQUEUED]
+    assert any("timed out after 1 s" in m for m in messages)
+
+
+def test_sigterm_hands_back_a_long_task_without_charging_it(env):
+    spool, workers, tmp = env
+    register(spool, "H", "hang", max_restarts=0)
+    rec = tmp / "runs"
+    spool.enqueue("H", "t1", {"record": str(rec)})
+    proc = workers.start(grace=0.5)
+    wait_until(lambda: records(rec), what="handler started")
+    code, err = stop(proc)
+    assert code == 0, err
+    info = spool.status("H", "t1")
+    assert info.state == State.ENQUEUED
+    assert info.doc["restarts"] == 0
+    assert "interrupted: server server1 stopped" in info.doc["message"]
+    # and the handler process is gone with it
+    pid = int(records(rec)[0][3])
+    wait_until(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2])
+
+
+def test_sigterm_lets_a_short_task_finish_within_grace(env):
+    spool, workers, tmp = env
+    register(spool, "S", "sleep")
+    rec = tmp / "runs"
+    spool.enqueue("S", "t1", {"record": str(rec), "seconds": 1.0})
+    spool.enqueue("S", "t2", {"record": str(rec), "seconds": 1.0})
+    proc = workers.start(grace=20)
+    wait_until(lambda: records(rec), what="handler started")
+    code, _ = stop(proc)
+    assert code == 0
+    assert state(spool, "S", "t1") == State.FINISHED
+    assert state(spool, "S", "t2") == State.ENQUEUED  # never claimed after the signal
+
+
+def test_kill9_then_restart_recovers_and_charges_one_restart(env):
+    spool, workers, tmp = env
+    register(spool, "H", "hang_first_time", max_restarts=2)
+    rec = tmp / "runs"
+    spool.enqueue("H", "t1", {"record": str(rec), "marker": str(tmp / "marker")})
+    proc = workers.start()
+    wait_until(lambda: records(rec), what="first run started")
+    handler_pid = int(records(rec)[0][3])
+    proc.kill()
+    proc.wait(10)
+    # The handler dies with its daemon (PR_SET_PDEATHSIG): no second copy can overlap.
+    wait_until(lambda: not Path(f"/proc/{handler_pid}").exists(), what="handler died with the daemon")
+    assert state(spool, "H", "t1") == State.RUNNING
+    workers.start()
+    wait_until(lambda: state(spool, "H", "t1") == State.FINISHED, what="finished after recovery")
+    info = spool.status("H", "t1")
+    assert info.doc["starts"] == 2 and info.doc["restarts"] == 1
+    assert any("restarted while it ran" in r.message for r in spool.log_records("H", "t1"))
+
+
+def test_a_second_worker_with_the_same_server_id_is_refused(env):
+    spool, workers, _ = env
+    first = workers.start()
+    wait_until(lambda: spool.server_alive("server1"), what="first worker up")
+    second = workers.start()
+    assert second.wait(20) == 78
+    assert "already running" in second.stderr.read()
+    assert first.poll() is None
+
+
+def test_two_servers_share_500_tasks_each_run_exactly_once(env):
+    spool, workers, tmp = env
+    register(spool, "N", "noop")
+    rec = tmp / "runs"
+    a = workers.start("server1", concurrency=2)
+    b = workers.start("server2", concurrency=2)
+    ids = [f"t{i:03d}" for i in range(500)]
+    for task_id in ids:
+        spool.enqueue("N", task_id, {"record": str(rec)})
+    wait_until(lambda: spool.counts()["FINISHED"] == 500, timeout=120, what="500 finished")
+    starts = [r for r in records(rec) if r[0] == "start"]
+    per_task = Counter(r[1] for r in starts)
+    assert len(per_task) == 500 and set(per_task.values()) == {1}
+    per_server = Counter(r[2] for r in starts)
+    assert set(per_server) == {"server1", "server2"}
+    for proc in (a, b):
+        assert stop(proc)[0] == 0
+
+
+def test_wakes_on_a_plain_mv_of_a_complete_task_directory(env):
+    spool, workers, tmp = env
+    register(spool, "T", "add")
+    proc = workers.start(rescan_interval=3600)  # only the file event can wake it
+    wait_until(lambda: spool.server_alive("server1"))
+    # Build a complete task in another spool on the same filesystem, then mv it in.
+    other = Spool.init(tmp / "other", durable=False)
+    register(other, "T", "add")
+    other.enqueue("T", "moved", [2, 3])
+    os.rename(other.locate("T", "moved"), spool.root + "/enqueued/T:moved")
+    wait_until(lambda: state(spool, "T", "moved") == State.FINISHED, timeout=10, what="woken by inotify")
+    assert spool.response("T", "moved")[0] == b"5"
+    assert stop(proc)[0] == 0
+
+
+def test_poll_mode_finds_work_by_rescanning(env):
+    spool, workers, _ = env
+    register(spool, "T", "add")
+    workers.start(poll=True, rescan_interval=0.2)
+    wait_until(lambda: spool.server_alive("server1"))
+    spool.enqueue("T", "p1", [1])
+    wait_until(lambda: state(spool, "T", "p1") == State.FINISHED, what="found by rescan")
+
+
+def test_deleting_a_running_task_stops_its_handler(env):
+    spool, workers, tmp = env
+    register(spool, "H", "hang")
+    rec = tmp / "runs"
+    spool.enqueue("H", "t1", {"record": str(rec)})
+    proc = workers.start()
+    wait_until(lambda: records(rec), what="handler started")
+    pid = int(records(rec)[0][3])
+    spool.delete("H", "t1")
+    wait_until(lambda: not Path(f"/proc/{pid}").exists(), what="handler killed")
+    assert proc.poll() is None
+
+
+def test_drain_finishes_what_runs_and_claims_nothing_more(env):
+    spool, workers, tmp = env
+    register(spool, "S", "sleep")
+    rec = tmp / "runs"
+    spool.enqueue("S", "t1", {"record": str(rec), "seconds": 1.0})
+    proc = workers.start()
+    wait_until(lambda: records(rec), what="first task started")
+    spool.enqueue("S", "t2", {"record": str(rec), "seconds": 1.0})
+    drain = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; from spoolq.daemon import run_worker; sys.exit(run_worker(sys.argv[1], 'server1', drain=True))",
+         spool.root],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert drain.returncode == 0, drain.stderr
+    assert proc.wait(20) == 0
+    assert state(spool, "S", "t1") == State.FINISHED
+    assert state(spool, "S", "t2") == State.ENQUEUED
+
+
+@pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
+def test_sd_notify_ready_status_watchdog_stopping(env, abstract):
+    spool, workers, tmp = env
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    if abstract:
+        name = f"spoolq-test-{os.getpid()}-{time.monotonic_ns()}"
+        sock.bind("\0" + name)
+        address = "@" + name
+    else:
+        address = str(tmp / "notify.sock")
+        sock.bind(address)
+    sock.settimeout(0.2)
+    messages: list[str] = []
+
+    def received(prefix: str) -> bool:
+        try:
+            while True:
+                messages.append(sock.recv(4096).decode())
+        except (socket.timeout, BlockingIOError):
+            pass
+        return any(line.startswith(prefix) for m in messages for line in m.split("\n"))
+
+    proc = workers.start(env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "400000"})
+    wait_until(lambda: received("READY=1"), what="READY=1")
+    ready = next(m for m in messages if "READY=1" in m)
+    assert "STATUS=0/1 running, 0 queued" in ready and f"MAINPID={proc.pid}" in ready
+    wait_until(lambda: received("WATCHDOG=1"), what="WATCHDOG=1")
+    watchdogs_before = sum(m.count("WATCHDOG=1") for m in messages)
+    wait_until(lambda: received("WATCHDOG=1") and sum(m.count("WATCHDOG=1") for m in messages) >= watchdogs_before + 2,
+               what="repeated WATCHDOG=1 while idle")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    wait_until(lambda: received("STOPPING=1"), what="STOPPING=1")
+    sock.close()
+
+
+def test_no_notify_socket_means_nothing_is_sent_and_it_still_works(env):
+    spool, workers, _ = env
+    register(spool, "T", "add")
+    proc = workers.start()
+    spool.enqueue("T", "n1", [4])
+    wait_until(lambda: state(spool, "T", "n1") == State.FINISHED)
+    assert stop(proc)[0] == 0
