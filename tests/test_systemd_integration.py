@@ -450,6 +450,13 @@ class Instances:
             out.append(f"--- {s}.log (tail) ---\n" + self.log(s)[-4000:])
         return "\n".join(out)
 
+    def start(self, *servers: str, enable: bool = False) -> None:
+        """`systemctl start` (or `enable --now`) the instances; on failure show why."""
+        args = ["enable", "--now"] if enable else ["start"]
+        done = self.m.systemctl(*args, *(self.unit(s) for s in servers), check=False)
+        if done.returncode != 0:
+            pytest.fail(f"systemctl --user {' '.join(args)} failed: {done.stderr}\n{self.diagnostics(*servers)}")
+
     def state(self, server: str) -> dict[str, str]:
         return self.m.show(self.unit(server), "ActiveState", "SubState", "StatusText", "MainPID",
                            "NRestarts", "Result", "ExecMainStatus", "ExecMainCode")
@@ -528,7 +535,7 @@ def probe(manager: UserManager) -> Iterator[tuple[Instances, Path]]:
 def test_probe_instances_become_active_via_ready(probe):
     inst, out = probe
     try:
-        inst.m.systemctl("start", "spoolq@p1.service", "spoolq@p2.service")
+        inst.start("p1", "p2")
         states = inst.wait_running("p1", "p2")
         assert states["p1"]["StatusText"] == "probe p1 ready"
         assert states["p2"]["StatusText"] == "probe p2 ready"
@@ -551,7 +558,7 @@ def test_probe_instances_become_active_via_ready(probe):
 def test_probe_stop_is_graceful(probe):
     inst, out = probe
     try:
-        inst.m.systemctl("start", "spoolq@p3.service")
+        inst.start("p3")
         inst.wait_running("p3")
         inst.m.systemctl("stop", "spoolq@p3.service")
         st = inst.wait_inactive("p3")
@@ -569,7 +576,7 @@ def test_probe_hung_main_loop_is_restarted_by_the_watchdog(probe):
     inst, out = probe
     try:
         inst.write_env("p4", PROBE_HANG_AFTER="1")
-        inst.m.systemctl("start", "spoolq@p4.service")
+        inst.start("p4")
         first = inst.wait_running("p4")["p4"]["MainPID"]
 
         def restarted() -> dict[str, str] | None:
@@ -700,7 +707,7 @@ def test_two_workers_share_a_spool_and_finish_50_tasks(workers):
     inst.prepare("w1")
     inst.prepare("w2")
     # What an operator runs (issue 4), against the user manager.
-    inst.m.systemctl("enable", "--now", "spoolq@w1", "spoolq@w2")
+    inst.start("w1", "w2", enable=True)
     states = inst.wait_running("w1", "w2")
     assert states["w1"]["StatusText"] and states["w2"]["StatusText"], "no STATUS= from the worker"
     ids = [f"t{i:02d}" for i in range(50)]
@@ -716,7 +723,7 @@ def test_stopping_a_worker_hands_its_task_to_the_other(workers):
     inst, spool = workers
     inst.prepare("s1")
     inst.prepare("s2")
-    inst.m.systemctl("start", "spoolq@s1", "spoolq@s2")
+    inst.start("s1", "s2")
     inst.wait_running("s1", "s2")
     spool.enqueue(8, "long")
 
@@ -744,7 +751,7 @@ def test_stopping_a_worker_hands_its_task_to_the_other(workers):
 def test_a_frozen_worker_is_restarted_by_the_watchdog(workers):
     inst, spool = workers
     inst.prepare("f1")
-    inst.m.systemctl("start", "spoolq@f1")
+    inst.start("f1")
     first = inst.wait_running("f1")["f1"]["MainPID"]
     # SIGSTOP freezes every thread: no WATCHDOG=1 any more.  systemd sends
     # SIGABRT after WatchdogSec, SIGKILL after TimeoutAbortSec, then restarts.
@@ -785,7 +792,7 @@ def test_a_hung_main_loop_is_restarted_by_the_watchdog(workers):
     """
     inst, spool = workers
     inst.prepare("h1", **{HANG_HOOK: "1"})
-    inst.m.systemctl("start", "spoolq@h1")
+    inst.start("h1")
     first = inst.wait_running("h1")["h1"]["MainPID"]
 
     def restarted() -> bool:
