@@ -37,6 +37,7 @@ Crash-safety rules this module relies on, each applied where it matters:
 
 from __future__ import annotations
 
+import collections
 import errno
 import fcntl
 import json
@@ -105,8 +106,10 @@ class State(IntEnum):
 
 
 # Transitions a claim holder may ask for; everything else is refused.
+# A SCHEDULED task becomes RUNNING only through Spool.start (which moves it to
+# running/); its holder may only fail it.
 _ALLOWED = {
-    State.SCHEDULED: {State.RUNNING, State.FAILED},
+    State.SCHEDULED: {State.FAILED},
     State.RUNNING: {State.RUNNING, State.PAUSED, State.FINISHED, State.FAILED},
     State.PAUSED: {State.RUNNING, State.PAUSED, State.FINISHED, State.FAILED},
 }
@@ -260,6 +263,17 @@ def _check_pickle(payload: bytes) -> None:
         raise InvalidInput(f"input is not a valid pickle: {exc}") from None
 
 
+def _remove(path: str) -> None:
+    """Remove *path* whatever it is; a symlink is unlinked, never followed."""
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 class _FifoClock:
     """Strictly increasing nanosecond stamps within a process: the FIFO key."""
 
@@ -347,11 +361,12 @@ class _TaskDir:
             os.fsync(self.fd)
         crashpoint("status.replaced")
 
-    def move(self, dest: str, *, mtime: float | None = None) -> None:
-        """Rename the locked directory to *dest* and make the move durable."""
-        if mtime is not None:
-            ns = int(mtime * 1e9)
-            os.utime(self.fd, ns=(ns, ns))
+    def move(self, dest: str, *, mtime_ns: int | None = None) -> None:
+        """Rename the locked directory to *dest* and make the move durable.
+        *mtime_ns* is set first: the FIFO key in enqueued/, the finishing
+        time in done/ (rename keeps a directory's mtime)."""
+        if mtime_ns is not None:
+            os.utime(self.fd, ns=(mtime_ns, mtime_ns))
         src_parent = os.path.dirname(self.path)
         fsutil.rename_noreplace(self.path, dest)
         crashpoint("move.renamed")
@@ -380,6 +395,7 @@ class Spool:
         self._fifo = _FifoClock()
         self._server_locks: dict[str, int] = {}
         self._types: dict[str, tuple[int, TaskType]] = {}
+        self._scan: collections.deque[tuple[int, str]] = collections.deque()
         self._check_layout()
         settings = self._read_settings()
         self.max_queue: int = int(settings.get("max_queue", 0))
@@ -645,7 +661,10 @@ class Spool:
             "state": State.ENQUEUED.name,
             "input": input_name,
             "server": None,
-            "claim": 0,
+            # The claim counter starts at the enqueue time in microseconds, so
+            # claim numbers never repeat across lives of one (type, id): a
+            # handler of a deleted task cannot write into its successor.
+            "claim": time.time_ns() // 1000,
             "starts": 0,
             "restarts": 0,
             "enqueued_at": _iso(now),
@@ -917,6 +936,10 @@ class Spool:
 
     def waiting(self) -> list[str]:
         """Names in ``enqueued/``, oldest first (FIFO by mtime, then name)."""
+        return [name for _, name in self._waiting_keyed()]
+
+    def _waiting_keyed(self) -> list[tuple[int, str]]:
+        """(FIFO key, name) of every entry in ``enqueued/``, oldest first."""
         keyed = []
         with os.scandir(self._p("enqueued")) as it:
             for entry in it:
@@ -925,7 +948,7 @@ class Spool:
                 except FileNotFoundError:
                     continue
         keyed.sort()
-        return [name for _, name in keyed]
+        return keyed
 
     def fifo_key(self, name: str) -> tuple[int, str] | None:
         """The FIFO key of one waiting entry, or None if it is gone."""
@@ -958,10 +981,35 @@ class Spool:
                     os.close(fd)
                     raise ServerBusy(f"server {server!r} is already running on {self.root}") from None
                 time.sleep(0.02)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            self._make_server_dir(server)
+        except BaseException:
+            os.close(fd)
+            raise
         self._server_locks[server] = fd
-        os.makedirs(self._p("scheduled", server), mode=0o2770, exist_ok=True)
+
+    def _make_server_dir(self, server: str) -> None:
+        """Create ``scheduled/SERVER/`` if missing, under the enqueue lock:
+        so the set of server directories never changes while the lock is
+        held, and :meth:`_locate` under the lock cannot miss a task claimed
+        into a brand-new server directory. A symlink there is refused."""
+        path = self._p("scheduled", server)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            with self._enqueue_lock:
+                try:
+                    os.mkdir(path, 0o770)
+                    os.chmod(path, 0o2770 & ~_umask())
+                except FileExistsError:
+                    pass
+                st = os.lstat(path)
+            if self.durable:
+                fsutil.fsync_dir(self._p("scheduled"))
+        if not stat.S_ISDIR(st.st_mode):
+            raise UnsafeSpool(f"{path} must be a real directory, not a symlink or file: move it away")
 
     def release_server(self, server: str) -> None:
         fd = self._server_locks.pop(server, None)
@@ -1006,54 +1054,84 @@ class Spool:
         any number of racing claimers exactly one rename succeeds, the others
         get ENOENT and try the next task. *names* (oldest first) lets a
         caller with its own index of ``enqueued/`` skip the directory scan.
+        Without it, the spool keeps the last scan of ``enqueued/`` and works
+        down it, scanning again only when it is used up, so a run of claims
+        costs one scan, not one per claim; an entry re-enqueued since the scan
+        (its FIFO key changed) is left for a later scan, at the back.
         Corrupt entries met on the way are quarantined.
         """
         self.hold_server(server)
-        for name in names if names is not None else self.waiting():
-            if not split_task_name(name):
-                self._quarantine(self._p("enqueued", name), "not a task name")
-                continue
-            src = self._p("enqueued", name)
-            dest = self._p("scheduled", server, name)
-            try:
-                fsutil.rename_noreplace(src, dest)
-            except (FileNotFoundError, NotADirectoryError):
-                continue  # another claimer won
-            except FileExistsError:
-                log.warning("stale leftover %s blocks a claim; quarantining it", dest)
-                self._quarantine(dest, "leftover in scheduled/ blocked a claim")
-                continue
-            crashpoint("claim.renamed")
-            try:
-                with _TaskDir(self, dest) as task:
-                    number = int(task.doc["claim"]) + 1
-                    task.write(
-                        State.SCHEDULED,
-                        message,
-                        server=server,
-                        claim=number,
-                        claimed_at=_iso(self.clock()),
-                    )
-            except (CorruptTask, _Moved) as exc:
-                self._quarantine(dest, str(exc))
-                continue
-            if self.durable:
-                fsutil.fsync_dir(self._p("enqueued"))
-                fsutil.fsync_dir(self._p("scheduled", server))
-            parts = split_task_name(name)
-            assert parts is not None
-            return Claim(parts[0], parts[1], number, server)
+        if names is not None:
+            for name in names:
+                claim = self._claim_one(server, name, message)
+                if claim is not None:
+                    return claim
+            return None
+        for _ in range(3):
+            if not self._scan:
+                self._scan = collections.deque(self._waiting_keyed())
+                if not self._scan:
+                    return None
+            while self._scan:
+                key, name = self._scan.popleft()
+                if self.fifo_key(name) != (key, name):
+                    continue  # claimed meanwhile, or re-enqueued to the back
+                claim = self._claim_one(server, name, message)
+                if claim is not None:
+                    return claim
         return None
+
+    def _claim_one(self, server: str, name: str, message: str) -> Claim | None:
+        """Try to claim waiting entry *name*; None if another claimer won or
+        the entry could not be trusted (then it is quarantined)."""
+        parts = split_task_name(name)
+        if not parts:
+            self._quarantine(self._p("enqueued", name), "not a task name")
+            return None
+        src = self._p("enqueued", name)
+        dest = self._p("scheduled", server, name)
+        try:
+            fsutil.rename_noreplace(src, dest)
+        except (FileNotFoundError, NotADirectoryError):
+            return None  # another claimer won
+        except FileExistsError:
+            log.warning("stale leftover %s blocks a claim; quarantining it", dest)
+            self._quarantine(dest, "leftover in scheduled/ blocked a claim")
+            return None
+        crashpoint("claim.renamed")
+        try:
+            with _TaskDir(self, dest) as task:
+                if task.state != State.ENQUEUED:
+                    raise CorruptTask(f"{name} was waiting but its status says {task.state.name}")
+                number = int(task.doc["claim"]) + 1
+                task.write(
+                    State.SCHEDULED,
+                    message,
+                    server=server,
+                    claim=number,
+                    claimed_at=_iso(self.clock()),
+                )
+        except CorruptTask as exc:
+            self._quarantine(dest, str(exc))
+            return None
+        except (FileNotFoundError, _Moved):
+            return None  # deleted right after the claim
+        if self.durable:
+            fsutil.fsync_dir(self._p("enqueued"))
+            fsutil.fsync_dir(self._p("scheduled", server))
+        return Claim(parts[0], parts[1], number, server)
 
     def _claimed(self, claim: Claim, allowed: set[State]) -> _TaskDir:
         """Open and lock the task of *claim*, checking the claim still owns it.
 
         Raises StaleClaim if it was re-enqueued, claimed again, deleted, or
-        is in a state outside *allowed*.
+        is in a state outside *allowed*. The places are probed in lifecycle
+        order (scheduled, running, done): a task moving forward meanwhile is
+        met further on, and a move backwards makes the claim stale anyway.
         """
         for path in (
-            self._p("running", claim.name),
             self._p("scheduled", claim.server, claim.name),
+            self._p("running", claim.name),
             self._p("done", claim.name),
         ):
             task = _TaskDir(self, path)
@@ -1061,17 +1139,15 @@ class Spool:
                 task.__enter__()
             except (FileNotFoundError, NotADirectoryError, _Moved):
                 continue
-            ok = (
-                task.doc.get("claim") == claim.number
-                and task.doc.get("server") == claim.server
-                and task.state in allowed
-            )
-            if ok:
+            ours = task.doc.get("claim") == claim.number and task.doc.get("server") == claim.server
+            if ours and task.state in allowed:
                 return task
             state = task.state
             task.__exit__()
-            if task.doc.get("claim") == claim.number and state.terminal:
+            if ours and state.terminal:
                 raise StaleClaim(f"task {claim.type}/{claim.id} is already {state.name}")
+            if ours:
+                raise StaleClaim(f"task {claim.type}/{claim.id} is {state.name}: that change is not allowed")
             raise StaleClaim(f"claim {claim} no longer owns task {claim.type}/{claim.id} (now {state.name})")
         raise StaleClaim(f"claim {claim} no longer owns task {claim.type}/{claim.id} (it was moved or deleted)")
 
@@ -1085,16 +1161,27 @@ class Spool:
         """
         claim = Claim.parse(claim)
         ttype = self.get_type(claim.type)
+        # Unpickling runs code: look again that nobody else can write here
+        # (the spool's modes may have changed since it was opened).
+        self._check_layout()
         task = self._claimed(claim, {State.SCHEDULED})
         try:
             input_name = task.doc.get("input") or INPUT_PICKLE
-            try:
-                raw = fsutil.read_file(task.fd, input_name)
-            except FileNotFoundError:
+            what = None
+            if input_name not in (INPUT_PICKLE, INPUT_JSON):
+                what = f"status.json names an unknown input file {str(input_name)[:40]!r}"
+            else:
+                try:
+                    raw = fsutil.read_file(task.fd, input_name)
+                except FileNotFoundError:
+                    what = f"{input_name} is missing"
+                except OSError as exc:
+                    what = f"{input_name} cannot be read: {exc.strerror}"
+            if what is not None:
                 path = task.path
                 task.__exit__()
-                self._quarantine(path, f"{input_name} is missing")
-                raise CorruptTask(f"task {claim.type}/{claim.id}: {input_name} is missing (moved to quarantine)") from None
+                self._quarantine(path, what)
+                raise CorruptTask(f"task {claim.type}/{claim.id}: {what} (moved to quarantine)") from None
             task.move(self._p("running", claim.name))
             task.write(
                 State.RUNNING,
@@ -1105,7 +1192,7 @@ class Spool:
             crashpoint("start.running")
             try:
                 value = json.loads(raw) if input_name == INPUT_JSON else pickle.loads(raw)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 reason = f"input cannot be loaded: {type(exc).__name__}: {exc}"
                 self._finish_locked(task, State.FAILED, reason)
                 raise CorruptTask(f"task {claim.type}/{claim.id}: {reason}") from None
@@ -1138,21 +1225,24 @@ class Spool:
         try:
             self.set_state(claim, State.FINISHED, message)
             return True
-        except StaleClaim:
+        except StaleClaim as exc:
             # Final already through this very claim: that is fine; anything
             # else (claim lost) is the caller's to know.
-            path = self._p("done", claim.name)
-            try:
-                dfd = fsutil.open_dir(path)
-            except OSError:
-                raise
-            try:
-                doc = self._read_status(dfd, path)
-            finally:
-                os.close(dfd)
-            if doc.get("claim") == claim.number and doc.get("server") == claim.server:
-                return False
-            raise
+            stale = exc
+        path = self._p("done", claim.name)
+        try:
+            dfd = fsutil.open_dir(path)
+        except OSError:
+            raise stale from None
+        try:
+            doc = self._read_status(dfd, path)
+        except CorruptTask:
+            raise stale from None
+        finally:
+            os.close(dfd)
+        if doc.get("claim") == claim.number and doc.get("server") == claim.server:
+            return False
+        raise stale
 
     def log_message(self, claim: Claim | str, message: str) -> None:
         """Append a free-text record (the current state, *message*) to the log."""
@@ -1173,22 +1263,37 @@ class Spool:
             task.write(task.state, task.doc.get("message", ""), record=False, response_mime=str(mime_type))
 
     def touch(self, claim: Claim | str) -> bool:
-        """Heartbeat: set the running task's mtime to now. False if the task
-        is no longer at this claim's place (deleted or taken away)."""
+        """Heartbeat: set the running task's mtime to now. False if this
+        claim no longer holds a started task there (not started yet, taken
+        away, claimed again by another run, finished or deleted), so a
+        daemon learns its handler lost the task. Reads the status without
+        the task lock: a heartbeat must not wait for a status write."""
         claim = Claim.parse(claim)
-        ns = int(self.clock() * 1e9)
+        path = self._p("running", claim.name)
         try:
-            os.utime(self._p("running", claim.name), ns=(ns, ns), follow_symlinks=False)
-            return True
-        except FileNotFoundError:
+            dfd = fsutil.open_dir(path)
+        except OSError:
             return False
+        try:
+            doc = self._read_status(dfd, path)
+            if doc.get("claim") != claim.number or doc.get("server") != claim.server:
+                return False
+            if doc.get("state") not in (State.RUNNING.name, State.PAUSED.name):
+                return False
+            ns = int(self.clock() * 1e9)
+            os.utime(dfd, ns=(ns, ns))
+            return True
+        except CorruptTask:
+            return False
+        finally:
+            os.close(dfd)
 
     def _finish_locked(self, task: _TaskDir, state: State, message: str) -> None:
         now = self.clock()
         task.write(state, message, finished_at=_iso(now))
         crashpoint("finish.status_written")
         name = os.path.basename(task.path)
-        task.move(self._p("done", name), mtime=now)
+        task.move(self._p("done", name), mtime_ns=int(now * 1e9))
         crashpoint("finish.moved")
 
     # ------------------------------------------------------------------ taking tasks away
@@ -1208,7 +1313,19 @@ class Spool:
                 return result
         return "gone"
 
-    def _take_away(self, path: str, reason: str, *, charge: bool, expect_claim: int | None = None) -> str:
+    def _take_away(
+        self,
+        path: str,
+        reason: str,
+        *,
+        charge: bool,
+        expect_claim: int | None = None,
+        confirm: Callable[[dict[str, Any]], str | None] | None = None,
+    ) -> str:
+        """Under the enqueue lock and the task's lock: re-enqueue the task at
+        *path* (or fail it, once its restarts are used up). "gone" if it is
+        no longer there, no longer at claim *expect_claim*, or *confirm*
+        (given the status read under the lock) finds nothing wrong."""
         with self._enqueue_lock:
             try:
                 task = _TaskDir(self, path).__enter__()
@@ -1217,10 +1334,15 @@ class Spool:
             try:
                 if expect_claim is not None and task.doc.get("claim") != expect_claim:
                     return "gone"
+                if confirm is not None:
+                    confirmed = confirm(task.doc)
+                    if confirmed is None:
+                        return "gone"
+                    reason = confirmed
                 state = task.state
                 if state.terminal:
                     # Crashed between the final status write and the move.
-                    task.move(self._p("done", os.path.basename(path)), mtime=self.clock())
+                    task.move(self._p("done", os.path.basename(path)), mtime_ns=int(self.clock() * 1e9))
                     return "finished move"
                 if state == State.ENQUEUED:
                     # Crashed between the claim rename and its status write.
@@ -1248,7 +1370,7 @@ class Spool:
         task.write(State.ENQUEUED, reason, server=None, claimed_at=None)
         now = self.clock()
         name = os.path.basename(task.path)
-        task.move(self._p("enqueued", name), mtime=self._fifo.next(now) / 1e9)
+        task.move(self._p("enqueued", name), mtime_ns=self._fifo.next(now))
         crashpoint("requeue.moved")
 
     def hand_back(self, claim: Claim | str, reason: str = "handed back") -> str:
@@ -1274,8 +1396,11 @@ class Spool:
             except (FileNotFoundError, _Moved):
                 continue
             except CorruptTask:
-                os.rename(path, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+                try:
+                    os.rename(path, trash)  # a symlink is moved, not followed
+                except FileNotFoundError:
+                    continue
+            _remove(trash)
             return
         raise TaskNotFound(f"no task {type_name}/{task_id}")
 
@@ -1302,8 +1427,11 @@ class Spool:
         for server in self.servers():
             sdir = self._p("scheduled", server)
             try:
+                if not stat.S_ISDIR(os.lstat(sdir).st_mode):
+                    self._quarantine(sdir, "not a server directory (symlink or file)")
+                    continue
                 names = os.listdir(sdir)
-            except NotADirectoryError:
+            except (FileNotFoundError, NotADirectoryError):
                 continue
             for name in names:
                 path = os.path.join(sdir, name)
@@ -1338,23 +1466,43 @@ class Spool:
             return None
         finally:
             os.close(dfd)
-        state = State[doc["state"]]
-        server = doc.get("server")
-        ttype = self._type_or_none(parts[0])
-        if state.terminal:
-            reason = "completing an interrupted finish"
-        elif not is_alive(server) and state != State.ENQUEUED:
-            reason = message or f"abandoned: server {server} is gone"
-        elif state == State.ENQUEUED and not is_alive(os.path.basename(os.path.dirname(path))):
-            reason = message or "claim was interrupted"
-        elif ttype is not None and doc.get("claimed_at") and now - _from_iso(doc["claimed_at"]) > ttype.timeout:
-            reason = message or f"timed out after {ttype.timeout:g} s"
-        else:
+        reason = self._zombie_reason(doc, path, now, is_alive, message)
+        if reason is None:
             return None
-        result = self._take_away(path, reason, charge=True, expect_claim=int(doc["claim"]))
+
+        def confirm(locked: dict[str, Any]) -> str | None:
+            # Under the task's lock, with a fresh look at the server's lock:
+            # a server that came back meanwhile keeps its claim.
+            return self._zombie_reason(locked, path, now, self.server_alive, message)
+
+        result = self._take_away(path, reason, charge=True, expect_claim=int(doc["claim"]), confirm=confirm)
         if result == "gone":
             return None
         return SweepAction(parts[0], parts[1], result, reason)
+
+    def _zombie_reason(
+        self, doc: dict[str, Any], path: str, now: float, is_alive: Callable[[str | None], bool], message: str
+    ) -> str | None:
+        """Why the task at *path* (in scheduled/ or running/) must be taken
+        from its claim, or None if it is fine. A type's timeout <= 0 means
+        no time limit."""
+        state = State[doc["state"]]
+        if state.terminal:
+            return "completing an interrupted finish"
+        if state == State.ENQUEUED:
+            # Between a claim's rename and its status write: only a dead
+            # claimer leaves it so for long.
+            if is_alive(os.path.basename(os.path.dirname(path))):
+                return None
+            return message or "claim was interrupted"
+        server = doc.get("server")
+        if not is_alive(server):
+            return message or f"abandoned: server {server} is gone"
+        ttype = self._type_or_none(str(doc.get("type")))
+        claimed_at = doc.get("claimed_at")
+        if ttype is not None and ttype.timeout > 0 and claimed_at and now - _from_iso(claimed_at) > ttype.timeout:
+            return message or f"timed out after {ttype.timeout:g} s"
+        return None
 
     def recover_server(self, server: str, *, keep_scheduled: bool = False) -> list[SweepAction]:
         """Recover what *server* held when it died; call after
@@ -1426,7 +1574,7 @@ class Spool:
             except FileNotFoundError:
                 continue  # another sweeper or a delete took it
             crashpoint("retire.renamed")
-            shutil.rmtree(trash, ignore_errors=True)
+            _remove(trash)
             actions.append(SweepAction(parts[0], parts[1], "retired", f"older than {ttype.retention:g} s"))
         if actions and self.durable:
             fsutil.fsync_dir(self._p("done"))
@@ -1445,20 +1593,14 @@ class Spool:
             except FileNotFoundError:
                 continue
             if entry.name.startswith(".trash.") or now - st.st_mtime > grace:
-                if stat.S_ISDIR(st.st_mode):
-                    shutil.rmtree(entry.path, ignore_errors=True)
-                else:
-                    try:
-                        os.unlink(entry.path)
-                    except FileNotFoundError:
-                        continue
+                _remove(entry.path)
                 removed += 1
         return removed
 
     def _quarantine(self, path: str, reason: str) -> str | None:
         """Move *path* (whatever it is; a symlink is moved, not followed) to
         ``quarantine/`` with a ``.reason`` note beside it. Never deletes."""
-        base = os.path.basename(path)
+        base = os.path.basename(path)[:200]  # room for the suffixes within NAME_MAX
         stamp = datetime.fromtimestamp(self.clock(), timezone.utc).strftime("%Y%m%dT%H%M%S")
         dest = self._p("quarantine", f"{base}.{stamp}.{secrets.token_hex(3)}")
         try:
