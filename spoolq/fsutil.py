@@ -11,6 +11,8 @@ import ctypes
 import errno
 import os
 
+from .faults import crashpoint
+
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -71,6 +73,7 @@ def write_new(dir_fd: int, name: str, data: bytes, *, sync: bool) -> None:
     fd = os.open(name, _O_NEW, 0o660, dir_fd=dir_fd)
     try:
         _write_all(fd, data)
+        crashpoint("file.written")  # written, not yet fsynced
         if sync:
             os.fsync(fd)
     finally:
@@ -102,6 +105,7 @@ def append(dir_fd: int, name: str, data: bytes, *, sync: bool) -> None:
     fd = os.open(name, _O_APPEND, dir_fd=dir_fd)
     try:
         _write_all(fd, data)
+        crashpoint("file.appended")  # appended, not yet fdatasynced
         if sync:
             os.fdatasync(fd)
     finally:

@@ -1260,6 +1260,7 @@ class Spool:
             raise InvalidInput(f"a response must be bytes or str, not {type(data).__name__}")
         with self._claimed(claim, set(_ALLOWED)) as task:
             fsutil.replace_file(task.fd, RESPONSE, bytes(data), sync=self.durable)
+            crashpoint("response.stored")
             task.write(task.state, task.doc.get("message", ""), record=False, response_mime=str(mime_type))
 
     def touch(self, claim: Claim | str) -> bool:
@@ -1476,6 +1477,7 @@ class Spool:
             return self._zombie_reason(locked, path, now, self.server_alive, message)
 
         result = self._take_away(path, reason, charge=True, expect_claim=int(doc["claim"]), confirm=confirm)
+        crashpoint("sweep.taken_away")
         if result == "gone":
             return None
         return SweepAction(parts[0], parts[1], result, reason)
@@ -1540,6 +1542,7 @@ class Spool:
                 continue
             reason = f"abandoned: server {server} restarted while it ran"
             result = self._take_away(path, reason, charge=True, expect_claim=int(doc["claim"]))
+            crashpoint("recover.taken_away")
             if result != "gone":
                 actions.append(SweepAction(parts[0], parts[1], result, reason))
         return actions
@@ -1575,6 +1578,7 @@ class Spool:
                 continue  # another sweeper or a delete took it
             crashpoint("retire.renamed")
             _remove(trash)
+            crashpoint("sweep.retired")
             actions.append(SweepAction(parts[0], parts[1], "retired", f"older than {ttype.retention:g} s"))
         if actions and self.durable:
             fsutil.fsync_dir(self._p("done"))
