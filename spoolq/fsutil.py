@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
+import threading
 
 from .faults import crashpoint
 
@@ -131,3 +133,54 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+class FlockLock:
+    """An exclusive ``flock`` on a lock file: the spool-wide enqueue lock.
+
+    Each outermost acquisition opens the file (never through a symlink),
+    so the lock belongs to that open file description: two processes, or a
+    parent and its forked child, always exclude each other. Re-entrant within
+    a thread; other threads of the process wait their turn. A child forked
+    while its parent held the lock does not inherit the holding.
+    Four syscalls per acquisition: open, flock, flock(UN), close.
+    """
+
+    def __init__(self, path: str, mode: int = 0o660) -> None:
+        self.path = path
+        self.mode = mode
+        self._local = threading.local()
+
+    def acquire(self) -> None:
+        local = self._local
+        if getattr(local, "pid", None) == os.getpid() and local.depth > 0:
+            local.depth += 1
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, self.mode)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        local.fd, local.depth, local.pid = fd, 1, os.getpid()
+
+    def release(self) -> None:
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid() or local.depth <= 0:
+            raise RuntimeError(f"{self.path} is not held by this thread")
+        local.depth -= 1
+        if local.depth == 0:
+            fd, local.fd = local.fd, -1
+            os.close(fd)  # closing the only descriptor releases the flock
+
+    @property
+    def held(self) -> bool:
+        local = self._local
+        return getattr(local, "pid", None) == os.getpid() and local.depth > 0
+
+    def __enter__(self) -> FlockLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

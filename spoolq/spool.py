@@ -55,8 +55,6 @@ from datetime import datetime, timezone
 from enum import IntEnum
 from typing import Any
 
-from filelock import FileLock
-
 from . import fsutil
 from .errors import (
     CorruptTask,
@@ -401,7 +399,7 @@ class Spool:
         self.max_queue: int = int(settings.get("max_queue", 0))
         self.durable: bool = bool(settings.get("durable", True))
         self.max_input_bytes: int = int(settings.get("max_input_bytes", DEFAULT_MAX_INPUT))
-        self._enqueue_lock = FileLock(self._p("locks", "enqueue.lock"), mode=0o660)
+        self._enqueue_lock = fsutil.FlockLock(self._p("locks", "enqueue.lock"))
 
     # ------------------------------------------------------------------ layout
 
@@ -959,19 +957,20 @@ class Spool:
 
     # ------------------------------------------------------------------ servers
 
-    def hold_server(self, server: str) -> None:
+    def hold_server(self, server: str, *, wait: float = 2.0) -> None:
         """Become *server*: take its lock for the life of this process.
 
         A live server is one whose lock is held; sweepers treat the claims of
         a server whose lock is free as abandoned. Raises ServerBusy when
-        another process holds it (a sweeper's probe is waited out briefly).
+        another process holds it; a sweeper's momentary probe is waited out
+        for up to *wait* seconds.
         """
         check_server(server)
         if server in self._server_locks:
             return
         path = self._p("locks", "servers", f"{server}.lock")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o660)
-        deadline = time.monotonic() + 2.0
+        deadline = time.monotonic() + wait
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
