@@ -1,0 +1,528 @@
+"""The ``spoolq`` command line (SPEC §4), built with typer.
+
+Every command opens the spool named by the global ``--root`` (or
+``SPOOLQ_ROOT``) and calls one or two methods of :class:`spoolq.Spool`; the
+logic lives there. What this module adds is the contract of a command line:
+
+* every error is one line on stderr and a non-zero exit, never a traceback
+  (:func:`main` turns each :class:`~spoolq.errors.SpoolqError` and
+  ``OSError`` into that line);
+* exit codes scripts can rely on: 75 (EX_TEMPFAIL) when the queue is full,
+  78 (EX_CONFIG) when the worker cannot start, and for ``wait`` 0 FINISHED,
+  1 FAILED, 124 timeout, 2 any other error;
+* ``spoolq enqueue`` stays quick to start: rich (tables) and watchdog (wait)
+  are imported only by the commands that use them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import logging
+import sys
+import time
+from collections.abc import Callable
+from enum import Enum
+from typing import Annotated, Any, NoReturn, Optional
+
+import typer
+
+from .errors import QueueFull, SpoolqError
+from .names import check_type, task_name
+from .spool import DEFAULT_ROOT, Spool, State, TaskInfo
+
+EX_FAILED = 1
+EX_WAIT_ERROR = 2
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+EX_TIMEOUT = 124
+
+# How often `wait` re-reads the status even without a file event: a safety
+# net for a missed event, not the mechanism.
+WAIT_RECHECK = 1.5
+
+app = typer.Typer(
+    name="spoolq",
+    help="A crash-safe task queue in a directory tree, worked by a systemd-supervised daemon.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class _Invocation:
+    """What the global callback learnt: the spool root and the command, so
+    :func:`main` can pick the command's exit code for an error."""
+
+    root: str = DEFAULT_ROOT
+    command: str | None = None
+
+
+_run = _Invocation()
+
+# The --state choices: the state names, matched case-insensitively.
+StateName = Enum("StateName", {s.name: s.name for s in State}, type=str)  # type: ignore[misc]
+
+
+@app.callback()
+def _global(
+    ctx: typer.Context,
+    root: Annotated[
+        str,
+        typer.Option("--root", envvar="SPOOLQ_ROOT", metavar="PATH", help="The spool directory."),
+    ] = DEFAULT_ROOT,
+) -> None:
+    """spoolq: a crash-safe task queue in a directory tree.
+
+    Producers enqueue tasks of registered types; `spoolq worker SERVER` (one
+    per systemd unit spoolq@SERVER) claims and runs them. Try `spoolq demo`.
+    """
+    _run.root = os.path.abspath(root)
+    _run.command = ctx.invoked_subcommand
+    # Handlers and child processes using spoolq.tracker find the same spool.
+    os.environ["SPOOLQ_ROOT"] = _run.root
+
+
+def _spool() -> Spool:
+    return Spool(_run.root)
+
+
+def _table(columns: list[str], rows: list[list[Any]]) -> None:
+    """Print a tidy table, one row a line (rich is imported here, not at
+    start-up). On a terminal a line too long is cut with an ellipsis, as
+    ps(1) does; into a pipe nothing is cut."""
+    import shutil
+
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console(width=1 << 16, color_system=None)  # natural width: never wrap a row
+    table = Table(*columns, box=None, pad_edge=False, show_edge=False)
+    for row in rows:
+        table.add_row(*(Text(str(v).replace("\n", "\\n")) for v in row))  # Text: never read as markup
+    with console.capture() as captured:
+        console.print(table)
+    limit = shutil.get_terminal_size().columns if sys.stdout.isatty() else 0
+    for line in captured.get().splitlines():
+        line = line.rstrip()
+        print(line if not limit or len(line) <= limit else line[: limit - 1] + "…")
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=1, sort_keys=True))
+
+
+def _short_time(iso: str | None) -> str:
+    """'2024-05-01T12:00:00.123456+00:00' -> '2024-05-01 12:00:00' (UTC)."""
+    return iso[:19].replace("T", " ") if iso else ""
+
+
+def _seconds(value: float) -> str:
+    return "forever" if value <= 0 else f"{value:g}"
+
+
+# --------------------------------------------------------------------------- spool and types
+
+
+@app.command()
+def init(
+    max_queue: Annotated[
+        Optional[int], typer.Option(help="Most ENQUEUED tasks at once; 0 = unlimited. Default: keep the stored value.")
+    ] = None,
+    durable: Annotated[
+        Optional[bool],
+        typer.Option("--durable/--no-durable", help="fsync every change (default on). Default: keep the stored value."),
+    ] = None,
+    max_input_bytes: Annotated[
+        Optional[int], typer.Option(help="Largest task input in bytes (default 64 MiB). Default: keep the stored value.")
+    ] = None,
+) -> None:
+    """Create the spool layout, or check an existing one, and store its settings.
+
+    Idempotent: settings not given keep their stored value. Prints the spool's path.
+    """
+    spool = Spool.init(_run.root, max_queue=max_queue, durable=durable, max_input_bytes=max_input_bytes)
+    print(spool.root)
+
+
+@app.command()
+def register(
+    type_name: Annotated[str, typer.Argument(metavar="TYPE", help="Task type name.")],
+    handler: Annotated[str, typer.Argument(help="Dotted import path of the handler, e.g. pkg.module.func.")],
+    timeout: Annotated[float, typer.Option(help="Seconds a task may take from its claim before it is re-enqueued.")] = 3600,
+    retention: Annotated[float, typer.Option(help="Seconds a finished task is kept; <= 0 keeps it forever.")] = -1,
+    max_restarts: Annotated[int, typer.Option(help="Re-enqueues of a timed-out or abandoned task before it FAILS.")] = 2,
+) -> None:
+    """Register a task type, or update it: which handler runs its tasks, and their limits.
+
+    A handler is called as handler(task_status, input) in a worker's child process.
+    """
+    _spool().register_type(type_name, handler, timeout=timeout, retention=retention, max_restarts=max_restarts)
+
+
+@app.command("types")
+def types_(json_out: Annotated[bool, typer.Option("--json", help="Print a JSON array.")] = False) -> None:
+    """List the registered task types with their handler and limits."""
+    types = _spool().types()
+    if json_out:
+        _print_json([t.to_json() for t in types])
+        return
+    _table(
+        ["TYPE", "HANDLER", "TIMEOUT (s)", "RETENTION (s)", "MAX RESTARTS"],
+        [[t.name, t.handler, _seconds(t.timeout), _seconds(t.retention), t.max_restarts] for t in types],
+    )
+
+
+# --------------------------------------------------------------------------- one task
+
+
+@app.command()
+def enqueue(
+    type_name: Annotated[str, typer.Argument(metavar="TYPE", help="Registered task type.")],
+    task_id: Annotated[str, typer.Argument(metavar="ID", help="Task id, unique within its type.")],
+    input_path: Annotated[str, typer.Argument(metavar="INPUT", help="File holding the input; '-' reads stdin.")],
+    json_in: Annotated[bool, typer.Option("--json", help="INPUT holds JSON instead of a pickle.")] = False,
+) -> None:
+    """Enqueue task (TYPE, ID) with the input read from INPUT.
+
+    INPUT holds one pickle (checked, not run) or, with --json, a JSON document.
+    The task appears whole or not at all. Exits 75 when the queue is full, so
+    a script can retry later.
+    """
+    task_name(type_name, task_id)  # refuse bad names before reading stdin
+    if input_path == "-":
+        payload = sys.stdin.buffer.read()
+    else:
+        with open(input_path, "rb") as fh:
+            payload = fh.read()
+    spool = _spool()
+    if json_in:
+        spool.enqueue_json(type_name, task_id, payload)
+    else:
+        spool.enqueue_pickled(type_name, task_id, payload)
+
+
+@app.command()
+def status(
+    type_name: Annotated[str, typer.Argument(metavar="TYPE")],
+    task_id: Annotated[str, typer.Argument(metavar="ID")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the whole status document.")] = False,
+) -> None:
+    """Print the task's state: ENQUEUED, SCHEDULED, RUNNING, PAUSED, FINISHED or FAILED.
+
+    With --json, the whole status document, with "state" and "path" (its directory).
+    """
+    info = _spool().status(type_name, task_id)
+    if json_out:
+        _print_json(info.as_json())
+    else:
+        print(info.state.name)
+
+
+def format_log(spool: Spool, type_name: str, task_id: str) -> list[str]:
+    """The task's log, oldest first: ISO time, state, message (newlines escaped)."""
+    return [
+        f"{r.time.isoformat()}  {r.state.name:<9}  {r.message}".rstrip().replace("\n", "\\n")
+        for r in spool.log_records(type_name, task_id)
+    ]
+
+
+@app.command("log")
+def log_(
+    type_name: Annotated[str, typer.Argument(metavar="TYPE")],
+    task_id: Annotated[str, typer.Argument(metavar="ID")],
+) -> None:
+    """Print the task's log, oldest first: one record a line (UTC time, state, message)."""
+    for line in format_log(_spool(), type_name, task_id):
+        print(line)
+
+
+@app.command()
+def result(
+    type_name: Annotated[str, typer.Argument(metavar="TYPE")],
+    task_id: Annotated[str, typer.Argument(metavar="ID")],
+) -> None:
+    """Write the task's stored response to stdout, raw bytes as stored.
+
+    (The MIME type is in `spoolq status --json` as "response_mime".)
+    """
+    data, _mime = _spool().response(type_name, task_id)
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+@app.command()
+def delete(
+    type_name: Annotated[str, typer.Argument(metavar="TYPE")],
+    task_id: Annotated[str, typer.Argument(metavar="ID")],
+) -> None:
+    """Remove the task, whatever its state. A running handler's later writes are refused."""
+    _spool().delete(type_name, task_id)
+
+
+@app.command("list")
+def list_(
+    state: Annotated[
+        Optional[StateName], typer.Option(case_sensitive=False, help="Only tasks in this state.")
+    ] = None,
+    type_name: Annotated[Optional[str], typer.Option("--type", metavar="TYPE", help="Only tasks of this type.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON array of status documents.")] = False,
+) -> None:
+    """List tasks, one a line (or a JSON array), by state directory: waiting, claimed, running, done."""
+    if type_name is not None:
+        check_type(type_name)
+    infos = _spool().list_tasks(state=State[state.value] if state else None, type_name=type_name)
+    if json_out:
+        _print_json([i.as_json() for i in infos])
+        return
+    _table(
+        ["TYPE", "ID", "STATE", "SERVER", "STARTS", "UPDATED", "MESSAGE"],
+        [
+            [i.type, i.id, i.state.name, i.doc.get("server") or "", i.doc.get("starts", 0),
+             _short_time(i.doc.get("updated_at")), i.doc.get("message", "")]
+            for i in infos
+        ],
+    )
+
+
+# --------------------------------------------------------------------------- wait
+
+
+def wait_for(
+    spool: Spool,
+    type_name: str,
+    task_id: str,
+    timeout: float | None = None,
+    *,
+    give_up: Callable[[], bool] | None = None,
+) -> TaskInfo | None:
+    """Block until task (type, id) is FINISHED or FAILED and return its status;
+    None when *timeout* seconds passed first (or *give_up()* turned true).
+
+    A task becomes final by a rename into ``done/``: a watch on that directory
+    (:class:`~spoolq.watch.DirWatcher`, inotify) wakes the wait at once, and
+    the status is re-read every WAIT_RECHECK seconds as a safety net for a
+    missed event. Raises TaskNotFound if the task disappears (deleted, retired).
+    """
+    import select
+
+    from .watch import DirWatcher
+
+    # watchdog logs a spurious error when an observer stops during a read;
+    # without a handler Python would print it on stderr.
+    logging.getLogger("watchdog").addHandler(logging.NullHandler())
+    task_name(type_name, task_id)  # a bad name fails before the watch is set
+    deadline = None if timeout is None else time.monotonic() + timeout
+    # The watch is set before the first read, so no arrival can slip between.
+    with DirWatcher(os.path.join(spool.root, "done")) as watcher:
+        while True:
+            watcher.drain()  # before the read: a later arrival wakes the select below
+            info = spool.status(type_name, task_id)
+            if info.state.terminal:
+                return info
+            if give_up is not None and give_up():
+                return None
+            pause = WAIT_RECHECK
+            if deadline is not None:
+                pause = min(pause, deadline - time.monotonic())
+                if pause <= 0:
+                    return None
+            select.select([watcher.fileno()], [], [], pause)
+
+
+@app.command()
+def wait(
+    type_name: Annotated[str, typer.Argument(metavar="TYPE")],
+    task_id: Annotated[str, typer.Argument(metavar="ID")],
+    timeout: Annotated[
+        Optional[float], typer.Option(help="Give up after this many seconds (exit 124). Default: wait forever.")
+    ] = None,
+) -> None:
+    """Block until the task is FINISHED (exit 0) or FAILED (exit 1); print that state.
+
+    Woken by file events, not a sleep loop. Exits 124 on timeout and 2 on any
+    other error (unknown task, task deleted while waiting, ...).
+    """
+    try:
+        info = wait_for(_spool(), type_name, task_id, timeout)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None  # not 1: that means FAILED
+    if info is None:
+        _fail(f"timed out after {timeout:g} s waiting for {type_name}/{task_id}", EX_TIMEOUT)
+    print(info.state.name)
+    raise typer.Exit(0 if info.state == State.FINISHED else EX_FAILED)
+
+
+# --------------------------------------------------------------------------- worker and maintenance
+
+
+@app.command()
+def worker(
+    server: Annotated[str, typer.Argument(help="Server id: names this worker (systemd unit spoolq@SERVER).")],
+    concurrency: Annotated[int, typer.Option(min=1, help="Handlers run at once, each in a child process.")] = 1,
+    drain: Annotated[bool, typer.Option(help="Claim nothing new; finish what this server holds, then exit.")] = False,
+    grace: Annotated[float, typer.Option(min=0, help="Seconds SIGTERM waits for running handlers.")] = 30,
+    poll: Annotated[bool, typer.Option(help="Rescan the queue periodically instead of watching file events.")] = False,
+) -> None:
+    """Run the worker daemon for SERVER in the foreground (what systemd runs).
+
+    Claims waiting tasks and runs their handlers; on SIGTERM it stops
+    claiming, hands back what it did not start and exits 0. Exits 78 when it
+    cannot start (bad server id, missing or unsafe spool, server already running).
+    """
+    from .daemon import run_worker  # a SpoolqError from here on is a configuration error: exit 78
+
+    raise typer.Exit(
+        run_worker(_run.root, server, concurrency=concurrency, drain=drain, grace=grace, poll=poll)
+    )
+
+
+@app.command()
+def sweep() -> None:
+    """One maintenance pass: re-enqueue (or fail) zombie and timed-out tasks,
+    remove finished tasks past their retention, clear stale staging leftovers.
+
+    Says what it did, one line per action. Workers do this periodically too.
+    """
+    spool = _spool()
+    actions = spool.reenqueue_zombies() + spool.delete_retired()
+    for a in actions:
+        print(f"{a.action} {a.type}/{a.id}: {a.reason}")
+    removed = spool.clean_tmp()
+    if removed:
+        print(f"removed {removed} leftover(s) from tmp/")
+    if not actions and not removed:
+        print("nothing to do")
+
+
+def _census(spool: Spool) -> dict[str, Any]:
+    """Counts per type and state, restarts per type (of the tasks in running/
+    and done/, whose status is read anyway), and the oldest waiting age.
+
+    Waiting and claimed tasks are counted from directory entries only."""
+    types = {t.name for t in spool.types()}
+    per_type: dict[str, dict[str, int]] = {}
+    restarts: dict[str, int] = {}
+
+    def row(type_name: str) -> dict[str, int]:
+        return per_type.setdefault(type_name, {s.name: 0 for s in State})
+
+    for name in types:
+        row(name)
+        restarts[name] = 0
+    for state in (State.ENQUEUED, State.SCHEDULED):
+        for t, _i, _path in spool.iter_tasks(state):
+            row(t)[state.name] += 1
+    for state in (State.RUNNING, State.FINISHED):  # running/ and done/: the status tells which
+        for t, i, _path in spool.iter_tasks(state):
+            try:
+                info = spool.status(t, i)
+            except SpoolqError:  # deleted or retired meanwhile, or corrupt
+                continue
+            row(t)[info.state.name] += 1
+            restarts[t] = restarts.get(t, 0) + int(info.doc.get("restarts", 0))
+    totals = {s.name: sum(r[s.name] for r in per_type.values()) for s in State}
+    oldest = None
+    for name in spool.waiting():
+        key = spool.fifo_key(name)
+        if key is not None:
+            oldest = max(0.0, time.time() - key[0] / 1e9)
+            break
+    return {
+        "states": totals,
+        "types": dict(sorted(per_type.items())),
+        "restarts": dict(sorted(restarts.items())),
+        "oldest_waiting_seconds": oldest,
+    }
+
+
+def _prometheus(census: dict[str, Any]) -> str:
+    """The node_exporter textfile format (write it to a *.prom file)."""
+    lines = [
+        "# HELP spoolq_tasks Tasks in the spool, by state and type.",
+        "# TYPE spoolq_tasks gauge",
+    ]
+    for type_name, counts in census["types"].items():
+        for state, n in counts.items():
+            lines.append(f'spoolq_tasks{{state="{state.lower()}",type="{type_name}"}} {n}')
+    lines += [
+        "# HELP spoolq_oldest_waiting_seconds Age of the oldest ENQUEUED task (0 when none waits).",
+        "# TYPE spoolq_oldest_waiting_seconds gauge",
+        f"spoolq_oldest_waiting_seconds {census['oldest_waiting_seconds'] or 0:.3f}",
+        "# HELP spoolq_task_restarts Restarts charged to the tasks now running or done, by type.",
+        "# TYPE spoolq_task_restarts gauge",
+    ]
+    for type_name, n in census["restarts"].items():
+        lines.append(f'spoolq_task_restarts{{type="{type_name}"}} {n}')
+    return "\n".join(lines) + "\n"
+
+
+@app.command()
+def stats(
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON object.")] = False,
+    prometheus: Annotated[bool, typer.Option(help="Print the node_exporter textfile format.")] = False,
+) -> None:
+    """Counts per state and per type, the oldest waiting task's age, restarts.
+
+    --prometheus prints metrics for node_exporter's textfile collector:
+    spoolq_tasks{state,type}, spoolq_oldest_waiting_seconds, spoolq_task_restarts{type}.
+    """
+    census = _census(_spool())
+    if json_out:
+        _print_json(census)
+        return
+    if prometheus:
+        sys.stdout.write(_prometheus(census))
+        return
+    states = [s.name for s in State]
+    rows = [[t, *(counts[s] for s in states), census["restarts"].get(t, 0)] for t, counts in census["types"].items()]
+    rows.append(["(all)", *(census["states"][s] for s in states), sum(census["restarts"].values())])
+    _table(["TYPE", *states, "RESTARTS"], rows)
+    oldest = census["oldest_waiting_seconds"]
+    print(f"oldest waiting: {'none' if oldest is None else f'{oldest:.1f} s'}")
+
+
+@app.command()
+def demo() -> None:
+    """Run the seed's SequenceSum example end to end in a temporary spool,
+    with a real worker process; prints a short transcript. Ignores --root."""
+    from .demo import run_demo
+
+    raise typer.Exit(run_demo())
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    print(f"spoolq: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = exc.filename if exc.filename is not None else ""
+        return f"{exc.strerror}: {where}" if where else exc.strerror
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _exit_code(exc: BaseException) -> int:
+    if _run.command == "wait":
+        return EX_WAIT_ERROR
+    if isinstance(exc, QueueFull):
+        return EX_TEMPFAIL
+    if _run.command == "worker" and isinstance(exc, SpoolqError):
+        return EX_CONFIG
+    return 1
+
+
+def main() -> None:
+    """Entry point of the ``spoolq`` script and ``python -m spoolq``."""
+    try:
+        app()
+    except (SpoolqError, OSError) as exc:
+        print(f"spoolq: {_error_text(exc)}", file=sys.stderr)
+        sys.exit(_exit_code(exc))
+

@@ -1,0 +1,473 @@
+"""The ``spoolq`` command line (SPEC §4), run as real processes.
+
+Every test runs ``python -m spoolq`` on a fresh spool under tmp_path and
+checks the exit status and output a script would rely on. Set-up that is
+not the command under test goes through the Spool API directly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from spoolq import Spool, State
+
+TYPE = "SequenceSum"
+HANDLER = "spoolq.demo.sequence_sum"
+DEADLINE = 30.0
+
+has_daemon = importlib.util.find_spec("spoolq.daemon") is not None
+needs_daemon = pytest.mark.skipif(not has_daemon, reason="spoolq.daemon (the worker) is not importable yet")
+
+
+def spoolq(*args: str | Path, root: Path | None = None, stdin: bytes | None = None,
+           env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+    cmd = [sys.executable, "-m", "spoolq"]
+    if root is not None:
+        cmd += ["--root", str(root)]
+    full_env = {k: v for k, v in os.environ.items() if k != "SPOOLQ_ROOT"}
+    full_env.update(env or {})
+    return subprocess.run(cmd + [str(a) for a in args], input=stdin, capture_output=True,
+                          env=full_env, timeout=timeout)
+
+
+def out(proc: subprocess.CompletedProcess[bytes]) -> str:
+    return proc.stdout.decode()
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[bytes], code: int | None = None) -> str:
+    err = proc.stderr.decode()
+    if code is None:
+        assert proc.returncode != 0, err
+    else:
+        assert proc.returncode == code, (proc.returncode, err)
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("spoolq: ")
+    return err
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    path = tmp_path / "spool"
+    Spool.init(path, durable=False).register_type(TYPE, HANDLER, timeout=60, retention=600, max_restarts=3)
+    return path
+
+
+@pytest.fixture
+def spool(root: Path) -> Spool:
+    return Spool(root)
+
+
+@pytest.fixture
+def pickled(tmp_path: Path) -> Path:
+    path = tmp_path / "input.pkl"
+    path.write_bytes(pickle.dumps((1, 2, 3)))
+    return path
+
+
+def finish(spool: Spool, task_id: str, state: State = State.FINISHED, response: bytes | None = None) -> None:
+    """Act as a worker: claim, start and finish the oldest waiting task."""
+    claim = spool.claim("tester")
+    assert claim is not None and claim.id == task_id
+    spool.start(claim)
+    if response is not None:
+        spool.store_response(claim, response, "application/x-test")
+    spool.set_state(claim, state, "done by the test")
+
+
+# --------------------------------------------------------------------------- spool and types
+
+
+def test_init_prints_the_path_and_keeps_settings(tmp_path: Path) -> None:
+    path = tmp_path / "new"
+    proc = spoolq("init", "--max-queue", "3", "--no-durable", "--max-input-bytes", "1000", root=path)
+    assert proc.returncode == 0, proc.stderr
+    assert out(proc).strip() == str(path)
+    again = spoolq("init", env={"SPOOLQ_ROOT": str(path)})  # idempotent; the root from the environment
+    assert again.returncode == 0 and out(again).strip() == str(path)
+    spool = Spool(path)
+    assert (spool.max_queue, spool.durable, spool.max_input_bytes) == (3, False, 1000)
+
+
+def test_register_and_types(root: Path) -> None:
+    proc = spoolq("register", "Other", "pkg.mod.func", "--timeout", "5", "--retention", "10", "--max-restarts", "1",
+                  root=root)
+    assert proc.returncode == 0, proc.stderr
+    assert spoolq("register", "Defaults", "pkg.mod.func", root=root).returncode == 0
+    types = {t["name"]: t for t in json.loads(out(spoolq("types", "--json", root=root)))}
+    assert types["Other"] == {"name": "Other", "handler": "pkg.mod.func", "timeout": 5.0, "retention": 10.0,
+                              "max_restarts": 1}
+    assert (types["Defaults"]["timeout"], types["Defaults"]["retention"], types["Defaults"]["max_restarts"]) == (
+        3600.0, -1.0, 2)
+    table = out(spoolq("types", root=root))
+    assert re.search(r"Defaults\s+pkg\.mod\.func\s+3600\s+forever\s+2", table), table
+
+
+@pytest.mark.parametrize("args", [["../x", "pkg.mod.func"], ["Good", "nodots"]])
+def test_register_refuses_bad_input(root: Path, args: list[str]) -> None:
+    assert_one_line_error(spoolq("register", *args, root=root), 1)
+
+
+# --------------------------------------------------------------------------- enqueue and one task
+
+
+def test_enqueue_from_file_stdin_and_json(root: Path, spool: Spool, pickled: Path) -> None:
+    assert spoolq("enqueue", TYPE, "fromfile", pickled, root=root).returncode == 0
+    assert spoolq("enqueue", TYPE, "fromstdin", "-", root=root, stdin=pickle.dumps([4, 5])).returncode == 0
+    proc = spoolq("enqueue", TYPE, "json", "-", "--json", root=root, stdin=b'{"values": [1, 2]}')
+    assert proc.returncode == 0, proc.stderr
+    assert out(spoolq("status", TYPE, "fromfile", root=root)) == "ENQUEUED\n"
+    doc = json.loads(out(spoolq("status", TYPE, "json", "--json", root=root)))
+    assert doc["state"] == "ENQUEUED" and doc["type"] == TYPE and doc["id"] == "json"
+    assert json.loads((Path(doc["path"]) / "input.json").read_text()) == {"values": [1, 2]}
+    # The worker's view: FIFO order and the inputs as given.
+    for task_id, value in [("fromfile", (1, 2, 3)), ("fromstdin", [4, 5]), ("json", {"values": [1, 2]})]:
+        claim = spool.claim("tester")
+        assert claim is not None and claim.id == task_id
+        assert spool.start(claim).input == value
+
+
+def test_enqueue_queue_full_exits_75_and_writes_nothing(tmp_path: Path, pickled: Path) -> None:
+    path = tmp_path / "small"
+    Spool.init(path, max_queue=1, durable=False).register_type(TYPE, HANDLER)
+    assert spoolq("enqueue", TYPE, "one", pickled, root=path).returncode == 0
+    err = assert_one_line_error(spoolq("enqueue", TYPE, "two", pickled, root=path), 75)
+    assert "full" in err
+    assert [i.id for i in Spool(path).list_tasks()] == ["one"]
+
+
+def test_enqueue_errors_are_one_line(root: Path, pickled: Path, tmp_path: Path) -> None:
+    assert spoolq("enqueue", TYPE, "dup", pickled, root=root).returncode == 0
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(b"this is not a pickle")
+    cases = {
+        "unknown type": spoolq("enqueue", "NoSuchType", "a", pickled, root=root),
+        "bad id": spoolq("enqueue", TYPE, "../etc", pickled, root=root),
+        "duplicate": spoolq("enqueue", TYPE, "dup", pickled, root=root),
+        "missing input file": spoolq("enqueue", TYPE, "a", tmp_path / "missing.pkl", root=root),
+        "input is a directory": spoolq("enqueue", TYPE, "a", tmp_path, root=root),
+        "corrupt pickle": spoolq("enqueue", TYPE, "a", bad, root=root),
+        "truncated pickle": spoolq("enqueue", TYPE, "a", "-", root=root, stdin=pickle.dumps((1, 2))[:-3]),
+        "invalid JSON": spoolq("enqueue", TYPE, "a", "-", "--json", root=root, stdin=b"{nope"),
+        "missing spool": spoolq("enqueue", TYPE, "a", pickled, root=tmp_path / "nowhere"),
+    }
+    for what, proc in cases.items():
+        assert proc.returncode == 1, (what, proc.stderr)
+        assert_one_line_error(proc, 1)
+    assert [i.id for i in Spool(root).list_tasks()] == ["dup"]
+
+
+def test_status_log_result_delete(root: Path, spool: Spool) -> None:
+    spool.enqueue(TYPE, "t1", (1, 2))
+    binary = bytes(range(256))
+    finish(spool, "t1", response=binary)
+    assert out(spoolq("status", TYPE, "t1", root=root)) == "FINISHED\n"
+    doc = json.loads(out(spoolq("status", TYPE, "t1", "--json", root=root)))
+    assert (doc["state"], doc["code"], doc["response_mime"]) == ("FINISHED", 5, "application/x-test")
+    assert doc["path"] == str(root / "done" / f"{TYPE}:t1")
+    lines = out(spoolq("log", TYPE, "t1", root=root)).splitlines()
+    assert [line.split()[1] for line in lines] == ["ENQUEUED", "SCHEDULED", "RUNNING", "FINISHED"]
+    assert lines[-1].endswith("done by the test")
+    assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+\+00:00 ", line) for line in lines)
+    result = spoolq("result", TYPE, "t1", root=root)
+    assert result.returncode == 0 and result.stdout == binary
+    assert spoolq("delete", TYPE, "t1", root=root).returncode == 0
+    assert_one_line_error(spoolq("status", TYPE, "t1", root=root), 1)
+
+
+def test_one_task_errors_are_one_line(root: Path, spool: Spool, tmp_path: Path) -> None:
+    spool.enqueue(TYPE, "waiting", None)
+    cases = [
+        ("status", TYPE, "nope"),
+        ("status", "NoSuchType", "x"),
+        ("status", TYPE, "bad/id"),
+        ("log", TYPE, "nope"),
+        ("result", TYPE, "nope"),
+        ("result", TYPE, "waiting"),  # no response stored
+        ("delete", TYPE, "nope"),
+        ("delete", TYPE, ".hidden"),
+        ("list", "--type", "../x"),
+    ]
+    for args in cases:
+        assert_one_line_error(spoolq(*args, root=root), 1)
+    for args in [("status", TYPE, "x"), ("list",), ("types",), ("sweep",), ("stats",)]:
+        err = assert_one_line_error(spoolq(*args, root=tmp_path / "nowhere"), 1)
+        assert "spoolq init" in err
+
+
+def test_list_filters_and_json(root: Path, spool: Spool) -> None:
+    spool.register_type("Other", HANDLER)
+    for task_id in ("a", "b", "c"):
+        spool.enqueue(TYPE, task_id, None)
+    spool.enqueue("Other", "x", None)
+    finish(spool, "a")
+    everything = json.loads(out(spoolq("list", "--json", root=root)))
+    assert sorted((d["type"], d["id"], d["state"]) for d in everything) == [
+        ("Other", "x", "ENQUEUED"), (TYPE, "a", "FINISHED"), (TYPE, "b", "ENQUEUED"), (TYPE, "c", "ENQUEUED")]
+    waiting = json.loads(out(spoolq("list", "--state", "enqueued", "--type", TYPE, "--json", root=root)))
+    assert sorted(d["id"] for d in waiting) == ["b", "c"]
+    assert json.loads(out(spoolq("list", "--state", "FAILED", "--json", root=root))) == []
+    table = out(spoolq("list", "--type", "Other", root=root))
+    assert "x" in table and "ENQUEUED" in table and "FINISHED" not in table
+    assert spoolq("list", "--state", "sleeping", root=root).returncode == 2  # a usage error, from typer
+
+
+# --------------------------------------------------------------------------- wait
+
+
+def test_wait_exit_codes(root: Path, spool: Spool, tmp_path: Path) -> None:
+    for task_id in ("ok", "bad", "slow"):
+        spool.enqueue(TYPE, task_id, None)
+    finish(spool, "ok")
+    finish(spool, "bad", State.FAILED)
+    proc = spoolq("wait", TYPE, "ok", root=root)
+    assert (proc.returncode, out(proc)) == (0, "FINISHED\n")
+    proc = spoolq("wait", TYPE, "bad", root=root)
+    assert (proc.returncode, out(proc)) == (1, "FAILED\n")
+    assert "timed out" in assert_one_line_error(spoolq("wait", TYPE, "slow", "--timeout", "0.2", root=root), 124)
+    assert_one_line_error(spoolq("wait", TYPE, "unknown", root=root), 2)
+    assert_one_line_error(spoolq("wait", TYPE, "../bad", root=root), 2)
+    assert_one_line_error(spoolq("wait", TYPE, "ok", root=tmp_path / "nowhere"), 2)
+
+
+def _watching_inotify(pid: int) -> bool:
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:inotify":
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def start_waiter(root: Path, task_id: str) -> subprocess.Popen[bytes]:
+    """`spoolq wait TYPE task_id` in the background, returned once it has set
+    its inotify watch (so what the test does next happens while it waits)."""
+    waiter = subprocess.Popen([sys.executable, "-m", "spoolq", "--root", str(root), "wait", TYPE, task_id],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + DEADLINE
+    while not _watching_inotify(waiter.pid):
+        if waiter.poll() is not None or time.monotonic() > deadline:
+            waiter.kill()
+            raise AssertionError(f"wait never set its watch: {waiter.communicate()}")
+        time.sleep(0.02)
+    assert waiter.poll() is None
+    return waiter
+
+
+@pytest.mark.parametrize("final", [State.FINISHED, State.FAILED])
+def test_wait_is_woken_when_another_process_finishes_the_task(root: Path, spool: Spool, final: State) -> None:
+    spool.enqueue(TYPE, "t", None)
+    claim = spool.claim("tester")
+    spool.start(claim)
+    waiter = start_waiter(root, "t")
+    try:
+        spool.set_state(claim, final, "finished elsewhere")
+        stdout, stderr = waiter.communicate(timeout=DEADLINE)
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.wait()
+    assert waiter.returncode == (0 if final == State.FINISHED else 1), stderr
+    assert stdout.decode() == f"{final.name}\n"
+    assert stderr == b""
+
+
+def test_wait_fails_with_2_when_the_task_is_deleted_meanwhile(root: Path, spool: Spool) -> None:
+    spool.enqueue(TYPE, "t", None)
+    waiter = start_waiter(root, "t")
+    try:
+        spool.delete(TYPE, "t")  # no event in done/: the safety re-check notices
+        _, stderr = waiter.communicate(timeout=DEADLINE)
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.wait()
+    assert waiter.returncode == 2
+    assert b"no task" in stderr and b"Traceback" not in stderr
+
+
+# --------------------------------------------------------------------------- maintenance
+
+
+def test_sweep_reports_each_action(root: Path, spool: Spool) -> None:
+    assert out(spoolq("sweep", root=root)) == "nothing to do\n"
+    spool.register_type("Short", HANDLER, retention=1)
+    spool.enqueue("Short", "old", None)
+    finish(spool, "old")
+    done = root / "done" / "Short:old"
+    os.utime(done, (time.time() - 3600, time.time() - 3600))
+    spool.enqueue(TYPE, "orphan", None)
+    # A server that claims and starts the task, then dies: its lock is freed.
+    script = textwrap.dedent(f"""
+        from spoolq import Spool
+        s = Spool({str(root)!r})
+        s.start(s.claim("gone"))
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    proc = spoolq("sweep", root=root)
+    assert proc.returncode == 0, proc.stderr
+    lines = sorted(out(proc).splitlines())
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"reenqueued {TYPE}/orphan: abandoned")
+    assert lines[1].startswith("retired Short/old: ")
+    assert spool.status(TYPE, "orphan").state == State.ENQUEUED
+    assert not done.exists()
+
+
+def test_stats_json_table_and_prometheus(root: Path, spool: Spool) -> None:
+    spool.register_type("Other", HANDLER)
+    for task_id in ("a", "b", "c"):
+        spool.enqueue(TYPE, task_id, None)
+    finish(spool, "a")
+    finish(spool, "b", State.FAILED)
+    census = json.loads(out(spoolq("stats", "--json", root=root)))
+    assert census["states"] == {"ENQUEUED": 1, "SCHEDULED": 0, "RUNNING": 0, "PAUSED": 0, "FINISHED": 1, "FAILED": 1}
+    assert census["types"][TYPE]["FAILED"] == 1
+    assert set(census["types"]["Other"].values()) == {0}
+    assert census["oldest_waiting_seconds"] >= 0
+    assert census["restarts"] == {TYPE: 0, "Other": 0}
+
+    table = out(spoolq("stats", root=root))
+    assert re.search(rf"{TYPE}\s+1\s+0\s+0\s+0\s+1\s+1\s+0", table), table
+    assert "oldest waiting:" in table
+
+    text = out(spoolq("stats", "--prometheus", root=root))
+    samples = {}
+    typed = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            typed.add(line.split()[2])
+            continue
+        if line.startswith("#"):
+            assert line.startswith("# HELP ")
+            continue
+        match = re.fullmatch(r'([a-z_]+)(\{(?:[a-z_]+="[^"]*",?)*\})? (-?[0-9.]+(?:e[+-]?\d+)?)', line)
+        assert match, line
+        samples[match[1] + (match[2] or "")] = float(match[3])
+        assert match[1] in typed, f"{match[1]} has no TYPE line before it"
+    assert samples[f'spoolq_tasks{{state="enqueued",type="{TYPE}"}}'] == 1
+    assert samples[f'spoolq_tasks{{state="failed",type="{TYPE}"}}'] == 1
+    assert samples['spoolq_tasks{state="running",type="Other"}'] == 0
+    assert samples["spoolq_oldest_waiting_seconds"] >= 0
+    assert samples[f'spoolq_task_restarts{{type="{TYPE}"}}'] == 0
+
+
+def test_stats_counts_restarts(root: Path, spool: Spool) -> None:
+    spool.enqueue(TYPE, "t", None)
+    claim = spool.claim("tester")
+    spool.start(claim)
+    spool.abandon(claim, "test abandon")  # one restart charged
+    finish(spool, "t")
+    census = json.loads(out(spoolq("stats", "--json", root=root)))
+    assert census["restarts"][TYPE] == 1
+    assert census["oldest_waiting_seconds"] is None
+
+
+# --------------------------------------------------------------------------- worker and demo
+
+
+def test_worker_configuration_errors_exit_78(root: Path, tmp_path: Path) -> None:
+    assert "server id" in assert_one_line_error(spoolq("worker", "../x", root=root), 78)
+    assert "spoolq init" in assert_one_line_error(spoolq("worker", "w1", root=tmp_path / "nowhere"), 78)
+
+
+@needs_daemon
+def test_worker_runs_a_task_and_stops_cleanly_on_sigterm(root: Path, spool: Spool) -> None:
+    worker = subprocess.Popen([sys.executable, "-m", "spoolq", "--root", str(root), "worker", "w1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        spool.enqueue(TYPE, "t", (1, 2.5))
+        proc = spoolq("wait", TYPE, "t", "--timeout", str(DEADLINE), root=root)
+        assert (proc.returncode, out(proc)) == (0, "FINISHED\n"), proc.stderr
+        assert spoolq("result", TYPE, "t", root=root).stdout == b"3.5"
+        worker.terminate()
+        _, stderr = worker.communicate(timeout=DEADLINE)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert worker.returncode == 0, stderr
+
+
+@needs_daemon
+def test_demo_runs_the_seed_example(tmp_path: Path) -> None:
+    env = {"TMPDIR": str(tmp_path)}  # the demo's temporary spool lands here
+    proc = spoolq("demo", env=env, timeout=120)
+    assert proc.returncode == 0, (out(proc), proc.stderr.decode())
+    text = out(proc)
+    assert "15.0  (text/plain)" in text
+    assert "FAILED" in text and "Input must be a sequence of numbers!" in text
+    assert "SIGTERM: exit 0" in text
+    assert list(tmp_path.iterdir()) == [], "the demo left its spool behind"
+
+
+def test_sequence_sum_handler() -> None:
+    from spoolq.demo import sequence_sum
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, tuple[str, ...]]] = []
+
+        def setFailure(self, msg: str = "") -> None:
+            self.calls.append(("failure", (msg,)))
+
+        def storeResponse(self, data: str, mimeType: str = "text/xml") -> None:
+            self.calls.append(("response", (data, mimeType)))
+
+    for value, expected in [
+        ((1, 2, 3, 4, 5), ("response", ("15.0", "text/plain"))),
+        (["1.5", 2], ("response", ("3.5", "text/plain"))),
+        (("a",), ("failure", ("Input must be a sequence of numbers!",))),
+        ((None,), ("failure", ("Input must be a sequence of numbers!",))),
+        (5, ("failure", ("Input must be a sequence of numbers!",))),
+    ]:
+        recorder = Recorder()
+        sequence_sum(recorder, value)
+        assert recorder.calls == [expected], value
+
+
+# --------------------------------------------------------------------------- the command line itself
+
+
+COMMANDS = ["init", "register", "types", "enqueue", "status", "log", "result", "delete", "list", "wait",
+            "worker", "sweep", "stats", "demo"]
+
+
+def test_every_command_has_help() -> None:
+    proc = spoolq("--help")
+    assert proc.returncode == 0
+    for command in COMMANDS:
+        assert command in out(proc)
+    for command in COMMANDS:
+        proc = spoolq(command, "--help")
+        assert proc.returncode == 0, (command, proc.stderr)
+        assert "Usage:" in out(proc) and len(out(proc).splitlines()) > 4, command
+
+
+def test_root_comes_from_the_environment(root: Path) -> None:
+    proc = spoolq("types", "--json", env={"SPOOLQ_ROOT": str(root)})
+    assert [t["name"] for t in json.loads(out(proc))] == [TYPE]
+
+
+def test_the_console_script_is_the_same_cli(root: Path) -> None:
+    script = Path(sys.executable).with_name("spoolq")
+    if not script.exists():
+        pytest.skip("spoolq is not installed as a script next to this interpreter")
+    proc = subprocess.run([script, "--root", root, "types", "--json"], capture_output=True, timeout=60)
+    assert proc.returncode == 0 and json.loads(proc.stdout)[0]["name"] == TYPE
