@@ -1011,9 +1011,16 @@ class Spool:
             raise UnsafeSpool(f"{path} must be a real directory, not a symlink or file: move it away")
 
     def release_server(self, server: str) -> None:
+        """Stop being *server*: its lock is free, so sweepers treat what it
+        still holds as abandoned."""
         fd = self._server_locks.pop(server, None)
         if fd is not None:
             os.close(fd)
+
+    def close(self) -> None:
+        """Release every server this object holds."""
+        for server in list(self._server_locks):
+            self.release_server(server)
 
     def forget_servers_after_fork(self) -> None:
         """In a forked child: drop the inherited server-lock descriptors
