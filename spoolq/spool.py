@@ -392,7 +392,7 @@ class Spool:
         self.clock = clock
         self._fifo = _FifoClock()
         self._server_locks: dict[str, int] = {}
-        self._types: dict[str, tuple[int, TaskType]] = {}
+        self._types: dict[str, tuple[tuple[int, ...], TaskType]] = {}
         self._scan: collections.deque[tuple[int, str]] = collections.deque()
         self._check_layout()
         settings = self._read_settings()
@@ -547,15 +547,19 @@ class Spool:
         return ttype
 
     def get_type(self, name: str) -> TaskType:
-        """The registered type *name* (cached until its file changes)."""
+        """The registered type *name* (cached until its file is replaced)."""
         check_type(name)
         path = self._p("types", f"{name}.json")
         try:
             st = os.lstat(path)
         except FileNotFoundError:
             raise UnknownType(f"unknown task type {name!r}: register it first") from None
+        # File times are only as fine as the kernel's tick, so a type
+        # registered again within one tick keeps its mtime; the replacing
+        # rename gives it a new inode and ctime, which the key includes.
+        key = (st.st_ino, st.st_dev, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
         cached = self._types.get(name)
-        if cached and cached[0] == st.st_mtime_ns:
+        if cached and cached[0] == key:
             return cached[1]
         dfd = fsutil.open_dir(self._p("types"))
         try:
@@ -573,7 +577,7 @@ class Spool:
             raise SpoolError(f"{path} is corrupt ({exc}): register the type again") from None
         finally:
             os.close(dfd)
-        self._types[name] = (st.st_mtime_ns, ttype)
+        self._types[name] = (key, ttype)
         return ttype
 
     def types(self) -> list[TaskType]:
@@ -1000,8 +1004,9 @@ class Spool:
         except FileNotFoundError:
             with self._enqueue_lock:
                 try:
+                    # Plain 0770: the setgid bit is inherited from scheduled/,
+                    # and asking for it is refused under RestrictSUIDSGID=yes.
                     os.mkdir(path, 0o770)
-                    os.chmod(path, 0o2770 & ~_umask())
                 except FileExistsError:
                     pass
                 st = os.lstat(path)

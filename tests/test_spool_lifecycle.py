@@ -532,3 +532,10 @@ def test_register_normalises_and_updates_in_place(spool: Spool) -> None:
     assert Spool(spool.root).get_type("N") == t
     with pytest.raises(SpoolError):
         spool.register_type("N", "nodots")
+
+
+def test_a_type_registered_again_is_seen_at_once_by_other_spool_objects(spool: Spool) -> None:
+    reader = Spool(spool.root)
+    for timeout in range(1, 30):  # far quicker than the file-time tick
+        spool.register_type("R", "m.f", timeout=timeout)
+        assert reader.get_type("R").timeout == timeout

@@ -1,0 +1,382 @@
+"""The ATP-compatible layer: the seed guide's demo run through
+``spoolq.tracker`` with only its import lines changed, and the ATP
+behaviours of research/eoxserver_atp.md §6 that still hold (or, where ATP
+was defective, the fixed behaviour)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from spoolq import (
+    InvalidName,
+    NoResponse,
+    Spool,
+    SpoolqError,
+    StaleClaim,
+    State,
+    TaskExists,
+    TaskNotFound,
+    TypeInUse,
+    UnknownType,
+)
+from spoolq import tracker
+from spoolq.tracker import *  # noqa: F403 - the guide's "Executing ATP Task" import line
+
+FORK = multiprocessing.get_context("fork")
+
+
+@pytest.fixture
+def atp_root(make_spool, spool_root: Path, monkeypatch):
+    """SPOOLQ_ROOT set to a fresh spool; the tracker reopens on it."""
+    make_spool(register=False)
+    monkeypatch.setenv("SPOOLQ_ROOT", str(spool_root))
+    yield spool_root
+    if tracker._spool is not None:
+        tracker._spool.close()
+    tracker._spool = None
+
+
+def run_in_child(target, *args, timeout: float = 60.0) -> None:
+    """Run *target* in a forked process (a separate ATPD), wait for it."""
+
+    def body() -> None:
+        code = 0
+        try:
+            target(*args)
+        except BaseException:  # noqa: BLE001
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+        os._exit(code)
+
+    proc = FORK.Process(target=body)
+    proc.start()
+    proc.join(timeout)
+    assert not proc.is_alive(), "the consumer did not finish"
+    assert proc.exitcode == 0
+
+
+# ============================================================================= the seed demo
+#
+# "Simple ATP Application": the producer, as in the guide. Only the import
+# line changed (and Python 3's print(); the guide's Step 5 also needs
+# getTaskLog, which its import line forgot).
+
+
+def simple_atp_application():
+    from spoolq.tracker import \
+        registerTaskType, enqueueTask, QueueFull, \
+        getTaskStatusByIdentifier, getTaskResponse, deleteTaskByIdentifier, getTaskLog
+
+    registerTaskType( "SequenceSum" , "atp_demo.handler" , 60 , 600 , 3 ) 
+
+    while True :
+        try:
+            enqueueTask( "SequenceSum" , "Task001" , (1,2,3,4,5) ) 
+            break
+        except QueueFull : # retry if queue full 
+            print( "QueueFull!" )
+            time.sleep( 5 )
+
+    return getTaskStatusByIdentifier, getTaskLog, getTaskResponse, deleteTaskByIdentifier
+
+
+def poll_log_result_delete(getTaskStatusByIdentifier, getTaskLog, getTaskResponse, deleteTaskByIdentifier):
+    while True :
+        status = getTaskStatusByIdentifier( "SequenceSum" , "Task001" )
+        print( time.asctime() , "Status: " , status[1] )
+        if status[1] in ( "FINISHED" , "FAILED" ) : break 
+        time.sleep( 5 ) 
+
+    print( "Processing history:" )
+    for rec in getTaskLog( "SequenceSum" , "Task001" ) :
+        print( "-" , rec[0] , "Status: " , rec[1][1] , "\t" , rec[2] )
+
+    if status[1] == "FINISHED" :
+        print( "Result: " , getTaskResponse( "SequenceSum" , "Task001" ) )
+
+    deleteTaskByIdentifier( "SequenceSum" , "Task001" ) 
+    return status
+
+
+# "Executing ATP Task": the ATPD loop body, as in the guide (unicode -> str);
+# the guide leaves the loop out, here it ends when the queue is empty.
+
+
+def atpd(SERVER_ID, QUEUE_EMPTY_QUERY_DELAY=0):
+    while True:
+        try:
+            # get a pending task from the queue 
+            taskIds = dequeueTask( SERVER_ID )  # noqa: F405
+        except QueueEmpty : # no task to be processed  # noqa: F405
+            return
+        for taskId in taskIds:
+            # create instance of TaskStatus class 
+            pStatus = TaskStatus( taskId )  # noqa: F405
+            try:
+                # get task parameters and change status to STARTED
+                requestType , requestID , requestHandler , inputs = startTask( taskId )  # noqa: F405
+                # load the handler 
+                module , _ , funct = requestHandler.rpartition(".")
+                handler = getattr( __import__(module,fromlist=[funct]) , funct )
+                # execute handler 
+                handler( pStatus , inputs )
+                # if no terminating status has been set do it right now 
+                stopTaskSuccessIfNotFinished( taskId )  # noqa: F405
+            except Exception as e :
+                pStatus.setFailure( str(e) )
+
+
+def test_the_seed_demo_runs_with_only_the_import_changed(atp_root: Path, capsys) -> None:
+    getters = simple_atp_application()
+    assert getTaskStatusByIdentifier("SequenceSum", "Task001") == (1, "ENQUEUED")  # noqa: F405
+    run_in_child(atpd, "ATPD1")  # the consumer is another process, as ATPD is
+    status = poll_log_result_delete(*getters)
+    assert status == (5, "FINISHED")
+    out = capsys.readouterr().out
+    assert "Status:  FINISHED" in out
+    assert "Result:  (b'15.0', 'text/xml')" in out
+    history = [line for line in out.splitlines() if line.startswith("- ")]
+    assert [line.split("Status:  ")[1].split()[0] for line in history] == ["ENQUEUED", "SCHEDULED", "RUNNING", "FINISHED"]
+    with pytest.raises(TaskNotFound):
+        getTaskStatusByIdentifier("SequenceSum", "Task001")  # noqa: F405
+    assert not Path(atp_root, "done", "SequenceSum:Task001").exists()
+
+
+def test_the_demo_handler_fails_bad_input_and_the_loop_records_exceptions(atp_root: Path) -> None:
+    registerTaskType("SequenceSum", "atp_demo.handler")  # noqa: F405
+    registerTaskType("Boom", "atp_demo.boom")  # noqa: F405
+    registerTaskType("Missing", "no_such_module.handler")  # noqa: F405
+    enqueueTask("SequenceSum", "bad", ("1", "x"))  # noqa: F405
+    enqueueTask("Boom", "b", None)  # noqa: F405
+    enqueueTask("Missing", "m", None)  # noqa: F405
+    run_in_child(atpd, "ATPD1")
+    for t, i, message in [
+        ("SequenceSum", "bad", "Input must be a sequence of numbers!"),
+        ("Boom", "b", "boom"),
+        ("Missing", "m", "No module named 'no_such_module'"),
+    ]:
+        assert getTaskStatusByIdentifier(t, i) == (6, "FAILED")  # noqa: F405
+        assert getTaskLog(t, i)[-1][1:] == ((6, "FAILED"), message)  # noqa: F405
+
+
+def test_the_demo_consumer_runs_in_this_process_too(atp_root: Path) -> None:
+    registerTaskType("SequenceSum", "atp_demo.handler")  # noqa: F405
+    enqueueTask("SequenceSum", "t", [1.5, 2.5])  # noqa: F405
+    atpd("ATPD-local")
+    assert getTaskResponse("SequenceSum", "t") == (b"4.0", "text/xml")  # noqa: F405
+
+
+# ============================================================================= ATP behaviours (§6)
+
+
+def test_register_defaults_update_and_normalisation(atp_root: Path) -> None:  # §6.1-5
+    sp = Spool(atp_root)
+    registerTaskType("T", "m.f")  # noqa: F405
+    t = sp.get_type("T")
+    assert (t.handler, t.timeout, t.retention, t.max_restarts) == ("m.f", 3600, -1, 2)  # 3 starts, as ATP
+    registerTaskType("T", "m.f", 60)  # noqa: F405
+    assert sp.get_type("T").timeout == 60  # updated in place
+    registerTaskType("T", "m.f", -5, 0, -4)  # noqa: F405
+    t = sp.get_type("T")
+    assert (t.timeout, t.retention, t.max_restarts) == (0, -1, 0)
+    registerTaskType("T", "m.f", 10, 20, 5)  # noqa: F405
+    assert sp.get_type("T").max_restarts == 5
+
+
+def test_queue_full_writes_nothing_and_a_free_slot_accepts(make_spool, spool_root, monkeypatch) -> None:  # §6.6-7
+    make_spool(max_queue=3, register=False)
+    monkeypatch.setenv("SPOOLQ_ROOT", str(spool_root))
+    tracker._spool = None
+    registerTaskType("T", "atp_demo.handler")  # noqa: F405
+    for i in range(2):
+        enqueueTask("T", f"t{i}", i)  # noqa: F405
+    enqueueTask("T", "t2", 2)  # noqa: F405 - the last free slot
+    assert getQueueSize() == 3 == getMaxQueueSize()  # noqa: F405
+    before = sorted(os.listdir(spool_root / "enqueued")), os.listdir(spool_root / "tmp")
+    with pytest.raises(QueueFull):  # noqa: F405
+        enqueueTask("T", "t3", 3)  # noqa: F405
+    assert (sorted(os.listdir(spool_root / "enqueued")), os.listdir(spool_root / "tmp")) == before
+    tracker._spool.close()
+    tracker._spool = None
+
+
+def test_unknown_type_duplicates_and_per_type_ids(atp_root: Path) -> None:  # §6.9-11
+    with pytest.raises(UnknownType):
+        enqueueTask("Nope", "a", 1)  # noqa: F405
+    assert issubclass(UnknownType, LookupError)
+    registerTaskType("T", "atp_demo.handler")  # noqa: F405
+    registerTaskType("U", "atp_demo.handler")  # noqa: F405
+    enqueueTask("T", "a", 1)  # noqa: F405
+    with pytest.raises(TaskExists):
+        enqueueTask("T", "a", 1)  # noqa: F405
+    enqueueTask("U", "a", 2)  # noqa: F405
+    assert getQueueSize() == 2  # noqa: F405
+
+
+def test_enqueue_dequeue_start_status_and_log(atp_root: Path) -> None:  # §6.12-17
+    registerTaskType("T", "atp_demo.handler")  # noqa: F405
+    with pytest.raises(QueueEmpty):  # noqa: F405
+        dequeueTask("srv")  # noqa: F405
+    enqueueTask("T", "A", {"in": 1}, "first")  # noqa: F405
+    enqueueTask("T", "B", {"in": 2})  # noqa: F405
+    assert getTaskStatusByIdentifier("T", "A") == (1, "ENQUEUED")  # noqa: F405
+    (when, code, message), = getTaskLog("T", "A")  # noqa: F405
+    assert code == (1, "ENQUEUED") and message == "first" and when.tzinfo is not None
+    ids = dequeueTask("srv")  # noqa: F405
+    assert isinstance(ids, list) and len(ids) == 1
+    assert getTaskIdentifier(ids[0]) == ("T", "A")  # noqa: F405 - FIFO
+    assert getTaskStatus(ids[0]) == (2, "SCHEDULED")  # noqa: F405
+    assert [r[1] for r in getTaskLog("T", "A")] == [(1, "ENQUEUED"), (2, "SCHEDULED")]  # noqa: F405
+    assert getQueueSize() == 1  # noqa: F405
+    assert startTask(ids[0]) == ("T", "A", "atp_demo.handler", {"in": 1})  # noqa: F405
+    assert getTaskStatusByIdentifier("T", "A") == (3, "RUNNING")  # noqa: F405
+    assert len(getTaskLog("T", "A")) == 3  # noqa: F405
+    ids_b = dequeueTask("srv")  # noqa: F405
+    assert getTaskIdentifier(ids_b[0]) == ("T", "B")  # noqa: F405
+    with pytest.raises(QueueEmpty):  # noqa: F405
+        dequeueTask("srv")  # noqa: F405
+
+
+def test_status_changes_through_task_status(atp_root: Path) -> None:  # §6.18-23
+    registerTaskType("T", "atp_demo.handler")  # noqa: F405
+    for i in ("quiet", "failed", "paused"):
+        enqueueTask("T", i, None)  # noqa: F405
+    ids = {}
+    for _ in range(3):
+        (task_id,) = dequeueTask("srv")  # noqa: F405
+        startTask(task_id)  # noqa: F405
+        ids[getTaskIdentifier(task_id)[1]] = task_id  # noqa: F405
+    stopTaskSuccessIfNotFinished(ids["quiet"])  # noqa: F405 - the handler set nothing
+    assert getTaskStatus(ids["quiet"]) == (5, "FINISHED")  # noqa: F405
+    TaskStatus(ids["failed"]).setFailure("x")  # noqa: F405
+    stopTaskSuccessIfNotFinished(ids["failed"])  # noqa: F405
+    assert getTaskStatusByIdentifier("T", "failed") == (6, "FAILED")  # noqa: F405
+    assert getTaskLog("T", "failed")[-1][2] == "x"  # noqa: F405
+    status = TaskStatus(ids["paused"])  # noqa: F405
+    status.setPaused("waiting")
+    assert status.getStatus() == (4, "PAUSED")
+    stopTaskSuccessIfNotFinished(ids["paused"])  # noqa: F405
+    assert getTaskStatusByIdentifier("T", "paused") == (5, "FINISHED")  # noqa: F405
+    # ATP let setFailure overwrite FINISHED (§6.23); terminal states are final now.
+    with pytest.raises(StaleClaim):
+        TaskStatus(ids["quiet"]).setFailure("late")  # noqa: F405
+    assert getTaskStatusByIdentifier("T", "quiet") == (5, "FINISHED")  # noqa: F405
+    assert issubclass(StaleClaim, SpoolqError)
+
+
+def test_responses_replace_data_and_mime_and_a_missing_one_is_not_found(atp_root: Path) -> None:  # §6.24-25
+    registerTaskType("T", "atp_demo.handler")  # noqa: F405
+    enqueueTask("T", "a", None)  # noqa: F405
+    (task_id,) = dequeueTask("srv")  # noqa: F405
+    startTask(task_id)  # noqa: F405
+    with pytest.raises(NoResponse):
+        getTaskResponse("T", "a")  # noqa: F405
+    assert issubclass(NoResponse, LookupError)
+    status = TaskStatus(task_id)  # noqa: F405
+    status.storeResponse(b"r", "text/plain")
+    assert getTaskResponse("T", "a") == (b"r", "text/plain")  # noqa: F405
+    status.storeResponse(b"s")  # ATP kept "text/plain" here (§5.10); the MIME type follows now
+    assert getTaskResponse("T", "a") == (b"s", "text/xml")  # noqa: F405
+    setTaskResponse(task_id, "t", mimeType="application/json")  # noqa: F405
+    assert getTaskResponse("T", "a") == (b"t", "application/json")  # noqa: F405
+
+
+def test_the_log_is_chronological_one_record_per_change(atp_root: Path) -> None:  # §6.26
+    registerTaskType("T", "atp_demo.handler")  # noqa: F405
+    enqueueTask("T", "a", None)  # noqa: F405
+    (task_id,) = dequeueTask("srv")  # noqa: F405
+    startTask(task_id)  # noqa: F405
+    pauseTask(task_id, "p")  # noqa: F405
+    resumeTask(task_id, "r")  # noqa: F405
+    stopTaskSuccess(task_id, "done")  # noqa: F405
+    log = getTaskLog("T", "a")  # noqa: F405
+    assert [(code, msg) for _, code, msg in log] == [
+        ((1, "ENQUEUED"), ""), ((2, "SCHEDULED"), ""), ((3, "RUNNING"), ""),
+        ((4, "PAUSED"), "p"), ((3, "RUNNING"), "r"), ((5, "FINISHED"), "done"),
+    ]
+    times = [t for t, _, _ in log]
+    assert times == sorted(times) and all(t.tzinfo == timezone.utc for t in times)
+    assert all(isinstance(t, datetime) for t in times)
+
+
+def test_zombies_and_retirement_through_the_tracker(atp_root: Path, make_clock) -> None:  # §6.27-33
+    clock = make_clock()
+    tracker.use_spool(Spool(atp_root, clock=clock))
+    registerTaskType("T", "atp_demo.handler", 2, 2, 1)  # noqa: F405
+    for i in ("sched", "run", "paused", "fin", "wait"):
+        enqueueTask("T", i, None)  # noqa: F405
+    ids = {i: dequeueTask("srv")[0] for i in ("sched", "run", "paused", "fin")}  # noqa: F405
+    for i in ("run", "paused", "fin"):
+        startTask(ids[i])  # noqa: F405
+    pauseTask(ids["paused"])  # noqa: F405
+    stopTaskSuccess(ids["fin"])  # noqa: F405
+    clock.advance(3)
+    result = reenqueueZombieTasks()  # noqa: F405
+    assert sorted(result) == [("reenqueued", "T::paused"), ("reenqueued", "T::run"), ("reenqueued", "T::sched")]
+    for i in ("sched", "run", "paused", "wait"):
+        assert getTaskStatusByIdentifier("T", i) == (1, "ENQUEUED")  # noqa: F405
+    assert getTaskLog("T", "run")[-1][2] == "timed out after 2 s"  # noqa: F405
+    assert getTaskStatusByIdentifier("T", "fin") == (5, "FINISHED")  # noqa: F405 - untouched
+    with pytest.raises(StaleClaim):  # the old task_id lost the task
+        TaskStatus(ids["run"]).setSuccess()  # noqa: F405
+    running = dequeueTask("srv")[0]  # noqa: F405 - "wait" comes first: FIFO
+    startTask(running)  # noqa: F405
+    assert deleteRetiredTasks() == [("retired", "T::fin")]  # noqa: F405
+    with pytest.raises(TaskNotFound):
+        getTaskStatusByIdentifier("T", "fin")  # noqa: F405
+    clock.advance(10_000)
+    assert deleteRetiredTasks() == []  # noqa: F405 - a running task of any age is kept
+    tracker.use_spool(None)
+
+
+def test_unregister_delete_and_reenqueue(make_spool, spool_root, monkeypatch) -> None:  # §6.34-36
+    make_spool(max_queue=1, register=False)
+    monkeypatch.setenv("SPOOLQ_ROOT", str(spool_root))
+    tracker._spool = None
+    registerTaskType("T", "atp_demo.handler")  # noqa: F405
+    enqueueTask("T", "a", None)  # noqa: F405
+    (task_id,) = dequeueTask("srv")  # noqa: F405
+    enqueueTask("T", "b", None)  # noqa: F405 - the queue is full again
+    reenqueueTask(task_id)  # noqa: F405 - never refused by the limit
+    assert getQueueSize() == 2 > getMaxQueueSize()  # noqa: F405
+    with pytest.raises(TypeInUse):
+        unregisterTaskType("T")  # noqa: F405
+    deleteTaskByIdentifier("T", "a")  # noqa: F405
+    with pytest.raises(TaskNotFound):
+        getTaskStatusByIdentifier("T", "a")  # noqa: F405
+    deleteTaskByIdentifier("T", "never-was")  # noqa: F405 - unknown task of a known type: no-op
+    with pytest.raises(UnknownType):
+        deleteTaskByIdentifier("Nope", "a")  # noqa: F405
+    with pytest.raises(InvalidName):
+        deleteTaskByIdentifier("T", "../a")  # noqa: F405
+    unregisterTaskType("T", force=True)  # noqa: F405
+    with pytest.raises(UnknownType):
+        enqueueTask("T", "c", None)  # noqa: F405
+    assert getQueueSize() == 0  # noqa: F405
+    tracker._spool.close()
+    tracker._spool = None
+
+
+def test_task_status_snake_case_and_free_text_log(atp_root: Path) -> None:  # SPEC §5
+    registerTaskType("T", "atp_demo.handler")  # noqa: F405
+    enqueueTask("T", "a", None)  # noqa: F405
+    (task_id,) = dequeueTask("srv")  # noqa: F405
+    startTask(task_id)  # noqa: F405
+    status = TaskStatus(task_id)  # noqa: F405
+    status.log("note")
+    status.set_paused()
+    status.set_running()
+    status.store_response("ok")
+    status.set_success("fine")
+    assert [m for _, _, m in getTaskLog("T", "a")][-4:] == ["note", "", "", "fine"]  # noqa: F405
+    assert status.getInfo() == ("T", "a", 5, "FINISHED")
+    assert getTaskInfo(task_id) == ("T", "a", 5, "FINISHED")  # noqa: F405
+    assert status.info().state == State.FINISHED
