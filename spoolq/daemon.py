@@ -7,10 +7,15 @@ One process, one thread of control: a ``select()`` loop that wakes on
 * the nearest deadline: a handler's time limit, the heartbeat, the sweep, the
   safety rescan of ``enqueued/``, the systemd watchdog ping.
 
-Each task runs in a forked child in its own process group, so a handler that
-raises, exits, segfaults, leaks or hangs costs only its child: the parent
-reaps it and gives the task the state it earned. The parent never unpickles
-input and never imports handlers (the child does both).
+Tasks run in a pool of ``concurrency`` handler processes ("slots"), each
+forked by the daemon, in its own process group, and fed one claim at a time
+over a pipe. A handler that raises or calls ``sys.exit`` costs nothing; one
+that segfaults, ``os._exit``\ s or hangs costs its slot: the daemon reaps it,
+gives the task the state it earned and forks a fresh slot. A slot is also
+replaced after ``max_tasks_per_child`` tasks, so leaks stay bounded. (Forking
+per task, as a first version did, cost 8 ms a task here: more than the whole
+lifecycle on disk.) The daemon itself never unpickles input and never
+imports handlers; slots do both.
 
 Mechanism and caveats:
 
@@ -22,7 +27,7 @@ Mechanism and caveats:
 * The heartbeat touches each running task's directory. If the task vanished
   (deleted, or taken away by a sweeper), the child is killed: its claim is
   fenced anyway, this just stops wasted work.
-* Children die with the parent (PR_SET_PDEATHSIG): a task of a dead server is
+* Slots die with the daemon (PR_SET_PDEATHSIG): a task of a dead server is
   never still running when the next server recovers it.
 * SIGTERM/SIGINT: stop claiming, give running handlers ``grace`` seconds,
   then kill them and hand their tasks back uncharged; exit 0. A second
@@ -52,6 +57,7 @@ from .errors import CorruptTask, ServerBusy, SpoolqError, StaleClaim, TaskNotFou
 from .names import check_server, split_task_name
 from .spool import Claim, Spool, State
 from .systemd import Notifier, setup_logging
+from .tracker import TaskStatus
 from .watch import DirWatcher
 
 log = logging.getLogger("spoolq.daemon")
@@ -68,7 +74,7 @@ class _Job:
     deadline: float  # monotonic; the type's timeout from the claim
     kill_reason: str | None = None
     charge: bool = True
-    killed_at: float | None = None
+    killed_at: float | None = None  # monotonic
 
 
 @dataclass(order=True)
@@ -89,38 +95,49 @@ def load_handler(path: str) -> Callable[..., Any]:
         raise ImportError(f"module {module_name!r} has no attribute {attr!r}") from None
 
 
-def run_claim(spool: Spool, claim: Claim) -> int:
-    """Run one claimed task to a final state in this process; the child's
-    body. Returns the exit status for the child."""
-    from .tracker import TaskStatus
-
+def run_claim(spool: Spool, claim: Claim) -> str:
+    """Run one claimed task to a final state in this process (a slot's
+    body). Returns the outcome: "FINISHED", "FAILED" or "GONE" (the task was
+    taken away or deleted)."""
     try:
         started = spool.start(claim)
     except (StaleClaim, TaskNotFound):
-        return 0  # taken away before it started: nothing to do
+        return "GONE"  # taken away before it started: nothing to do
     except CorruptTask as exc:
         log.error("%s: %s", claim, exc)
-        return 0  # start() already failed or quarantined it
+        return _outcome(spool, claim)  # start() already failed or quarantined it
     context = TaskStatus(claim, spool=spool)
     try:
         try:
             handler = load_handler(started.handler)
         except Exception as exc:
             _fail(spool, claim, f"cannot import handler {started.handler!r}: {type(exc).__name__}: {exc}", exc)
-            return 0
+            return "FAILED"
         try:
             handler(context, started.input)
         except SystemExit as exc:
             if exc.code not in (None, 0):
                 spool.set_state(claim, State.FAILED, f"handler called sys.exit({exc.code!r})")
-                return 0
+                return "FAILED"
         except BaseException as exc:  # noqa: BLE001 - every failure becomes FAILED
             _fail(spool, claim, f"{type(exc).__name__}: {exc}", exc)
-            return 0
-        spool.finish_if_not_finished(claim)
+            return "FAILED"
+        if spool.finish_if_not_finished(claim):
+            return "FINISHED"
     except StaleClaim as exc:
         log.warning("%s: %s", claim, exc)
-    return 0
+        return "GONE"
+    return _outcome(spool, claim)
+
+
+def _outcome(spool: Spool, claim: Claim) -> str:
+    try:
+        info = spool.status(claim.type, claim.id)
+    except SpoolqError:
+        return "GONE"
+    if info.doc.get("claim") != claim.number or not info.state.terminal:
+        return "GONE"
+    return info.state.name
 
 
 def _fail(spool: Spool, claim: Claim, message: str, exc: BaseException) -> None:
@@ -133,13 +150,43 @@ def _fail(spool: Spool, claim: Claim, message: str, exc: BaseException) -> None:
         pass
 
 
+class _Slot:
+    """One handler process of the pool and the pipes to it.
+
+    The daemon writes one claim per line to ``commands``; the slot answers
+    one outcome per line on ``results``. A slot is its own process group, so
+    killing the group also kills whatever its handler spawned.
+    """
+
+    def __init__(self, pid: int, commands: int, results: int) -> None:
+        self.pid = pid
+        self.commands = commands
+        self.results = results
+        self.buffer = b""
+        self.job: _Job | None = None
+        self.tasks = 0
+        self.retiring = False
+
+    def send(self, claim: Claim) -> None:
+        os.write(self.commands, f"{claim}\n".encode())
+
+    def close(self) -> None:
+        for fd in (self.commands, self.results):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.commands = self.results = -1
+
+
 class Worker:
     """A worker daemon for one server id on one spool.
 
-    Keyword-only options: ``concurrency`` (handlers at once), ``drain`` (claim
-    nothing; finish what the server holds, then exit), ``grace`` (seconds
-    SIGTERM waits for running handlers), ``poll`` (no inotify: rescan every
-    ``rescan_interval``), ``heartbeat_interval``, ``sweep_interval``.
+    Keyword-only options: ``concurrency`` (handler processes, so tasks at
+    once), ``drain`` (claim nothing; finish what the server holds, then exit),
+    ``grace`` (seconds SIGTERM waits for running handlers), ``poll`` (no
+    inotify: rescan every ``rescan_interval``), ``heartbeat_interval``,
+    ``sweep_interval``, ``max_tasks_per_child`` (0: never recycle a slot).
     """
 
     def __init__(
@@ -154,6 +201,7 @@ class Worker:
         rescan_interval: float | None = None,
         heartbeat_interval: float = 5.0,
         sweep_interval: float = 15.0,
+        max_tasks_per_child: int = 1000,
     ) -> None:
         self.spool = spool
         self.server = check_server(server)
@@ -164,8 +212,9 @@ class Worker:
         self.rescan_interval = rescan_interval if rescan_interval is not None else (1.0 if poll else 30.0)
         self.heartbeat_interval = heartbeat_interval
         self.sweep_interval = sweep_interval
+        self.max_tasks_per_child = max(0, int(max_tasks_per_child))
         self.notifier = Notifier()
-        self.jobs: dict[int, _Job] = {}
+        self.slots: dict[int, _Slot] = {}
         self.stopping = False
         self.stop_deadline: float | None = None
         self._heap: list[_Waiting] = []
@@ -180,6 +229,10 @@ class Worker:
         self.finished = 0
         self.failed = 0
 
+    @property
+    def jobs(self) -> list[_Job]:
+        return [slot.job for slot in self.slots.values() if slot.job is not None]
+
     # ------------------------------------------------------------------ life cycle
 
     def run(self) -> int:
@@ -193,12 +246,14 @@ class Worker:
             self._rescan()
         for claim in held:
             self._launch(claim)
-        mode = "draining" if self.draining else ("polling" if self.poll or not self._watcher.watching else "watching")
+        watching = self._watcher is not None and self._watcher.watching
+        mode = "draining" if self.draining else ("watching" if watching else "polling")
         log.info("server %s ready on %s (concurrency %d, %s)", self.server, self.spool.root, self.concurrency, mode)
         self.notifier.ready(self._status_text())
         try:
             self._loop()
         finally:
+            self._close_slots()
             if self._watcher:
                 self._watcher.close()
             self.spool.release_server(self.server)
@@ -249,12 +304,13 @@ class Worker:
             self._reap()
             now = time.monotonic()
             self._enforce_limits(now)
+            busy = len(self.jobs)
             if self.stopping:
-                if not self.jobs:
+                if not busy:
                     return
                 if self.stop_deadline is not None and now >= self.stop_deadline:
-                    self._kill_all("interrupted: server %s stopped before the handler finished" % self.server)
-            elif self.draining and not self.jobs:
+                    self._kill_all(f"interrupted: server {self.server} stopped before the handler finished")
+            elif self.draining and not busy:
                 log.info("server %s drained", self.server)
                 self.stopping = True
                 self.notifier.stopping("drained")
@@ -279,11 +335,12 @@ class Worker:
         marks = [self._next_heartbeat, self._next_sweep, self._next_status]
         if not self.stopping and not self.draining:
             marks.append(self._next_rescan)
-        marks += [job.deadline for job in self.jobs.values() if job.kill_reason is None]
+        jobs = self.jobs
+        marks += [job.deadline for job in jobs if job.kill_reason is None]
         if self.stop_deadline is not None:
             marks.append(self.stop_deadline)
-        if any(job.kill_reason for job in self.jobs.values()):
-            marks.append(now + 0.05)  # a killed child is about to be reaped
+        if any(job.kill_reason for job in jobs):
+            marks.append(now + 0.05)  # a killed slot is about to be reaped
         timeout = min(marks) - now
         ping = self.notifier.next_watchdog_in()
         if ping is not None:
@@ -294,16 +351,19 @@ class Worker:
         fds = [self._sig_r]
         if self._watcher is not None:
             fds.append(self._watcher.fileno())
+        fds += [slot.results for slot in self.slots.values() if slot.results >= 0]
         try:
             ready, _, _ = select.select(fds, [], [], timeout)
         except InterruptedError:
             return
-        if self._sig_r in ready:
-            try:
-                while os.read(self._sig_r, 512):
-                    pass
-            except BlockingIOError:
-                pass
+        for fd in ready:
+            if fd == self._sig_r:
+                _drain_pipe(fd)
+        by_fd = {slot.results: slot for slot in self.slots.values()}
+        for fd in ready:
+            slot = by_fd.get(fd)
+            if slot is not None:
+                self._read_results(slot)
 
     def _handle_signals(self) -> None:
         while self._signals:
@@ -340,17 +400,19 @@ class Worker:
     def _rescan(self) -> None:
         """Rebuild the index of ``enqueued/`` from the directory itself: the
         safety net for lost events, and the only source in poll mode."""
-        names = self.spool.waiting()
+        if self._watcher is not None:
+            self._watcher.drain()  # what arrives from now on is not lost
         self._heap = []
-        for name in names:
-            key = self.spool.fifo_key(name)
-            if key is not None:
-                self._heap.append(_Waiting(key, name))
+        with os.scandir(self.spool._p("enqueued")) as entries:
+            for entry in entries:
+                try:
+                    key = (entry.stat(follow_symlinks=False).st_mtime_ns, entry.name)
+                except FileNotFoundError:
+                    continue
+                self._heap.append(_Waiting(key, entry.name))
         heapq.heapify(self._heap)
         self._known = {w.name for w in self._heap}
         self._next_rescan = time.monotonic() + self.rescan_interval
-        if self._watcher is not None:
-            self._watcher.drain()
 
     def _fill_slots(self) -> None:
         while len(self.jobs) < self.concurrency and self._heap:
@@ -365,9 +427,10 @@ class Worker:
                 log.info("claimed %s:%s (claim %d)", claim.type, claim.id, claim.number)
                 self._launch(claim)
 
-    # ------------------------------------------------------------------ children
+    # ------------------------------------------------------------------ slots
 
     def _launch(self, claim: Claim) -> None:
+        """Hand *claim* to an idle slot (forking one if needed)."""
         try:
             timeout = self.spool.get_type(claim.type).timeout
         except SpoolqError as exc:
@@ -377,30 +440,54 @@ class Worker:
             except SpoolqError:
                 pass
             return
+        slot = next((s for s in self.slots.values() if s.job is None and not s.retiring), None)
+        if slot is None:
+            slot = self._spawn()
+        now = time.monotonic()
+        slot.job = _Job(claim, slot.pid, now, now + timeout)
+        slot.tasks += 1
+        try:
+            slot.send(claim)
+        except OSError:
+            # The slot died between tasks; its exit is reaped and the job
+            # settled as a crash, which cannot happen to an unstarted claim:
+            # hand it back instead.
+            slot.job = None
+            self.spool.hand_back(claim, "handler process was gone before the start")
+            return
+        log.info("started %s:%s in pid %d", claim.type, claim.id, slot.pid)
+
+    def _spawn(self) -> _Slot:
+        cmd_r, cmd_w = os.pipe2(os.O_CLOEXEC)
+        res_r, res_w = os.pipe2(os.O_CLOEXEC)
         parent = os.getpid()
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
-        if pid == 0:  # the child: never returns
+        if pid == 0:  # the slot: never returns
             code = 70
             try:
-                self._become_child(parent)
-                code = run_claim(self.spool, claim)
+                os.close(cmd_w)
+                os.close(res_r)
+                self._become_slot(parent)
+                code = _slot_main(self.spool, cmd_r, res_w)
             except BaseException:  # noqa: BLE001
                 traceback.print_exc()
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
+        os.close(cmd_r)
+        os.close(res_w)
         try:
-            os.setpgid(pid, pid)  # also done by the child; whoever is first wins
+            os.setpgid(pid, pid)  # also done by the slot; whoever is first wins
         except OSError:
             pass
-        now = time.monotonic()
-        self.jobs[pid] = _Job(claim, pid, now, now + timeout)
-        log.info("started %s:%s in pid %d", claim.type, claim.id, pid)
+        slot = _Slot(pid, cmd_w, res_r)
+        self.slots[pid] = slot
+        return slot
 
-    def _become_child(self, parent: int) -> None:
+    def _become_slot(self, parent: int) -> None:
         os.setpgid(0, 0)
         try:
             libc = ctypes.CDLL(None, use_errno=True)
@@ -408,63 +495,100 @@ class Worker:
         except (OSError, AttributeError):
             pass
         if os.getppid() != parent:
-            os._exit(0)  # the parent died before we could ask to die with it
+            os._exit(0)  # the daemon died before we could ask to die with it
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
-        os.close(self._sig_r)
-        os.close(self._sig_w)
+        for fd in (self._sig_r, self._sig_w):
+            os.close(fd)
+        for other in self.slots.values():
+            other.close()
         if self._watcher is not None:
             self._watcher.close_in_child()
         self.spool.forget_servers_after_fork()
         faults.reconfigure()
 
+    def _read_results(self, slot: _Slot) -> None:
+        try:
+            data = os.read(slot.results, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            return  # EOF: the slot is exiting; _reap settles it
+        slot.buffer += data
+        while b"\n" in slot.buffer:
+            line, slot.buffer = slot.buffer.split(b"\n", 1)
+            outcome = line.decode(errors="replace").strip()
+            job, slot.job = slot.job, None
+            if job is not None:
+                self._report(job, outcome)
+            if self.max_tasks_per_child and slot.tasks >= self.max_tasks_per_child:
+                self._retire(slot)
+
+    def _report(self, job: _Job, outcome: str) -> None:
+        label = f"{job.claim.type}:{job.claim.id}"
+        if outcome == "FINISHED":
+            self.finished += 1
+            log.info("finished %s in %.3f s", label, time.monotonic() - job.claimed)
+        elif outcome == "FAILED":
+            self.failed += 1
+            try:
+                message = self.spool.status(job.claim.type, job.claim.id).doc.get("message", "")
+            except SpoolqError:
+                message = ""
+            log.error("failed %s: %s", label, message)
+        else:
+            log.info("%s was taken away or deleted while it ran", label)
+
+    def _retire(self, slot: _Slot) -> None:
+        """Let an idle slot exit (it reads EOF); a fresh one replaces it."""
+        slot.retiring = True
+        try:
+            os.close(slot.commands)
+        except OSError:
+            pass
+        slot.commands = -1
+
     def _reap(self) -> None:
-        while self.jobs:
+        while self.slots:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
-            job = self.jobs.pop(pid, None)
+            slot = self.slots.pop(pid, None)
+            if slot is None:
+                continue
+            # An outcome may still sit in the pipe: read it before judging.
+            while slot.job is not None and slot.results >= 0:
+                ready, _, _ = select.select([slot.results], [], [], 0)
+                if not ready:
+                    break
+                before = slot.buffer
+                self._read_results(slot)
+                if slot.buffer == before and slot.job is not None:
+                    break
+            job = slot.job
+            slot.close()
             if job is not None:
                 self._settle(job, status)
 
     def _settle(self, job: _Job, status: int) -> None:
-        """Give the task of a child that ended the state it earned."""
+        """Give the task of a slot that died with it the state it earned."""
         claim = job.claim
         label = f"{claim.type}:{claim.id}"
-        elapsed = time.monotonic() - job.claimed
         if job.kill_reason is not None:
             result = self.spool.abandon(claim, job.kill_reason, charge=job.charge)
+            faults.crashpoint("daemon.handback")
             if result == "failed":
                 self.failed += 1
                 log.error("failed %s: %s (no restarts left)", label, job.kill_reason)
             elif result == "reenqueued":
                 log.warning("re-enqueued %s: %s", label, job.kill_reason)
             return
-        try:
-            info = self.spool.status(claim.type, claim.id)
-        except SpoolqError:
-            log.info("%s is gone (deleted)", label)
-            return
-        if info.doc.get("claim") != claim.number:
-            return  # taken away meanwhile; its new owner reports on it
-        if info.state == State.FINISHED:
-            self.finished += 1
-            log.info("finished %s in %.3f s", label, elapsed)
-            return
-        if info.state == State.FAILED:
-            self.failed += 1
-            log.error("failed %s: %s", label, info.doc.get("message", ""))
-            return
-        if info.state == State.ENQUEUED:
-            return
-        # The child ended without a final state: it crashed or exited hard.
         if os.WIFSIGNALED(status):
-            signame = signal.Signals(os.WTERMSIG(status)).name
-            reason = f"handler process died of signal {signame}"
+            reason = f"handler process died of signal {signal.Signals(os.WTERMSIG(status)).name}"
         else:
             reason = f"handler process exited with status {os.WEXITSTATUS(status)} without finishing the task"
         try:
@@ -472,15 +596,16 @@ class Worker:
             self.failed += 1
             log.error("failed %s: %s", label, reason)
         except StaleClaim:
-            pass
+            # It reached a final state (or was taken away) before dying.
+            self._report(job, _outcome(self.spool, claim))
 
     def _enforce_limits(self, now: float) -> None:
-        for job in self.jobs.values():
+        for job in self.jobs:
             if job.kill_reason is None and now >= job.deadline:
                 timeout = job.deadline - job.claimed
                 self._kill(job, f"timed out after {timeout:g} s", charge=True)
             elif job.kill_reason is not None and job.killed_at is not None and now - job.killed_at > 5:
-                # SIGKILL not reaped for 5 s: the child is stuck in the kernel
+                # SIGKILL not reaped for 5 s: the slot is stuck in the kernel
                 # (D state); keep the task claimed until it can be reaped.
                 job.killed_at = now
                 log.warning("pid %d (%s) does not die; still waiting", job.pid, job.claim)
@@ -489,6 +614,9 @@ class Worker:
         job.kill_reason = reason
         job.charge = charge
         job.killed_at = time.monotonic()
+        slot = self.slots.get(job.pid)
+        if slot is not None:
+            slot.retiring = True  # it may still answer for this job, but gets no other
         try:
             os.killpg(job.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -497,22 +625,44 @@ class Worker:
             os.kill(job.pid, signal.SIGKILL)
 
     def _kill_all(self, reason: str) -> None:
-        for job in self.jobs.values():
+        for job in self.jobs:
             if job.kill_reason is None:
                 self._kill(job, reason, charge=False)
         self.stop_deadline = None
+
+    def _close_slots(self) -> None:
+        """Idle slots read EOF and exit; reap them all before returning."""
+        for slot in self.slots.values():
+            self._retire(slot)
+        deadline = time.monotonic() + 10
+        while self.slots and time.monotonic() < deadline:
+            self._reap()
+            if self.slots:
+                time.sleep(0.01)
+        for pid in list(self.slots):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+            self.slots.pop(pid).close()
 
     # ------------------------------------------------------------------ housekeeping
 
     def _heartbeat(self) -> None:
         self._next_heartbeat = time.monotonic() + self.heartbeat_interval
-        for job in list(self.jobs.values()):
+        for job in self.jobs:
             if job.kill_reason is not None or self.spool.touch(job.claim):
                 continue
             # Not in running/: not started yet, or taken away / deleted.
             try:
                 info = self.spool.status(job.claim.type, job.claim.id)
-                ours = info.doc.get("claim") == job.claim.number and not info.state.terminal
+                # Still ours when not started yet, or when it just reached a
+                # final state whose outcome line is on its way to us.
+                ours = info.doc.get("claim") == job.claim.number and info.doc.get("server") == self.server
             except SpoolqError:
                 ours = False
             if not ours:
@@ -539,6 +689,30 @@ class Worker:
         waiting = len(self._heap)
         prefix = "draining: " if self.draining else ""
         return f"{prefix}{len(self.jobs)}/{self.concurrency} running, {waiting} queued"
+
+
+def _slot_main(spool: Spool, commands: int, results: int) -> int:
+    """A slot's loop: read a claim per line, run it, answer its outcome."""
+    reader = os.fdopen(commands, "rb", buffering=0)
+    pending = b""
+    while True:
+        while b"\n" not in pending:
+            chunk = reader.read(4096)
+            if not chunk:
+                return 0  # the daemon closed the pipe: retire
+            pending += chunk
+        line, pending = pending.split(b"\n", 1)
+        claim = Claim.parse(line.decode())
+        outcome = run_claim(spool, claim)
+        os.write(results, f"{outcome}\n".encode())
+
+
+def _drain_pipe(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def run_worker(
