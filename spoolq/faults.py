@@ -3,8 +3,10 @@
 ``crashpoint("name")`` marks a step of the task lifecycle where a crash must
 leave the spool recoverable. When the environment variable ``SPOOLQ_CRASH_AT``
 names that point, the process kills itself with SIGKILL there (optionally only
-on the N-th hit: ``SPOOLQ_CRASH_AT=name@N``). Otherwise a call costs one
-comparison against ``None``.
+on the N-th hit: ``SPOOLQ_CRASH_AT=name@N``). ``SPOOLQ_HANG_AT`` (same syntax)
+makes the calling thread block forever there instead: how the systemd tests
+prove that a hung main loop stops the watchdog pings although watchdog's
+observer thread lives on. Unarmed, a call costs one comparison against None.
 
 The reliability tests find every point by scanning the source for
 ``crashpoint("…")`` calls, so a new step cannot be forgotten.
@@ -14,15 +16,20 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 _target: str | None = None
+_hang = False
 _nth = 1
 _hits = 0
 
 
 def _configure() -> None:
-    global _target, _nth, _hits
-    spec = os.environ.get("SPOOLQ_CRASH_AT") or None
+    global _target, _hang, _nth, _hits
+    crash = os.environ.get("SPOOLQ_CRASH_AT") or None
+    hang = os.environ.get("SPOOLQ_HANG_AT") or None
+    spec = crash or hang
+    _hang = crash is None and hang is not None
     _hits = 0
     _nth = 1
     if spec and "@" in spec:
@@ -35,15 +42,18 @@ _configure()
 
 
 def crashpoint(name: str) -> None:
-    """Die with SIGKILL here if ``SPOOLQ_CRASH_AT`` names this point."""
+    """Die with SIGKILL (or hang) here if the environment names this point."""
     global _hits
     if _target is None or name != _target:
         return
     _hits += 1
-    if _hits >= _nth:
-        os.kill(os.getpid(), signal.SIGKILL)
+    if _hits < _nth:
+        return
+    if _hang:
+        threading.Event().wait()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def reconfigure() -> None:
-    """Re-read ``SPOOLQ_CRASH_AT`` (for a forked child that changed it)."""
+    """Re-read the environment (for a forked child that changed it)."""
     _configure()

@@ -770,28 +770,21 @@ def test_a_frozen_worker_is_restarted_by_the_watchdog(workers):
     assert spool.wait(60, "after") == {"after": "FINISHED"}, inst.diagnostics("f1")
 
 
-HANG_HOOK = "SPOOLQ_TEST_HANG_MAIN_LOOP_AFTER"
-
-
-def _daemon_has_hang_hook() -> bool:
-    if not _daemon_available():
-        return False
-    spec = importlib.util.find_spec("spoolq.daemon")
-    return bool(spec and spec.origin and HANG_HOOK in Path(spec.origin).read_text())
+# faults.crashpoint("daemon.loop") runs once per main-loop iteration; with
+# SPOOLQ_HANG_AT it blocks the main loop there for good (spoolq/faults.py).
+HANG_HOOK = "SPOOLQ_HANG_AT"
 
 
 @needs_daemon
-@pytest.mark.skipif(not _daemon_has_hang_hook(), reason=f"spoolq.daemon does not implement {HANG_HOOK} yet")
 def test_a_hung_main_loop_is_restarted_by_the_watchdog(workers):
     """The realistic hang: the main loop blocks while helper threads live on.
 
     This is what proves the worker pings from its main loop and not from a
     thread (a thread would keep the watchdog happy and the hang would go
-    unnoticed).  The hook: with SPOOLQ_TEST_HANG_MAIN_LOOP_AFTER=S in its
-    environment, the worker's main loop blocks forever S seconds after READY=1.
+    unnoticed). The main loop blocks at its 5th iteration after start.
     """
     inst, spool = workers
-    inst.prepare("h1", **{HANG_HOOK: "1"})
+    inst.prepare("h1", **{HANG_HOOK: "daemon.loop@5"})
     inst.start("h1")
     first = inst.wait_running("h1")["h1"]["MainPID"]
 
