@@ -10,15 +10,16 @@ logic lives there. What this module adds is the contract of a command line:
 * exit codes scripts can rely on: 75 (EX_TEMPFAIL) when the queue is full,
   78 (EX_CONFIG) when the worker cannot start, and for ``wait`` 0 FINISHED,
   1 FAILED, 124 timeout, 2 any other error;
-* ``spoolq enqueue`` stays quick to start: rich (tables) and watchdog (wait)
-  are imported only by the commands that use them.
+* ``spoolq enqueue`` stays quick to start: watchdog is imported only by
+  ``wait``, and tables are plain aligned text.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -89,25 +90,19 @@ def _spool() -> Spool:
 
 
 def _table(columns: list[str], rows: list[list[Any]]) -> None:
-    """Print a tidy table, one row a line (rich is imported here, not at
-    start-up). On a terminal a line too long is cut with an ellipsis, as
-    ps(1) does; into a pipe nothing is cut."""
-    import shutil
+    """Print aligned columns, one row a line. On a terminal a line too long
+    is cut with an ellipsis, as ps(1) does; into a pipe nothing is cut.
 
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
-    console = Console(width=1 << 16, color_system=None)  # natural width: never wrap a row
-    table = Table(*columns, box=None, pad_edge=False, show_edge=False)
-    for row in rows:
-        table.add_row(*(Text(str(v).replace("\n", "\\n")) for v in row))  # Text: never read as markup
-    with console.capture() as captured:
-        console.print(table)
+    Not rich.table: it renders about 1 ms per row, so `spoolq list` on a
+    spool of 3000 tasks took 4-5 s; this takes 5 ms."""
+    cells = [columns] + [[str(v).replace("\n", "\\n") for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     limit = shutil.get_terminal_size().columns if sys.stdout.isatty() else 0
-    for line in captured.get().splitlines():
-        line = line.rstrip()
-        print(line if not limit or len(line) <= limit else line[: limit - 1] + "…")
+    lines = []
+    for row in cells:
+        line = "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip()
+        lines.append(line if not limit or len(line) <= limit else line[: limit - 1] + "…")
+    print("\n".join(lines))
 
 
 def _print_json(value: Any) -> None:

@@ -76,14 +76,15 @@ def pickled(tmp_path: Path) -> Path:
     return path
 
 
-def finish(spool: Spool, task_id: str, state: State = State.FINISHED, response: bytes | None = None) -> None:
+def finish(spool: Spool, task_id: str, state: State = State.FINISHED, response: bytes | None = None,
+           message: str = "done by the test") -> None:
     """Act as a worker: claim, start and finish the oldest waiting task."""
     claim = spool.claim("tester")
     assert claim is not None and claim.id == task_id
     spool.start(claim)
     if response is not None:
         spool.store_response(claim, response, "application/x-test")
-    spool.set_state(claim, state, "done by the test")
+    spool.set_state(claim, state, message)
 
 
 # --------------------------------------------------------------------------- spool and types
@@ -221,6 +222,14 @@ def test_list_filters_and_json(root: Path, spool: Spool) -> None:
     table = out(spoolq("list", "--type", "Other", root=root))
     assert "x" in table and "ENQUEUED" in table and "FINISHED" not in table
     assert spoolq("list", "--state", "sleeping", root=root).returncode == 2  # a usage error, from typer
+
+
+def test_list_keeps_one_task_a_line(root: Path, spool: Spool) -> None:
+    spool.enqueue(TYPE, "t", None)
+    finish(spool, "t", State.FAILED, message="first line\nsecond [bold]line[/bold]")
+    lines = out(spoolq("list", root=root)).splitlines()
+    assert len(lines) == 2, lines
+    assert lines[1].endswith("first line\\nsecond [bold]line[/bold]")
 
 
 # --------------------------------------------------------------------------- wait
