@@ -355,17 +355,18 @@ def wait(
 
 @app.command()
 def worker(
-    server: Annotated[str, typer.Argument(help="Server id: names this worker (systemd unit spoolq@SERVER).")],
+    server: Annotated[str, typer.Argument(metavar="SERVER", help="Server id: names this worker (systemd unit spoolq@SERVER).")],
     concurrency: Annotated[int, typer.Option(min=1, help="Handlers run at once, each in a child process.")] = 1,
-    drain: Annotated[bool, typer.Option(help="Claim nothing new; finish what this server holds, then exit.")] = False,
+    drain: Annotated[bool, typer.Option("--drain", help="Claim nothing new; finish what this server holds, then exit.")] = False,
     grace: Annotated[float, typer.Option(min=0, help="Seconds SIGTERM waits for running handlers.")] = 30,
-    poll: Annotated[bool, typer.Option(help="Rescan the queue periodically instead of watching file events.")] = False,
+    poll: Annotated[bool, typer.Option("--poll", help="Rescan the queue periodically instead of watching file events.")] = False,
 ) -> None:
     """Run the worker daemon for SERVER in the foreground (what systemd runs).
 
     Claims waiting tasks and runs their handlers; on SIGTERM it stops
     claiming, hands back what it did not start and exits 0. Exits 78 when it
     cannot start (bad server id, missing or unsafe spool, server already running).
+    --drain while SERVER already runs asks that process to drain, and waits for it.
     """
     from .daemon import run_worker  # a SpoolqError from here on is a configuration error: exit 78
 
@@ -457,7 +458,7 @@ def _prometheus(census: dict[str, Any]) -> str:
 @app.command()
 def stats(
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON object.")] = False,
-    prometheus: Annotated[bool, typer.Option(help="Print the node_exporter textfile format.")] = False,
+    prometheus: Annotated[bool, typer.Option("--prometheus", help="Print the node_exporter textfile format.")] = False,
 ) -> None:
     """Counts per state and per type, the oldest waiting task's age, restarts.
 

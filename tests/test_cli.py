@@ -415,6 +415,18 @@ def test_worker_runs_a_task_and_stops_cleanly_on_sigterm(root: Path, spool: Spoo
 
 
 @needs_daemon
+def test_worker_drain_runs_what_the_server_holds_and_exits_0(root: Path, spool: Spool) -> None:
+    spool.enqueue(TYPE, "held", (2, 3))
+    spool.enqueue(TYPE, "other", (1,))
+    script = f"from spoolq import Spool; Spool({str(root)!r}).claim('w1')"  # w1 claims, then dies
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    proc = spoolq("worker", "w1", "--drain", root=root, timeout=DEADLINE)
+    assert proc.returncode == 0, proc.stderr
+    assert spool.status(TYPE, "held").state == State.FINISHED
+    assert spool.status(TYPE, "other").state == State.ENQUEUED  # nothing new was claimed
+
+
+@needs_daemon
 def test_demo_runs_the_seed_example(tmp_path: Path) -> None:
     env = {"TMPDIR": str(tmp_path)}  # the demo's temporary spool lands here
     proc = spoolq("demo", env=env, timeout=120)
