@@ -3,7 +3,7 @@ names over :class:`spoolq.Spool`, so ATP producers and daemons move over by
 changing their import line.
 
 The spool is ``$SPOOLQ_ROOT`` (default ``/var/spool/spoolq``). Differences
-from ATP, all fixes of its defects (see docs/atp.md): ``task_id`` is a claim
+from ATP, all fixes of its defects (see docs/design.md §9): ``task_id`` is a claim
 string ``TYPE:ID#N@SERVER`` rather than a database key, and writes through a
 claim that lost its task raise; terminal states are final; ``max_restarts``
 is enforced; the stored MIME type follows the latest response; the queue
