@@ -349,7 +349,7 @@ class Worker:
 
     def _wait(self, timeout: float) -> None:
         fds = [self._sig_r]
-        if self._watcher is not None:
+        if self._watcher is not None and not self.stopping and not self.draining:
             fds.append(self._watcher.fileno())
         fds += [slot.results for slot in self.slots.values() if slot.results >= 0]
         try:
@@ -390,7 +390,13 @@ class Worker:
     def _take_arrivals(self) -> None:
         if self._watcher is None:
             return
-        for name in self._watcher.drain():
+        names = self._watcher.drain()
+        if self._watcher.overflowed:
+            log.warning("inotify dropped events (queue overflow); rescanning enqueued/")
+            self._watcher.clear_overflow()
+            self._rescan()
+            return
+        for name in names:
             if name not in self._known:
                 key = self.spool.fifo_key(name)
                 if key is not None:
