@@ -1110,6 +1110,11 @@ class Spool:
             self._quarantine(dest, "leftover in scheduled/ blocked a claim")
             return None
         crashpoint("claim.renamed")
+        if self.durable:
+            # The move is durable before the status written for its new place
+            # (else a power loss could leave enqueued/X saying SCHEDULED).
+            fsutil.fsync_dir(self._p("enqueued"))
+            fsutil.fsync_dir(self._p("scheduled", server))
         try:
             with _TaskDir(self, dest) as task:
                 if task.state != State.ENQUEUED:
@@ -1127,9 +1132,6 @@ class Spool:
             return None
         except (FileNotFoundError, _Moved):
             return None  # deleted right after the claim
-        if self.durable:
-            fsutil.fsync_dir(self._p("enqueued"))
-            fsutil.fsync_dir(self._p("scheduled", server))
         return Claim(parts[0], parts[1], number, server)
 
     def _claimed(self, claim: Claim, allowed: set[State]) -> _TaskDir:

@@ -1,0 +1,208 @@
+"""Processes and handlers for the crash-point, strace and soak tests.
+
+Run as a program it is one of the real processes those tests start:
+
+* ``python crash_helpers.py worker ROOT SERVER OPTIONS_JSON`` — a worker
+  daemon (:class:`spoolq.daemon.Worker`) with options the command line does
+  not expose (short heartbeat and sweep intervals); ``SLOT_CRASH_AT=point``
+  arms a crash point in its handler processes only;
+* ``python crash_helpers.py produce ROOT ACKS TASKS_JSON`` — a producer that
+  enqueues ``[[type, id, input], …]`` and appends ``<type>:<id>`` to ACKS
+  (O_APPEND) once ``enqueue`` returned, i.e. once the task was acknowledged;
+  a task that already exists (enqueued by an earlier life of this producer)
+  is noted as ``exists <type>:<id>``.
+
+Crash hits. ``SPOOLQ_CRASH_AT`` makes ``spoolq.faults.crashpoint`` SIGKILL
+its own process. So that a test can tell *which* process hit the point
+(the daemon or one of its handler processes, or a producer), these programs
+install an audit hook: when ``os.kill(own pid, SIGKILL)`` is called from
+``crashpoint`` and ``SPOOLQ_CRASH_LOG`` names a file, one line
+``<point> <role> <pid> <caller> <caller's caller> …`` is appended to it just
+before the kill. The hook only observes; the kill is spoolq's own.
+
+Handlers. Each records ``<event> <type>:<id> <server> <pid> <ppid>
+<monotonic ns>`` with one O_APPEND write to the file named by the input's
+``record`` key. A run holds an exclusive ``flock`` on a per-task file in
+``<record>.locks/`` from its start until it ends or its process dies (the
+kernel drops the lock at death); finding it taken means another run of the
+same task is alive at that moment, and is recorded as ``overlap``. That is an
+exact "never on two servers at once" detector, killed runs included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+
+MAIN_PID = os.getpid()
+
+# --------------------------------------------------------------------------- crash-hit recorder
+
+
+def _audit(event: str, args: tuple) -> None:
+    if event != "os.kill" or args[0] != os.getpid() or args[1] != signal.SIGKILL:
+        return
+    path = os.environ.get("SPOOLQ_CRASH_LOG")
+    if not path:
+        return
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_name != "crashpoint":
+        frame = frame.f_back
+    if frame is None:
+        return
+    point = frame.f_locals.get("name", "?")
+    callers = []
+    caller = frame.f_back
+    while caller is not None and len(callers) < 4:
+        callers.append(caller.f_code.co_name)
+        caller = caller.f_back
+    role = os.environ.get("CRASH_ROLE", "?")
+    if os.getpid() != MAIN_PID:
+        role += "-child"
+    _append(path, f"{point} {role} {os.getpid()} {' '.join(callers)}\n")
+
+
+def read_lines(path: str | os.PathLike[str]) -> list[list[str]]:
+    """A file of records as split lines ([] if it does not exist yet): the
+    crash log gives [point, role, pid, callers…], the handler records
+    [event, task, server, pid, ppid, ns]."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return [line.split() for line in fh if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+read_hits = read_records = read_lines
+
+
+# --------------------------------------------------------------------------- handler records
+
+def _append(path: str, line: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def _record(inp: dict, event: str, ts) -> None:
+    server = os.environ.get("SPOOLQ_TEST_SERVER", "?")
+    line = f"{event} {ts.type}:{ts.id} {server} {os.getpid()} {os.getppid()} {time.monotonic_ns()}\n"
+    _append(inp["record"], line)
+
+
+@contextlib.contextmanager
+def _run(ts, inp: dict) -> Iterator[None]:
+    """One handler run: take the task's run lock (see module doc), record
+    ``start``; record ``end`` if the body returns; always drop the lock
+    (a handler process runs many tasks in its life)."""
+    locks = inp["record"] + ".locks"
+    os.makedirs(locks, exist_ok=True)
+    fd = os.open(os.path.join(locks, f"{ts.type}:{ts.id}"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _record(inp, "overlap", ts)
+        _record(inp, "start", ts)
+        yield
+        _record(inp, "end", ts)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def ok(ts, inp):
+    """Store a response and return."""
+    with _run(ts, inp):
+        ts.store_response(f"done {ts.id}", "text/plain")
+
+
+def fail(ts, inp):
+    """Run to its end, then raise."""
+    with _run(ts, inp):
+        pass
+    raise ValueError(f"planned failure of {ts.id}")
+
+
+def slow_first(ts, inp):
+    """Sleep ``seconds`` on the first run (marker file), return at once later."""
+    with _run(ts, inp):
+        marker = inp["record"] + f".{ts.type}:{ts.id}.ran"
+        if not os.path.exists(marker):
+            _append(marker, "1\n")
+            time.sleep(inp.get("seconds", 30))
+
+
+def work(ts, inp):
+    """The soak's handler: ``kind`` is noop, sleep, fail or hang."""
+    kind = inp.get("kind", "noop")
+    with _run(ts, inp):
+        if kind == "sleep":
+            time.sleep(inp["seconds"])
+        elif kind == "hang":
+            time.sleep(3600)  # killed at the type's timeout
+    if kind == "fail":
+        raise ValueError(f"planned failure of {ts.id}")
+
+
+# --------------------------------------------------------------------------- programs
+
+
+def produce(root: str, acks: str, tasks: list) -> int:
+    from spoolq import Spool
+    from spoolq.errors import QueueFull, TaskExists
+
+    spool = Spool(root)
+    for type_name, task_id, inp in tasks:
+        while True:
+            try:
+                spool.enqueue(type_name, task_id, inp)
+                _append(acks, f"{type_name}:{task_id}\n")
+            except TaskExists:
+                _append(acks, f"exists {type_name}:{task_id}\n")
+            except QueueFull:
+                time.sleep(0.01)
+                continue
+            break
+    return 0
+
+
+def worker(root: str, server: str, options: dict) -> int:
+    from spoolq.daemon import Worker
+    from spoolq.errors import SpoolqError
+    from spoolq.spool import Spool
+    from spoolq.systemd import setup_logging
+
+    os.environ["SPOOLQ_TEST_SERVER"] = server  # the handler processes record it
+    slot_crash = os.environ.get("SLOT_CRASH_AT")
+    if slot_crash:
+        # Arm the crash point in the handler processes only: the daemon
+        # re-reads SPOOLQ_CRASH_AT in each child it forks (faults.reconfigure).
+        os.register_at_fork(after_in_child=lambda: os.environ.__setitem__("SPOOLQ_CRASH_AT", slot_crash))
+    setup_logging()
+    try:
+        return Worker(Spool(root), server, **options).run()
+    except SpoolqError as exc:
+        print(f"spoolq: {exc}", file=sys.stderr)
+        return 78
+
+
+if __name__ == "__main__":
+    sys.addaudithook(_audit)
+    command = sys.argv[1]
+    if command == "worker":
+        sys.exit(worker(sys.argv[2], sys.argv[3], json.loads(sys.argv[4])))
+    elif command == "produce":
+        with open(sys.argv[4], encoding="utf-8") as fh:
+            sys.exit(produce(sys.argv[2], sys.argv[3], json.load(fh)))
+    sys.exit(f"unknown command {command!r}")
