@@ -1505,9 +1505,14 @@ class Spool:
         if state.terminal:
             return "completing an interrupted finish"
         if state == State.ENQUEUED:
+            parent = os.path.dirname(path)
+            if os.path.dirname(parent) != self._p("scheduled"):
+                # In running/: a re-enqueue died between its status write
+                # and its move.
+                return message or "completing an interrupted re-enqueue"
             # Between a claim's rename and its status write: only a dead
             # claimer leaves it so for long.
-            if is_alive(os.path.basename(os.path.dirname(path))):
+            if is_alive(os.path.basename(parent)):
                 return None
             return message or "claim was interrupted"
         server = doc.get("server")

@@ -235,6 +235,17 @@ def test_a_finish_interrupted_before_its_move_is_completed(sp: Spool) -> None:
     assert info.state == State.FINISHED and Path(info.path).parent.name == "done"
 
 
+def test_a_reenqueue_interrupted_before_its_move_is_completed(sp: Spool) -> None:
+    sp.enqueue("Z", "a", 1)
+    # status writes: the claim (1), the start (2), the re-enqueue (3)
+    _crash_at(sp.root, "status.replaced@3", "c = sp.claim('s1'); sp.start(c); sp.abandon(c, 'x')")
+    assert Path(sp.root, "running", "Z:a").is_dir()
+    assert sp.status("Z", "a").state == State.ENQUEUED
+    assert actions(sp.reenqueue_zombies()) == [("Z", "a", "reenqueued")]
+    assert Path(sp.root, "enqueued", "Z:a").is_dir()
+    assert sp.claim("s2").id == "a"
+
+
 # ----------------------------------------------------------------------------- retirement
 
 
