@@ -10,14 +10,13 @@ logic lives there. What this module adds is the contract of a command line:
 * exit codes scripts can rely on: 75 (EX_TEMPFAIL) when the queue is full,
   78 (EX_CONFIG) when the worker cannot start, and for ``wait`` 0 FINISHED,
   1 FAILED, 124 timeout, 2 any other error;
-* ``spoolq enqueue`` stays quick to start: watchdog is imported only by
-  ``wait``, and tables are plain aligned text.
+* ``spoolq enqueue`` stays quick to start: the inotify watch is set up
+  only by ``wait``, and tables are plain aligned text.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import sys
@@ -305,9 +304,6 @@ def wait_for(
 
     from .watch import DirWatcher
 
-    # watchdog logs a spurious error when an observer stops during a read;
-    # without a handler Python would print it on stderr.
-    logging.getLogger("watchdog").addHandler(logging.NullHandler())
     task_name(type_name, task_id)  # a bad name fails before the watch is set
     deadline = None if timeout is None else time.monotonic() + timeout
     # The watch is set before the first read, so no arrival can slip between.

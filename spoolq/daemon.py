@@ -2,7 +2,7 @@
 
 One process, one thread of control: a ``select()`` loop that wakes on
 
-* file events in ``enqueued/`` (watchdog/inotify, via :class:`DirWatcher`),
+* file events in ``enqueued/`` (an inotify descriptor, :class:`DirWatcher`),
 * signals (SIGCHLD, SIGTERM, SIGINT, SIGUSR1, through ``set_wakeup_fd``),
 * the nearest deadline: a handler's time limit, the heartbeat, the sweep, the
   safety rescan of ``enqueued/``, the systemd watchdog ping.

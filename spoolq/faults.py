@@ -5,8 +5,8 @@ leave the spool recoverable. When the environment variable ``SPOOLQ_CRASH_AT``
 names that point, the process kills itself with SIGKILL there (optionally only
 on the N-th hit: ``SPOOLQ_CRASH_AT=name@N``). ``SPOOLQ_HANG_AT`` (same syntax)
 makes the calling thread block forever there instead: how the systemd tests
-prove that a hung main loop stops the watchdog pings although watchdog's
-observer thread lives on. Unarmed, a call costs one comparison against None.
+prove that the watchdog pings come from the main loop, so a hung loop gets
+the daemon restarted. Unarmed, a call costs one comparison against None.
 
 The reliability tests find every point by scanning the source for
 ``crashpoint("…")`` calls, so a new step cannot be forgotten.
