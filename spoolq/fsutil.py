@@ -135,6 +135,38 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+# Descriptors that carry a short-lived flock (the enqueue lock, task locks)
+# while some thread holds it. A process forked meanwhile would share those
+# locks for as long as it lived, so the child closes its copies at once
+# (closing a copy never releases the parent's lock).
+_held_fds: set[int] = set()
+_held_guard = threading.Lock()
+
+
+def track_lock_fd(fd: int) -> None:
+    with _held_guard:
+        _held_fds.add(fd)
+
+
+def untrack_lock_fd(fd: int) -> None:
+    with _held_guard:
+        _held_fds.discard(fd)
+
+
+def _close_inherited_locks() -> None:
+    global _held_guard
+    _held_guard = threading.Lock()  # another thread may have held it at fork
+    for fd in list(_held_fds):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held_fds.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 class FlockLock:
     """An exclusive ``flock`` on a lock file: the spool-wide enqueue lock.
 
@@ -162,6 +194,7 @@ class FlockLock:
         except BaseException:
             os.close(fd)
             raise
+        track_lock_fd(fd)
         local.fd, local.depth, local.pid = fd, 1, os.getpid()
 
     def release(self) -> None:
@@ -171,6 +204,7 @@ class FlockLock:
         local.depth -= 1
         if local.depth == 0:
             fd, local.fd = local.fd, -1
+            untrack_lock_fd(fd)
             os.close(fd)  # closing the only descriptor releases the flock
 
     @property

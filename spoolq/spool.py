@@ -313,6 +313,7 @@ class _TaskDir:
             raise
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX)
+            fsutil.track_lock_fd(self.fd)
             st = os.fstat(self.fd)
             try:
                 now = os.lstat(self.path)
@@ -323,6 +324,7 @@ class _TaskDir:
             self.spool._roll_forward(self.fd)
             self.doc = self.spool._read_status(self.fd, self.path)
         except BaseException:
+            fsutil.untrack_lock_fd(self.fd)
             os.close(self.fd)
             self.fd = -1
             raise
@@ -330,6 +332,7 @@ class _TaskDir:
 
     def __exit__(self, *exc: object) -> None:
         if self.fd >= 0:
+            fsutil.untrack_lock_fd(self.fd)
             os.close(self.fd)  # closing releases the flock
             self.fd = -1
 

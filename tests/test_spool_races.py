@@ -325,3 +325,56 @@ def test_a_task_is_never_reported_missing_while_it_moves(spool: Spool) -> None:
     assert proc.exitcode == 0
     assert spool.status("T", "moving").state == State.FINISHED
     assert len(seen) >= 2, seen  # the lookups did overlap the moves
+
+
+# ----------------------------------------------------------------------------- locks across fork
+
+
+def _can_lock(path: str) -> bool:
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("which", ["enqueue-lock", "task-lock"])
+def test_a_child_forked_while_a_thread_holds_a_lock_does_not_keep_it(spool: Spool, wait_until, which: str) -> None:
+    import threading
+
+    from spoolq.spool import _TaskDir
+
+    spool.enqueue("T", "a", 1)
+    task_path = os.path.join(spool.root, "enqueued", "T:a")
+    lock_path = os.path.join(spool.root, "locks", "enqueue.lock") if which == "enqueue-lock" else task_path
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        lock = spool._enqueue_lock if which == "enqueue-lock" else _TaskDir(spool, task_path)
+        with lock:
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    assert held.wait(30)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child lives on until told to go
+        os.close(w)
+        os.read(r, 1)
+        os._exit(0)
+    os.close(r)
+    try:
+        assert not _can_lock(lock_path)  # the thread holds it
+        release.set()
+        thread.join(30)
+        wait_until(lambda: _can_lock(lock_path), timeout=10, what=f"the {which} to be free while the child lives")
+    finally:
+        os.close(w)
+        os.waitpid(pid, 0)
