@@ -6,8 +6,9 @@ Run as a program it is one of the real processes those tests start:
   daemon (:class:`spoolq.daemon.Worker`) with options the command line does
   not expose (short heartbeat and sweep intervals); ``SLOT_CRASH_AT=point``
   arms a crash point in its handler processes only;
-* ``python crash_helpers.py produce ROOT ACKS TASKS_JSON`` — a producer that
-  enqueues ``[[type, id, input], …]`` and appends ``<type>:<id>`` to ACKS
+* ``python crash_helpers.py produce ROOT ACKS TASKS_JSON [SECONDS]`` — a
+  producer that enqueues ``[[type, id, input], …]`` (spread evenly over
+  SECONDS if given) and appends ``<type>:<id>`` to ACKS
   (O_APPEND) once ``enqueue`` returned, i.e. once the task was acknowledged;
   a task that already exists (enqueued by an earlier life of this producer)
   is noted as ``exists <type>:<id>``.
@@ -155,15 +156,109 @@ def work(ts, inp):
         raise ValueError(f"planned failure of {ts.id}")
 
 
+# --------------------------------------------------------------------------- starting the programs
+
+
+def spawn(args: list[str], log_path: str | os.PathLike[str], env: dict | None = None):
+    """Start this file as a program (``worker …`` or ``produce …``) with
+    stderr to *log_path*, ``tests/`` on PYTHONPATH, no systemd socket and
+    no crash point armed unless *env* arms one."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    full = {k: v for k, v in os.environ.items() if not k.startswith("SPOOLQ_CRASH") and k != "NOTIFY_SOCKET"}
+    full.pop("SLOT_CRASH_AT", None)
+    full["PYTHONPATH"] = os.pathsep.join([here, full.get("PYTHONPATH", "")])
+    full.update(env or {})
+    with open(log_path, "w") as err:
+        return subprocess.Popen(
+            [sys.executable, os.path.join(here, "crash_helpers.py"), *args],
+            env=full, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+        )
+
+
+# --------------------------------------------------------------------------- checks shared by the tests
+
+
+def _next_states():
+    from spoolq import State
+
+    # state -> states that may follow it in a log (free-text records repeat the state)
+    return {
+        State.ENQUEUED: {State.ENQUEUED, State.SCHEDULED},  # ENQUEUED again: a claim was interrupted
+        State.SCHEDULED: {State.RUNNING, State.ENQUEUED, State.FAILED},
+        State.RUNNING: {State.RUNNING, State.PAUSED, State.FINISHED, State.FAILED, State.ENQUEUED},
+        State.PAUSED: {State.RUNNING, State.PAUSED, State.FINISHED, State.FAILED, State.ENQUEUED},
+        State.FINISHED: set(),
+        State.FAILED: set(),
+    }
+
+
+def runs_by_task(records: list[list[str]]) -> dict[str, list[list[str]]]:
+    """Handler records grouped by task name, in file order."""
+    out: dict[str, list[list[str]]] = {}
+    for record in records:
+        out.setdefault(record[1], []).append(record)
+    return out
+
+
+def check_task(spool, t: str, i: str, runs: list[list[str]]):
+    """Check one task's status against its log and its handler records
+    (*runs*: its lines from :func:`runs_by_task`); returns its TaskInfo.
+
+    * the log starts ENQUEUED, ends in the status's state, and only makes
+      allowed transitions; its SCHEDULED→RUNNING pairs are the counted starts;
+      restarts stay within max_restarts and within the re-enqueues after a start;
+    * no two runs of the handler were alive at once (run lock); every ``end``
+      follows a ``start`` in the same process; there are no more handler runs
+      than counted starts; a FINISHED task's handler completed at least once.
+    """
+    from spoolq import State
+
+    info = spool.status(t, i)
+    records = spool.log_records(t, i)
+    states = [r.state for r in records]
+    label = f"{t}:{i}: log {[s.name for s in states]} vs status {info.doc}"
+    assert states and states[0] == State.ENQUEUED, label
+    assert states[-1] == info.state, label
+    allowed = _next_states()
+    for before, after in zip(states, states[1:]):
+        assert after in allowed[before], label
+    starts = sum(1 for a, b in zip(states, states[1:]) if a == State.SCHEDULED and b == State.RUNNING)
+    assert starts == info.doc["starts"], label
+    requeued = sum(1 for a, b in zip(states, states[1:]) if a in (State.RUNNING, State.PAUSED) and b == State.ENQUEUED)
+    assert info.doc["restarts"] <= min(spool.get_type(t).max_restarts, requeued), label
+
+    assert not [r for r in runs if r[0] == "overlap"], f"{t}:{i} ran twice at once: {runs}"
+    alive: set[str] = set()
+    handler_runs = ends = 0
+    for event, _, _, pid, *_ in runs:
+        if event == "start":
+            alive.add(pid)
+            handler_runs += 1
+        elif event == "end":
+            assert pid in alive, f"{t}:{i}: end without a start in pid {pid}: {runs}"
+            alive.discard(pid)
+            ends += 1
+    assert handler_runs <= info.doc["starts"], f"{t}:{i}: {handler_runs} handler runs, {label}"
+    if info.state == State.FINISHED:
+        assert ends >= 1, f"{t}:{i} FINISHED but its handler never completed: {runs}"
+    return info
+
+
 # --------------------------------------------------------------------------- programs
 
 
-def produce(root: str, acks: str, tasks: list) -> int:
+def produce(root: str, acks: str, tasks: list, spread: float = 0.0) -> int:
+    """Enqueue *tasks*, evenly over *spread* seconds (0: at once)."""
     from spoolq import Spool
     from spoolq.errors import QueueFull, TaskExists
 
     spool = Spool(root)
-    for type_name, task_id, inp in tasks:
+    began = time.monotonic()
+    for n, (type_name, task_id, inp) in enumerate(tasks):
+        if spread > 0:
+            time.sleep(max(0.0, began + n * spread / len(tasks) - time.monotonic()))
         while True:
             try:
                 spool.enqueue(type_name, task_id, inp)
@@ -204,5 +299,6 @@ if __name__ == "__main__":
         sys.exit(worker(sys.argv[2], sys.argv[3], json.loads(sys.argv[4])))
     elif command == "produce":
         with open(sys.argv[4], encoding="utf-8") as fh:
-            sys.exit(produce(sys.argv[2], sys.argv[3], json.load(fh)))
+            spread = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
+            sys.exit(produce(sys.argv[2], sys.argv[3], json.load(fh), spread))
     sys.exit(f"unknown command {command!r}")

@@ -1,0 +1,378 @@
+"""Crash at every step of the lifecycle, then recover.
+
+The list of crash points is generated from the package source (every
+``crashpoint("…")`` call in ``spoolq/*.py``), so a new step is tested as soon
+as it is marked. For each point a producer and a worker daemon run as real
+processes on a durable spool; the process that reaches the point dies there
+by SIGKILL (``SPOOLQ_CRASH_AT``). Then a worker is started again without
+the crash: with the same server id (it recovers its own claims on start) or
+with another one while the dead server stays dead (a sweep recovers the dead
+server's claims, because its lock is free). Checked afterwards:
+
+* every acknowledged task (and every task that exists) is FINISHED or FAILED,
+  in ``done/``; nothing is left in ``enqueued/``, ``scheduled/``, ``running/``
+  or ``quarantine/``;
+* no handler ran twice at once, a handler completed at most once per
+  recorded start, and never without a counted start (``status.json`` starts);
+* the log agrees with the status: first record ENQUEUED, last record = the
+  state, only allowed transitions, one SCHEDULED→RUNNING pair per counted
+  start, restarts within ``max_restarts``;
+* ``tmp/`` holds nothing but the crashed producer's staging directory (if
+  any) and is empty after ``clean_tmp(grace=0)``.
+
+A point that the scenario never reaches fails its test: give it a case in
+``CASES_FOR`` with the scenario that reaches it.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import conftest
+import spoolq
+from crash_helpers import check_task, read_hits, read_records, runs_by_task, spawn
+from spoolq import Spool, State
+from spoolq.names import task_name
+
+PACKAGE = Path(spoolq.__file__).resolve().parent
+DEADLINE = 40.0
+
+# ----------------------------------------------------------------------------- the points
+
+
+def _calls_named(tree: ast.AST, name: str):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            called = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+            if called == name:
+                yield node
+
+
+def discover_points() -> list[str]:
+    """Every ``crashpoint("…")`` name in the package. Calls are found with
+    the parser (docstrings and comments that mention crashpoint do not
+    count); a call without a literal name is an error, since it could not
+    be tested."""
+    points = set()
+    for path in sorted(PACKAGE.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        for call in _calls_named(tree, "crashpoint"):
+            if path.name == "faults.py":
+                continue
+            arg = call.args[0] if call.args else None
+            if not (isinstance(arg, ast.Constant) and isinstance(arg.value, str)):
+                raise AssertionError(f"{path.name}:{call.lineno}: crashpoint() needs a literal name")
+            points.add(arg.value)
+    return sorted(points)
+
+
+POINTS = discover_points()
+
+
+@dataclass(frozen=True)
+class Case:
+    """How a point is reached: which process gets ``SPOOLQ_CRASH_AT`` —
+    "worker" (the daemon; its handler processes inherit it), "slot" (the
+    daemon's handler processes only) or "producer" —, on which hit
+    (``point@nth``, counted per process), and what the scenario adds."""
+
+    point: str
+    role: str = "worker"
+    nth: int = 1
+    sigterm: bool = False  # SIGTERM the worker while a long handler runs
+    orphan: bool = False  # the worker finds a claim of its own to recover at start
+
+    @property
+    def spec(self) -> str:
+        return self.point if self.nth == 1 else f"{self.point}@{self.nth}"
+
+
+# A status write or file write is first reached by the daemon at a claim; the
+# slot cases reach the same step in a handler process, at the start (hit 1)
+# and at the final status write (hit 3: after the response's status write).
+_IN_SLOT = ("status.tmp_written", "status.logged", "status.replaced", "file.written", "file.appended")
+
+# Points the default case (the worker, first hit) does not reach, or reaches
+# in only one of several interesting places. Every other point gets Case(point).
+CASES_FOR = {
+    **{p: [Case(p), Case(p, role="slot"), Case(p, role="slot", nth=3)] for p in _IN_SLOT},
+    # Only producers enqueue.
+    "enqueue.staged": [Case("enqueue.staged", role="producer")],
+    "enqueue.published": [Case("enqueue.published", role="producer")],
+    # A producer writes the staged files too.
+    "file.written": [Case("file.written", role=r, nth=n) for r, n in (("worker", 1), ("producer", 1), ("slot", 1), ("slot", 3))],
+    # Fires on every loop iteration: die on the third, with work in flight.
+    "daemon.loop": [Case("daemon.loop", nth=3)],
+    # Only reached when SIGTERM's grace runs out with a handler still running.
+    "daemon.handback": [Case("daemon.handback", sigterm=True)],
+    # Only reached when a server restarts with a claim of its own left over.
+    "recover.taken_away": [Case("recover.taken_away", orphan=True)],
+}
+
+
+def _params():
+    out = []
+    for point in POINTS:
+        for case in CASES_FOR.get(point, [Case(point)]):
+            # "live": the daemon outlives its handler process and settles the task itself.
+            restarts = {"worker": ("same", "other"), "slot": ("live", "same"), "producer": ("producer",)}[case.role]
+            for restart in restarts:
+                out.append(pytest.param(case, restart, id=f"{case.spec}-{case.role}-{restart}"))
+    return out
+
+
+def test_points_are_generated_from_the_source():
+    known = {
+        "enqueue.staged", "enqueue.published", "claim.renamed", "move.renamed", "requeue.moved",
+        "finish.status_written", "finish.moved", "retire.renamed", "status.tmp_written",
+        "status.logged", "status.replaced", "start.running", "daemon.loop", "daemon.handback",
+        "file.written", "file.appended", "response.stored", "sweep.taken_away", "sweep.retired",
+    }
+    assert POINTS, "no crashpoint() calls found in the package"
+    assert known <= set(POINTS), f"missing: {sorted(known - set(POINTS))}"
+    # The parser finds what a plain search finds (no call hidden from it).
+    pattern = re.compile(r"""crashpoint\(\s*["']([^"']+)["']\s*\)""")
+    by_regex = set()
+    for path in PACKAGE.glob("*.py"):
+        if path.name != "faults.py":
+            by_regex |= set(pattern.findall(path.read_text(encoding="utf-8")))
+    assert by_regex == set(POINTS)
+    assert set(CASES_FOR) <= set(POINTS), "CASES_FOR names a point that no longer exists"
+
+
+# ----------------------------------------------------------------------------- the scenario
+
+
+def wait_until(predicate, timeout: float = DEADLINE, what: str = "condition"):
+    return conftest.wait_until(predicate, timeout=timeout, what=what)
+
+
+class Scenario:
+    """One spool, its processes and what they recorded."""
+
+    WORKER_OPTIONS = {"concurrency": 2, "heartbeat_interval": 0.2, "sweep_interval": 0.3, "grace": 5.0}
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.root = tmp / "spool"
+        self.spool = Spool.init(self.root, durable=True)
+        self.record = str(tmp / "runs")
+        self.hits_path = tmp / "hits"
+        self.procs: list[subprocess.Popen] = []
+        self.logs: dict[int, Path] = {}
+        self.tasks: list[list] = []
+        self.planted: set[tuple[str, str]] = set()
+        self.retired: set[tuple[str, str]] = set()
+        sp = self.spool
+        sp.register_type("N", "crash_helpers.ok", timeout=30, max_restarts=2)
+        sp.register_type("F", "crash_helpers.fail", timeout=30, max_restarts=2)
+        sp.register_type("R", "crash_helpers.ok", timeout=30, retention=60, max_restarts=2)
+        sp.register_type("S", "crash_helpers.slow_first", timeout=60, max_restarts=2)
+
+    # -- setup
+
+    def plant(self, *, orphan: bool, slow: bool) -> None:
+        """What a sweep and a recovery find: a started claim of server
+        "ghost" (dead: its lock is free), a task finished an hour ago whose
+        type keeps tasks 60 s, and optionally a started claim of "w1" itself."""
+        sp, inp = self.spool, {"record": self.record}
+        sp.enqueue("N", "ghost", inp)
+        sp.enqueue("R", "old", inp)
+        zombie = sp.claim("ghost", names=[task_name("N", "ghost")])
+        sp.start(zombie)
+        old = sp.claim("ghost", names=[task_name("R", "old")])
+        sp.start(old)
+        sp.set_state(old, State.FINISHED, "planted")
+        stamp = time.time() - 3600
+        os.utime(self.root / "done" / task_name("R", "old"), (stamp, stamp))
+        sp.release_server("ghost")
+        self.planted |= {("N", "ghost")}
+        self.retired |= {("R", "old")}
+        if orphan:
+            sp.enqueue("N", "orphan", inp)
+            sp.start(sp.claim("w1", names=[task_name("N", "orphan")]))
+            sp.release_server("w1")
+            self.planted.add(("N", "orphan"))
+        if slow:
+            sp.enqueue("S", "s0", {"record": self.record, "seconds": 30})
+            self.planted.add(("S", "s0"))
+        self.tasks = [
+            ["N", "t0", inp], ["F", "f0", inp], ["N", "t1", inp], ["N", "t2", inp],
+            ["F", "f1", inp], ["N", "t3", inp], ["N", "t4", inp], ["N", "t5", inp],
+        ]
+
+    # -- processes
+
+    def _spawn(self, name: str, args: list[str], env: dict | None) -> subprocess.Popen:
+        log_path = self.tmp / f"{name}.{len(self.procs)}.err"
+        proc = spawn(args, log_path, env)
+        self.procs.append(proc)
+        self.logs[proc.pid] = log_path
+        return proc
+
+    def producer(self, env: dict | None = None) -> subprocess.Popen:
+        tasks = self.tmp / "tasks.json"
+        tasks.write_text(json.dumps(self.tasks))
+        return self._spawn("producer", ["produce", str(self.root), str(self.tmp / "acks"), str(tasks)], env)
+
+    def worker(self, server: str, env: dict | None = None, **options) -> subprocess.Popen:
+        opts = {**self.WORKER_OPTIONS, **options}
+        return self._spawn(f"worker-{server}", ["worker", str(self.root), server, json.dumps(opts)], env)
+
+    def stderr(self, proc: subprocess.Popen) -> str:
+        return self.logs[proc.pid].read_text(errors="replace")
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+
+    # -- what happened
+
+    def acked(self) -> set[tuple[str, str]]:
+        path = self.tmp / "acks"
+        if not path.exists():
+            return set()
+        out = set()
+        for line in path.read_text().split():
+            if line != "exists":
+                t, _, i = line.partition(":")
+                out.add((t, i))
+        return out
+
+    def present(self) -> set[tuple[str, str]]:
+        return {(t, i) for t, i, _ in self.spool.iter_tasks()}
+
+    def settled(self) -> bool:
+        """Every task there is in done/, nothing waits or runs, the retired
+        ones are gone."""
+        sp = self.spool
+        if os.listdir(self.root / "enqueued") or os.listdir(self.root / "running"):
+            return False
+        if any(os.listdir(self.root / "scheduled" / s) for s in sp.servers()):
+            return False
+        present = self.present()
+        if present & self.retired:
+            return False
+        return all(sp.status(t, i).state.terminal for t, i in present)
+
+    def hit(self, point: str) -> list[str] | None:
+        return next((h for h in read_hits(self.hits_path) if h[0] == point), None)
+
+
+# ----------------------------------------------------------------------------- checks
+
+def verify(sc: Scenario, crashed_pid: int | None) -> None:
+    sp = sc.spool
+    present = sc.present()
+    acked = sc.acked()
+    lost = (acked | sc.planted) - present
+    assert not lost, f"acknowledged tasks lost: {sorted(lost)}"
+    made = {(t, i) for t, i, _ in sc.tasks} | sc.planted
+    assert present <= made, f"tasks nobody made: {sorted(present - made)}"
+    assert not os.listdir(sc.root / "quarantine"), os.listdir(sc.root / "quarantine")
+    runs = runs_by_task(read_records(sc.record))
+    for t, i in sorted(present):
+        info = check_task(sp, t, i, runs.get(f"{t}:{i}", []))
+        assert info.state.terminal, (t, i, info.doc)
+        assert Path(info.path).parent == sc.root / "done", info.path
+        assert info.doc["message"] or info.state == State.FINISHED, info.doc
+        if t == "F":
+            assert info.state == State.FAILED, info.doc
+        if t in ("N", "S") and info.state == State.FAILED:
+            assert "ValueError" not in info.doc["message"], info.doc
+        if t == "N" and info.state == State.FINISHED:
+            assert sp.response(t, i) == (f"done {i}".encode(), "text/plain")
+    # tmp/: only what a crashed producer was staging (or trash), then nothing.
+    for entry in os.listdir(sc.root / "tmp"):
+        parts = entry.rsplit(".", 2)
+        from_crash = crashed_pid is not None and len(parts) == 3 and parts[1] == str(crashed_pid)
+        assert entry.startswith(".trash.") or from_crash, f"unexpected leftover in tmp/: {entry}"
+    sp.clean_tmp(grace=0)
+    assert not os.listdir(sc.root / "tmp")
+
+
+# ----------------------------------------------------------------------------- the test
+
+
+@pytest.mark.parametrize("case,restart", _params())
+def test_crash_then_recover(case: Case, restart: str, tmp_path: Path) -> None:
+    sc = Scenario(tmp_path)
+    try:
+        _run(sc, case, restart)
+    finally:
+        sc.kill_all()
+
+
+def _wait_for_hit(sc: Scenario, case: Case, proc: subprocess.Popen) -> list[str]:
+    deadline = time.monotonic() + DEADLINE
+    settled_since = None
+    while True:
+        hit = sc.hit(case.point)
+        if hit is not None:
+            return hit
+        if proc.poll() is not None:
+            pytest.fail(
+                f"{case.spec}: the {case.role} exited ({proc.returncode}) without reaching the point:\n"
+                + sc.stderr(proc)[-3000:]
+            )
+        if sc.settled() and (case.role != "producer" or proc.poll() is not None):
+            settled_since = settled_since or time.monotonic()
+            if time.monotonic() - settled_since > 2.0:
+                pytest.fail(f"{case.spec} was never reached by the scenario: give it a case in CASES_FOR")
+        else:
+            settled_since = None
+        if time.monotonic() > deadline:
+            pytest.fail(f"{case.spec} not reached within {DEADLINE} s")
+        time.sleep(0.02)
+
+
+def _run(sc: Scenario, case: Case, restart: str) -> None:
+    sc.plant(orphan=case.orphan, slow=case.sigterm)
+    crash = {"SPOOLQ_CRASH_AT": case.spec, "SPOOLQ_CRASH_LOG": str(sc.hits_path), "CRASH_ROLE": case.role}
+    if case.role == "producer":
+        worker = sc.worker("w1")
+        producer = sc.producer(crash)
+        hit = _wait_for_hit(sc, case, producer)
+        assert producer.wait(10) == -signal.SIGKILL
+        again = sc.producer()
+        assert again.wait(DEADLINE) == 0, sc.stderr(again)
+    else:
+        producer = sc.producer()
+        if case.role == "slot":
+            crash["SLOT_CRASH_AT"] = crash.pop("SPOOLQ_CRASH_AT")
+        worker = sc.worker("w1", crash, grace=0.3 if case.sigterm else 5.0)
+        if case.sigterm:
+            wait_until(lambda: any(r[0] == "start" and r[1] == "S:s0" for r in read_records(sc.record)),
+                       what="the long handler to start")
+            worker.send_signal(signal.SIGTERM)
+        hit = _wait_for_hit(sc, case, worker)
+        if restart != "live":
+            # A point reached in a handler process killed only that process:
+            # now the whole server goes down too.
+            if worker.poll() is None:
+                worker.kill()
+            assert worker.wait(10) == -signal.SIGKILL
+            wait_until(lambda: not sc.spool.server_alive("w1"), what="w1's lock to be free")
+            worker = sc.worker("w1" if restart == "same" else "w2")
+        assert producer.wait(DEADLINE) == 0, sc.stderr(producer)
+    print(f"\n{case.spec} [{case.role}/{restart}] hit: {' '.join(hit[1:])}")
+    wait_until(sc.settled, what="every task to reach FINISHED or FAILED")
+    if restart == "other":
+        assert not sc.spool.server_alive("w1")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(DEADLINE) == 0, sc.stderr(worker)
+    assert "Traceback" not in sc.stderr(worker), sc.stderr(worker)
+    verify(sc, int(hit[2]) if case.role == "producer" else None)
