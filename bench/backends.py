@@ -16,6 +16,7 @@ has a setting that makes each step survive a power cut, None when it has none
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 
@@ -36,11 +37,12 @@ class Backend:
     name = "?"
     durable_support: str | None = None
     note = ""
+    requires: tuple[str, ...] = ()  # modules that must import
 
     @classmethod
     def available(cls) -> str | None:
         """None when usable, else why not."""
-        return None
+        return missing(cls.requires)
 
     def open(self, root: str, durable: bool) -> None:
         raise NotImplementedError
@@ -56,6 +58,16 @@ class Backend:
 
     def close(self) -> None:
         pass
+
+
+def missing(modules) -> str | None:
+    """None if every module imports, else the first ImportError's text."""
+    for m in modules:
+        try:
+            importlib.import_module(m)
+        except ImportError as e:
+            return f"{m} not importable ({e})"
+    return None
 
 
 def _check(cond: bool, what: str) -> None:
@@ -121,11 +133,10 @@ class SpoolqBackend(Backend):
 
     @classmethod
     def available(cls):
-        try:
-            from spoolq import Spool  # noqa: F401
-        except ImportError as e:
-            return f"spoolq not importable yet ({e})"
-        return None
+        why = missing(["spoolq"])
+        if why is None and not hasattr(importlib.import_module("spoolq"), "Spool"):
+            why = "spoolq has no Spool yet"
+        return why
 
     def open(self, root, durable):
         from spoolq import Spool
@@ -175,13 +186,7 @@ class DirqQueueBackend(Backend):
     name = "dirq.Queue"
     note = "add / lock / get / remove; one dir per element; no fsync"
 
-    @classmethod
-    def available(cls):
-        try:
-            import dirq  # noqa: F401
-        except ImportError as e:
-            return str(e)
-        return None
+    requires = ("dirq",)
 
     def open(self, root, durable):
         from dirq.queue import Queue
@@ -247,13 +252,7 @@ class HueyFileBackend(Backend):
     name = "huey.FileStorage"
     note = "enqueue / dequeue / put_data result / pop_data result; no fsync"
 
-    @classmethod
-    def available(cls):
-        try:
-            import huey  # noqa: F401
-        except ImportError as e:
-            return str(e)
-        return None
+    requires = ("huey",)
 
     def open(self, root, durable):
         from huey import FileHuey
@@ -297,13 +296,7 @@ class PersistQueueBackend(Backend):
     durable_support = "native"
     note = "put / get / ack; SQLite WAL, synchronous FULL (durable) or OFF"
 
-    @classmethod
-    def available(cls):
-        try:
-            import persistqueue  # noqa: F401
-        except ImportError as e:
-            return str(e)
-        return None
+    requires = ("persistqueue",)
 
     def open(self, root, durable):
         from persistqueue import SQLiteAckQueue

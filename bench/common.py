@@ -42,13 +42,14 @@ class Workspace:
     usual, for about half a minute. Deleting one run's tree right before the
     next run would tax whichever backend comes next, so by default
     (cleanup="end") run trees are kept until the whole benchmark is over and
-    removed then. cleanup="each" removes each run's tree after the run.
+    removed then. cleanup="each" removes each run's tree after the run;
+    cleanup="none" leaves everything to the caller (bench/syscalls.py).
     Every run ends with os.sync() (untimed), so no run pays inside its own
     fsyncs for the dirty pages of the one before.
     """
 
     def __init__(self, base: str, cleanup: str = "end"):
-        if cleanup not in ("end", "each"):
+        if cleanup not in ("end", "each", "none"):
             raise ValueError(cleanup)
         self.cleanup = cleanup
         self.path = tempfile.mkdtemp(prefix="spoolq-bench-", dir=base)
@@ -67,7 +68,8 @@ class Workspace:
             os.sync()
 
     def close(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        if self.cleanup != "none":
+            shutil.rmtree(self.path, ignore_errors=True)
 
     def __enter__(self):
         return self
@@ -78,8 +80,9 @@ class Workspace:
 
 def add_cleanup_arg(parser) -> None:
     parser.add_argument(
-        "--cleanup", choices=("end", "each"), default="end",
-        help="remove run dirs at the end (default) or after each run; see common.Workspace",
+        "--cleanup", choices=("end", "each", "none"), default="end",
+        help="remove run dirs at the end (default), after each run, or never; "
+        "see common.Workspace",
     )
 
 
@@ -104,14 +107,31 @@ def pkg_version(name: str):
         return None
 
 
-def fs_type(path: str) -> str | None:
+def fs_info(path: str) -> dict:
+    """Filesystem of `path` from /proc/mounts (longest mount-point prefix),
+    and for ext4 whether it has a journal (a jbd2 entry for its device)."""
+    real = os.path.realpath(path)
+    best = None
     try:
-        out = subprocess.run(
-            ["stat", "-f", "-c", "%T", path], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        return out or None
-    except (OSError, subprocess.CalledProcessError):
-        return None
+        with open("/proc/mounts") as f:
+            for line in f:
+                dev, mnt, fstype, opts = line.split()[:4]
+                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and (
+                        best is None or len(mnt) >= len(best[1])):
+                    best = (dev, mnt, fstype, opts)
+    except OSError:
+        return {}
+    if best is None:
+        return {}
+    dev, mnt, fstype, opts = best
+    info = {"device": dev, "mount": mnt, "type": fstype, "options": opts}
+    if fstype in ("ext3", "ext4"):
+        name = os.path.basename(dev)
+        try:
+            info["journal"] = any(e.startswith(name + "-") for e in os.listdir("/proc/fs/jbd2"))
+        except OSError:
+            info["journal"] = False
+    return info
 
 
 def git_rev() -> str | None:
@@ -130,8 +150,9 @@ def meta(base_dir: str, **extra) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
+        "loadavg_at_end": os.getloadavg(),
         "dir": base_dir,
-        "fs_type": fs_type(base_dir),
+        "fs": fs_info(base_dir),
         "git_rev": git_rev(),
         "versions": {
             p: pkg_version(p)

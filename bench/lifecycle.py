@@ -16,7 +16,10 @@ the median tasks/s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
 import time
 import traceback
@@ -32,7 +35,36 @@ def payload(i: int):
     return {"i": i, "args": [1, 2, 3]}
 
 
-def run_once(cls, n: int, durable: bool, ws: common.Workspace) -> dict:
+class RunTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise RunTimeout in this (main) thread after `seconds`: a hung backend
+    (say, a lock never released) fails its run instead of the whole bench."""
+    if not seconds:
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise RunTimeout(f"run did not finish in {seconds:g}s")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def run_once(cls, n: int, durable: bool, ws: common.Workspace, timeout: float = 0) -> dict:
+    with time_limit(timeout):
+        return _run_once(cls, n, durable, ws)
+
+
+def _run_once(cls, n: int, durable: bool, ws: common.Workspace) -> dict:
     b = cls()
     label = cls.name.replace(".", "_").lower() + ("-d" if durable else "-nd")
     with ws.run_dir(label) as root:
@@ -105,6 +137,11 @@ def summarize(runs, names, modes):
     return summary
 
 
+def report(data) -> str:
+    """The markdown table of a lifecycle.json."""
+    return table(data["summary"], data["skipped"])
+
+
 def table(summary, skipped) -> str:
     headers = ["backend", "mode", "N", "tasks/s (median)", "x floor", "x huey FileStorage",
                "x dirq.Queue"]
@@ -128,9 +165,10 @@ def _rounds(a, todo, modes, n_for, ws, runs) -> None:
             order = todo[mode]
             k = rnd % len(order) if order else 0
             for cls in order[k:] + order[:k]:  # rotate: no backend always first
-                rec = {"round": rnd, "mode": mode, "backend": cls.name, "n": n_for[mode]}
+                rec = {"round": rnd, "mode": mode, "backend": cls.name, "n": n_for[mode],
+                       "load1_before": os.getloadavg()[0]}  # other work on the machine
                 try:
-                    rec.update(run_once(cls, n_for[mode], mode == "durable", ws))
+                    rec.update(run_once(cls, n_for[mode], mode == "durable", ws, a.timeout))
                     msg = f"{rec['tasks_per_s']:10,.0f} tasks/s"
                 except Exception as e:  # report, keep benchmarking the others
                     rec["error"] = f"{type(e).__name__}: {e}"
@@ -143,12 +181,15 @@ def _rounds(a, todo, modes, n_for, ws, runs) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=5000, help="tasks per run (default %(default)s)")
-    ap.add_argument("--n-durable", type=int, default=None,
-                    help="tasks per durable run (default: same as --n)")
+    ap.add_argument("--n-durable", type=int, default=500,
+                    help="tasks per durable run (default %(default)s: durable runs are fsync-bound, "
+                    "~10x slower per task; see README)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default %(default)s)")
     ap.add_argument("--modes", default=",".join(MODES), help="comma list of %s" % ", ".join(MODES))
     ap.add_argument("--backends", default=",".join(b.name for b in ALL),
                     help="comma list (default: all): %(default)s")
+    ap.add_argument("--timeout", type=float, default=300,
+                    help="seconds one run may take before it is failed (0: none); default %(default)s")
     ap.add_argument("--json", default="lifecycle.json", help="file in bench/results/ ('' for none)")
     ap.add_argument("--child", metavar="BACKEND", help="run BACKEND once (for strace) and exit")
     ap.add_argument("--mode", choices=MODES, default="non-durable", help="mode for --child")
@@ -158,7 +199,7 @@ def main(argv=None) -> int:
 
     if a.child:
         with common.Workspace(a.dir, a.cleanup) as ws:
-            res = run_once(BY_NAME[a.child], a.n, a.mode == "durable", ws)
+            res = run_once(BY_NAME[a.child], a.n, a.mode == "durable", ws, a.timeout)
         print(json.dumps(res))
         return 0
 
@@ -167,7 +208,7 @@ def main(argv=None) -> int:
     for x in names:
         if x not in BY_NAME:
             ap.error(f"unknown backend {x!r}; known: {', '.join(BY_NAME)}")
-    n_for = {"non-durable": a.n, "durable": a.n_durable or a.n}
+    n_for = {"non-durable": a.n, "durable": a.n_durable}
     todo, skipped = plan(names, modes)
 
     runs = []
