@@ -220,6 +220,7 @@ def test_soak_with_random_kills(tmp_path: Path) -> None:
         if event == "start":
             last_start[pid] = max(last_start.get(pid, 0), int(ns))
     overlaps = []
+    timed_by_chaos = 0
     for name, lines in runs.items():
         spans = []
         for event, _, server, pid, ppid, ns in lines:
@@ -227,6 +228,7 @@ def test_soak_with_random_kills(tmp_path: Path) -> None:
                 end = next((int(e[5]) for e in lines if e[0] == "end" and e[3] == pid and int(e[5]) >= int(ns)), None)
                 if end is None and last_start[pid] == int(ns):
                     end = soak.killed_at.get(int(pid))
+                    timed_by_chaos += end is not None
                 spans.append((int(ns), end, server))
         spans.sort()
         for (s1, e1, srv1), (s2, _, srv2) in zip(spans, spans[1:]):
@@ -237,6 +239,7 @@ def test_soak_with_random_kills(tmp_path: Path) -> None:
     runs_killed = sum(1 for r in records if r[0] == "start") - sum(1 for r in records if r[0] == "end")
     print(
         f"\nsoak: {TASKS} tasks in {elapsed:.0f} s, {kills} daemons SIGKILLed and restarted, "
-        f"lost 0, overlaps 0, {runs_killed} handler runs killed mid-way; "
+        f"lost 0, overlaps 0, {runs_killed} handler runs killed mid-way "
+        f"({timed_by_chaos} of them with their daemon, ended at the kill); "
         f"FINISHED {counts['FINISHED']}, FAILED {counts['FAILED']}; {dict(sorted(outcome.items()))}"
     )
