@@ -1,0 +1,703 @@
+"""``spoolq fsck [--repair]``: check a spool's structure, repair what can be.
+
+The spool's own code trusts nothing it reads (it quarantines what it cannot
+use, when it meets it), but it only looks at what it is about to use. fsck
+looks at everything, like Postfix's ``postsuper -s``: after a power loss, a
+disk that filled up, a restore from backup or hands in the tree.
+
+What it checks, and what ``--repair`` does about each (``kind`` of finding):
+
+========================  ===============================================  =========================================
+kind                      what is wrong                                    repair
+========================  ===============================================  =========================================
+``missing-dir``           a state directory is missing                     ``spoolq init`` (creates it)
+``unsafe-dir``            a state directory is a symlink or a file         none: fix by hand
+``cross-device``          a state directory on another filesystem          none: fix by hand
+``ownership``             a state directory owned by another uid           none: the message names the ``chown``
+``permissions``           writable by any user (root, a state, server or   none: the message names the ``chmod``
+                          task directory, a task file)
+``unknown-entry``         something that is not part of a spool            quarantined
+``bad-name``              not a ``TYPE:ID`` (or server) name               quarantined
+``symlink``               a symlink where a task or one of its files       quarantined (the link; never followed)
+                          belongs
+``not-a-directory``       a file where a task directory belongs            quarantined
+``incomplete``            a task without status.json, input or log         quarantined
+``corrupt-status``        status.json unreadable or malformed              quarantined
+``status-mismatch``       status.json names another type, id or server     quarantined
+``wrong-state``           the state disagrees with the directory           an interrupted finish or re-enqueue is
+                                                                           completed (moved on to done/ or enqueued/);
+                                                                           anything else is quarantined
+``orphan``                a claim of a dead server                         re-enqueued like ``recover_server`` does
+                                                                           (started: a restart is charged; claimed:
+                                                                           free) or FAILED when no restarts remain
+``duplicate``             the same task in two places                      the newer copy is kept, the others
+                                                                           quarantined
+``leftover-tmp``          status.json.tmp / response.tmp in a task,        an interrupted status write is completed
+                          a ``types/`` or ``spool.json`` staging file      if it was logged (the spool's own
+                                                                           roll-forward), else set aside; other
+                                                                           leftovers are quarantined
+``stale-tmp``             ``tmp/`` staging older than the grace            removed (never published: its enqueue
+                          (15 min), ``.trash.*`` of interrupted deletes    never returned; trash was deleted)
+``corrupt-type``          ``types/<T>.json`` unreadable                    quarantined (register the type again)
+``unregistered-type``     a waiting or claimed task of an unknown type     none: the message names the ``register``
+========================  ===============================================  =========================================
+
+Nothing is ever deleted except ``tmp/`` leftovers: what cannot be trusted
+goes to ``quarantine/`` with a ``.reason`` file beside it. Claims of live
+servers (their lock is held) are left alone, and every repair of a task
+holds that task's lock and re-checks it, as the daemon does: fsck may run
+while workers run.
+
+After a repair, a second, read-only pass decides whether the spool is now
+consistent (:attr:`FsckReport.ok`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+import stat
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, TextIO
+
+from . import fsutil
+from .errors import CorruptTask, SpoolError, SpoolqError
+from .names import check_server, check_type, split_task_name
+from .spool import (
+    DEFAULT_ROOT,
+    INPUT_JSON,
+    INPUT_PICKLE,
+    LOG,
+    RESPONSE,
+    STATE_DIRS,
+    STATUS,
+    Spool,
+    State,
+)
+
+TMP_GRACE = 900.0
+"""Seconds a ``tmp/`` entry may live before it counts as abandoned."""
+
+ROOT_ENTRIES = frozenset({*STATE_DIRS, "spool.json", "lost+found"})
+TASK_FILES = frozenset({STATUS, LOG, RESPONSE, INPUT_PICKLE, INPUT_JSON})
+TASK_LEFTOVERS = frozenset({STATUS + ".tmp", RESPONSE + ".tmp"})
+_LOCK_WAIT = 5.0
+
+
+@dataclass
+class Finding:
+    """One problem: its kind, the path (relative to the spool root), what is
+    wrong, and what ``--repair`` did about it (None: nothing)."""
+
+    kind: str
+    path: str
+    message: str
+    action: str | None = None
+
+    def __str__(self) -> str:
+        line = f"{self.kind}: {self.path}: {self.message}"
+        return f"{line} -> {self.action}" if self.action else line
+
+
+@dataclass
+class FsckReport:
+    """The result of :func:`check`.
+
+    ``findings``: what the (first) pass found, with the action taken on each
+    when repairing. ``remaining``: what is still wrong afterwards (without
+    repair, every finding; with repair, what a fresh read-only pass found).
+    """
+
+    root: str
+    repair: bool
+    findings: list[Finding]
+    remaining: list[Finding]
+    tasks: int = 0
+    quarantined: int = 0  # entries in quarantine/ afterwards (.reason files not counted)
+
+    @property
+    def problems_remaining(self) -> int:
+        return len(self.remaining)
+
+    @property
+    def ok(self) -> bool:
+        return not self.remaining
+
+    @property
+    def repaired(self) -> int:
+        return sum(1 for f in self.findings if f.action is not None)
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def layout_findings(root: str) -> list[Finding]:
+    """Problems of the spool's skeleton, found without opening it as a
+    :class:`Spool` (which refuses an unsafe or split spool outright): every
+    one is reported, not just the first."""
+    out: list[Finding] = []
+    try:
+        root_st = os.stat(root)
+    except FileNotFoundError:
+        return [Finding("missing-dir", ".", f"no spool at {root}: fix with: spoolq --root {root} init")]
+    if not stat.S_ISDIR(root_st.st_mode):
+        return [Finding("unsafe-dir", ".", f"spool root {root} is not a directory")]
+    _mode_finding(out, ".", root, root_st)
+    for name in STATE_DIRS:
+        path = os.path.join(root, name)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            out.append(Finding("missing-dir", name, f"missing: fix with: spoolq --root {root} init"))
+            continue
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+            what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+            out.append(Finding("unsafe-dir", name, f"is {what}: it must be a real directory (move it away, then spoolq init)"))
+            continue
+        _mode_finding(out, name, path, st)
+        if st.st_dev != root_st.st_dev:
+            out.append(Finding(
+                "cross-device", name,
+                f"on another filesystem than {root}: tasks move by rename, never by copy; "
+                f"fix with: umount {path} (or move the spool onto one filesystem)",
+            ))
+        if st.st_uid != root_st.st_uid and st.st_uid != 0:
+            out.append(Finding(
+                "ownership", name,
+                f"owned by uid {st.st_uid}, the spool root by uid {root_st.st_uid}: fix with: chown -R {root_st.st_uid} {root}",
+            ))
+    servers = os.path.join(root, "locks", "servers")
+    if os.path.isdir(os.path.join(root, "locks")) and not os.path.lexists(servers):
+        out.append(Finding("missing-dir", "locks/servers", f"missing: fix with: spoolq --root {root} init"))
+    return out
+
+
+def _mode_finding(out: list[Finding], rel: str, path: str, st: os.stat_result) -> None:
+    if st.st_mode & stat.S_IWOTH:
+        out.append(Finding(
+            "permissions", rel,
+            f"writable by any user (mode {stat.S_IMODE(st.st_mode):04o}); pickles run as code in the worker: "
+            f"fix with: chmod o-w {path}",
+        ))
+
+
+# --------------------------------------------------------------------------- the check
+
+
+@dataclass
+class _Place:
+    """A task directory that passed the structural checks."""
+
+    where: str  # enqueued, scheduled, running, done
+    path: str
+    name: str
+    type: str
+    id: str
+    server_dir: str | None  # the <server> of scheduled/<server>/
+    inode: tuple[int, int]  # (st_dev, st_ino): a directory keeps it across renames
+    doc: dict[str, Any] = field(repr=False)
+
+    @property
+    def state(self) -> State:
+        return State[self.doc["state"]]
+
+
+_ORDER = {"enqueued": 0, "scheduled": 1, "running": 2, "done": 3}
+
+
+class _Checker:
+    def __init__(self, spool: Spool, repair: bool, grace: float) -> None:
+        self.spool = spool
+        self.repair = repair
+        self.grace = grace
+        self.root = spool.root
+        self.findings: list[Finding] = []
+        self.places: dict[str, list[_Place]] = defaultdict(list)
+        self.types: set[str] = set()
+        self._alive: dict[str, bool] = {}
+
+    # ------------------------------------------------------------------ helpers
+
+    def rel(self, path: str) -> str:
+        return os.path.relpath(path, self.root)
+
+    def add(self, kind: str, path: str, message: str) -> Finding:
+        finding = Finding(kind, self.rel(path), message)
+        self.findings.append(finding)
+        return finding
+
+    def quarantine(self, finding: Finding, path: str) -> None:
+        """Move *path* (a symlink is moved, not followed) to quarantine/."""
+        if not self.repair:
+            return
+        dest = self.spool._quarantine(path, f"fsck: {finding.kind}: {finding.message}")
+        finding.action = f"quarantined as {self.rel(dest)}" if dest else "gone meanwhile"
+
+    def alive(self, server: str) -> bool:
+        if server not in self._alive:
+            self._alive[server] = self.spool.server_alive(server)
+        return self._alive[server]
+
+    def sound(self, path: str, st: os.stat_result, named: bool, bad_name: tuple[str, str], belongs: str,
+              wrong_kind: str) -> bool:
+        """The checks every entry gets: its name, its kind (a directory for
+        servers and tasks, a regular file for types; a symlink is never
+        followed) and its mode. False, after quarantining it, when the entry
+        cannot be used."""
+        if not named:
+            self.quarantine(self.add(bad_name[0], path, f"{_what(path)} {bad_name[1]}"), path)
+            return False
+        want_dir = belongs != "a type file"
+        if not (stat.S_ISDIR(st.st_mode) if want_dir else stat.S_ISREG(st.st_mode)):
+            kind = "symlink" if stat.S_ISLNK(st.st_mode) else wrong_kind
+            self.quarantine(self.add(kind, path, f"{_what(path)} where {belongs} belongs; never followed"), path)
+            return False
+        if st.st_mode & stat.S_IWOTH:
+            self.add("permissions", path, f"writable by any user: fix with: chmod o-w {path}")
+        return True
+
+    # ------------------------------------------------------------------ passes
+
+    def run(self) -> None:
+        for finding in layout_findings(self.root):
+            self.findings.append(finding)
+            if finding.kind == "missing-dir" and self.repair and finding.path != ".":
+                Spool.init(self.root)
+                finding.action = "created (spoolq init)"
+        self.check_root()
+        self.check_types()
+        self.check_tmp()
+        # Lifecycle order: a task moving forward meanwhile is seen again
+        # further on (the same inode), never missed.
+        self.check_tasks_in("enqueued")
+        self.check_scheduled()
+        self.check_tasks_in("running")
+        self.check_tasks_in("done")
+        self.settle_duplicates()
+        for places in self.places.values():
+            for place in places:
+                self.check_state(place)
+
+    def check_root(self) -> None:
+        for name in _listdir(self.root):
+            path = os.path.join(self.root, name)
+            if name in ROOT_ENTRIES:
+                continue
+            if name == "spool.json.tmp":
+                finding = self.add("leftover-tmp", path, "staging file of an interrupted 'spoolq init'")
+            else:
+                finding = self.add("unknown-entry", path, f"{_what(path)} that is not part of a spool")
+            self.quarantine(finding, path)
+
+    def check_types(self) -> None:
+        now = self.spool.clock()
+        for name, path, st in _entries(self.spool._p("types")):
+            if name.startswith("."):
+                if now - st.st_mtime <= self.grace:
+                    continue  # a registration in progress
+                finding = self.add("leftover-tmp", path, "staging file of an interrupted 'spoolq register'")
+                self.quarantine(finding, path)
+                continue
+            type_name = name[:-5]
+            named = name.endswith(".json") and _valid(check_type, type_name)
+            if not self.sound(path, st, named, ("unknown-entry", "that is not a type file (<TYPE>.json)"),
+                              "a type file", "corrupt-type"):
+                continue
+            try:
+                self.spool.get_type(type_name)
+            except (SpoolError, OSError) as exc:
+                if isinstance(exc, SpoolError):
+                    message = str(exc).replace(path + " ", "")
+                else:
+                    message = f"cannot be read ({exc.strerror}): register the type again"
+                finding = self.add("corrupt-type", path, message)
+                self.quarantine(finding, path)
+                continue
+            self.types.add(type_name)
+
+    def check_tmp(self) -> None:
+        now = self.spool.clock()
+        stale = []
+        for name, path, st in _entries(self.spool._p("tmp")):
+            if name.startswith(".trash."):
+                stale.append(self.add("stale-tmp", path, "left by an interrupted delete"))
+            elif now - st.st_mtime > self.grace:
+                age = now - st.st_mtime
+                stale.append(self.add("stale-tmp", path, f"staging never published ({age:.0f} s old; grace {self.grace:g} s)"))
+        if stale and self.repair:
+            self.spool.clean_tmp(grace=self.grace)
+            for finding in stale:
+                gone = not os.path.lexists(os.path.join(self.root, finding.path))
+                finding.action = "removed" if gone else None
+
+    def check_tasks_in(self, where: str) -> None:
+        directory = self.spool._p(where)
+        for name in _listdir(directory):
+            self.check_task(where, os.path.join(directory, name), None)
+
+    def check_scheduled(self) -> None:
+        for server, sdir, st in _entries(self.spool._p("scheduled")):
+            if not self.sound(sdir, st, _valid(check_server, server), ("bad-name", "that is not named like a server"),
+                              "a server directory", "not-a-directory"):
+                continue
+            for name in _listdir(sdir):
+                self.check_task("scheduled", os.path.join(sdir, name), server)
+
+    # ------------------------------------------------------------------ one task directory
+
+    def check_task(self, where: str, path: str, server_dir: str | None) -> None:
+        name = os.path.basename(path)
+        parts = split_task_name(name)
+        st = _lstat(path)
+        if st is None:
+            return
+        if not self.sound(path, st, parts is not None, ("bad-name", "not named TYPE:ID; not a task"),
+                          "a task directory", "not-a-directory"):
+            return
+        assert parts is not None
+        try:
+            dfd = fsutil.open_dir(path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            finding = self.add("not-a-directory", path, f"cannot be opened: {exc.strerror}")
+            self.quarantine(finding, path)
+            return
+        try:
+            if not _lock(dfd, fcntl.LOCK_EX if self.repair else fcntl.LOCK_SH):
+                pass  # a writer holds it for long: look anyway, repairs re-check under the lock
+            if _moved(path, dfd):
+                return  # a worker moved it on meanwhile
+            verdict = self._inspect(path, dfd, where, parts)
+            st = os.fstat(dfd)
+        finally:
+            os.close(dfd)  # releases the lock
+        if verdict is None:
+            return
+        if isinstance(verdict, Finding):
+            self.quarantine(verdict, path)
+            return
+        inode = (st.st_dev, st.st_ino)
+        self.places[name].append(_Place(where, path, name, parts[0], parts[1], server_dir, inode, verdict))
+
+    def _inspect(self, path: str, dfd: int, where: str, parts: tuple[str, str]) -> Finding | dict[str, Any] | None:
+        """Look into a task directory (opened and locked as *dfd*): the
+        finding that condemns it as a whole, or its status document."""
+        if self.repair:
+            self._settle_leftovers(path, dfd)
+        entries = {}
+        for entry in os.listdir(dfd):
+            try:
+                entries[entry] = os.stat(entry, dir_fd=dfd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+        for entry, st in sorted(entries.items()):
+            epath = os.path.join(path, entry)
+            if entry in TASK_FILES:
+                if stat.S_ISLNK(st.st_mode):
+                    return self.add("symlink", path, f"{entry} is a symlink (to {_target(epath)}); never followed")
+                if not stat.S_ISREG(st.st_mode):
+                    return self.add("incomplete", path, f"{entry} is {_what(epath)}, not a regular file")
+                if st.st_mode & stat.S_IWOTH:
+                    self.add("permissions", epath, f"writable by any user: fix with: chmod o-w {epath}")
+            elif entry in TASK_LEFTOVERS:
+                what = "an interrupted status write" if entry.startswith(STATUS) else "an interrupted response write"
+                self.add("leftover-tmp", epath, f"left by {what}")
+            else:
+                finding = self.add("unknown-entry", epath, f"{_what(epath)} that is not part of a task")
+                self.quarantine(finding, epath)
+        if STATUS not in entries:
+            return self.add("incomplete", path, "no status.json")
+        try:
+            doc = self.spool._read_status(dfd, path)
+        except CorruptTask as exc:
+            return self.add("corrupt-status", path, str(exc).replace(path + "/", "").replace(path + " ", ""))
+        if (doc.get("type"), doc.get("id")) != parts:
+            return self.add(
+                "status-mismatch", path,
+                f"status.json is for {doc.get('type')!r}/{doc.get('id')!r}, the directory for {parts[0]}/{parts[1]}",
+            )
+        input_name = doc.get("input") or INPUT_PICKLE
+        if input_name not in (INPUT_PICKLE, INPUT_JSON):
+            return self.add("corrupt-status", path, f"status.json names an unknown input file {str(input_name)[:40]!r}")
+        if input_name not in entries:
+            return self.add("incomplete", path, f"no {input_name}")
+        if LOG not in entries:
+            return self.add("incomplete", path, "no log")
+        return doc
+
+    def _settle_leftovers(self, path: str, dfd: int) -> None:
+        """Under the task's exclusive lock: an interrupted status write is
+        put in place if it was logged (the spool's roll-forward), else set
+        aside in quarantine/; a response.tmp is quarantined."""
+        try:
+            tmp_st = os.stat(STATUS + ".tmp", dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            tmp_st = None
+        if tmp_st is not None and stat.S_ISREG(tmp_st.st_mode):
+            finding = self.add("leftover-tmp", os.path.join(path, STATUS + ".tmp"), "left by an interrupted status write")
+            copy = self._link_aside(dfd, STATUS + ".tmp", os.path.basename(path))
+            self.spool._roll_forward(dfd)
+            try:
+                applied = os.stat(STATUS, dir_fd=dfd, follow_symlinks=False).st_ino == tmp_st.st_ino
+            except FileNotFoundError:
+                applied = False
+            if applied:
+                os.unlink(copy)
+                finding.action = "completed: the write was logged, so it is now status.json"
+            else:
+                with open(copy + ".reason", "w", encoding="utf-8", errors="backslashreplace") as fh:
+                    fh.write(f"{path}/{STATUS}.tmp: fsck: a status write that was never logged (never happened)\n")
+                finding.action = f"never logged, so never happened: set aside as {self.rel(copy)}"
+        elif tmp_st is not None:
+            finding = self.add("leftover-tmp", os.path.join(path, STATUS + ".tmp"), f"{_what(os.path.join(path, STATUS + '.tmp'))}")
+            self.quarantine(finding, os.path.join(path, STATUS + ".tmp"))
+        leftover = os.path.join(path, RESPONSE + ".tmp")
+        if os.path.lexists(leftover):
+            finding = self.add("leftover-tmp", leftover, "left by an interrupted response write")
+            self.quarantine(finding, leftover)
+
+    def _link_aside(self, dfd: int, name: str, task: str) -> str:
+        stamp = datetime.fromtimestamp(self.spool.clock(), timezone.utc).strftime("%Y%m%dT%H%M%S")
+        dest = self.spool._p("quarantine", f"{task[:180]}.{name}.{stamp}.{secrets.token_hex(3)}")
+        os.link(name, dest, src_dir_fd=dfd, follow_symlinks=False)
+        return dest
+
+    # ------------------------------------------------------------------ across directories
+
+    def settle_duplicates(self) -> None:
+        """The same task in two places: keep the newest life (highest claim
+        number, then latest update, then furthest along), quarantine the rest."""
+        for name, places in self.places.items():
+            if len(places) < 2:
+                continue
+            # One directory met twice (it moved on during the scan): keep
+            # the later sighting.
+            seen: dict[tuple[int, int], _Place] = {}
+            for place in places:
+                seen[place.inode] = place
+            places[:] = list(seen.values())
+            if len(places) < 2:
+                continue
+            places.sort(key=lambda p: (_int(p.doc.get("claim")), str(p.doc.get("updated_at")), _ORDER[p.where]))
+            keep = places[-1]
+            for place in places[:-1]:
+                finding = self.add(
+                    "duplicate", place.path,
+                    f"another copy of {name} is at {self.rel(keep.path)} (kept: it is the newer one)",
+                )
+                self.quarantine(finding, place.path)
+            places[:] = [keep]
+
+    def check_state(self, place: _Place) -> None:
+        state, doc = place.state, place.doc
+        where = place.where
+        if place.type not in self.types and not state.terminal:
+            self.add(
+                "unregistered-type", place.path,
+                f"a {state.name} task of unregistered type {place.type}: it fails when claimed; "
+                f"fix with: spoolq register {place.type} HANDLER",
+            )
+        if where == "enqueued":
+            if state != State.ENQUEUED:
+                self._untrusted(place, f"status says {state.name} but it waits in enqueued/")
+        elif where == "done":
+            if not state.terminal:
+                self._untrusted(place, f"status says {state.name} but it is in done/")
+        elif state.terminal:
+            self._take(place, "wrong-state", f"{state.name} but still in {self.rel(os.path.dirname(place.path))}/: "
+                       "a finish was interrupted before its move", charge=False)
+        elif where == "running" and state == State.ENQUEUED:
+            self._take(place, "wrong-state", "ENQUEUED but still in running/: a re-enqueue was interrupted "
+                       "before its move", charge=False, reason="completing an interrupted re-enqueue")
+        elif where == "running":
+            server = doc.get("server")
+            if not _valid(check_server, server):
+                self._untrusted(place, f"status says {state.name} (server {server!r}) but it is in running/")
+            elif not self.alive(server):
+                started = state != State.SCHEDULED
+                what = "started" if started else "being started"
+                self._take(place, "orphan", f"{state.name}: {what} by server {server}, which is gone",
+                           charge=started, reason=f"abandoned: server {server} is gone")
+        else:  # scheduled/<server>/
+            server = place.server_dir or ""
+            if state in (State.RUNNING, State.PAUSED):
+                self._untrusted(place, f"status says {state.name} but it is in scheduled/{server}/ (never started)")
+            elif state == State.SCHEDULED and doc.get("server") != server:
+                self._untrusted(place, f"claimed by {doc.get('server')!r} but in scheduled/{server}/")
+            elif not self.alive(server):
+                what = "claimed" if state == State.SCHEDULED else "being claimed (interrupted)"
+                self._take(place, "orphan", f"{state.name}: {what} by server {server}, which is gone",
+                           charge=False, reason=f"handed back: server {server} is gone")
+
+    def _untrusted(self, place: _Place, message: str) -> None:
+        finding = self.add("wrong-state", place.path, message)
+        self.quarantine(finding, place.path)
+
+    def _take(self, place: _Place, kind: str, message: str, *, charge: bool, reason: str = "") -> None:
+        """Re-enqueue (or fail, or complete the finish of) a task through the
+        spool's take-away, which locks the task and re-checks its claim."""
+        finding = self.add(kind, place.path, message)
+        if not self.repair:
+            return
+        try:
+            result = self.spool._take_away(
+                place.path, reason or "fsck: completing an interrupted finish",
+                charge=charge, expect_claim=_int(place.doc.get("claim")),
+            )
+        except CorruptTask as exc:
+            finding.message += f" (and now: {exc})"
+            self.quarantine(finding, place.path)
+            return
+        except OSError as exc:
+            finding.message += f" (repair failed: {exc})"
+            return
+        finding.action = {
+            "reenqueued": "re-enqueued",
+            "failed": "FAILED: no restarts left",
+            "finished move": "moved to done/",
+            "gone": "changed meanwhile; left alone",
+        }.get(result, result)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def check(spool: Spool, *, repair: bool = False, tmp_grace: float = TMP_GRACE) -> FsckReport:
+    """Check *spool*; with *repair*, fix what can be fixed (see the module
+    docstring), then check again read-only to tell what remains."""
+    checker = _Checker(spool, repair, tmp_grace)
+    checker.run()
+    if repair:
+        again = _Checker(spool, False, tmp_grace)
+        again.run()
+        remaining, tasks = again.findings, sum(len(p) for p in again.places.values())
+    else:
+        remaining, tasks = list(checker.findings), sum(len(p) for p in checker.places.values())
+    quarantined = sum(1 for n in _listdir(spool._p("quarantine")) if not n.endswith(".reason"))
+    return FsckReport(spool.root, repair, checker.findings, remaining, tasks, quarantined)
+
+
+def run_fsck(root: str | None, repair: bool, out: TextIO = sys.stdout) -> int:
+    """``spoolq fsck``: one line per finding (``kind: path: message[ ->
+    action]``) and a summary; 0 when the spool is consistent (after repair),
+    1 otherwise."""
+    path = os.path.abspath(os.fspath(root or os.environ.get("SPOOLQ_ROOT") or DEFAULT_ROOT))
+    try:
+        spool = Spool(path)
+    except SpoolError as exc:
+        findings = layout_findings(path) or [Finding("spool", ".", str(exc))]
+        for finding in findings:
+            print(finding, file=out)
+        print(f"fsck {path}: {len(findings)} problem(s) in the spool's layout; fix them, then run fsck again", file=out)
+        return 1
+    report = check(spool, repair=repair)
+    for finding in report.findings:
+        print(finding, file=out)
+    printed = {(f.kind, f.path) for f in report.findings if f.action is None}
+    if repair:
+        for finding in report.remaining:
+            if (finding.kind, finding.path) not in printed:
+                print(f"{finding} (found after repair)", file=out)
+    summary = f"fsck {path}: {report.tasks} task(s), {len(report.findings)} problem(s)"
+    if repair:
+        summary += f", {report.repaired} repaired, {report.problems_remaining} remain"
+    summary += f"; {report.quarantined} entr{'y' if report.quarantined == 1 else 'ies'} in quarantine/"
+    if not report.ok and not repair:
+        summary += "; 'spoolq fsck --repair' fixes what it can"
+    print(summary, file=out)
+    return 0 if report.ok else 1
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _entries(directory: str) -> Iterator[tuple[str, str, os.stat_result]]:
+    """(name, path, lstat) of each entry still there, sorted by name."""
+    for name in _listdir(directory):
+        path = os.path.join(directory, name)
+        st = _lstat(path)
+        if st is not None:
+            yield name, path, st
+
+
+def _lstat(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _what(path: str) -> str:
+    st = _lstat(path)
+    if st is None:
+        return "an entry (gone)"
+    mode = st.st_mode
+    if stat.S_ISLNK(mode):
+        return f"a symlink (to {_target(path)})"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISREG(mode):
+        return f"a file ({st.st_size} bytes)"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device node"
+
+
+def _target(path: str) -> str:
+    try:
+        return repr(os.readlink(path))
+    except OSError:
+        return "?"
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) else -1
+
+
+def _valid(check: Any, value: Any) -> bool:
+    try:
+        check(value)
+        return True
+    except SpoolqError:
+        return False
+
+
+def _lock(fd: int, how: int) -> bool:
+    """flock *fd*, waiting at most a few seconds for a writer to finish."""
+    deadline = time.monotonic() + _LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+
+
+def _moved(path: str, dfd: int) -> bool:
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        return True
+    st = os.fstat(dfd)
+    return (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev)
+
+
+__all__ = ["Finding", "FsckReport", "TMP_GRACE", "check", "layout_findings", "run_fsck"]
