@@ -64,6 +64,7 @@ log = logging.getLogger("spoolq.daemon")
 
 _PR_SET_PDEATHSIG = 1
 EX_CONFIG = 78
+CLAIM_RETRY = 1.0  # seconds claiming pauses after a claim failed with an OSError (disk full)
 
 
 @dataclass
@@ -226,6 +227,7 @@ class Worker:
         self._next_sweep = 0.0
         self._next_rescan = 0.0
         self._next_status = 0.0
+        self._claims_paused_until = 0.0
         self.finished = 0
         self.failed = 0
 
@@ -421,6 +423,8 @@ class Worker:
         self._next_rescan = time.monotonic() + self.rescan_interval
 
     def _fill_slots(self) -> None:
+        if time.monotonic() < self._claims_paused_until:
+            return
         while len(self.jobs) < self.concurrency and self._heap:
             waiting = heapq.heappop(self._heap)
             self._known.discard(waiting.name)
@@ -429,6 +433,12 @@ class Worker:
             except SpoolqError as exc:
                 log.error("cannot claim %s: %s", waiting.name, exc)
                 continue
+            except OSError as exc:
+                # Disk full or the like: the claim was undone (the task waits
+                # again); retry a little later instead of spinning on it.
+                log.error("cannot claim %s: %s; claiming again in %g s", waiting.name, exc, CLAIM_RETRY)
+                self._claims_paused_until = time.monotonic() + CLAIM_RETRY
+                return
             if claim is not None:
                 log.info("claimed %s:%s (claim %d)", claim.type, claim.id, claim.number)
                 self._launch(claim)
@@ -604,6 +614,10 @@ class Worker:
         except StaleClaim:
             # It reached a final state (or was taken away) before dying.
             self._report(job, _outcome(self.spool, claim))
+        except (SpoolqError, OSError) as exc:
+            # Disk full, or the task directory was tampered with: it stays
+            # as it is until its timeout re-enqueues it; the daemon goes on.
+            log.error("cannot record the end of %s (%s): %s", label, reason, exc)
 
     def _enforce_limits(self, now: float) -> None:
         for job in self.jobs:

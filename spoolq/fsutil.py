@@ -11,14 +11,17 @@ import ctypes
 import errno
 import fcntl
 import os
+import stat
 import threading
 
 from .faults import crashpoint
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO planted under a task file's name must not hang the
+# opener (it is then refused by _check_regular); no effect on regular files.
+_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_O_APPEND = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_APPEND = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
@@ -106,6 +109,7 @@ def append(dir_fd: int, name: str, data: bytes, *, sync: bool) -> None:
     """Append *data* to *name* with O_APPEND in one write (one log record)."""
     fd = os.open(name, _O_APPEND, dir_fd=dir_fd)
     try:
+        _check_regular(fd, name)
         _write_all(fd, data)
         crashpoint("file.appended")  # appended, not yet fdatasynced
         if sync:
@@ -118,6 +122,7 @@ def read_file(dir_fd: int, name: str) -> bytes:
     """Whole content of *name* in *dir_fd*; never follows a symlink."""
     fd = os.open(name, _O_READ, dir_fd=dir_fd)
     try:
+        _check_regular(fd, name)
         chunks = []
         while True:
             chunk = os.read(fd, 1 << 20)
@@ -126,6 +131,13 @@ def read_file(dir_fd: int, name: str) -> bytes:
             chunks.append(chunk)
     finally:
         os.close(fd)
+
+
+def _check_regular(fd: int, name: str) -> None:
+    """Refuse anything but a regular file (a FIFO, device or directory
+    planted under a task file's name) with EINVAL."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file", name)
 
 
 def _write_all(fd: int, data: bytes) -> None:

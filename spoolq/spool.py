@@ -355,7 +355,13 @@ class _TaskDir:
         fsutil.write_new_replacing(self.fd, STATUS + ".tmp", data, sync=sync)
         crashpoint("status.tmp_written")
         if record:
-            fsutil.append(self.fd, LOG, _log_line(now, state, message), sync=sync)
+            try:
+                fsutil.append(self.fd, LOG, _log_line(now, state, message), sync=sync)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ELOOP, errno.EINVAL, errno.ENXIO):
+                    raise
+                # No log, or a symlink/FIFO planted as one: the task cannot be trusted.
+                raise CorruptTask(f"{self.path}/log cannot be appended to: {exc.strerror}") from None
             crashpoint("status.logged")
         os.rename(STATUS + ".tmp", STATUS, src_dir_fd=self.fd, dst_dir_fd=self.fd)
         if sync:
@@ -791,7 +797,7 @@ class Spool:
             raise CorruptTask(f"{path} has no status.json") from None
         except OSError as exc:
             raise CorruptTask(f"{path}/status.json cannot be read: {exc}") from None
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: "[[[[…" nested too deep
             raise CorruptTask(f"{path}/status.json is corrupt: {exc}") from None
 
     def _roll_forward(self, dfd: int) -> None:
@@ -815,7 +821,7 @@ class Spool:
                 and last.time == datetime.fromisoformat(pending.get("updated_at"))
                 and last.state.name == pending.get("state")
             )
-        except (ValueError, OSError, AttributeError):
+        except (ValueError, OSError, AttributeError, TypeError, RecursionError):  # any junk: not logged
             logged = False
         if logged:
             os.rename(STATUS + ".tmp", STATUS, src_dir_fd=dfd, dst_dir_fd=dfd)
@@ -1135,6 +1141,14 @@ class Spool:
             return None
         except (FileNotFoundError, _Moved):
             return None  # deleted right after the claim
+        except OSError:
+            # The status could not be written (disk full): undo the claim,
+            # or the task would sit in scheduled/ of a live server for good.
+            try:
+                fsutil.rename_noreplace(dest, src)
+            except OSError:
+                pass  # left for recover_server
+            raise
         return Claim(parts[0], parts[1], number, server)
 
     def _claimed(self, claim: Claim, allowed: set[State]) -> _TaskDir:
@@ -1632,7 +1646,7 @@ class Spool:
             os.rename(path, dest)
         except FileNotFoundError:
             return None
-        with open(dest + ".reason", "w", encoding="utf-8") as fh:
+        with open(dest + ".reason", "w", encoding="utf-8", errors="backslashreplace") as fh:  # names may not be UTF-8
             fh.write(f"{path}: {reason}\n")
         if self.durable:
             fsutil.fsync_dir(os.path.dirname(path))
