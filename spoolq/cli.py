@@ -389,6 +389,25 @@ def sweep() -> None:
         print("nothing to do")
 
 
+@app.command()
+def fsck(
+    repair: Annotated[
+        bool,
+        typer.Option("--repair", help="Quarantine what cannot be trusted, re-enqueue orphans of dead servers, "
+                     "complete interrupted moves. Never deletes task data."),
+    ] = False,
+) -> None:
+    """Check the spool's consistency (like Postfix's postsuper -s).
+
+    One line per problem (KIND: PATH: MESSAGE [-> ACTION]), then a summary.
+    Exits 0 when the spool is consistent (after --repair), 1 when problems
+    were found (or remain after --repair: permissions are only reported).
+    """
+    from .fsck import run_fsck
+
+    raise typer.Exit(run_fsck(_run.root, repair))
+
+
 def _census(spool: Spool) -> dict[str, Any]:
     """Counts per type and state, restarts per type (of the tasks in running/
     and done/, whose status is read anyway), and the oldest waiting age.

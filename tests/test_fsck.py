@@ -376,3 +376,32 @@ def test_a_crash_during_a_claim_then_fsck_while_the_server_lives_and_after_it_di
     report = check(Spool(root), repair=True)
     assert [(f.kind, f.action) for f in report.findings] == [("orphan", "re-enqueued")]
     assert spool.status("T", "a").state == State.ENQUEUED
+
+
+def test_the_cli_command_exits_1_on_problems_and_0_once_repaired(spool):
+    root = Path(spool.root)
+
+    def fsck(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k != "SPOOLQ_ROOT"}
+        return subprocess.run([sys.executable, "-m", "spoolq", "--root", str(root), "fsck", *args],
+                              capture_output=True, text=True, env=env, timeout=60)
+
+    spool.enqueue("T", "orphan", None)
+    dead = Spool(root)
+    dead.claim("gone")
+    dead.release_server("gone")
+    (root / "enqueued/stray").write_bytes(b"x")
+    proc = fsck()
+    assert proc.returncode == 1 and proc.stderr == ""
+    assert proc.stdout.splitlines()[:2] == [
+        "bad-name: enqueued/stray: a file (1 bytes) not named TYPE:ID; not a task",
+        "orphan: scheduled/gone/T:orphan: SCHEDULED: claimed by server gone, which is gone",
+    ]
+    assert "2 problem(s)" in proc.stdout.splitlines()[2]
+    proc = fsck("--repair")
+    assert proc.returncode == 0, proc.stdout
+    assert "2 repaired, 0 remain" in proc.stdout
+    assert fsck().returncode == 0
+    os.chmod(root / "done", 0o2777)
+    proc = fsck("--repair")
+    assert proc.returncode == 1 and "chmod o-w" in proc.stdout and "Traceback" not in proc.stderr

@@ -409,3 +409,59 @@ def test_a_state_dir_on_another_filesystem_is_refused_never_copied(tmp_path):
     assert report.ok
     assert spool.status("T", "a").state == State.FINISHED  # the interrupted finish, completed
     assert spool.status("T", "b").state == State.ENQUEUED  # handed back
+
+
+# --------------------------------------------------------------------------- the command line
+
+_CLI_DRIVER = """
+import contextlib, io, json, sys, traceback
+from spoolq.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    sys.argv = ["spoolq", *argv]
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    except BaseException:
+        code = "escaped"
+        err.write(traceback.format_exc())
+    results.append([argv, code, err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def test_bad_names_through_the_cli_are_one_line_errors_and_write_nothing(spool, tmp_path):
+    """Every command that takes a name, with every bad name, in one real
+    process calling the CLI's entry point in a loop (a process per case
+    would cost a second each). A NUL cannot be passed in argv at all; a name
+    starting with '-' is an option to the parser unless it follows '--'."""
+    root = Path(spool.root)
+    pickled = tmp_path / "in.pkl"
+    pickled.write_bytes(pickle.dumps(1))
+    spool.enqueue("T", "ok", None)
+    before = snapshot(root)
+    names = [n for n in BAD_NAMES if "\x00" not in n]
+    cases = []
+    for bad in names:  # each name as a task id, a type and a server id
+        cases += [["enqueue", "T", "--", bad, str(pickled)], ["enqueue", "--", bad, "id1", str(pickled)],
+                  ["worker", "--", bad]]
+    others = [["status", "T", "--"], ["log", "T", "--"], ["result", "T", "--"], ["delete", "T", "--"],
+              ["wait", "T", "--"], ["register", "--", None, "pkg.mod.func"]]
+    for i, bad in enumerate(names * 2):  # and the other commands, a rotating share of the names each
+        command = others[i % len(others)]
+        cases.append([bad if a is None else a for a in command] + ([bad] if None not in command else []))
+    cases = [["--root", str(root), *case] for case in cases]
+    proc = subprocess.run([sys.executable, "-c", _CLI_DRIVER, json.dumps(cases)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for argv, code, err in json.loads(proc.stdout):
+        command = argv[2]
+        expected = {"wait": 2, "worker": 78}.get(command, 1)
+        assert code == expected, (argv, code, err)
+        assert err.startswith("spoolq: ") and err.count("\n") == 1, (argv, err)
+        assert "invalid" in err or "must not be empty" in err or "longer than" in err, (argv, err)
+    assert snapshot(root) == before
