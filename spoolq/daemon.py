@@ -10,7 +10,7 @@ One process, one thread of control: a ``select()`` loop that wakes on
 Tasks run in a pool of ``concurrency`` handler processes ("slots"), each
 forked by the daemon, in its own process group, and fed one claim at a time
 over a pipe. A handler that raises or calls ``sys.exit`` costs nothing; one
-that segfaults, ``os._exit``\ s or hangs costs its slot: the daemon reaps it,
+that segfaults, calls ``os._exit`` or hangs costs its slot: the daemon reaps it,
 gives the task the state it earned and forks a fresh slot. A slot is also
 replaced after ``max_tasks_per_child`` tasks, so leaks stay bounded. (Forking
 per task, as a first version did, cost 8 ms a task here: more than the whole
@@ -240,8 +240,10 @@ class Worker:
     def run(self) -> int:
         """Serve until stopped; returns the process exit status (0 on a clean
         stop, after every task was finished or handed back)."""
-        self.spool.hold_server(self.server)  # ServerBusy if another process is this server
+        # Signals first: a stop that arrives during recovery is then honoured
+        # by the loop (clean exit 0) instead of killing the process.
         self._install_signals()
+        self.spool.hold_server(self.server)  # ServerBusy if another process is this server
         held = self._recover()
         if not self.draining:
             self._watcher = DirWatcher(self.spool._p("enqueued"), poll=self.poll)
@@ -595,8 +597,8 @@ class Worker:
         claim = job.claim
         label = f"{claim.type}:{claim.id}"
         if job.kill_reason is not None:
+            faults.crashpoint("daemon.handback")  # killed, not handed back yet
             result = self.spool.abandon(claim, job.kill_reason, charge=job.charge)
-            faults.crashpoint("daemon.handback")
             if result == "failed":
                 self.failed += 1
                 log.error("failed %s: %s (no restarts left)", label, job.kill_reason)
