@@ -1144,8 +1144,11 @@ class Spool:
         except OSError:
             # The status could not be written (disk full): undo the claim,
             # or the task would sit in scheduled/ of a live server for good.
+            # A move backwards: under the enqueue lock, like every other one,
+            # so a lookup under that lock cannot miss the task (§5 of design.md).
             try:
-                fsutil.rename_noreplace(dest, src)
+                with self._enqueue_lock:
+                    fsutil.rename_noreplace(dest, src)
             except OSError:
                 pass  # left for recover_server
             raise
