@@ -42,6 +42,7 @@ import errno
 import heapq
 import importlib
 import logging
+import math
 import os
 import select
 import signal
@@ -462,7 +463,8 @@ class Worker:
         if slot is None:
             slot = self._spawn()
         now = time.monotonic()
-        slot.job = _Job(claim, slot.pid, now, now + timeout)
+        # A timeout <= 0 means no time limit (the type's own rule).
+        slot.job = _Job(claim, slot.pid, now, now + timeout if timeout > 0 else math.inf)
         slot.tasks += 1
         try:
             slot.send(claim)

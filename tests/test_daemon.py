@@ -266,7 +266,14 @@ def test_two_servers_share_500_tasks_each_run_exactly_once(env):
     ids = [f"t{i:03d}" for i in range(500)]
     for task_id in ids:
         spool.enqueue("N", task_id, {"record": str(rec)})
-    wait_until(lambda: spool.counts()["FINISHED"] == 500, timeout=120, what="500 finished")
+    try:
+        wait_until(lambda: spool.counts()["FINISHED"] == 500, timeout=240, what="500 finished")
+    except AssertionError:
+        stuck = [(t.id, t.state.name, t.path) for t in spool.list_tasks() if t.state != State.FINISHED]
+        for proc in (a, b):
+            proc.kill()
+        logs = [proc.stderr.read()[-3000:] for proc in (a, b)]
+        raise AssertionError(f"not all finished: {spool.counts()} {stuck[:10]} {logs}") from None
     starts = [r for r in records(rec) if r[0] == "start"]
     per_task = Counter(r[1] for r in starts)
     assert len(per_task) == 500 and set(per_task.values()) == {1}
