@@ -467,7 +467,7 @@ def test_sequence_sum_handler() -> None:
 
 
 COMMANDS = ["init", "register", "types", "enqueue", "status", "log", "result", "delete", "list", "wait",
-            "worker", "sweep", "stats", "demo"]
+            "worker", "sweep", "stats", "fsck", "demo"]
 
 
 def test_every_command_has_help() -> None:
