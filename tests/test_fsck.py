@@ -405,3 +405,33 @@ def test_the_cli_command_exits_1_on_problems_and_0_once_repaired(spool):
     os.chmod(root / "done", 0o2777)
     proc = fsck("--repair")
     assert proc.returncode == 1 and "chmod o-w" in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_fsck_beside_a_running_worker_finds_nothing_and_takes_nothing(tmp_path):
+    """A busy worker's claims, starts and finishes are never taken for
+    damage: each task is read under its lock, live servers are left alone,
+    and a task seen twice as it moves is one task."""
+    from test_daemon import Workers
+
+    root = tmp_path / "spool"
+    spool = Spool.init(root, durable=False)
+    spool.register_type("S", "daemon_handlers.sleep")
+    ids = [f"t{i:02d}" for i in range(40)]
+    for task_id in ids:
+        spool.enqueue("S", task_id, {"seconds": 0.02})
+    workers = Workers(root)
+    try:
+        proc = workers.start(concurrency=3)
+        passes = 0
+        while True:
+            done = all(spool.status("S", i).state == State.FINISHED for i in ids)
+            report = check(Spool(root), repair=True)
+            assert report.findings == [], [str(f) for f in report.findings]
+            passes += 1
+            if done:
+                break
+            assert proc.poll() is None and passes < 2000
+        assert passes > 1, passes
+        assert os.listdir(root / "quarantine") == []
+    finally:
+        workers.stop_all()
