@@ -229,9 +229,17 @@ def test_junk_dropped_into_enqueued_is_quarantined_and_the_daemon_goes_on(daemon
     finishes_good_work(spool, proc, "after")
     assert spool.status("T", "tmp-nodate").state == spool.status("T", "tmp-deep").state == State.FINISHED
     assert len(quarantined(root)) == len(junk.names)
+    reasons = {}
     for name in quarantined(root):
         reason = (root / "quarantine" / (name + ".reason")).read_text(errors="replace")
         assert reason.strip(), name
+        reasons[name.rsplit(".", 2)[0]] = reason
+    assert "input.pkl is missing" in reasons["T:noinput"]  # found at start, not at claim
+    assert "not a regular file" in reasons["T:fifo-status.json"]
+    assert "log cannot be appended to" in reasons["T:loglink"]
+    assert "status.json is corrupt" in reasons["T:deep"]
+    assert "unknown input file" in reasons["T:badinputname"]
+    assert "not a task name" in reasons["README"]
     # Nothing outside the spool was followed, read as a task or written.
     assert snapshot(outside) == before_outside
     assert not marker.exists()
