@@ -46,12 +46,16 @@ class Workers:
         full_env["SPOOLQ_TEST_SERVER"] = server
         full_env.pop("NOTIFY_SOCKET", None)
         full_env.update(env or {})
-        proc = subprocess.Popen(
-            [sys.executable, str(HERE / "worker_runner.py"), str(self.root), server, json.dumps(options)],
-            env=full_env,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        # stderr goes to a file: a pipe nobody reads fills up (64 KiB, a few
+        # hundred tasks' log lines) and then blocks the daemon's logging.
+        log_path = self.root.parent / f"{server}.{len(self.procs)}.log"
+        with open(log_path, "w") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, str(HERE / "worker_runner.py"), str(self.root), server, json.dumps(options)],
+                env=full_env,
+                stderr=log_file,
+            )
+        proc.log_path = log_path  # type: ignore[attr-defined]
         self.procs.append(proc)
         return proc
 
@@ -60,8 +64,6 @@ class Workers:
             if proc.poll() is None:
                 proc.kill()
             proc.wait(10)
-            if proc.stderr:
-                proc.stderr.close()
 
 
 @pytest.fixture
@@ -94,7 +96,11 @@ def records(path: Path) -> list[list[str]]:
 def stop(proc: subprocess.Popen, timeout: float = 30) -> tuple[int, str]:
     proc.send_signal(signal.SIGTERM)
     code = proc.wait(timeout)
-    return code, proc.stderr.read() if proc.stderr else ""
+    return code, stderr_of(proc)
+
+
+def stderr_of(proc: subprocess.Popen) -> str:
+    return proc.log_path.read_text()  # type: ignore[attr-defined]
 
 
 def test_fifo_order_with_one_slot(env):
@@ -253,7 +259,7 @@ def test_a_second_worker_with_the_same_server_id_is_refused(env):
     wait_until(lambda: spool.server_alive("server1"), what="first worker up")
     second = workers.start()
     assert second.wait(20) == 78
-    assert "already running" in second.stderr.read()
+    assert "already running" in stderr_of(second)
     assert first.poll() is None
 
 
@@ -272,7 +278,7 @@ def test_two_servers_share_500_tasks_each_run_exactly_once(env):
         stuck = [(t.id, t.state.name, t.path) for t in spool.list_tasks() if t.state != State.FINISHED]
         for proc in (a, b):
             proc.kill()
-        logs = [proc.stderr.read()[-3000:] for proc in (a, b)]
+        logs = [stderr_of(proc)[-3000:] for proc in (a, b)]
         raise AssertionError(f"not all finished: {spool.counts()} {stuck[:10]} {logs}") from None
     starts = [r for r in records(rec) if r[0] == "start"]
     per_task = Counter(r[1] for r in starts)
