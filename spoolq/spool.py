@@ -453,6 +453,8 @@ class Spool:
         if durable is not None:
             settings["durable"] = bool(durable)
         if max_input_bytes is not None:
+            if max_input_bytes <= 0:
+                raise SpoolError("--max-input-bytes must be positive")
             settings["max_input_bytes"] = int(max_input_bytes)
         dfd = fsutil.open_dir(path)
         try:
