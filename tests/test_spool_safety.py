@@ -344,3 +344,11 @@ def test_init_is_idempotent_and_keeps_tasks(spool: Spool) -> None:
     assert again.status("T", "a").state == State.ENQUEUED
     mode = stat.S_IMODE(os.stat(Path(spool.root, "enqueued")).st_mode)
     assert mode & 0o007 == 0 and mode & stat.S_ISGID
+
+
+def test_init_refuses_settings_that_would_refuse_every_task(tmp_path):
+    from spoolq import SpoolError
+
+    for bad in ({"max_input_bytes": -5}, {"max_input_bytes": 0}, {"max_queue": -1}):
+        with pytest.raises(SpoolError):
+            Spool.init(tmp_path / "s", **bad)
