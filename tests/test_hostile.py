@@ -24,7 +24,7 @@ import pytest
 
 from spoolq import CorruptTask, CrossDevice, InvalidInput, InvalidName, Spool, State, UnsafeSpool
 from spoolq.fsck import check
-from test_daemon import Workers, stop, wait_until
+from test_daemon import Workers, stderr_of, stop, wait_until
 from test_fsck import snapshot
 
 HERE = Path(__file__).parent
@@ -324,7 +324,9 @@ def fill(path: Path) -> Path:
 
 def test_a_full_disk_refuses_enqueues_cleanly_and_corrupts_nothing(tmp_path):
     with mounted_tmpfs(tmp_path / "fs") as fs:
-        spool = Spool.init(fs / "spool", durable=False)
+        # The mount point is the root: the worker's log (beside the root)
+        # stays off the filesystem the test fills.
+        spool = Spool.init(fs, durable=False)
         spool.register_type("T", "daemon_handlers.add")
         spool.register_type("W", "hostile_handlers.wait_for_file", timeout=3, max_restarts=3)
         root = Path(spool.root)
@@ -397,11 +399,8 @@ def test_a_state_dir_on_another_filesystem_is_refused_never_copied(tmp_path):
         with pytest.raises(CrossDevice, match="done is on another filesystem"):
             Spool(root)
         proc = Workers(root).start()
-        try:
-            assert proc.wait(20) == 78
-            assert "another filesystem" in proc.stderr.read()
-        finally:
-            proc.stderr.close()
+        assert proc.wait(20) == 78
+        assert "another filesystem" in stderr_of(proc)
         # A spool opened before the mount re-checks before it unpickles...
         with pytest.raises(CrossDevice):
             spool.start(spool.claim("s1"))
