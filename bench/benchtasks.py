@@ -20,3 +20,14 @@ def stamp(task, input):
     with open(tmp, "w") as f:
         f.write(repr(t))
     os.rename(tmp, input["path"])
+
+
+def sleep(task, input):
+    """Leave a new file in input["dir"] (the handler started), then sleep
+    input["seconds"]: keeps one slot busy so the daemon sits idle with the
+    rest of the queue waiting (bench/scaling.py, RSS)."""
+    import tempfile
+
+    fd, _ = tempfile.mkstemp(prefix="started-", dir=input["dir"])
+    os.close(fd)
+    time.sleep(input["seconds"])

@@ -144,6 +144,19 @@ def git_rev() -> str | None:
         return None
 
 
+def git_dirty() -> list[str]:
+    """spoolq/ files that differ from HEAD: the numbers were measured on
+    the working tree, which others may be changing."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", REPO_DIR, "status", "--porcelain", "--", "spoolq"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    return sorted(line[3:] for line in out.splitlines() if line.strip())
+
+
 def meta(base_dir: str, **extra) -> dict:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -154,6 +167,7 @@ def meta(base_dir: str, **extra) -> dict:
         "dir": base_dir,
         "fs": fs_info(base_dir),
         "git_rev": git_rev(),
+        "dirty": git_dirty(),
         "versions": {
             p: pkg_version(p)
             for p in ("spoolq", "dirq", "huey", "persist-queue", "matplotlib")
@@ -171,6 +185,13 @@ def write_json(name: str, data: dict) -> str:
         f.write("\n")
     os.replace(tmp, path)
     return path
+
+
+def emit(text: str, name: str, data: dict) -> None:
+    """Print a part's markdown report, then write its JSON (name '' : none)."""
+    print(text)
+    if name:
+        print("wrote", write_json(name, data), file=sys.stderr)
 
 
 def read_json(name: str):

@@ -67,6 +67,33 @@ class Daemon:
                 raise TimeoutError(f"{self.name} daemon did not run a task in {WARMUP_TIMEOUT}s")
             time.sleep(0.01)
 
+    def processes(self) -> list[int]:
+        """The daemon's pid and its descendants' (worker processes, slots)."""
+        out, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            out.append(pid)
+            try:
+                with open(f"/proc/{pid}/task/{pid}/children") as f:
+                    todo += [int(x) for x in f.read().split()]
+            except OSError:
+                pass
+        return out
+
+    def pause(self) -> list[int]:
+        """SIGSTOP the daemon and all its processes; returns them for resume()."""
+        pids = self.processes()
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        return pids
+
+    def resume(self, pids) -> None:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
     def stop(self, sig=signal.SIGTERM, timeout: float = 15.0) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -120,15 +147,13 @@ class HueyDaemon(Daemon):
 
 
 # --------------------------------------------------------------------------
-# SPOOLQ SIDE -- TO FILL / VERIFY when `spoolq worker` lands.
-#
-# Written against the API and CLI visible in the working tree so far
+# SPOOLQ SIDE, checked against the current CLI and daemon:
 #     python -m spoolq --root R worker S --concurrency 2
-# (--root is the CLI's global option). available() reports it unavailable
-# until spoolq.cli imports. Check when it lands: the CLI spelling, how the
-# worker finds the handler (dotted path "benchtasks.noop", bench/ on
-# PYTHONPATH), the stop signal (SIGTERM: hands back unstarted work, exits 0),
-# and the done test (status() state FINISHED).
+# (--root is the CLI's global option). The worker imports the handler by its
+# dotted path ("benchtasks.noop", bench/ on PYTHONPATH) in its slots; SIGTERM
+# stops claiming, hands back what is not started and exits 0; a task is done
+# when Spool.status() says FINISHED. available() reports it unavailable while
+# spoolq.cli does not import.
 # --------------------------------------------------------------------------
 
 

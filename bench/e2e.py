@@ -6,9 +6,16 @@ runs from the first enqueue (this process enqueues all N through the Python
 API) until every task's result is present. tasks/s = N / that time; the
 spoolq/huey ratio is taken per round, then the median.
 
+The producer is part of that clock, and spoolq's enqueue (a task directory
+of 3 files) costs more than huey's (one file), so the same daemon then
+drains a backlog: the daemon and all its processes are stopped (SIGSTOP),
+N more tasks are enqueued, the processes are continued (SIGCONT) and the
+clock runs from then until the last result is present: the daemons'
+throughput alone, producer excluded.
+
     huey    huey_consumer huey_app.huey -w 2 -k process   (FileStorage)
-    spoolq  spoolq worker S --concurrency 2 --root R      (see daemons.py:
-            SpoolqDaemon, to verify when the worker lands; skipped until then)
+    spoolq  python -m spoolq --root R worker S --concurrency 2
+            (daemons.py: SpoolqDaemon)
 
     python bench/e2e.py                  # N=1000, 3 rounds, spoolq non-durable
     python bench/e2e.py --durable        # spoolq durable (huey has no such mode)
@@ -33,7 +40,15 @@ def run_once(cls, n: int, durable: bool, concurrency: int, ws, timeout: float) -
             handles = [d.enqueue_noop(i) for i in range(n)]
             t1 = time.monotonic()
             t2 = common.wait_until_all(handles, d.is_done, timeout)
-    return {"enqueue_s": t1 - t0, "total_s": t2 - t0, "tasks_per_s": n / (t2 - t0)}
+            pids = d.pause()
+            try:
+                backlog = [d.enqueue_noop(n + i) for i in range(n)]
+            finally:
+                t3 = time.monotonic()
+                d.resume(pids)
+            t4 = common.wait_until_all(backlog, d.is_done, timeout)
+    return {"enqueue_s": t1 - t0, "total_s": t2 - t0, "tasks_per_s": n / (t2 - t0),
+            "drain_s": t4 - t3, "drain_tasks_per_s": n / (t4 - t3)}
 
 
 def report(data) -> str:
@@ -41,9 +56,12 @@ def report(data) -> str:
     n = data["meta"]["n"]
     rows = [[s["daemon"], s["note"], s["mode"], n,
              common.fmt_num(s["tasks_per_s_median"]) + (f" ({s['errors']} failed)" if s["errors"] else ""),
-             common.fmt_ratio(s["ratio_huey_median"])] for s in data["summary"]]
-    rows += [[k["daemon"], "", "", "", f"skipped: {k['reason']}", ""] for k in data["skipped"]]
-    return common.markdown_table(["daemon", "command", "mode", "N", "tasks/s (median)", "x huey consumer"], rows)
+             common.fmt_ratio(s["ratio_huey_median"]),
+             common.fmt_num(s.get("drain_tasks_per_s_median")),
+             common.fmt_ratio(s.get("drain_ratio_huey_median"))] for s in data["summary"]]
+    rows += [[k["daemon"], "", "", "", f"skipped: {k['reason']}", "", "", ""] for k in data["skipped"]]
+    return common.markdown_table(["daemon", "command", "mode", "N", "end to end: tasks/s (median)",
+                                  "x huey consumer", "backlog drain: tasks/s", "x huey consumer"], rows)
 
 
 def main(argv=None) -> int:
@@ -72,7 +90,8 @@ def main(argv=None) -> int:
                 rec = {"round": rnd, "daemon": cls.name, "n": a.n, "load1_before": os.getloadavg()[0]}
                 try:
                     rec.update(run_once(cls, a.n, a.durable, a.concurrency, ws, a.timeout))
-                    msg = f"{rec['tasks_per_s']:8,.0f} tasks/s ({rec['total_s']:.2f}s)"
+                    msg = (f"{rec['tasks_per_s']:8,.0f} tasks/s ({rec['total_s']:.2f}s, enqueue {rec['enqueue_s']:.2f}s);"
+                           f" backlog drain {rec['drain_tasks_per_s']:8,.0f} tasks/s")
                 except Exception as e:
                     rec["error"] = f"{type(e).__name__}: {e}"
                     msg = "FAILED " + rec["error"]
@@ -83,11 +102,13 @@ def main(argv=None) -> int:
     summary = []
     for cls in todo:
         mine = [r for r in runs if r["daemon"] == cls.name]
-        ratios = []
+        ratios, drain_ratios = [], []
         for r in mine:
             h = next((o for o in runs if o["daemon"] == "huey" and o["round"] == r["round"]), None)
             if h and h.get("tasks_per_s") and r.get("tasks_per_s"):
                 ratios.append(r["tasks_per_s"] / h["tasks_per_s"])
+            if h and h.get("drain_tasks_per_s") and r.get("drain_tasks_per_s"):
+                drain_ratios.append(r["drain_tasks_per_s"] / h["drain_tasks_per_s"])
         summary.append({
             "daemon": cls.name, "note": cls.mode_note,
             "mode": "n/a (no fsync)" if cls.name == "huey" else ("durable" if a.durable else "non-durable"),
@@ -95,6 +116,10 @@ def main(argv=None) -> int:
             "tasks_per_s": [r.get("tasks_per_s") for r in mine],
             "tasks_per_s_median": common.median(r.get("tasks_per_s") for r in mine),
             "ratio_huey": ratios, "ratio_huey_median": common.median(ratios),
+            "enqueue_s_median": common.median(r.get("enqueue_s") for r in mine),
+            "drain_tasks_per_s": [r.get("drain_tasks_per_s") for r in mine],
+            "drain_tasks_per_s_median": common.median(r.get("drain_tasks_per_s") for r in mine),
+            "drain_ratio_huey": drain_ratios, "drain_ratio_huey_median": common.median(drain_ratios),
         })
     out = {
         "meta": common.meta(a.dir, n=a.n, rounds=a.rounds, concurrency=a.concurrency, durable=a.durable),

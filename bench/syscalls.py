@@ -188,9 +188,7 @@ def main(argv=None) -> int:
             shutil.rmtree(out_dir, ignore_errors=True)
 
     out = {"meta": common.meta(a.dir, n1=a.n1, n2=a.n2), "results": results, "skipped": skipped}
-    print(report(out))
-    if a.json:
-        print("wrote", common.write_json(a.json, out), file=sys.stderr)
+    common.emit(report(out), a.json, out)
     return 0
 
 
