@@ -530,10 +530,29 @@ def _exit_code(exc: BaseException) -> int:
 
 
 def main() -> None:
-    """Entry point of the ``spoolq`` script and ``python -m spoolq``."""
+    """Entry point of the ``spoolq`` script and ``python -m spoolq``.
+
+    Runs typer outside its standalone mode so that usage errors, like every
+    other error, are one line on stderr (click would print a usage block).
+    typer's exceptions are caught through its public base class
+    ``typer.TyperException``; the attributes used are click's.
+    """
     try:
-        app()
+        result = app(standalone_mode=False)
+    except typer.Abort:
+        print("spoolq: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except typer.TyperException as exc:
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            print(ctx.get_help(), file=sys.stderr)
+            sys.exit(2)
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        where = f"spoolq {ctx.info_name} --help" if ctx is not None and ctx.parent is not None else "spoolq --help"
+        print(f"spoolq: {message} (see '{where}')", file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", 2))
     except (SpoolqError, OSError) as exc:
         print(f"spoolq: {_error_text(exc)}", file=sys.stderr)
         sys.exit(_exit_code(exc))
+    sys.exit(result if isinstance(result, int) else 0)
 

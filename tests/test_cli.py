@@ -492,3 +492,18 @@ def test_the_console_script_is_the_same_cli(root: Path) -> None:
         pytest.skip("spoolq is not installed as a script next to this interpreter")
     proc = subprocess.run([script, "--root", root, "types", "--json"], capture_output=True, timeout=60)
     assert proc.returncode == 0 and json.loads(proc.stdout)[0]["name"] == TYPE
+
+
+def test_usage_errors_are_one_line_too(root: Path) -> None:
+    """Even click's own errors (unknown option or command, a missing or
+    malformed argument, an id that looks like an option) are one line."""
+    cases = [
+        (("enqueue", "-x"), "No such option"),
+        (("bogus",), "No such command"),
+        (("enqueue", TYPE), "Missing argument"),
+        (("wait", TYPE, "a", "--timeout", "abc"), "--timeout"),
+        (("status", TYPE, "-leading-dash"), "No such option"),
+    ]
+    for args, expected in cases:
+        message = assert_one_line_error(spoolq(*args, root=root), 2)
+        assert expected in message, message
