@@ -121,6 +121,8 @@ def run_claim(spool: Spool, claim: Claim) -> str:
             if exc.code not in (None, 0):
                 spool.set_state(claim, State.FAILED, f"handler called sys.exit({exc.code!r})")
                 return "FAILED"
+        except StaleClaim:
+            raise  # the handler's own status call found its task taken away
         except BaseException as exc:  # noqa: BLE001 - every failure becomes FAILED
             _fail(spool, claim, f"{type(exc).__name__}: {exc}", exc)
             return "FAILED"
