@@ -247,6 +247,16 @@ def _unescape(text: str) -> str:
     return "".join(out)
 
 
+def _status_bytes(doc: dict[str, Any]) -> bytes:
+    """``status.json`` as one key per line, sorted, for ``cat``; the same
+    text ``json.dumps(doc, indent=1, sort_keys=True)`` gives for these flat
+    documents, but through the C encoder (``indent`` forces the pure-Python
+    one, about 0.1 ms a write)."""
+    encode = json.dumps
+    lines = ",\n".join(f" {encode(key)}: {encode(doc[key])}" for key in sorted(doc))
+    return f"{{\n{lines}\n}}\n".encode()
+
+
 def _log_line(ts: float, state: State, message: str) -> bytes:
     return f"{_iso(ts)}\t{state.name}\t{_escape(message)}\n".encode()
 
@@ -350,7 +360,7 @@ class _TaskDir:
         self.doc["state"] = state.name
         self.doc["updated_at"] = _iso(now)
         self.doc["message"] = message
-        data = json.dumps(self.doc, indent=1, sort_keys=True).encode() + b"\n"
+        data = _status_bytes(self.doc)
         sync = spool.durable
         fsutil.write_new_replacing(self.fd, STATUS + ".tmp", data, sync=sync)
         crashpoint("status.tmp_written")
@@ -695,7 +705,7 @@ class Spool:
             dfd = fsutil.open_dir(stage)
             try:
                 fsutil.write_new(dfd, input_name, payload, sync=sync)
-                fsutil.write_new(dfd, STATUS, json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n", sync=sync)
+                fsutil.write_new(dfd, STATUS, _status_bytes(doc), sync=sync)
                 fsutil.write_new(dfd, LOG, _log_line(now, State.ENQUEUED, message), sync=sync)
                 # The mtime is the FIFO key; set after the last write to the directory.
                 stamp = self._fifo.next(now)
