@@ -323,12 +323,14 @@ class PersistQueueBackend(Backend):
         self.q.close()
 
 
+# The order of a lifecycle round (reversed every other round): the target
+# comparisons (spoolq with the floor and with huey) run next to each other.
 ALL = [
     FloorBackend,
     SpoolqBackend,
+    HueyFileBackend,
     DirqQueueBackend,
     DirqSimpleBackend,
-    HueyFileBackend,
     PersistQueueBackend,
 ]
 BY_NAME = {b.name: b for b in ALL}

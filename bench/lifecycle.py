@@ -1,7 +1,7 @@
 """Lifecycle throughput: N tiny tasks through each backend in one process.
 
-For every round, mode (non-durable, durable) and backend -- backends in a
-rotated order each round -- a fresh directory is made, N tasks are enqueued,
+For every round, mode (non-durable, durable) and backend -- backends in
+order, reversed every other round -- a fresh directory is made, N tasks are enqueued,
 then each is taken through claim -> start -> store response -> finish (or the
 peer's nearest equivalent, see backends.py). tasks/s = N / (enqueue time +
 process time). Ratios to the floor, huey FileStorage and dirq.Queue are taken
@@ -162,9 +162,12 @@ def table(summary, skipped) -> str:
 def _rounds(a, todo, modes, n_for, ws, runs) -> None:
     for rnd in range(a.rounds):
         for mode in modes:
-            order = todo[mode]
-            k = rnd % len(order) if order else 0
-            for cls in order[k:] + order[:k]:  # rotate: no backend always first
+            # Forward, then backward, then forward...: the pairs the targets
+            # compare (floor-spoolq, spoolq-huey) always run back to back, and
+            # no backend is always first (the first run of a round pays for
+            # whatever the machine did just before).
+            order = todo[mode] if rnd % 2 == 0 else todo[mode][::-1]
+            for cls in order:
                 rec = {"round": rnd, "mode": mode, "backend": cls.name, "n": n_for[mode],
                        "load1_before": os.getloadavg()[0]}  # other work on the machine
                 try:
