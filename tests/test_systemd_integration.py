@@ -777,11 +777,12 @@ HANG_HOOK = "SPOOLQ_HANG_AT"
 
 @needs_daemon
 def test_a_hung_main_loop_is_restarted_by_the_watchdog(workers):
-    """The realistic hang: the main loop blocks while helper threads live on.
+    """The realistic hang: the main loop blocks while the process lives on.
 
-    This is what proves the worker pings from its main loop and not from a
-    thread (a thread would keep the watchdog happy and the hang would go
-    unnoticed). The main loop blocks at its 5th iteration after start.
+    The process is alive and its handler slots are idle but fine: only a
+    watchdog fed from the main loop notices (a ping from a helper thread
+    would keep systemd happy and the hang would go unnoticed). The main loop
+    blocks at its 5th iteration after start.
     """
     inst, spool = workers
     inst.prepare("h1", **{HANG_HOOK: "daemon.loop@5"})
