@@ -159,6 +159,64 @@ def table(summary, skipped) -> str:
     return common.markdown_table(headers, rows)
 
 
+def run_round_interleaved(classes, n: int, durable: bool, ws: common.Workspace, chunk: int, rnd: int,
+                          timeout: float = 0) -> dict:
+    """Every backend of a round side by side, in one process: all open at
+    once, each in its own directory; the N enqueues are made in chunks of
+    `chunk` tasks, each chunk visiting the backends in a rotated order, then
+    the N process_one() calls likewise. Each backend's enqueue and process
+    times are the sums of its own chunks. The machine and the filesystem
+    change state within minutes here (inode creation 3x slower for a while,
+    other test suites); interleaved, every backend meets the same states.
+    Returns {backend name: result or {"error": ...}}."""
+    with time_limit(timeout * len(classes) if timeout else 0), contextlib.ExitStack() as stack:
+        live, out = [], {}
+        for cls in classes:
+            label = cls.name.replace(".", "_").lower() + ("-d" if durable else "-nd")
+            b = cls()
+            try:
+                b.open(stack.enter_context(ws.run_dir(label)), durable)
+                stack.callback(b.close)
+                live.append((cls, b))
+                out[cls.name] = {"enqueue_s": 0.0, "process_s": 0.0}
+            except Exception as e:  # noqa: BLE001 - report, go on with the others
+                traceback.print_exc()
+                out[cls.name] = {"error": f"{type(e).__name__}: {e}"}
+        for phase in ("enqueue_s", "process_s"):
+            for k, start in enumerate(range(0, n, chunk)):
+                stop = min(n, start + chunk)
+                j = (k + rnd) % len(live) if live else 0
+                for cls, b in live[j:] + live[:j]:
+                    rec = out[cls.name]
+                    if "error" in rec:
+                        continue
+                    t0 = time.perf_counter()
+                    try:
+                        if phase == "enqueue_s":
+                            for i in range(start, stop):
+                                b.enqueue(i, payload(i))
+                        else:
+                            for _ in range(start, stop):
+                                b.process_one()
+                    except Exception as e:  # noqa: BLE001
+                        traceback.print_exc()
+                        rec["error"] = f"{type(e).__name__}: {e}"
+                        continue
+                    rec[phase] += time.perf_counter() - t0
+        for cls, b in live:
+            rec = out[cls.name]
+            if "error" in rec:
+                continue
+            try:
+                b.verify(n)
+            except Exception as e:  # noqa: BLE001
+                rec["error"] = f"{type(e).__name__}: {e}"
+                continue
+            rec["total_s"] = rec["enqueue_s"] + rec["process_s"]
+            rec["tasks_per_s"] = n / rec["total_s"]
+    return out
+
+
 def _rounds(a, todo, modes, n_for, ws, runs) -> None:
     for rnd in range(a.rounds):
         for mode in modes:
@@ -167,6 +225,21 @@ def _rounds(a, todo, modes, n_for, ws, runs) -> None:
             # no backend is always first (the first run of a round pays for
             # whatever the machine did just before).
             order = todo[mode] if rnd % 2 == 0 else todo[mode][::-1]
+            if a.interleave:
+                load = os.getloadavg()[0]
+                try:
+                    res = run_round_interleaved(order, n_for[mode], mode == "durable", ws, a.interleave, rnd,
+                                                a.timeout)
+                except Exception as e:  # a hang: the whole round fails
+                    traceback.print_exc()
+                    res = {cls.name: {"error": f"{type(e).__name__}: {e}"} for cls in order}
+                for cls in order:
+                    rec = {"round": rnd, "mode": mode, "backend": cls.name, "n": n_for[mode],
+                           "load1_before": load, "interleaved": a.interleave, **res[cls.name]}
+                    runs.append(rec)
+                    msg = f"{rec['tasks_per_s']:10,.0f} tasks/s" if "error" not in rec else "FAILED " + rec["error"]
+                    print(f"round {rnd + 1}/{a.rounds} {mode:11} {cls.name:30} {msg}", file=sys.stderr)
+                continue
             for cls in order:
                 rec = {"round": rnd, "mode": mode, "backend": cls.name, "n": n_for[mode],
                        "load1_before": os.getloadavg()[0]}  # other work on the machine
@@ -191,6 +264,9 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default=",".join(MODES), help="comma list of %s" % ", ".join(MODES))
     ap.add_argument("--backends", default=",".join(b.name for b in ALL),
                     help="comma list (default: all): %(default)s")
+    ap.add_argument("--interleave", type=int, default=50, metavar="CHUNK",
+                    help="run a round's backends side by side in chunks of CHUNK tasks (default %(default)s; "
+                    "0: one backend after the other)")
     ap.add_argument("--timeout", type=float, default=300,
                     help="seconds one run may take before it is failed (0: none); default %(default)s")
     ap.add_argument("--json", default="lifecycle.json", help="file in bench/results/ ('' for none)")
@@ -222,7 +298,7 @@ def main(argv=None) -> int:
 
     summary = summarize(runs, names, modes)
     out = {
-        "meta": common.meta(a.dir, n=a.n, n_durable=n_for["durable"], rounds=a.rounds,
+        "meta": common.meta(a.dir, n=a.n, n_durable=n_for["durable"], rounds=a.rounds, interleave=a.interleave,
                             elapsed_s=round(elapsed, 1), cleanup=a.cleanup),
         "backends": {b.name: b.note for b in ALL if b.name in names},
         "skipped": skipped,

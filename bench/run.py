@@ -32,6 +32,7 @@ import wakeup
 README = os.path.join(common.BENCH_DIR, "README.md")
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 T_BEGIN, T_END = "<!-- targets:begin -->", "<!-- targets:end -->"
+TMPFS = "/dev/shm"
 
 # Default sizes: the whole run in about 5 minutes on this project's 2-core VM
 # while other test suites run (see README, "Run time"). The scaling part keeps
@@ -40,6 +41,9 @@ T_BEGIN, T_END = "<!-- targets:begin -->", "<!-- targets:end -->"
 DEFAULT = {
     "fscost": ["--n", "200", "--rounds", "3"],
     "lifecycle": ["--n", "300", "--n-durable", "150", "--rounds", "3"],
+    # the same on tmpfs: what each backend costs without this disk (CPU only)
+    "lifecycle-tmpfs": ["--n", "2000", "--rounds", "3", "--modes", "non-durable",
+                        "--backends", "floor,spoolq,huey.FileStorage", "--json", "lifecycle-tmpfs.json"],
     "syscalls": ["--backends", "floor,spoolq,huey.FileStorage", "--n1", "20", "--n2", "70"],
     "e2e": ["--n", "300", "--rounds", "3"],
     "wakeup": ["--samples", "20", "--idle", "1"],
@@ -54,6 +58,8 @@ FULL = {
 QUICK = {
     "fscost": ["--n", "100", "--rounds", "1"],
     "lifecycle": ["--n", "300", "--n-durable", "100", "--rounds", "1"],
+    "lifecycle-tmpfs": ["--n", "300", "--rounds", "1", "--modes", "non-durable",
+                        "--backends", "floor,spoolq,huey.FileStorage", "--json", "lifecycle-tmpfs.json"],
     "syscalls": ["--backends", "floor,spoolq", "--modes", "non-durable", "--n1", "20", "--n2", "60"],
     "e2e": ["--n", "200", "--rounds", "1"],
     "wakeup": ["--samples", "5", "--idle", "0.5"],
@@ -71,15 +77,23 @@ def _summary(data, **match):
 # Why a target is missed, as found by the measurements (shown only for misses;
 # the {names} are filled from the same run's JSON).
 CAUSES = {
+    "lifecycle-floor": (
+        "spoolq's own work per task: on tmpfs, where files cost no disk time, spoolq takes {sq_tmpfs} a "
+        "task against the floor's {fl_tmpfs} ({sq_floor_tmpfs} floor): {sc_spoolq} syscalls a task against "
+        "{sc_floor} (a "
+        "flock, a status re-read and a claim check at every step, the layout check before each start). "
+        "This disk adds to both a cost per file that swings several-fold within minutes, so the ratio "
+        "swings with it (per-round range)"),
     "lifecycle-huey": (
-        "this disk's file costs: per task spoolq creates 9 inodes and rewrites status.json 4 times "
-        "(3 of them replacing a file a rename put in place), huey FileStorage creates about 3 inodes "
-        "and renames only to new names; fscost here: an inode {inode}, such a replace {replace}. The floor "
-        "(spoolq's layout with plain os calls, nothing else) is itself only {floor_huey} huey "
+        "spoolq's own work and this disk's file costs together. Without the disk (tmpfs) spoolq is "
+        "{sq_huey_tmpfs} huey FileStorage ({sc_spoolq} syscalls a task against {sc_huey}); on this disk spoolq "
+        "creates 9 inodes a task and rewrites status.json 4 times (3 of them replacing a file a rename "
+        "put in place), huey about 3 inodes and renames only to new names (fscost: an inode {inode}, such "
+        "a replace {replace}). The floor (spoolq's layout with plain os calls) is {floor_huey} huey "
         "FileStorage in this run"),
     "e2e": (
-        "the same file costs in the daemon (profile.md: creating and renaming status.json.tmp is about "
-        "70% of the slots' busy time, the claim about 40% of the main process's). {producer}"),
+        "the same file costs in the daemon (profile.md: creating and renaming status.json.tmp is "
+        "{slot_status} of the slots' busy time, the claim {main_claim} of the main process's). {producer}"),
     "lookup": "none found: a lookup is a fixed number of stats (see Scaling); this is the machine's noise",
     "rss": "the daemon's index of enqueued/ (a heap entry and a set entry per waiting task)",
 }
@@ -88,7 +102,28 @@ CAUSES = {
 def _cause_facts() -> dict:
     """Numbers the CAUSES quote, from the last run's JSON."""
     facts = {k: "n/a" for k in ("floor_huey", "inode", "replace", "spoolq_enq", "huey_enq", "drain_ratio",
-                                "producer")}
+                                "producer", "sq_tmpfs", "fl_tmpfs", "sq_floor_tmpfs", "sq_huey_tmpfs",
+                                "sc_spoolq", "sc_floor", "sc_huey", "slot_status", "main_claim")}
+    for r in (common.read_json("syscalls.json") or {}).get("results", []):
+        if r["mode"] == "non-durable":
+            key = {"spoolq": "sc_spoolq", "floor": "sc_floor", "huey.FileStorage": "sc_huey"}.get(r["backend"])
+            if key:
+                facts[key] = f"{r['syscalls']:.0f}"
+    py = (common.read_json("profile.json") or {}).get("pyspy") or {}
+    if py.get("slot_self"):
+        share = sum(pct for fr, src, _, pct in py["slot_self"]
+                    if "os.rename(STATUS" in src or fr.startswith("write_new "))
+        facts["slot_status"] = f"{share:.0f}%"
+    claim = next((pct for fr, _, pct in py.get("main_inclusive", []) if fr.startswith("Spool.claim ")), None)
+    if claim is not None:
+        facts["main_claim"] = f"{claim:.0f}%"
+    lt = common.read_json("lifecycle-tmpfs.json") or {}
+    sq, fl = _summary(lt, backend="spoolq"), _summary(lt, backend="floor")
+    if sq and fl and sq.get("tasks_per_s_median") and fl.get("tasks_per_s_median"):
+        facts["sq_tmpfs"] = f"{1e3 / sq['tasks_per_s_median']:.2f} ms"
+        facts["fl_tmpfs"] = f"{1e3 / fl['tasks_per_s_median']:.2f} ms"
+        facts["sq_floor_tmpfs"] = common.fmt_ratio(sq.get("ratio_floor_median"))
+        facts["sq_huey_tmpfs"] = common.fmt_ratio(sq.get("ratio_huey_median"))
     fl = _summary(common.read_json("lifecycle.json") or {}, backend="floor", mode="non-durable")
     if fl and fl.get("ratio_huey_median"):
         facts["floor_huey"] = common.fmt_ratio(fl["ratio_huey_median"])
@@ -97,13 +132,11 @@ def _cause_facts() -> dict:
         facts["inode"] = f"{min(fc['create empty'], fc['mkdir']) * 1e3:.1f}–{max(fc['create + write'], fc['mkdir']) * 1e3:.1f} ms"
         facts["replace"] = f"{fc['rename over again'] * 1e3:.1f} ms"
     ee = common.read_json("e2e.json") or {}
-    sp, hu = _summary(ee, daemon="spoolq"), _summary(ee, daemon="huey")
-    if sp and hu and sp.get("enqueue_s_median") and hu.get("enqueue_s_median"):
-        facts["spoolq_enq"] = f"{sp['enqueue_s_median']:.2f} s"
-        facts["huey_enq"] = f"{hu['enqueue_s_median']:.2f} s"
-    if sp and sp.get("drain_ratio_huey_median"):
-        facts["drain_ratio"] = common.fmt_ratio(sp["drain_ratio_huey_median"])
-    se, he = (sp or {}).get("enqueue_s_median"), (hu or {}).get("enqueue_s_median")
+    sp = _summary(ee, daemon="spoolq") or {}
+    se, he = sp.get("enqueue_s_median"), (_summary(ee, daemon="huey") or {}).get("enqueue_s_median")
+    if se and he:
+        facts.update(spoolq_enq=f"{se:.2f} s", huey_enq=f"{he:.2f} s")
+    facts["drain_ratio"] = common.fmt_ratio(sp.get("drain_ratio_huey_median"))
     if se and he and se > 1.3 * he:
         facts["producer"] = (f"The clock also includes the producer: enqueueing the N tasks took spoolq "
                              f"{se:.2f} s against huey's {he:.2f} s; with the producer left out (backlog "
@@ -135,9 +168,9 @@ def targets() -> list[list[str]]:
         why = CAUSES.get(cause, "").format(**facts) if ok is False and cause else ""
         rows.append([what, target, value, verdict, why])
 
-    for mode, key, bound, cause in (("non-durable", "ratio_floor", 0.6, None),
+    for mode, key, bound, cause in (("non-durable", "ratio_floor", 0.6, "lifecycle-floor"),
                                     ("non-durable", "ratio_huey", 1.5, "lifecycle-huey"),
-                                    ("durable", "ratio_floor", 0.6, None)):
+                                    ("durable", "ratio_floor", 0.6, "lifecycle-floor")):
         s = _summary(life, backend="spoolq", mode=mode)
         v = s.get(key + "_median") if s else None
         ref = "floor" if "floor" in key else "huey FileStorage"
@@ -189,7 +222,7 @@ def targets() -> list[list[str]]:
     return rows
 
 
-PARTS = ("fscost", "lifecycle", "syscalls", "e2e", "wakeup", "scaling", "profile")
+PARTS = ("fscost", "lifecycle", "lifecycle-tmpfs", "syscalls", "e2e", "wakeup", "scaling", "profile")
 
 
 def measured_at() -> str:
@@ -245,6 +278,11 @@ def report() -> str:
         parts.append(f"**Lifecycle** (N={m['n']} non-durable, N={m['n_durable']} durable, "
                      f"median of {m['rounds']} interleaved rounds; ratios taken per round):\n\n"
                      + lifecycle.report(life))
+    lt = common.read_json("lifecycle-tmpfs.json")
+    if lt:
+        m = lt["meta"]
+        parts.append(f"**Lifecycle on tmpfs** ({m['dir']}: the same code with no disk cost, so CPU and syscalls "
+                     f"only; N={m['n']}, median of {m['rounds']} interleaved rounds):\n\n" + lifecycle.report(lt))
     sc = common.read_json("syscalls.json")
     if sc:
         parts.append(f"**Syscalls per task** (strace, ({sc['meta']['n2']} - {sc['meta']['n1']}) tasks "
@@ -308,7 +346,13 @@ def main(argv=None) -> int:
         for part, args in settings.items():
             if part in skip or (a.only and part not in a.only.split(",")):
                 continue
-            cmd = [sys.executable, os.path.join(common.BENCH_DIR, f"{part}.py"), *args, "--dir", a.dir]
+            script, where = part, a.dir
+            if part == "lifecycle-tmpfs":
+                script, where = "lifecycle", TMPFS
+                if not os.path.isdir(TMPFS):
+                    print(f"=== {part}: skipped, no {TMPFS}", file=sys.stderr)
+                    continue
+            cmd = [sys.executable, os.path.join(common.BENCH_DIR, f"{script}.py"), *args, "--dir", where]
             if part == "profile" and not a.update_readme:
                 cmd.append("--no-md")
             print(f"\n=== {part}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
