@@ -65,6 +65,7 @@ from .errors import (
     QueueFull,
     ServerBusy,
     SpoolError,
+    SpoolqError,
     StaleClaim,
     TaskExists,
     TaskNotFound,
@@ -844,6 +845,16 @@ class Spool:
     def log_records(self, type_name: str, task_id: str) -> list[LogRecord]:
         """The task's log, oldest first. A torn last line (a crash in the
         middle of an append) is ignored."""
+        raw = self._read_task_file(type_name, task_id, LOG, lambda path: CorruptTask(f"{path} has no log"))
+        return list(self._parse_log(raw))
+
+    def _read_task_file(
+        self, type_name: str, task_id: str, filename: str, missing: Callable[[str], SpoolqError]
+    ) -> bytes:
+        """Content of one file of task (type, id). A task that moves between
+        locating and opening it is located again; once opened, the directory
+        descriptor follows it. ``missing(path)`` is raised if the file is not
+        there."""
         for _ in range(5):
             path = self.locate(type_name, task_id)
             try:
@@ -851,12 +862,11 @@ class Spool:
             except FileNotFoundError:
                 continue
             try:
-                raw = fsutil.read_file(dfd, LOG)
+                return fsutil.read_file(dfd, filename)
             except FileNotFoundError:
-                raise CorruptTask(f"{path} has no log") from None
+                raise missing(path) from None
             finally:
                 os.close(dfd)
-            return list(self._parse_log(raw))
         raise TaskNotFound(f"no task {type_name}/{task_id}")
 
     @staticmethod
@@ -872,20 +882,11 @@ class Spool:
 
     def response(self, type_name: str, task_id: str) -> tuple[bytes, str]:
         """(data, MIME type) of the stored response; raises NoResponse."""
-        for _ in range(5):
-            info = self.status(type_name, task_id)
-            try:
-                dfd = fsutil.open_dir(info.path)
-            except FileNotFoundError:
-                continue
-            try:
-                data = fsutil.read_file(dfd, RESPONSE)
-            except FileNotFoundError:
-                raise NoResponse(f"task {type_name}/{task_id} has no response") from None
-            finally:
-                os.close(dfd)
-            return data, info.doc.get("response_mime") or "application/octet-stream"
-        raise TaskNotFound(f"no task {type_name}/{task_id}")
+        data = self._read_task_file(
+            type_name, task_id, RESPONSE, lambda path: NoResponse(f"task {type_name}/{task_id} has no response")
+        )
+        mime = self.status(type_name, task_id).doc.get("response_mime")
+        return data, mime or "application/octet-stream"
 
     def iter_tasks(self, state: State | None = None) -> Iterator[tuple[str, str, str]]:
         """(type, id, path) of every task, by state directory; entries that
