@@ -26,6 +26,7 @@ if REPO_DIR not in sys.path:
 
 
 def add_base_dir_arg(parser) -> None:
+    _at_start()  # every part calls this first thing: note the commit it runs
     parser.add_argument(
         "--dir",
         default=DEFAULT_BASE_DIR,
@@ -157,6 +158,18 @@ def git_dirty() -> list[str]:
     return sorted(line[3:] for line in out.splitlines() if line.strip())
 
 
+# The commit and the changed spoolq files when this part started (it imports
+# spoolq from the working tree then), not when it ended: others commit meanwhile.
+_AT_START: tuple | None = None
+
+
+def _at_start() -> tuple:
+    global _AT_START
+    if _AT_START is None:
+        _AT_START = (git_rev(), git_dirty())
+    return _AT_START
+
+
 def meta(base_dir: str, **extra) -> dict:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -166,8 +179,8 @@ def meta(base_dir: str, **extra) -> dict:
         "loadavg_at_end": os.getloadavg(),
         "dir": base_dir,
         "fs": fs_info(base_dir),
-        "git_rev": git_rev(),
-        "dirty": git_dirty(),
+        "git_rev": _at_start()[0],
+        "dirty": _at_start()[1],
         "versions": {
             p: pkg_version(p)
             for p in ("spoolq", "dirq", "huey", "persist-queue", "matplotlib")

@@ -445,7 +445,8 @@ def report(data) -> str:
                  else s["what"].replace("status:", "`Spool.status()`:"))
         rows.append([label,
                      f"N in {where}"]
-                    + [_fmt_s(s["by_n"][str(n)]["median"]) for n in sizes]
+                    + [_fmt_s(c["median"]) if c["values"] else "not run"
+                       for c in (s["by_n"][str(n)] for n in sizes)]
                     + [common.fmt_ratio(s["ratio"][big])])
     parts.append(common.markdown_table(["lookup", "where the N tasks are"] + [f"N={x}" for x in nn]
                                        + [f"N={nn[-1]} / N={nn[0]}"], rows))
