@@ -27,8 +27,9 @@ Mechanism and caveats:
 * The heartbeat touches each running task's directory. If the task vanished
   (deleted, or taken away by a sweeper), the child is killed: its claim is
   fenced anyway, this just stops wasted work.
-* Slots die with the daemon (PR_SET_PDEATHSIG): a task of a dead server is
-  never still running when the next server recovers it.
+* Slots die with the daemon (PR_SET_PDEATHSIG) and share its server lock
+  while they live: a task of a dead server is never still running when
+  another server, or the restarted one, recovers it.
 * SIGTERM/SIGINT: stop claiming, give running handlers ``grace`` seconds,
   then kill them and hand their tasks back uncharged; exit 0. A second
   signal cuts the grace short. SIGUSR1 (or ``--drain``): claim nothing new,
@@ -527,7 +528,13 @@ class Worker:
             other.close()
         if self._watcher is not None:
             self._watcher.close_in_child()
-        self.spool.forget_servers_after_fork()
+        # The slot keeps its inherited copy of the server-lock descriptor
+        # (flock locks belong to the open file, shared across fork): the
+        # server stays "alive" to sweepers until its last handler process
+        # is gone, not just its main process. PR_SET_PDEATHSIG makes that
+        # moment follow the daemon's death at once; without this, a sweeper
+        # could re-enqueue a task whose handler was still being killed, and
+        # another server could start it meanwhile (seen in the soak test).
         faults.reconfigure()
 
     def _read_results(self, slot: _Slot) -> None:
