@@ -812,6 +812,17 @@ class Spool:
         except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: "[[[[…" nested too deep
             raise CorruptTask(f"{path}/status.json is corrupt: {exc}") from None
 
+    def _peek_status(self, path: str) -> dict[str, Any]:
+        """``status.json`` of the task directory *path*, read without its
+        lock (the file is only ever replaced whole). Raises OSError when the
+        directory cannot be opened (gone, or not a directory) and
+        CorruptTask when the status cannot be trusted."""
+        dfd = fsutil.open_dir(path)
+        try:
+            return self._read_status(dfd, path)
+        finally:
+            os.close(dfd)
+
     def _roll_forward(self, dfd: int) -> None:
         """Finish or undo a status change a crash interrupted.
 
@@ -918,15 +929,9 @@ class Spool:
             if type_name and t != type_name:
                 continue
             try:
-                dfd = fsutil.open_dir(path)
-            except OSError:
+                doc = self._peek_status(path)
+            except (OSError, CorruptTask):
                 continue
-            try:
-                doc = self._read_status(dfd, path)
-            except CorruptTask:
-                continue
-            finally:
-                os.close(dfd)
             info = TaskInfo(t, i, State[doc["state"]], path, doc)
             if state is None or info.state == state:
                 out.append(info)
@@ -946,15 +951,9 @@ class Spool:
         for state in (State.RUNNING, State.FINISHED):
             for t, i, path in self.iter_tasks(state):
                 try:
-                    dfd = fsutil.open_dir(path)
-                except OSError:
+                    out[self._peek_status(path)["state"]] += 1
+                except (OSError, CorruptTask):
                     continue
-                try:
-                    out[self._read_status(dfd, path)["state"]] += 1
-                except CorruptTask:
-                    continue
-                finally:
-                    os.close(dfd)
         return out
 
     def waiting(self) -> list[str]:
@@ -1578,16 +1577,12 @@ class Spool:
             if not parts:
                 continue
             try:
-                dfd = fsutil.open_dir(path)
+                doc = self._peek_status(path)
             except OSError:
                 continue
-            try:
-                doc = self._read_status(dfd, path)
             except CorruptTask as exc:
                 self._quarantine(path, str(exc))
                 continue
-            finally:
-                os.close(dfd)
             if doc.get("server") != server:
                 continue
             reason = f"abandoned: server {server} restarted while it ran"
