@@ -527,7 +527,7 @@ class Worker:
         for other in self.slots.values():
             other.close()
         if self._watcher is not None:
-            self._watcher.close_in_child()
+            self._watcher.close()
         # The slot keeps its inherited copy of the server-lock descriptor
         # (flock locks belong to the open file, shared across fork): the
         # server stays "alive" to sweepers until its last handler process

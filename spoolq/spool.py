@@ -1047,15 +1047,6 @@ class Spool:
         for server in list(self._server_locks):
             self.release_server(server)
 
-    def forget_servers_after_fork(self) -> None:
-        """In a forked child: drop the inherited server-lock descriptors
-        without unlocking (flock locks are shared across fork; unlocking here
-        would free the parent's lock). The child then never keeps its
-        server looking alive after the parent died."""
-        for fd in self._server_locks.values():
-            os.close(fd)
-        self._server_locks.clear()
-
     def server_alive(self, server: str) -> bool:
         """True while some process holds *server*'s lock."""
         if server in self._server_locks:

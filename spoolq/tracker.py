@@ -22,6 +22,8 @@ from .task import TaskContext
 
 __all__ = [
     "QueueException", "QueueFull", "QueueEmpty", "TaskStatus",
+    # spoolq's own conditions, for ATP code that wants to catch them
+    "SpoolqError", "StaleClaim", "TaskNotFound", "UnknownType", "DoesNotExist",
     "registerTaskType", "unregisterTaskType", "enqueueTask", "dequeueTask", "startTask",
     "reenqueueTask", "getQueueSize", "getMaxQueueSize",
     "getTaskStatus", "getTaskStatusByIdentifier", "getTaskInfo", "getTaskIdentifier",
@@ -224,4 +226,3 @@ class TaskStatus(TaskContext):
 
 # Kept importable under the ATP names some callers catch.
 DoesNotExist = TaskNotFound
-_ = (SpoolqError, StaleClaim, UnknownType)

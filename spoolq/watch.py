@@ -134,10 +134,6 @@ class DirWatcher:
         self._fd = -1
         self._idle = None
 
-    def close_in_child(self) -> None:
-        """In a forked child: drop the descriptors."""
-        self.close()
-
     def __enter__(self) -> DirWatcher:
         return self
 
