@@ -389,3 +389,19 @@ def test_no_notify_socket_means_nothing_is_sent_and_it_still_works(env):
     spool.enqueue("T", "n1", [4])
     wait_until(lambda: state(spool, "T", "n1") == State.FINISHED)
     assert stop(proc)[0] == 0
+
+
+def test_handler_processes_are_recycled_after_max_tasks_per_child(env):
+    spool, workers, tmp = env
+    register(spool, "T", "noop")
+    rec = tmp / "runs"
+    ids = [f"t{i}" for i in range(6)]
+    for task_id in ids:
+        spool.enqueue("T", task_id, {"record": str(rec)})
+    proc = workers.start(concurrency=1, max_tasks_per_child=2)
+    wait_until(lambda: all_final(spool, [("T", i) for i in ids]), what="all tasks final")
+    pids = [r[3] for r in records(rec) if r[0] == "start"]
+    # one slot at a time, replaced after every 2 tasks: 3 processes, 2 tasks each
+    assert len(set(pids)) == 3 and Counter(pids).most_common(1)[0][1] == 2, pids
+    assert all(state(spool, "T", i) == State.FINISHED for i in ids)
+    assert stop(proc)[0] == 0
