@@ -1,4 +1,4 @@
-"""The ``spoolq`` command line (SPEC §4), run as real processes.
+"""The ``spoolq`` command line (docs/contract.md §4), run as real processes.
 
 Every test runs ``python -m spoolq`` on a fresh spool under tmp_path and
 checks the exit status and output a script would rely on. Set-up that is

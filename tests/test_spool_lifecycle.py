@@ -1,5 +1,5 @@
 """The task lifecycle on one spool: enqueue, claim, start, state changes,
-responses, lookups, FIFO, limits and the guards of SPEC §2 (single process;
+responses, lookups, FIFO, limits and the guards of docs/contract.md §2 (single process;
 the races are in test_spool_races.py)."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Bad input and untrusted content: names, inputs, corrupt or planted task
-directories, symlinks, and spool roots others can write (SPEC §1, §7)."""
+directories, symlinks, and spool roots others can write (docs/contract.md §1.6, §8)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Why a user manager: in this environment systemd is not PID 1, so there is no
 system manager to talk to and nspawn cannot boot one, but ``systemd --user``
-runs (research/systemd.md section 3c).  It executes the same unit files with
+runs.  It executes the same unit files with
 the same service logic (Type=notify, watchdog, restarts, KillMode, sandbox),
 so it proves what `systemd-analyze verify` cannot: that the worker really
 becomes ``active (running)`` through READY=1 and survives the sandbox.

@@ -1,7 +1,7 @@
 """The ATP-compatible layer: the seed guide's demo run through
 ``spoolq.tracker`` with only its import lines changed, and the ATP
-behaviours of research/eoxserver_atp.md §6 that still hold (or, where ATP
-was defective, the fixed behaviour)."""
+behaviours that still hold (docs/contract.md §9.1) or, where ATP was
+defective, the fixed behaviour (docs/contract.md §9.2)."""
 
 from __future__ import annotations
 
@@ -174,10 +174,10 @@ def test_the_demo_consumer_runs_in_this_process_too(atp_root: Path) -> None:
     assert getTaskResponse("SequenceSum", "t") == (b"4.0", "text/xml")  # noqa: F405
 
 
-# ============================================================================= ATP behaviours (§6)
+# ============================================================================= ATP behaviours (contract §9)
 
 
-def test_register_defaults_update_and_normalisation(atp_root: Path) -> None:  # §6.1-5
+def test_register_defaults_update_and_normalisation(atp_root: Path) -> None:  # contract §9.1.1
     sp = Spool(atp_root)
     registerTaskType("T", "m.f")  # noqa: F405
     t = sp.get_type("T")
@@ -191,7 +191,7 @@ def test_register_defaults_update_and_normalisation(atp_root: Path) -> None:  # 
     assert sp.get_type("T").max_restarts == 5
 
 
-def test_queue_full_writes_nothing_and_a_free_slot_accepts(make_spool, spool_root, monkeypatch) -> None:  # §6.6-7
+def test_queue_full_writes_nothing_and_a_free_slot_accepts(make_spool, spool_root, monkeypatch) -> None:  # contract §9.1.2
     make_spool(max_queue=3, register=False)
     monkeypatch.setenv("SPOOLQ_ROOT", str(spool_root))
     tracker._spool = None
@@ -208,7 +208,7 @@ def test_queue_full_writes_nothing_and_a_free_slot_accepts(make_spool, spool_roo
     tracker._spool = None
 
 
-def test_unknown_type_duplicates_and_per_type_ids(atp_root: Path) -> None:  # §6.9-11
+def test_unknown_type_duplicates_and_per_type_ids(atp_root: Path) -> None:  # contract §9.1.3
     with pytest.raises(UnknownType):
         enqueueTask("Nope", "a", 1)  # noqa: F405
     assert issubclass(UnknownType, LookupError)
@@ -221,7 +221,7 @@ def test_unknown_type_duplicates_and_per_type_ids(atp_root: Path) -> None:  # §
     assert getQueueSize() == 2  # noqa: F405
 
 
-def test_enqueue_dequeue_start_status_and_log(atp_root: Path) -> None:  # §6.12-17
+def test_enqueue_dequeue_start_status_and_log(atp_root: Path) -> None:  # contract §9.1.2, §9.1.4-5
     registerTaskType("T", "atp_demo.handler")  # noqa: F405
     with pytest.raises(QueueEmpty):  # noqa: F405
         dequeueTask("srv")  # noqa: F405
@@ -245,7 +245,7 @@ def test_enqueue_dequeue_start_status_and_log(atp_root: Path) -> None:  # §6.12
         dequeueTask("srv")  # noqa: F405
 
 
-def test_status_changes_through_task_status(atp_root: Path) -> None:  # §6.18-23
+def test_status_changes_through_task_status(atp_root: Path) -> None:  # contract §9.1.6, §9.2.6
     registerTaskType("T", "atp_demo.handler")  # noqa: F405
     for i in ("quiet", "failed", "paused"):
         enqueueTask("T", i, None)  # noqa: F405
@@ -265,14 +265,14 @@ def test_status_changes_through_task_status(atp_root: Path) -> None:  # §6.18-2
     assert status.getStatus() == (4, "PAUSED")
     stopTaskSuccessIfNotFinished(ids["paused"])  # noqa: F405
     assert getTaskStatusByIdentifier("T", "paused") == (5, "FINISHED")  # noqa: F405
-    # ATP let setFailure overwrite FINISHED (§6.23); terminal states are final now.
+    # ATP let setFailure overwrite FINISHED (contract §9.2.6); terminal states are final now.
     with pytest.raises(StaleClaim):
         TaskStatus(ids["quiet"]).setFailure("late")  # noqa: F405
     assert getTaskStatusByIdentifier("T", "quiet") == (5, "FINISHED")  # noqa: F405
     assert issubclass(StaleClaim, SpoolqError)
 
 
-def test_responses_replace_data_and_mime_and_a_missing_one_is_not_found(atp_root: Path) -> None:  # §6.24-25
+def test_responses_replace_data_and_mime_and_a_missing_one_is_not_found(atp_root: Path) -> None:  # contract §9.1.7
     registerTaskType("T", "atp_demo.handler")  # noqa: F405
     enqueueTask("T", "a", None)  # noqa: F405
     (task_id,) = dequeueTask("srv")  # noqa: F405
@@ -283,13 +283,13 @@ def test_responses_replace_data_and_mime_and_a_missing_one_is_not_found(atp_root
     status = TaskStatus(task_id)  # noqa: F405
     status.storeResponse(b"r", "text/plain")
     assert getTaskResponse("T", "a") == (b"r", "text/plain")  # noqa: F405
-    status.storeResponse(b"s")  # ATP kept "text/plain" here (§5.10); the MIME type follows now
+    status.storeResponse(b"s")  # ATP kept "text/plain" here (contract §9.2.10); the MIME type follows now
     assert getTaskResponse("T", "a") == (b"s", "text/xml")  # noqa: F405
     setTaskResponse(task_id, "t", mimeType="application/json")  # noqa: F405
     assert getTaskResponse("T", "a") == (b"t", "application/json")  # noqa: F405
 
 
-def test_the_log_is_chronological_one_record_per_change(atp_root: Path) -> None:  # §6.26
+def test_the_log_is_chronological_one_record_per_change(atp_root: Path) -> None:  # contract §9.1.8
     registerTaskType("T", "atp_demo.handler")  # noqa: F405
     enqueueTask("T", "a", None)  # noqa: F405
     (task_id,) = dequeueTask("srv")  # noqa: F405
@@ -307,7 +307,7 @@ def test_the_log_is_chronological_one_record_per_change(atp_root: Path) -> None:
     assert all(isinstance(t, datetime) for t in times)
 
 
-def test_zombies_and_retirement_through_the_tracker(atp_root: Path, make_clock) -> None:  # §6.27-33
+def test_zombies_and_retirement_through_the_tracker(atp_root: Path, make_clock) -> None:  # contract §9.1.9-10
     clock = make_clock()
     tracker.use_spool(Spool(atp_root, clock=clock))
     registerTaskType("T", "atp_demo.handler", 2, 2, 1)  # noqa: F405
@@ -337,7 +337,7 @@ def test_zombies_and_retirement_through_the_tracker(atp_root: Path, make_clock) 
     tracker.use_spool(None)
 
 
-def test_unregister_delete_and_reenqueue(make_spool, spool_root, monkeypatch) -> None:  # §6.34-36
+def test_unregister_delete_and_reenqueue(make_spool, spool_root, monkeypatch) -> None:  # contract §9.1.11-13
     make_spool(max_queue=1, register=False)
     monkeypatch.setenv("SPOOLQ_ROOT", str(spool_root))
     tracker._spool = None
@@ -365,7 +365,7 @@ def test_unregister_delete_and_reenqueue(make_spool, spool_root, monkeypatch) ->
     tracker._spool = None
 
 
-def test_task_status_snake_case_and_free_text_log(atp_root: Path) -> None:  # SPEC §5
+def test_task_status_snake_case_and_free_text_log(atp_root: Path) -> None:  # contract §5.4
     registerTaskType("T", "atp_demo.handler")  # noqa: F405
     enqueueTask("T", "a", None)  # noqa: F405
     (task_id,) = dequeueTask("srv")  # noqa: F405
