@@ -295,6 +295,8 @@ def _rotated(xs, k):
 
 
 def run(a, ws) -> dict:
+    from spoolq import sweeps
+
     sizes = sorted(int(x) for x in a.sizes.split(",") if x)
     skip = set(a.skip.split(","))
     k_sleep = a.rounds + 2
@@ -348,9 +350,9 @@ def run(a, ws) -> dict:
                            lambda fx: {"s": time_cli(fx, "enq-target", a.cli_calls)}, ends)
             # Tiny passes (one task to examine): the mean of 20.
             each_round(phase, "reenqueue_zombies", a.rounds,
-                       lambda fx: {"s": time_call(fx.spool.reenqueue_zombies, 20), "examined": fx.counts()["running"]})
+                       lambda fx: {"s": time_call((lambda: sweeps.reenqueue_zombies(fx.spool)), 20), "examined": fx.counts()["running"]})
             each_round(phase, "delete_retired", a.rounds,
-                       lambda fx: {"s": time_call(fx.spool.delete_retired, 20), "examined": fx.counts()["done"]})
+                       lambda fx: {"s": time_call((lambda: sweeps.delete_retired(fx.spool)), 20), "examined": fx.counts()["done"]})
             if "rss" not in skip:
                 each_round(phase, "daemon RSS", a.rounds, lambda fx: measure_rss(fx, a.timeout))
         elif phase == "done":
@@ -359,11 +361,11 @@ def run(a, ws) -> dict:
                 each_round(phase, "CLI status: done task", a.rounds,
                            lambda fx: {"s": time_cli(fx, "done-target", a.cli_calls)}, ends)
             each_round(phase, "delete_retired", a.rounds,
-                       lambda fx: {"s": time_call(fx.spool.delete_retired), "examined": fx.counts()["done"]})
+                       lambda fx: {"s": time_call((lambda: sweeps.delete_retired(fx.spool))), "examined": fx.counts()["done"]})
         else:
             lookup_rounds(phase, "status: running task", "run-target", L)
             each_round(phase, "reenqueue_zombies", a.rounds,
-                       lambda fx: {"s": time_call(fx.spool.reenqueue_zombies), "examined": fx.counts()["running"]})
+                       lambda fx: {"s": time_call((lambda: sweeps.reenqueue_zombies(fx.spool))), "examined": fx.counts()["running"]})
         for fx in fixtures:
             fx.check()
     return {"sizes": sizes, "fixtures": [{"n": fx.n, "build_s": fx.build_s} for fx in fixtures],

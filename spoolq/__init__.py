@@ -1,5 +1,6 @@
 """spoolq: a crash-safe task queue in a directory tree, worked by a daemon
-that systemd supervises. See README.md for the tour and SPEC-level contract."""
+that systemd supervises. README.md has the tour, docs/contract.md the
+contract and docs/design.md the inside."""
 
 from .errors import (
     CorruptTask,
@@ -7,6 +8,7 @@ from .errors import (
     InvalidInput,
     InvalidName,
     NoResponse,
+    NoSpool,
     QueueEmpty,
     QueueException,
     QueueFull,
@@ -20,13 +22,18 @@ from .errors import (
     UnknownType,
     UnsafeSpool,
 )
-from .spool import Claim, LogRecord, Spool, StartedTask, State, SweepAction, TaskInfo, TaskType
+from .lifecycle import Action, Claim, Outcome, State
+from .queries import Census, TaskInfo
+from .spool import Spool, StartedTask, SweepAction
+from .store.codec import LogRecord
+from .store.registry import TaskType
 from .task import TaskContext
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Claim", "CorruptTask", "CrossDevice", "InvalidInput", "InvalidName", "LogRecord", "NoResponse",
+    "Action", "Census", "Claim", "CorruptTask", "CrossDevice", "InvalidInput", "InvalidName", "LogRecord",
+    "NoResponse", "NoSpool", "Outcome",
     "QueueEmpty", "QueueException", "QueueFull", "ServerBusy", "Spool", "SpoolError", "SpoolqError",
     "StaleClaim", "StartedTask", "State", "SweepAction", "TaskContext", "TaskExists", "TaskInfo",
     "TaskNotFound", "TaskType", "TypeInUse", "UnknownType", "UnsafeSpool",

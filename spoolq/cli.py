@@ -1,8 +1,10 @@
-"""The ``spoolq`` command line (SPEC §4), built with typer.
+"""The ``spoolq`` command line (docs/contract.md §4), built with typer.
 
 Every command opens the spool named by the global ``--root`` (or
-``SPOOLQ_ROOT``) and calls one or two methods of :class:`spoolq.Spool`; the
-logic lives there. What this module adds is the contract of a command line:
+``SPOOLQ_ROOT``) and calls one or two methods of :class:`spoolq.Spool` (or of
+:mod:`spoolq.sweeps`, :mod:`spoolq.fsck`, :mod:`spoolq.worker`); the logic
+lives there. This module parses and prints, and adds the contract of a
+command line:
 
 * every error is one line on stderr and a non-zero exit, never a traceback
   (:func:`main` turns each :class:`~spoolq.errors.SpoolqError` and
@@ -20,26 +22,23 @@ import json
 import os
 import shutil
 import sys
-import time
-from collections.abc import Callable
 from enum import Enum
 from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 
-from .errors import QueueFull, SpoolqError
+from .errors import InvalidInput, NoSpool, QueueFull, SpoolqError
+from .lifecycle import State
 from .names import check_type, task_name
-from .spool import DEFAULT_ROOT, Spool, State, TaskInfo
+from .queries import Census, format_log
+from .spool import Spool
+from .store.layout import DEFAULT_ROOT, ROOT_ENV, resolve_root
 
 EX_FAILED = 1
 EX_WAIT_ERROR = 2
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
 EX_TIMEOUT = 124
-
-# How often `wait` re-reads the status even without a file event: a safety
-# net for a missed event, not the mechanism.
-WAIT_RECHECK = 1.5
 
 app = typer.Typer(
     name="spoolq",
@@ -78,10 +77,10 @@ def _global(
     Producers enqueue tasks of registered types; `spoolq worker SERVER` (one
     per systemd unit spoolq@SERVER) claims and runs them. Try `spoolq demo`.
     """
-    _run.root = os.path.abspath(root)
+    _run.root = resolve_root(root)
     _run.command = ctx.invoked_subcommand
     # Handlers and child processes using spoolq.tracker find the same spool.
-    os.environ["SPOOLQ_ROOT"] = _run.root
+    os.environ[ROOT_ENV] = _run.root
 
 
 def _spool() -> Spool:
@@ -215,21 +214,13 @@ def status(
         print(info.state.name)
 
 
-def format_log(spool: Spool, type_name: str, task_id: str) -> list[str]:
-    """The task's log, oldest first: ISO time, state, message (newlines escaped)."""
-    return [
-        f"{r.time.isoformat()}  {r.state.name:<9}  {r.message}".rstrip().replace("\n", "\\n")
-        for r in spool.log_records(type_name, task_id)
-    ]
-
-
 @app.command("log")
 def log_(
     type_name: Annotated[str, typer.Argument(metavar="TYPE")],
     task_id: Annotated[str, typer.Argument(metavar="ID")],
 ) -> None:
     """Print the task's log, oldest first: one record a line (UTC time, state, message)."""
-    for line in format_log(_spool(), type_name, task_id):
+    for line in format_log(_spool().log_records(type_name, task_id)):
         print(line)
 
 
@@ -284,45 +275,6 @@ def list_(
 # --------------------------------------------------------------------------- wait
 
 
-def wait_for(
-    spool: Spool,
-    type_name: str,
-    task_id: str,
-    timeout: float | None = None,
-    *,
-    give_up: Callable[[], bool] | None = None,
-) -> TaskInfo | None:
-    """Block until task (type, id) is FINISHED or FAILED and return its status;
-    None when *timeout* seconds passed first (or *give_up()* turned true).
-
-    A task becomes final by a rename into ``done/``: a watch on that directory
-    (:class:`~spoolq.watch.DirWatcher`, inotify) wakes the wait at once, and
-    the status is re-read every WAIT_RECHECK seconds as a safety net for a
-    missed event. Raises TaskNotFound if the task disappears (deleted, retired).
-    """
-    import select
-
-    from .watch import DirWatcher
-
-    task_name(type_name, task_id)  # a bad name fails before the watch is set
-    deadline = None if timeout is None else time.monotonic() + timeout
-    # The watch is set before the first read, so no arrival can slip between.
-    with DirWatcher(os.path.join(spool.root, "done")) as watcher:
-        while True:
-            watcher.drain()  # before the read: a later arrival wakes the select below
-            info = spool.status(type_name, task_id)
-            if info.state.terminal:
-                return info
-            if give_up is not None and give_up():
-                return None
-            pause = WAIT_RECHECK
-            if deadline is not None:
-                pause = min(pause, deadline - time.monotonic())
-                if pause <= 0:
-                    return None
-            select.select([watcher.fileno()], [], [], pause)
-
-
 @app.command()
 def wait(
     type_name: Annotated[str, typer.Argument(metavar="TYPE")],
@@ -337,7 +289,7 @@ def wait(
     other error (unknown task, task deleted while waiting, ...).
     """
     try:
-        info = wait_for(_spool(), type_name, task_id, timeout)
+        info = _spool().wait(type_name, task_id, timeout)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None  # not 1: that means FAILED
     if info is None:
@@ -364,7 +316,7 @@ def worker(
     cannot start (bad server id, missing or unsafe spool, server already running).
     --drain while SERVER already runs asks that process to drain, and waits for it.
     """
-    from .daemon import run_worker  # a SpoolqError from here on is a configuration error: exit 78
+    from .worker import run_worker  # a SpoolqError from here on is a configuration error: exit 78
 
     raise typer.Exit(
         run_worker(_run.root, server, concurrency=concurrency, drain=drain, grace=grace, poll=poll)
@@ -378,11 +330,11 @@ def sweep() -> None:
 
     Says what it did, one line per action. Workers do this periodically too.
     """
-    spool = _spool()
-    actions = spool.reenqueue_zombies() + spool.delete_retired()
+    from .sweeps import sweep as sweep_once
+
+    actions, removed = sweep_once(_spool())
     for a in actions:
         print(f"{a.action} {a.type}/{a.id}: {a.reason}")
-    removed = spool.clean_tmp()
     if removed:
         print(f"removed {removed} leftover(s) from tmp/")
     if not actions and not removed:
@@ -408,64 +360,23 @@ def fsck(
     raise typer.Exit(run_fsck(_run.root, repair))
 
 
-def _census(spool: Spool) -> dict[str, Any]:
-    """Counts per type and state, restarts per type (of the tasks in running/
-    and done/, whose status is read anyway), and the oldest waiting age.
-
-    Waiting and claimed tasks are counted from directory entries only."""
-    types = {t.name for t in spool.types()}
-    per_type: dict[str, dict[str, int]] = {}
-    restarts: dict[str, int] = {}
-
-    def row(type_name: str) -> dict[str, int]:
-        return per_type.setdefault(type_name, {s.name: 0 for s in State})
-
-    for name in types:
-        row(name)
-        restarts[name] = 0
-    for state in (State.ENQUEUED, State.SCHEDULED):
-        for t, _i, _path in spool.iter_tasks(state):
-            row(t)[state.name] += 1
-    for state in (State.RUNNING, State.FINISHED):  # running/ and done/: the status tells which
-        for t, i, _path in spool.iter_tasks(state):
-            try:
-                info = spool.status(t, i)
-            except SpoolqError:  # deleted or retired meanwhile, or corrupt
-                continue
-            row(t)[info.state.name] += 1
-            restarts[t] = restarts.get(t, 0) + int(info.doc.get("restarts", 0))
-    totals = {s.name: sum(r[s.name] for r in per_type.values()) for s in State}
-    oldest = None
-    for name in spool.waiting():
-        key = spool.fifo_key(name)
-        if key is not None:
-            oldest = max(0.0, time.time() - key[0] / 1e9)
-            break
-    return {
-        "states": totals,
-        "types": dict(sorted(per_type.items())),
-        "restarts": dict(sorted(restarts.items())),
-        "oldest_waiting_seconds": oldest,
-    }
-
-
-def _prometheus(census: dict[str, Any]) -> str:
+def _prometheus(census: Census) -> str:
     """The node_exporter textfile format (write it to a *.prom file)."""
     lines = [
         "# HELP spoolq_tasks Tasks in the spool, by state and type.",
         "# TYPE spoolq_tasks gauge",
     ]
-    for type_name, counts in census["types"].items():
+    for type_name, counts in census.types.items():
         for state, n in counts.items():
             lines.append(f'spoolq_tasks{{state="{state.lower()}",type="{type_name}"}} {n}')
     lines += [
         "# HELP spoolq_oldest_waiting_seconds Age of the oldest ENQUEUED task (0 when none waits).",
         "# TYPE spoolq_oldest_waiting_seconds gauge",
-        f"spoolq_oldest_waiting_seconds {census['oldest_waiting_seconds'] or 0:.3f}",
+        f"spoolq_oldest_waiting_seconds {census.oldest_waiting_seconds or 0:.3f}",
         "# HELP spoolq_task_restarts Restarts charged to the tasks now running or done, by type.",
         "# TYPE spoolq_task_restarts gauge",
     ]
-    for type_name, n in census["restarts"].items():
+    for type_name, n in census.restarts.items():
         lines.append(f'spoolq_task_restarts{{type="{type_name}"}} {n}')
     return "\n".join(lines) + "\n"
 
@@ -480,18 +391,18 @@ def stats(
     --prometheus prints metrics for node_exporter's textfile collector:
     spoolq_tasks{state,type}, spoolq_oldest_waiting_seconds, spoolq_task_restarts{type}.
     """
-    census = _census(_spool())
+    census = _spool().census()
     if json_out:
-        _print_json(census)
+        _print_json(census.as_json())
         return
     if prometheus:
         sys.stdout.write(_prometheus(census))
         return
     states = [s.name for s in State]
-    rows = [[t, *(counts[s] for s in states), census["restarts"].get(t, 0)] for t, counts in census["types"].items()]
-    rows.append(["(all)", *(census["states"][s] for s in states), sum(census["restarts"].values())])
+    rows = [[t, *(counts[s] for s in states), census.restarts.get(t, 0)] for t, counts in census.types.items()]
+    rows.append(["(all)", *(census.states[s] for s in states), sum(census.restarts.values())])
     _table(["TYPE", *states, "RESTARTS"], rows)
-    oldest = census["oldest_waiting_seconds"]
+    oldest = census.oldest_waiting_seconds
     print(f"oldest waiting: {'none' if oldest is None else f'{oldest:.1f} s'}")
 
 
@@ -513,9 +424,15 @@ def _fail(message: str, code: int) -> NoReturn:
 
 
 def _error_text(exc: BaseException) -> str:
+    """One line for an error, with the command that would fix it where one does."""
     if isinstance(exc, OSError) and exc.strerror:
         where = exc.filename if exc.filename is not None else ""
         return f"{exc.strerror}: {where}" if where else exc.strerror
+    if isinstance(exc, NoSpool):
+        what = f"{exc.root} is not a complete spool ({exc.missing}/ is missing)" if exc.missing else f"no spool at {exc.root}"
+        return f"{what}: run 'spoolq init' (or set --root / SPOOLQ_ROOT)"
+    if isinstance(exc, InvalidInput) and exc.limit is not None:
+        return f"{exc} (spoolq init --max-input-bytes): pass large data by path instead"
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 

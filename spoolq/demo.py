@@ -51,9 +51,9 @@ def _tail(log: IO[bytes], lines: int = 15) -> str:
 
 def run_demo() -> int:
     """Run the demo; 0 when every step did what it should."""
-    from .cli import format_log, wait_for
-    from .spool import Spool
     from . import tracker
+    from .queries import format_log
+    from .spool import Spool
 
     root = tempfile.mkdtemp(prefix="spoolq-demo-")
     os.chmod(root, 0o700)
@@ -88,7 +88,7 @@ def run_demo() -> int:
                     time.sleep(1)
             _say(f"   enqueueTask({TYPE!r}, {task_id!r}, {value!r})")
             started = time.monotonic()
-            info = wait_for(spool, TYPE, task_id, WAIT_LIMIT, give_up=worker_died)
+            info = spool.queries.wait_for(TYPE, task_id, WAIT_LIMIT, give_up=worker_died)
             if info is None:
                 why = "the worker died" if worker_died() else f"no final state after {WAIT_LIMIT:g} s"
                 _say(f"   waiting for {task_id}: {why}; worker output:\n{_tail(worker_log)}")
@@ -96,7 +96,7 @@ def run_demo() -> int:
             status = tracker.getTaskStatusByIdentifier(TYPE, task_id)
             _say(f"   wait (woken by inotify on done/): {status[1]} after {time.monotonic() - started:.2f} s")
             _say("   its log, oldest first (spoolq log):")
-            for line in format_log(spool, TYPE, task_id):
+            for line in format_log(spool.log_records(TYPE, task_id)):
                 _say(f"     {line}")
             return status
 

@@ -66,26 +66,19 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
-from . import fsutil
+from . import sweeps
 from .errors import CorruptTask, SpoolError, SpoolqError
+from .lifecycle import Action, Judgement, Place, State, Verdict, judge
 from .names import check_server, check_type, split_task_name
-from .spool import (
-    DEFAULT_ROOT,
-    INPUT_JSON,
-    INPUT_PICKLE,
-    LOG,
-    RESPONSE,
-    STATE_DIRS,
-    STATUS,
-    Spool,
-    State,
-)
+from .spool import Spool
+from .store import fsutil
+from .store.codec import INPUT_NAMES, INPUT_PICKLE, LOG, RESPONSE, STATUS, state_of
+from .store.layout import SETTINGS, STATE_DIRS, layout_problems, resolve_root
+from .store.taskdir import read_status, roll_forward
+from .sweeps import TMP_GRACE
 
-TMP_GRACE = 900.0
-"""Seconds a ``tmp/`` entry may live before it counts as abandoned."""
-
-ROOT_ENTRIES = frozenset({*STATE_DIRS, "spool.json", "lost+found"})
-TASK_FILES = frozenset({STATUS, LOG, RESPONSE, INPUT_PICKLE, INPUT_JSON})
+ROOT_ENTRIES = frozenset({*STATE_DIRS, SETTINGS, "lost+found"})
+TASK_FILES = frozenset({STATUS, LOG, RESPONSE, *INPUT_NAMES})
 TASK_LEFTOVERS = frozenset({STATUS + ".tmp", RESPONSE + ".tmp"})
 _LOCK_WAIT = 5.0
 
@@ -138,53 +131,20 @@ class FsckReport:
 
 
 def layout_findings(root: str) -> list[Finding]:
-    """Problems of the spool's skeleton, found without opening it as a
-    :class:`Spool` (which refuses an unsafe or split spool outright): every
-    one is reported, not just the first."""
-    out: list[Finding] = []
-    try:
-        root_st = os.stat(root)
-    except FileNotFoundError:
-        return [Finding("missing-dir", ".", f"no spool at {root}: fix with: spoolq --root {root} init")]
-    if not stat.S_ISDIR(root_st.st_mode):
-        return [Finding("unsafe-dir", ".", f"spool root {root} is not a directory")]
-    _mode_finding(out, ".", root, root_st)
-    for name in STATE_DIRS:
-        path = os.path.join(root, name)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            out.append(Finding("missing-dir", name, f"missing: fix with: spoolq --root {root} init"))
-            continue
-        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-            what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
-            out.append(Finding("unsafe-dir", name, f"is {what}: it must be a real directory (move it away, then spoolq init)"))
-            continue
-        _mode_finding(out, name, path, st)
-        if st.st_dev != root_st.st_dev:
-            out.append(Finding(
-                "cross-device", name,
-                f"on another filesystem than {root}: tasks move by rename, never by copy; "
-                f"fix with: umount {path} (or move the spool onto one filesystem)",
-            ))
-        if st.st_uid != root_st.st_uid and st.st_uid != 0:
-            out.append(Finding(
-                "ownership", name,
-                f"owned by uid {st.st_uid}, the spool root by uid {root_st.st_uid}: fix with: chown -R {root_st.st_uid} {root}",
-            ))
-    servers = os.path.join(root, "locks", "servers")
-    if os.path.isdir(os.path.join(root, "locks")) and not os.path.lexists(servers):
-        out.append(Finding("missing-dir", "locks/servers", f"missing: fix with: spoolq --root {root} init"))
+    """Problems of the spool's skeleton (the same checks that opening a
+    :class:`Spool` applies, :func:`spoolq.store.layout.layout_problems`),
+    every one reported, not just the first."""
+    out = []
+    for problem in layout_problems(root):
+        if problem.kind == "missing-dir":
+            what = f"no spool at {root}" if problem.rel == "." else "missing"
+            message = f"{what}: fix with: spoolq --root {root} init"
+        elif problem.kind == "unsafe-dir":
+            message = f"is {problem.message}" + (" (move it away, then spoolq init)" if problem.rel != "." else "")
+        else:
+            message = f"{problem.message}: fix with: {problem.fix}" if problem.fix else problem.message
+        out.append(Finding(problem.kind, problem.rel, message))
     return out
-
-
-def _mode_finding(out: list[Finding], rel: str, path: str, st: os.stat_result) -> None:
-    if st.st_mode & stat.S_IWOTH:
-        out.append(Finding(
-            "permissions", rel,
-            f"writable by any user (mode {stat.S_IMODE(st.st_mode):04o}); pickles run as code in the worker: "
-            f"fix with: chmod o-w {path}",
-        ))
 
 
 # --------------------------------------------------------------------------- the check
@@ -205,7 +165,7 @@ class _Place:
 
     @property
     def state(self) -> State:
-        return State[self.doc["state"]]
+        return state_of(self.doc)
 
 
 _ORDER = {"enqueued": 0, "scheduled": 1, "running": 2, "done": 3}
@@ -236,7 +196,7 @@ class _Checker:
         """Move *path* (a symlink is moved, not followed) to quarantine/."""
         if not self.repair:
             return
-        dest = self.spool._quarantine(path, f"fsck: {finding.kind}: {finding.message}")
+        dest = self.spool.quarantine(path, f"fsck: {finding.kind}: {finding.message}")
         finding.action = f"quarantined as {self.rel(dest)}" if dest else "gone meanwhile"
 
     def alive(self, server: str) -> bool:
@@ -289,7 +249,7 @@ class _Checker:
             path = os.path.join(self.root, name)
             if name in ROOT_ENTRIES:
                 continue
-            if name == "spool.json.tmp":
+            if name == SETTINGS + ".tmp":
                 finding = self.add("leftover-tmp", path, "staging file of an interrupted 'spoolq init'")
             else:
                 finding = self.add("unknown-entry", path, f"{_what(path)} that is not part of a spool")
@@ -297,7 +257,7 @@ class _Checker:
 
     def check_types(self) -> None:
         now = self.spool.clock()
-        for name, path, st in _entries(self.spool._p("types")):
+        for name, path, st in _entries(self.spool.layout.types):
             if name.startswith("."):
                 if now - st.st_mtime <= self.grace:
                     continue  # a registration in progress
@@ -324,25 +284,25 @@ class _Checker:
     def check_tmp(self) -> None:
         now = self.spool.clock()
         stale = []
-        for name, path, st in _entries(self.spool._p("tmp")):
+        for name, path, st in _entries(self.spool.layout.tmp):
             if name.startswith(".trash."):
                 stale.append(self.add("stale-tmp", path, "left by an interrupted delete"))
             elif now - st.st_mtime > self.grace:
                 age = now - st.st_mtime
                 stale.append(self.add("stale-tmp", path, f"staging never published ({age:.0f} s old; grace {self.grace:g} s)"))
         if stale and self.repair:
-            self.spool.clean_tmp(grace=self.grace)
+            sweeps.clean_tmp(self.spool, grace=self.grace)
             for finding in stale:
                 gone = not os.path.lexists(os.path.join(self.root, finding.path))
                 finding.action = "removed" if gone else None
 
     def check_tasks_in(self, where: str) -> None:
-        directory = self.spool._p(where)
+        directory = self.spool.layout.path(where)
         for name in _listdir(directory):
             self.check_task(where, os.path.join(directory, name), None)
 
     def check_scheduled(self) -> None:
-        for server, sdir, st in _entries(self.spool._p("scheduled")):
+        for server, sdir, st in _entries(self.spool.layout.scheduled):
             if not self.sound(sdir, st, _valid(check_server, server), ("bad-name", "that is not named like a server"),
                               "a server directory", "not-a-directory"):
                 continue
@@ -415,7 +375,7 @@ class _Checker:
         if STATUS not in entries:
             return self.add("incomplete", path, "no status.json")
         try:
-            doc = self.spool._read_status(dfd, path)
+            doc = read_status(dfd, path)
         except CorruptTask as exc:
             return self.add("corrupt-status", path, str(exc).replace(path + "/", "").replace(path + " ", ""))
         if (doc.get("type"), doc.get("id")) != parts:
@@ -424,7 +384,7 @@ class _Checker:
                 f"status.json is for {doc.get('type')!r}/{doc.get('id')!r}, the directory for {parts[0]}/{parts[1]}",
             )
         input_name = doc.get("input") or INPUT_PICKLE
-        if input_name not in (INPUT_PICKLE, INPUT_JSON):
+        if input_name not in INPUT_NAMES:
             return self.add("corrupt-status", path, f"status.json names an unknown input file {str(input_name)[:40]!r}")
         if input_name not in entries:
             return self.add("incomplete", path, f"no {input_name}")
@@ -443,7 +403,7 @@ class _Checker:
         if tmp_st is not None and stat.S_ISREG(tmp_st.st_mode):
             finding = self.add("leftover-tmp", os.path.join(path, STATUS + ".tmp"), "left by an interrupted status write")
             copy = self._link_aside(dfd, STATUS + ".tmp", os.path.basename(path))
-            self.spool._roll_forward(dfd)
+            roll_forward(dfd, durable=self.spool.durable)
             try:
                 applied = os.stat(STATUS, dir_fd=dfd, follow_symlinks=False).st_ino == tmp_st.st_ino
             except FileNotFoundError:
@@ -465,7 +425,7 @@ class _Checker:
 
     def _link_aside(self, dfd: int, name: str, task: str) -> str:
         stamp = datetime.fromtimestamp(self.spool.clock(), timezone.utc).strftime("%Y%m%dT%H%M%S")
-        dest = self.spool._p("quarantine", f"{task[:180]}.{name}.{stamp}.{secrets.token_hex(3)}")
+        dest = self.spool.layout.path("quarantine", f"{task[:180]}.{name}.{stamp}.{secrets.token_hex(3)}")
         os.link(name, dest, src_dir_fd=dfd, follow_symlinks=False)
         return dest
 
@@ -496,60 +456,48 @@ class _Checker:
             places[:] = [keep]
 
     def check_state(self, place: _Place) -> None:
+        """The spool's own verdict on the task's state and place
+        (:func:`spoolq.lifecycle.judge`, as the zombie sweep applies it),
+        worded for fsck."""
         state, doc = place.state, place.doc
-        where = place.where
         if place.type not in self.types and not state.terminal:
             self.add(
                 "unregistered-type", place.path,
                 f"a {state.name} task of unregistered type {place.type}: it fails when claimed; "
                 f"fix with: spoolq register {place.type} HANDLER",
             )
-        if where == "enqueued":
-            if state != State.ENQUEUED:
-                self._untrusted(place, f"status says {state.name} but it waits in enqueued/")
-        elif where == "done":
-            if not state.terminal:
-                self._untrusted(place, f"status says {state.name} but it is in done/")
-        elif state.terminal:
+        verdict = judge(Place(place.where), state, doc.get("server"), place.server_dir, self.alive)
+        if verdict.verdict is Verdict.OK:
+            return
+        if verdict.verdict is Verdict.UNTRUSTED:
+            self._untrusted(place, verdict.reason)
+        elif verdict.verdict is Verdict.FINISH_MOVE:
             self._take(place, "wrong-state", f"{state.name} but still in {self.rel(os.path.dirname(place.path))}/: "
-                       "a finish was interrupted before its move", charge=False)
-        elif where == "running" and state == State.ENQUEUED:
+                       "a finish was interrupted before its move", verdict)
+        elif place.where == "running" and state == State.ENQUEUED:
             self._take(place, "wrong-state", "ENQUEUED but still in running/: a re-enqueue was interrupted "
-                       "before its move", charge=False, reason="completing an interrupted re-enqueue")
-        elif where == "running":
-            server = doc.get("server")
-            if not _valid(check_server, server):
-                self._untrusted(place, f"status says {state.name} (server {server!r}) but it is in running/")
-            elif not self.alive(server):
-                started = state != State.SCHEDULED
-                what = "started" if started else "being started"
-                self._take(place, "orphan", f"{state.name}: {what} by server {server}, which is gone",
-                           charge=started, reason=f"abandoned: server {server} is gone")
-        else:  # scheduled/<server>/
-            server = place.server_dir or ""
-            if state in (State.RUNNING, State.PAUSED):
-                self._untrusted(place, f"status says {state.name} but it is in scheduled/{server}/ (never started)")
-            elif state == State.SCHEDULED and doc.get("server") != server:
-                self._untrusted(place, f"claimed by {doc.get('server')!r} but in scheduled/{server}/")
-            elif not self.alive(server):
-                what = "claimed" if state == State.SCHEDULED else "being claimed (interrupted)"
-                self._take(place, "orphan", f"{state.name}: {what} by server {server}, which is gone",
-                           charge=False, reason=f"handed back: server {server} is gone")
+                       "before its move", verdict)
+        else:
+            server = place.server_dir if place.where == "scheduled" else doc.get("server")
+            what = {
+                State.SCHEDULED: "claimed" if place.where == "scheduled" else "being started",
+                State.ENQUEUED: "being claimed (interrupted)",
+            }.get(state, "started")
+            self._take(place, "orphan", f"{state.name}: {what} by server {server}, which is gone", verdict)
 
     def _untrusted(self, place: _Place, message: str) -> None:
         finding = self.add("wrong-state", place.path, message)
         self.quarantine(finding, place.path)
 
-    def _take(self, place: _Place, kind: str, message: str, *, charge: bool, reason: str = "") -> None:
+    def _take(self, place: _Place, kind: str, message: str, verdict: Judgement) -> None:
         """Re-enqueue (or fail, or complete the finish of) a task through the
         spool's take-away, which locks the task and re-checks its claim."""
         finding = self.add(kind, place.path, message)
         if not self.repair:
             return
         try:
-            result = self.spool._take_away(
-                place.path, reason or "fsck: completing an interrupted finish",
-                charge=charge, expect_claim=_int(place.doc.get("claim")),
+            result = self.spool.take_away(
+                place.path, verdict.reason, charge=verdict.charge, expect_claim=_int(place.doc.get("claim")),
             )
         except CorruptTask as exc:
             finding.message += f" (and now: {exc})"
@@ -558,12 +506,15 @@ class _Checker:
         except OSError as exc:
             finding.message += f" (repair failed: {exc})"
             return
-        finding.action = {
-            "reenqueued": "re-enqueued",
-            "failed": "FAILED: no restarts left",
-            "finished move": "moved to done/",
-            "gone": "changed meanwhile; left alone",
-        }.get(result, result)
+        finding.action = _ACTION_TEXT.get(result, str(result))
+
+
+_ACTION_TEXT = {
+    Action.REENQUEUED: "re-enqueued",
+    Action.FAILED: "FAILED: no restarts left",
+    Action.FINISHED_MOVE: "moved to done/",
+    Action.GONE: "changed meanwhile; left alone",
+}
 
 
 # --------------------------------------------------------------------------- entry points
@@ -580,7 +531,7 @@ def check(spool: Spool, *, repair: bool = False, tmp_grace: float = TMP_GRACE) -
         remaining, tasks = again.findings, sum(len(p) for p in again.places.values())
     else:
         remaining, tasks = list(checker.findings), sum(len(p) for p in checker.places.values())
-    quarantined = sum(1 for n in _listdir(spool._p("quarantine")) if not n.endswith(".reason"))
+    quarantined = sum(1 for n in _listdir(spool.layout.quarantine_dir) if not n.endswith(".reason"))
     return FsckReport(spool.root, repair, checker.findings, remaining, tasks, quarantined)
 
 
@@ -588,7 +539,7 @@ def run_fsck(root: str | None, repair: bool, out: TextIO = sys.stdout) -> int:
     """``spoolq fsck``: one line per finding (``kind: path: message[ ->
     action]``) and a summary; 0 when the spool is consistent (after repair),
     1 otherwise."""
-    path = os.path.abspath(os.fspath(root or os.environ.get("SPOOLQ_ROOT") or DEFAULT_ROOT))
+    path = resolve_root(root)
     try:
         spool = Spool(path)
     except SpoolError as exc:

@@ -24,15 +24,15 @@ SEP = ":"
 
 def _check(kind: str, value: object, limit: int) -> str:
     if not isinstance(value, str):
-        raise InvalidName(f"{kind} must be a string, not {type(value).__name__}")
+        raise InvalidName(kind, value, f"{kind} must be a string, not {type(value).__name__}")
     if not value:
-        raise InvalidName(f"{kind} must not be empty")
+        raise InvalidName(kind, value, f"{kind} must not be empty")
     if len(value) > limit:
-        raise InvalidName(f"{kind} {value[:20]!r}… is longer than {limit} characters")
+        raise InvalidName(kind, value, f"{kind} {value[:20]!r}… is longer than {limit} characters")
     if not _NAME.match(value):
         raise InvalidName(
-            f"invalid {kind} {value!r}: use 1-{limit} of A-Z a-z 0-9 _ . -, "
-            "not starting with '.' or '-'"
+            kind, value,
+            f"invalid {kind} {value!r}: use 1-{limit} of A-Z a-z 0-9 _ . -, not starting with '.' or '-'",
         )
     return value
 

@@ -1,14 +1,17 @@
 """The object a handler receives: its task's claim, with the status calls.
 
-``handler(task_status, input)`` gets a :class:`TaskContext` (the ATP layer
-adds the camelCase names). Every call goes through the claim, so once the
-task was taken away from this run (timed out and re-enqueued, deleted), the
-calls raise :class:`~spoolq.errors.StaleClaim` instead of writing.
+``handler(task_status, input)`` gets a :class:`TaskContext`. Every call goes
+through the claim, so once the task was taken away from this run (timed out
+and re-enqueued, deleted), the calls raise :class:`~spoolq.errors.StaleClaim`
+instead of writing. ATP's camelCase names are aliases of the snake_case
+ones, so an ATP handler runs unchanged.
 """
 
 from __future__ import annotations
 
-from .spool import Claim, Spool, State, TaskInfo
+from .lifecycle import Claim, State
+from .queries import TaskInfo
+from .spool import Spool
 
 
 class TaskContext:
@@ -53,3 +56,30 @@ class TaskContext:
     def info(self) -> TaskInfo:
         """The task's current status document."""
         return self.spool.status(self.claim.type, self.claim.id)
+
+    # ATP's names (EOxServer's TaskStatus), for handlers moved over unchanged.
+
+    def setSuccess(self, msg: str = "") -> None:
+        self.set_success(msg)
+
+    def setFailure(self, msg: str = "") -> None:
+        self.set_failure(msg)
+
+    def setPaused(self, msg: str = "") -> None:
+        self.set_paused(msg)
+
+    def setRunning(self, msg: str = "") -> None:
+        self.set_running(msg)
+
+    def storeResponse(self, response: bytes | str, mimeType: str = "text/xml") -> None:
+        self.store_response(response, mimeType)
+
+    def getStatus(self) -> tuple[int, str]:
+        state = self.info().state
+        return int(state), state.name
+
+    def getIdentifier(self) -> tuple[str, str]:
+        return self.claim.type, self.claim.id
+
+    def getInfo(self) -> tuple[str, str, int, str]:
+        return (self.claim.type, self.claim.id, *self.getStatus())

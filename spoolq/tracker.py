@@ -3,7 +3,7 @@ names over :class:`spoolq.Spool`, so ATP producers and daemons move over by
 changing their import line.
 
 The spool is ``$SPOOLQ_ROOT`` (default ``/var/spool/spoolq``). Differences
-from ATP, all fixes of its defects (see docs/design.md §9): ``task_id`` is a claim
+from ATP, all fixes of its defects (see docs/design.md, "Decisions"): ``task_id`` is a claim
 string ``TYPE:ID#N@SERVER`` rather than a database key, and writes through a
 claim that lost its task raise; terminal states are final; ``max_restarts``
 is enforced; the stored MIME type follows the latest response; the queue
@@ -12,12 +12,14 @@ limit is a spool setting (``spoolq init --max-queue``) and exact.
 
 from __future__ import annotations
 
-import os
 from datetime import datetime
 from typing import Any
 
+from . import sweeps
 from .errors import QueueEmpty, QueueException, QueueFull, SpoolqError, StaleClaim, TaskNotFound, UnknownType
-from .spool import Claim, Spool, State
+from .lifecycle import Claim, State
+from .spool import Spool
+from .store.layout import resolve_root
 from .task import TaskContext
 
 __all__ = [
@@ -38,14 +40,15 @@ _spool: Spool | None = None
 def _get_spool() -> Spool:
     """The process's spool, reopened if SPOOLQ_ROOT changed."""
     global _spool
-    root = os.path.abspath(os.environ.get("SPOOLQ_ROOT") or "/var/spool/spoolq")
+    root = resolve_root()
     if _spool is None or _spool.root != root:
         _spool = Spool(root)
     return _spool
 
 
-def use_spool(spool: Spool) -> None:
-    """Make the tracker functions work on *spool* (the daemon does this)."""
+def use_spool(spool: Spool | None) -> None:
+    """Make the tracker functions work on *spool* (None: back to
+    ``$SPOOLQ_ROOT``); for programs and tests with a spool object of their own."""
     global _spool
     _spool = spool
 
@@ -178,11 +181,11 @@ def deleteTask(task_id: str) -> None:
 def reenqueueZombieTasks(message: str = "") -> list[tuple[str, str]]:
     """Re-enqueue (or fail, once restarts are used up) abandoned and
     timed-out tasks: [(action, "type::id"), …]."""
-    return [(a.action, f"{a.type}::{a.id}") for a in _get_spool().reenqueue_zombies(message)]
+    return [(a.action, f"{a.type}::{a.id}") for a in sweeps.reenqueue_zombies(_get_spool(), message)]
 
 
 def deleteRetiredTasks() -> list[tuple[str, str]]:
-    return [(a.action, f"{a.type}::{a.id}") for a in _get_spool().delete_retired()]
+    return [(a.action, f"{a.type}::{a.id}") for a in sweeps.delete_retired(_get_spool())]
 
 
 def dummyHandler(taskStatus: TaskStatus, input: Any) -> None:
@@ -190,38 +193,12 @@ def dummyHandler(taskStatus: TaskStatus, input: Any) -> None:
 
 
 class TaskStatus(TaskContext):
-    """What handlers receive, with ATP's method names as well as snake_case.
-
-    ``TaskStatus(task_id)`` works on the tracker's spool; the daemon builds
-    it on its own. ``dbLock`` is accepted and ignored (the filesystem
-    arbitrates)."""
+    """What handlers receive, constructible the ATP way: ``TaskStatus(task_id)``
+    works on the tracker's spool. ``dbLock`` is accepted and ignored (the
+    filesystem arbitrates). The camelCase methods come from TaskContext."""
 
     def __init__(self, task_id: str | Claim, dbLock: Any = None, *, spool: Spool | None = None) -> None:
         super().__init__(spool or _get_spool(), task_id)
-
-    def setSuccess(self, msg: str = "") -> None:
-        self.set_success(msg)
-
-    def setFailure(self, msg: str = "") -> None:
-        self.set_failure(msg)
-
-    def setPaused(self, msg: str = "") -> None:
-        self.set_paused(msg)
-
-    def setRunning(self, msg: str = "") -> None:
-        self.set_running(msg)
-
-    def storeResponse(self, response: bytes | str, mimeType: str = "text/xml") -> None:
-        self.store_response(response, mimeType)
-
-    def getStatus(self) -> tuple[int, str]:
-        return _pair(self.info().state)
-
-    def getIdentifier(self) -> tuple[str, str]:
-        return self.claim.type, self.claim.id
-
-    def getInfo(self) -> tuple[str, str, int, str]:
-        return (self.claim.type, self.claim.id, *self.getStatus())
 
 
 # Kept importable under the ATP names some callers catch.

@@ -3,7 +3,7 @@
 Run as a program it is one of the real processes those tests start:
 
 * ``python crash_helpers.py worker ROOT SERVER OPTIONS_JSON`` — a worker
-  daemon (:class:`spoolq.daemon.Worker`) with options the command line does
+  daemon (:class:`spoolq.worker.Worker`) with options the command line does
   not expose (short heartbeat and sweep intervals); ``SLOT_CRASH_AT=point``
   arms a crash point in its handler processes only;
 * ``python crash_helpers.py produce ROOT ACKS TASKS_JSON [SECONDS]`` — a
@@ -273,7 +273,7 @@ def produce(root: str, acks: str, tasks: list, spread: float = 0.0) -> int:
 
 
 def worker(root: str, server: str, options: dict) -> int:
-    from spoolq.daemon import Worker
+    from spoolq.worker import Worker
     from spoolq.errors import SpoolqError
     from spoolq.spool import Spool
     from spoolq.systemd import setup_logging

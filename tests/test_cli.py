@@ -7,7 +7,6 @@ not the command under test goes through the Spool API directly.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pickle
@@ -26,8 +25,6 @@ TYPE = "SequenceSum"
 HANDLER = "spoolq.demo.sequence_sum"
 DEADLINE = 30.0
 
-has_daemon = importlib.util.find_spec("spoolq.daemon") is not None
-needs_daemon = pytest.mark.skipif(not has_daemon, reason="spoolq.daemon (the worker) is not importable yet")
 
 
 def spoolq(*args: str | Path, root: Path | None = None, stdin: bytes | None = None,
@@ -396,7 +393,6 @@ def test_worker_configuration_errors_exit_78(root: Path, tmp_path: Path) -> None
     assert "spoolq init" in assert_one_line_error(spoolq("worker", "w1", root=tmp_path / "nowhere"), 78)
 
 
-@needs_daemon
 def test_worker_runs_a_task_and_stops_cleanly_on_sigterm(root: Path, spool: Spool) -> None:
     worker = subprocess.Popen([sys.executable, "-m", "spoolq", "--root", str(root), "worker", "w1"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -414,7 +410,6 @@ def test_worker_runs_a_task_and_stops_cleanly_on_sigterm(root: Path, spool: Spoo
     assert worker.returncode == 0, stderr
 
 
-@needs_daemon
 def test_worker_drain_runs_what_the_server_holds_and_exits_0(root: Path, spool: Spool) -> None:
     spool.enqueue(TYPE, "held", (2, 3))
     spool.enqueue(TYPE, "other", (1,))
@@ -426,7 +421,6 @@ def test_worker_drain_runs_what_the_server_holds_and_exits_0(root: Path, spool: 
     assert spool.status(TYPE, "other").state == State.ENQUEUED  # nothing new was claimed
 
 
-@needs_daemon
 def test_demo_runs_the_seed_example(tmp_path: Path) -> None:
     env = {"TMPDIR": str(tmp_path)}  # the demo's temporary spool lands here
     proc = spoolq("demo", env=env, timeout=120)

@@ -1,7 +1,7 @@
 """Crash at every step of the lifecycle, then recover.
 
 The list of crash points is generated from the package source (every
-``crashpoint("…")`` call in ``spoolq/*.py``), so a new step is tested as soon
+``crashpoint("…")`` call in ``spoolq/**/*.py``), so a new step is tested as soon
 as it is marked. For each point a producer and a worker daemon run as real
 processes on a durable spool; the process that reaches the point dies there
 by SIGKILL (``SPOOLQ_CRASH_AT``). Then a worker is started again without
@@ -41,6 +41,7 @@ import pytest
 import conftest
 import spoolq
 from crash_helpers import check_task, read_hits, read_records, runs_by_task, spawn
+from spoolq import sweeps
 from spoolq import Spool, State
 from spoolq.names import task_name
 
@@ -65,7 +66,7 @@ def discover_points() -> list[str]:
     count); a call without a literal name is an error, since it could not
     be tested."""
     points = set()
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
         for call in _calls_named(tree, "crashpoint"):
             if path.name == "faults.py":
@@ -144,7 +145,7 @@ def test_points_are_generated_from_the_source():
     # The parser finds what a plain search finds (no call hidden from it).
     pattern = re.compile(r"""crashpoint\(\s*["']([^"']+)["']\s*\)""")
     by_regex = set()
-    for path in PACKAGE.glob("*.py"):
+    for path in PACKAGE.rglob("*.py"):
         if path.name != "faults.py":
             by_regex |= set(pattern.findall(path.read_text(encoding="utf-8")))
     assert by_regex == set(POINTS)
@@ -300,7 +301,7 @@ def verify(sc: Scenario, crashed_pid: int | None) -> None:
         parts = entry.rsplit(".", 2)
         from_crash = crashed_pid is not None and len(parts) == 3 and parts[1] == str(crashed_pid)
         assert entry.startswith(".trash.") or from_crash, f"unexpected leftover in tmp/: {entry}"
-    sp.clean_tmp(grace=0)
+    sweeps.clean_tmp(sp, grace=0)
     assert not os.listdir(sc.root / "tmp")
 
 

@@ -336,7 +336,7 @@ def test_drain_finishes_what_runs_and_claims_nothing_more(env):
     spool.enqueue("S", "t2", {"record": str(rec), "seconds": 1.0})
     drain = subprocess.run(
         [sys.executable, "-c",
-         "import sys; from spoolq.daemon import run_worker; sys.exit(run_worker(sys.argv[1], 'server1', drain=True))",
+         "import sys; from spoolq.worker import run_worker; sys.exit(run_worker(sys.argv[1], 'server1', drain=True))",
          spool.root],
         capture_output=True, text=True, timeout=60,
     )

@@ -20,7 +20,7 @@ import pytest
 
 from spoolq import Spool, State
 from spoolq.fsck import check, run_fsck
-from spoolq.spool import _log_line
+from spoolq.store.codec import log_line as _log_line
 
 HERE = Path(__file__).parent
 OLD = time.time() - 7200  # older than the tmp/ grace of 15 min

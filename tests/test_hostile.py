@@ -130,8 +130,8 @@ class _Junk:
 
     def drop(self, path: Path | bytes) -> None:
         name = os.path.basename(path)
-        os.rename(path, os.path.join(os.fsencode(self.spool._p("enqueued")) if isinstance(name, bytes)
-                                     else self.spool._p("enqueued"), name))
+        os.rename(path, os.path.join(os.fsencode(self.spool.layout.enqueued) if isinstance(name, bytes)
+                                     else self.spool.layout.enqueued, name))
         self.names.append(name)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from spoolq import sweeps
 from spoolq import QueueFull, Spool, SpoolqError, StaleClaim, State, TaskExists, TaskNotFound
 
 FORK = multiprocessing.get_context("fork")
@@ -204,7 +205,7 @@ def test_the_queue_limit_holds_exactly_under_racing_producers(make_spool, tmp_pa
 def _sweeper(root: str, barrier, out: str, now: float) -> None:
     spool = Spool(root, clock=lambda: now)
     barrier.wait(60)
-    Path(out).write_text(json.dumps([[a.id, a.action] for a in spool.reenqueue_zombies()]))
+    Path(out).write_text(json.dumps([[a.id, a.action] for a in sweeps.reenqueue_zombies(spool)]))
 
 
 def _start_many(root: str, server: str, n: int) -> None:
@@ -263,7 +264,7 @@ def _busy_worker(root: str, server: str, deadline: float) -> None:
 def _busy_sweeper(root: str, deadline: float) -> None:
     spool = Spool(root, clock=lambda: time.time() + 3600)  # every claim has timed out
     while time.time() < deadline:
-        spool.reenqueue_zombies()
+        sweeps.reenqueue_zombies(spool)
         if all(info.state.terminal for info in spool.list_tasks()):
             return
 
@@ -347,7 +348,7 @@ def _can_lock(path: str) -> bool:
 def test_a_child_forked_while_a_thread_holds_a_lock_does_not_keep_it(spool: Spool, wait_until, which: str) -> None:
     import threading
 
-    from spoolq.spool import _TaskDir
+    from spoolq.store.taskdir import TaskDir
 
     spool.enqueue("T", "a", 1)
     task_path = os.path.join(spool.root, "enqueued", "T:a")
@@ -355,7 +356,7 @@ def test_a_child_forked_while_a_thread_holds_a_lock_does_not_keep_it(spool: Spoo
     held, release = threading.Event(), threading.Event()
 
     def holder() -> None:
-        lock = spool._enqueue_lock if which == "enqueue-lock" else _TaskDir(spool, task_path)
+        lock = spool.layout.enqueue_lock if which == "enqueue-lock" else TaskDir(task_path, clock=spool.clock, durable=spool.durable)
         with lock:
             held.set()
             release.wait(30)

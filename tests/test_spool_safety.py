@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from atp_demo import RaisesOnLoad
+from spoolq import sweeps
 from spoolq import (
     CorruptTask,
     InvalidInput,
@@ -291,7 +292,7 @@ def test_a_symlinked_server_directory_is_refused(spool: Spool, tmp_path: Path) -
     assert spool.status("T", "a").state == State.ENQUEUED
     assert os.listdir(tmp_path / "elsewhere") == []
     assert not spool.server_alive("s1")  # the refused hold let go of the lock
-    spool.reenqueue_zombies()  # and a sweep moves the link out of the way
+    sweeps.reenqueue_zombies(spool)  # and a sweep moves the link out of the way
     assert not os.path.lexists(Path(spool.root, "scheduled", "s1"))
     assert spool.claim("s1").id == "a"
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from spoolq import sweeps
 from spoolq import ServerBusy, Spool, State, TaskNotFound
 
 FORK = multiprocessing.get_context("fork")
@@ -69,25 +70,25 @@ def test_a_task_past_its_timeout_is_reenqueued_from_the_claim(sp: Spool, clock) 
     claim = sp.claim("s1")
     sp.start(claim)
     clock.advance(59)
-    assert sp.reenqueue_zombies() == []
+    assert sweeps.reenqueue_zombies(sp) == []
     sp.set_state(claim, State.PAUSED, "waiting")  # PAUSED time counts
     clock.advance(2)
-    assert actions(sp.reenqueue_zombies()) == [("Z", "a", "reenqueued")]
+    assert actions(sweeps.reenqueue_zombies(sp)) == [("Z", "a", "reenqueued")]
     info = sp.status("Z", "a")
     assert info.state == State.ENQUEUED and info.doc["restarts"] == 1
     assert Path(sp.root, "enqueued", "Z:a").is_dir()
     last = sp.log_records("Z", "a")[-1]
     assert (last.state, last.message) == (State.ENQUEUED, "timed out after 60 s")
-    assert sp.reenqueue_zombies() == []  # waiting tasks are not zombies
+    assert sweeps.reenqueue_zombies(sp) == []  # waiting tasks are not zombies
 
 
 def test_restarts_run_out_then_the_task_fails_saying_why(sp: Spool, clock) -> None:
     started(sp, "a")
     clock.advance(61)
-    assert actions(sp.reenqueue_zombies()) == [("Z", "a", "reenqueued")]
+    assert actions(sweeps.reenqueue_zombies(sp)) == [("Z", "a", "reenqueued")]
     sp.start(sp.claim("s1"))
     clock.advance(61)
-    assert actions(sp.reenqueue_zombies()) == [("Z", "a", "failed")]
+    assert actions(sweeps.reenqueue_zombies(sp)) == [("Z", "a", "failed")]
     info = sp.status("Z", "a")
     assert info.state == State.FAILED and Path(info.path).parent.name == "done"
     assert info.doc["message"] == "timed out after 60 s; gave up after 2 start(s)"
@@ -100,14 +101,14 @@ def test_max_restarts_zero_fails_at_the_first_timeout(sp: Spool, clock) -> None:
     sp.register_type("Z", "atp_demo.handler", timeout=60, max_restarts=0)
     started(sp, "a")
     clock.advance(61)
-    assert actions(sp.reenqueue_zombies()) == [("Z", "a", "failed")]
+    assert actions(sweeps.reenqueue_zombies(sp)) == [("Z", "a", "failed")]
 
 
 def test_a_scheduled_task_past_its_timeout_goes_back_without_using_a_restart(sp: Spool, clock) -> None:
     sp.enqueue("Z", "a", 1)
     sp.claim("s1")
     clock.advance(61)
-    assert actions(sp.reenqueue_zombies()) == [("Z", "a", "reenqueued")]
+    assert actions(sweeps.reenqueue_zombies(sp)) == [("Z", "a", "reenqueued")]
     assert sp.status("Z", "a").doc["restarts"] == 0
 
 
@@ -115,7 +116,7 @@ def test_timeout_zero_means_no_time_limit(sp: Spool, clock) -> None:
     sp.register_type("Z", "atp_demo.handler", timeout=0)
     started(sp, "a")
     clock.advance(10 * 365 * 86400)
-    assert sp.reenqueue_zombies() == []
+    assert sweeps.reenqueue_zombies(sp) == []
 
 
 def test_finished_waiting_and_fresh_tasks_are_left_alone(sp: Spool, clock) -> None:
@@ -127,7 +128,7 @@ def test_finished_waiting_and_fresh_tasks_are_left_alone(sp: Spool, clock) -> No
     clock.advance(10_000)
     started(sp, "fresh")
     before = {i: sp.log_records("Z", i) for i in ("done", "failed", "waiting", "fresh")}
-    assert sp.reenqueue_zombies() == []
+    assert sweeps.reenqueue_zombies(sp) == []
     assert {i: sp.log_records("Z", i) for i in before} == before
 
 
@@ -141,7 +142,7 @@ def test_a_dead_servers_tasks_are_reenqueued_without_waiting_for_the_timeout(sp:
     claim_in_dead_process(sp, "gone1", "sched", start=False)
     assert sp.status("Z", "run").state == State.RUNNING
     assert not sp.server_alive("gone1")
-    result = sp.reenqueue_zombies()  # no clock advance at all
+    result = sweeps.reenqueue_zombies(sp)  # no clock advance at all
     assert actions(result) == [("Z", "run", "reenqueued"), ("Z", "sched", "reenqueued")]
     assert {a.reason for a in result} == {"abandoned: server gone1 is gone"}
     assert sp.status("Z", "run").doc["restarts"] == 1  # it had started: a restart used
@@ -154,10 +155,10 @@ def test_release_server_makes_its_claims_abandoned(sp: Spool, clock) -> None:
     sp.enqueue("Z", "a", 1)
     other.start(other.claim("s2"))
     assert other.server_alive("s2") and sp.server_alive("s2")
-    assert sp.reenqueue_zombies() == []  # alive and in time: left alone
+    assert sweeps.reenqueue_zombies(sp) == []  # alive and in time: left alone
     other.release_server("s2")
     assert not sp.server_alive("s2")
-    assert actions(sp.reenqueue_zombies()) == [("Z", "a", "reenqueued")]
+    assert actions(sweeps.reenqueue_zombies(sp)) == [("Z", "a", "reenqueued")]
 
 
 def test_a_live_server_keeps_its_claims(sp: Spool) -> None:
@@ -165,7 +166,7 @@ def test_a_live_server_keeps_its_claims(sp: Spool) -> None:
     sp.enqueue("Z", "b", 1)
     sp.claim("s1")
     assert sp.server_alive("s1")
-    assert sp.reenqueue_zombies() == []
+    assert sweeps.reenqueue_zombies(sp) == []
     assert sp.status("Z", "a").state == State.RUNNING
     assert sp.status("Z", "b").state == State.SCHEDULED
 
@@ -192,7 +193,7 @@ def test_recover_server_hands_back_free_and_abandons_started(sp: Spool) -> None:
     sp.enqueue("Z", "sched", 1)
     claim_in_dead_process(sp, "s9", "run", start=True)
     claim_in_dead_process(sp, "s9", "sched", start=False)
-    result = sp.recover_server("s9")
+    result = sweeps.recover_server(sp, "s9")
     assert actions(result) == [("Z", "run", "reenqueued"), ("Z", "sched", "reenqueued")]
     assert sp.status("Z", "sched").doc["restarts"] == 0
     assert sp.status("Z", "run").doc["restarts"] == 1
@@ -202,7 +203,7 @@ def test_recover_server_hands_back_free_and_abandons_started(sp: Spool) -> None:
 def test_recover_server_keep_scheduled(sp: Spool) -> None:
     sp.enqueue("Z", "sched", 1)
     claim_in_dead_process(sp, "s9", "sched", start=False)
-    assert sp.recover_server("s9", keep_scheduled=True) == []
+    assert sweeps.recover_server(sp, "s9", keep_scheduled=True) == []
     assert sp.status("Z", "sched").state == State.SCHEDULED
 
 
@@ -221,7 +222,7 @@ def test_a_claim_interrupted_before_its_status_write_is_reenqueued(sp: Spool) ->
     _crash_at(sp.root, "claim.renamed", "sp.claim('dead')")
     assert Path(sp.root, "scheduled", "dead", "Z:a").is_dir()
     assert sp.status("Z", "a").state == State.ENQUEUED
-    result = sp.reenqueue_zombies()
+    result = sweeps.reenqueue_zombies(sp)
     assert actions(result) == [("Z", "a", "reenqueued")]
     assert sp.claim("s1").id == "a"
 
@@ -230,7 +231,7 @@ def test_a_finish_interrupted_before_its_move_is_completed(sp: Spool) -> None:
     sp.enqueue("Z", "a", 1)
     _crash_at(sp.root, "finish.status_written", "c = sp.claim('dead'); sp.start(c); sp.set_state(c, State.FINISHED)")
     assert Path(sp.root, "running", "Z:a").is_dir()
-    assert actions(sp.reenqueue_zombies()) == [("Z", "a", "finished move")]
+    assert actions(sweeps.reenqueue_zombies(sp)) == [("Z", "a", "finished move")]
     info = sp.status("Z", "a")
     assert info.state == State.FINISHED and Path(info.path).parent.name == "done"
 
@@ -241,7 +242,7 @@ def test_a_reenqueue_interrupted_before_its_move_is_completed(sp: Spool) -> None
     _crash_at(sp.root, "status.replaced@3", "c = sp.claim('s1'); sp.start(c); sp.abandon(c, 'x')")
     assert Path(sp.root, "running", "Z:a").is_dir()
     assert sp.status("Z", "a").state == State.ENQUEUED
-    assert actions(sp.reenqueue_zombies()) == [("Z", "a", "reenqueued")]
+    assert actions(sweeps.reenqueue_zombies(sp)) == [("Z", "a", "reenqueued")]
     assert Path(sp.root, "enqueued", "Z:a").is_dir()
     assert sp.claim("s2").id == "a"
 
@@ -256,9 +257,9 @@ def test_terminal_tasks_are_retired_after_their_retention(sp: Spool, clock) -> N
     sp.set_state(bad, State.FAILED)
     running = started(sp, "running")
     clock.advance(600)
-    assert sp.delete_retired() == []
+    assert sweeps.delete_retired(sp) == []
     clock.advance(1)
-    assert actions(sp.delete_retired()) == [("Z", "bad", "retired"), ("Z", "ok", "retired")]
+    assert actions(sweeps.delete_retired(sp)) == [("Z", "bad", "retired"), ("Z", "ok", "retired")]
     for i in ("ok", "bad"):
         with pytest.raises(TaskNotFound):
             sp.status("Z", i)
@@ -272,7 +273,7 @@ def test_retention_counts_from_the_finish_not_the_enqueue(sp: Spool, clock) -> N
     clock.advance(550)
     sp.set_state(claim, State.FINISHED)
     clock.advance(590)
-    assert sp.delete_retired() == []
+    assert sweeps.delete_retired(sp) == []
 
 
 def test_retention_zero_or_less_keeps_tasks_forever(sp: Spool, clock) -> None:
@@ -284,7 +285,7 @@ def test_retention_zero_or_less_keeps_tasks_forever(sp: Spool, clock) -> None:
         sp.start(claim)
         sp.set_state(claim, State.FINISHED)
     clock.advance(100 * 365 * 86400)
-    assert sp.delete_retired() == []
+    assert sweeps.delete_retired(sp) == []
     assert sp.status("K", "a").state == sp.status("K2", "a").state == State.FINISHED
 
 
@@ -298,9 +299,9 @@ def test_a_crash_mid_enqueue_leaves_no_task_and_clean_tmp_removes_the_stage(sp: 
     assert os.listdir(Path(sp.root, "enqueued")) == []
     stages = os.listdir(Path(sp.root, "tmp"))
     assert len(stages) == 1 and stages[0].startswith("Z:a.")
-    assert sp.clean_tmp(grace=900) == 0  # maybe still being written: kept
+    assert sweeps.clean_tmp(sp, grace=900) == 0  # maybe still being written: kept
     clock.advance(901)
-    assert sp.clean_tmp(grace=900) == 1
+    assert sweeps.clean_tmp(sp, grace=900) == 1
     assert os.listdir(Path(sp.root, "tmp")) == []
     sp.enqueue("Z", "a", [1, 2])  # the id is free
     assert sp.status("Z", "a").state == State.ENQUEUED
@@ -312,6 +313,6 @@ def test_clean_tmp_removes_trash_at_once_and_young_stages_never(sp: Spool) -> No
     (tmp / ".trash.Z:x.abc" / "status.json").write_text("{}")
     (tmp / "Z:y.123.abcdef").mkdir()
     os.symlink("/etc", tmp / ".trash.link")
-    assert sp.clean_tmp(grace=900) == 2
+    assert sweeps.clean_tmp(sp, grace=900) == 2
     assert sorted(os.listdir(tmp)) == ["Z:y.123.abcdef"]
     assert Path("/etc").is_dir()

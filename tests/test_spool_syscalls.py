@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(shutil.which("strace") is None, reason="strace i
 
 PRELUDE = """
 import os, sys
-from spoolq import Spool, State
+from spoolq import Spool, State, sweeps
 root = sys.argv[1]
 def mark(name):
     try:
@@ -197,8 +197,8 @@ SWEEP = """
 sp = Spool(root)
 sp.get_type("T")
 c = sp.claim("s1", names=["T:run"]); sp.start(c)
-mark("zombies"); sp.reenqueue_zombies()
-mark("retired"); sp.delete_retired()
+mark("zombies"); sweeps.reenqueue_zombies(sp)
+mark("retired"); sweeps.delete_retired(sp)
 mark("end")
 """
 

@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from conftest import FakeClock
+from spoolq import sweeps
 from spoolq import Claim, Spool, StaleClaim, State, TaskExists, TaskNotFound
 
 SERVERS = ["s1", "s2", "s3"]
@@ -271,7 +272,7 @@ class SpoolMachine(RuleBasedStateMachine):
                 late = self.clock.now - task.claimed_at > TIMEOUT
                 if dead or late:
                     expected[task_id] = self.take_away(task, charge=True)
-        actions = self.admin.reenqueue_zombies()
+        actions = sweeps.reenqueue_zombies(self.admin)
         assert {a.id: a.action for a in actions} == expected
         for action in expected.values():
             event(f"sweep: {action}")
@@ -279,7 +280,7 @@ class SpoolMachine(RuleBasedStateMachine):
     @rule()
     def delete_retired(self) -> None:
         expected = {i for i, t in self.tasks.items() if t.state.terminal and self.clock.now - t.finished_at > RETENTION}
-        assert {a.id for a in self.admin.delete_retired()} == expected
+        assert {a.id for a in sweeps.delete_retired(self.admin)} == expected
         if expected:
             event("retired")
         for task_id in expected:

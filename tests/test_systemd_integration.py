@@ -25,13 +25,12 @@ Two groups of tests:
   spoolq@.service, sandbox included, with ExecStart swapped for a tiny
   worker written with spoolq.systemd.Notifier -- READY=1, STATUS=,
   STOPPING=1 on SIGTERM and a watchdog that catches a hung main loop.
-* daemon tests (when ``spoolq.daemon`` is importable): the real worker,
+* daemon tests: the real worker,
   two instances on one spool, 50 tasks, stop-mid-task hand-back, watchdog.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -601,16 +600,6 @@ def test_probe_hung_main_loop_is_restarted_by_the_watchdog(probe):
 # --- daemon tests ---------------------------------------------------------------------
 
 
-def _daemon_available() -> bool:
-    try:
-        return importlib.util.find_spec("spoolq.daemon") is not None and \
-            importlib.util.find_spec("spoolq.cli") is not None
-    except ImportError:
-        return False
-
-
-needs_daemon = pytest.mark.skipif(not _daemon_available(),
-                                  reason="spoolq.daemon / spoolq.cli not written yet")
 
 HANDLERS = '''
 """Task handlers for the systemd integration tests."""
@@ -701,7 +690,6 @@ def workers(manager: UserManager) -> Iterator[tuple[Instances, Spool]]:
     inst.stop_all(*used)
 
 
-@needs_daemon
 def test_two_workers_share_a_spool_and_finish_50_tasks(workers):
     inst, spool = workers
     inst.prepare("w1")
@@ -718,7 +706,6 @@ def test_two_workers_share_a_spool_and_finish_50_tasks(workers):
     inst.m.systemctl("disable", "spoolq@w1", "spoolq@w2")
 
 
-@needs_daemon
 def test_stopping_a_worker_hands_its_task_to_the_other(workers):
     inst, spool = workers
     inst.prepare("s1")
@@ -747,7 +734,6 @@ def test_stopping_a_worker_hands_its_task_to_the_other(workers):
     inst.wait_running(other)
 
 
-@needs_daemon
 def test_a_frozen_worker_is_restarted_by_the_watchdog(workers):
     inst, spool = workers
     inst.prepare("f1")
@@ -775,7 +761,6 @@ def test_a_frozen_worker_is_restarted_by_the_watchdog(workers):
 HANG_HOOK = "SPOOLQ_HANG_AT"
 
 
-@needs_daemon
 def test_a_hung_main_loop_is_restarted_by_the_watchdog(workers):
     """The realistic hang: the main loop blocks while the process lives on.
 

@@ -5,7 +5,7 @@
 import json
 import sys
 
-from spoolq.daemon import Worker
+from spoolq.worker import Worker
 from spoolq.errors import SpoolqError
 from spoolq.spool import Spool
 from spoolq.systemd import setup_logging

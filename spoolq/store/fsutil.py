@@ -14,7 +14,7 @@ import os
 import stat
 import threading
 
-from .faults import crashpoint
+from ..faults import crashpoint
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO planted under a task file's name must not hang the

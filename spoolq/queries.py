@@ -1,0 +1,324 @@
+"""Reading the spool: find a task, its status, log and response; list, count,
+wait.
+
+Nothing here writes or takes a task lock: ``status.json`` is only ever
+replaced whole, the log only appended to, so plain reads are consistent. What
+needs care is that tasks move while they are read:
+
+* a lookup probes the places in lifecycle order (a task moving forward is
+  met further on) and, after two misses, once more under the enqueue lock,
+  which stops every move backwards: a task is never reported missing while
+  it moves;
+* a listing meets a moving task in at most two places, and reports it once.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import CorruptTask, NoResponse, TaskNotFound
+from .lifecycle import PLACE_OF, PLACE_ORDER, Place, State
+from .names import split_task_name, task_name
+from .store import codec, fsutil, queue
+from .store.codec import LOG, RESPONSE, LogRecord
+from .store.layout import Layout
+from .store.registry import TypeRegistry
+from .store.taskdir import open_task_dir, peek_status, read_status
+
+# How often `wait_for` re-reads the status even without a file event: a
+# safety net for a missed event, not the mechanism.
+WAIT_RECHECK = 1.5
+_MOVE_RETRIES = 5
+
+
+@dataclass
+class TaskInfo:
+    """A task's status document as stored in ``status.json``, plus its path."""
+
+    type: str
+    id: str
+    state: State
+    path: str
+    doc: dict[str, Any] = field(repr=False)
+
+    def as_json(self) -> dict[str, Any]:
+        out = dict(self.doc)
+        out["state"] = self.state.name
+        out["code"] = int(self.state)
+        out["path"] = self.path
+        return out
+
+
+@dataclass
+class Census:
+    """Tasks per state and per (type, state), restarts per type (of the
+    tasks in running/ and done/, whose status is read anyway), and the age
+    of the oldest waiting task (None when none waits)."""
+
+    states: dict[str, int]
+    types: dict[str, dict[str, int]]
+    restarts: dict[str, int]
+    oldest_waiting_seconds: float | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "states": self.states,
+            "types": self.types,
+            "restarts": self.restarts,
+            "oldest_waiting_seconds": self.oldest_waiting_seconds,
+        }
+
+
+class Queries:
+    """The read side of one spool."""
+
+    def __init__(self, layout: Layout, registry: TypeRegistry, *, clock: Callable[[], float] = time.time) -> None:
+        self.layout = layout
+        self.registry = registry
+        self.clock = clock
+
+    # ------------------------------------------------------------------ lookup
+
+    def _candidates(self, name: str) -> list[str]:
+        layout = self.layout
+        try:
+            servers = sorted(os.listdir(layout.scheduled))
+        except FileNotFoundError:
+            servers = []
+        return [
+            layout.task_path(Place.ENQUEUED, name),
+            *(layout.task_path(Place.SCHEDULED, name, s) for s in servers),
+            layout.task_path(Place.RUNNING, name),
+            layout.task_path(Place.DONE, name),
+        ]
+
+    def _probe(self, type_name: str, task_id: str) -> str | None:
+        """Path of task (type, id), probing the places in lifecycle order: a
+        fixed number of lstats (one per server in scheduled/)."""
+        for path in self._candidates(task_name(type_name, task_id)):
+            try:
+                os.lstat(path)
+                return path
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+        return None
+
+    def exists(self, type_name: str, task_id: str) -> bool:
+        """Whether task (type, id) is anywhere (one probe; the caller holds
+        the enqueue lock when it needs the answer to stay true)."""
+        return self._probe(type_name, task_id) is not None
+
+    def locate(self, type_name: str, task_id: str) -> str:
+        """Path of task (type, id); raises TaskNotFound. A miss is retried,
+        the last time under the enqueue lock."""
+        for _ in range(2):
+            path = self._probe(type_name, task_id)
+            if path is not None:
+                return path
+        with self.layout.enqueue_lock:
+            path = self._probe(type_name, task_id)
+        if path is None:
+            raise TaskNotFound(type_name, task_id)
+        return path
+
+    def _open(self, type_name: str, task_id: str) -> Iterator[tuple[str, int]]:
+        """(path, directory fd) of the task, located again when it moved
+        between the lookup and the open; the fd follows it from then on. The
+        caller closes the fd and stops iterating once it has what it needs."""
+        for _ in range(_MOVE_RETRIES):
+            path = self.locate(type_name, task_id)
+            try:
+                dfd = open_task_dir(path)
+            except FileNotFoundError:
+                continue
+            yield path, dfd
+            return
+        raise TaskNotFound(type_name, task_id)
+
+    def status(self, type_name: str, task_id: str) -> TaskInfo:
+        """The task's status document."""
+        for path, dfd in self._open(type_name, task_id):
+            try:
+                doc = read_status(dfd, path)
+            finally:
+                os.close(dfd)
+            return TaskInfo(type_name, task_id, codec.state_of(doc), path, doc)
+        raise TaskNotFound(type_name, task_id)  # pragma: no cover - _open raises first
+
+    def _read_file(self, type_name: str, task_id: str, filename: str) -> bytes:
+        """Content of one file of the task; FileNotFoundError if it has none."""
+        for _path, dfd in self._open(type_name, task_id):
+            try:
+                return fsutil.read_file(dfd, filename)
+            finally:
+                os.close(dfd)
+        raise TaskNotFound(type_name, task_id)  # pragma: no cover
+
+    def log_records(self, type_name: str, task_id: str) -> list[LogRecord]:
+        """The task's log, oldest first. A torn last line (a crash in the
+        middle of an append) is ignored."""
+        try:
+            raw = self._read_file(type_name, task_id, LOG)
+        except FileNotFoundError:
+            path = self.locate(type_name, task_id)
+            raise CorruptTask(path, f"{path} has no log") from None
+        return list(codec.parse_log(raw))
+
+    def response(self, type_name: str, task_id: str) -> tuple[bytes, str]:
+        """(data, MIME type) of the stored response; raises NoResponse."""
+        try:
+            data = self._read_file(type_name, task_id, RESPONSE)
+        except FileNotFoundError:
+            raise NoResponse(type_name, task_id) from None
+        mime = self.status(type_name, task_id).doc.get("response_mime")
+        return data, mime or "application/octet-stream"
+
+    # ------------------------------------------------------------------ listings
+
+    def _dirs(self, state: State | None) -> list[str]:
+        layout = self.layout
+        dirs: list[str] = []
+        for place in PLACE_ORDER:
+            if state is not None and place is not PLACE_OF[state]:
+                continue
+            if place is Place.SCHEDULED:
+                dirs += [layout.server_dir(s) for s in sorted(os.listdir(layout.scheduled))]
+            else:
+                dirs.append(layout.place_dir(place))
+        return dirs
+
+    def iter_tasks(self, state: State | None = None) -> Iterator[tuple[str, str, str]]:
+        """(type, id, path) of every entry of the places where *state* lives
+        (all places when None), in lifecycle order; entries that are not task
+        names (staging, hand-made junk) are skipped. A task that moves
+        during the walk may be met twice."""
+        for directory in self._dirs(state):
+            try:
+                names = sorted(os.listdir(directory))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for name in names:
+                parts = split_task_name(name)
+                if parts:
+                    yield parts[0], parts[1], os.path.join(directory, name)
+
+    def list_tasks(self, *, state: State | None = None, type_name: str | None = None) -> list[TaskInfo]:
+        """Status of every task (optionally of one state and/or type), each
+        task once: one met twice while it moved is reported at its later place."""
+        seen: dict[tuple[str, str], TaskInfo] = {}
+        for t, i, path in self.iter_tasks(state):
+            if type_name and t != type_name:
+                continue
+            try:
+                doc = peek_status(path)
+            except (OSError, CorruptTask):
+                continue
+            info = TaskInfo(t, i, codec.state_of(doc), path, doc)
+            if state is None or info.state == state:
+                seen.pop((t, i), None)
+                seen[(t, i)] = info
+        return list(seen.values())
+
+    def count_enqueued(self) -> int:
+        """Number of waiting tasks (entries of ``enqueued/``)."""
+        return len(os.listdir(self.layout.enqueued))
+
+    def waiting(self) -> list[str]:
+        """Names in ``enqueued/``, first to be claimed first."""
+        return [key[-1] for key in queue.scan(self.layout)]
+
+    def census(self) -> Census:
+        """Counts per state and per type (each task once), restarts per type,
+        and the oldest waiting task's age. Waiting and claimed tasks are
+        counted from directory entries; running and done ones read their
+        status to tell RUNNING from PAUSED and FINISHED from FAILED."""
+        per_type: dict[str, dict[str, int]] = {}
+        restarts: dict[str, int] = {}
+
+        def row(type_name: str) -> dict[str, int]:
+            return per_type.setdefault(type_name, {s.name: 0 for s in State})
+
+        for ttype in self.registry.all():
+            row(ttype.name)
+            restarts[ttype.name] = 0
+        counted: dict[tuple[str, str], str] = {}  # (type, id) -> the state counted for it
+        for t, i, path in self.iter_tasks():
+            place = self.layout.place_of_path(path)
+            if place is None:
+                continue
+            if place[0] in (Place.ENQUEUED, Place.SCHEDULED):
+                state = State.ENQUEUED.name if place[0] is Place.ENQUEUED else State.SCHEDULED.name
+                doc: dict[str, Any] = {}
+            else:
+                try:
+                    doc = peek_status(path)
+                except (OSError, CorruptTask):  # moved on, retired meanwhile, or corrupt
+                    continue
+                state = doc["state"]
+            before = counted.get((t, i))
+            if before is not None:  # met again further on: count it at its later place
+                row(t)[before] -= 1
+            counted[(t, i)] = state
+            row(t)[state] += 1
+            if doc:
+                restarts[t] = restarts.get(t, 0) + int(doc.get("restarts", 0))
+        totals = {s.name: sum(r[s.name] for r in per_type.values()) for s in State}
+        first = next(iter(queue.scan(self.layout)), None)
+        oldest = None if first is None else max(0.0, self.clock() - first[0] / 1e9)
+        return Census(totals, dict(sorted(per_type.items())), dict(sorted(restarts.items())), oldest)
+
+    def counts(self) -> dict[str, int]:
+        """Tasks per state."""
+        return self.census().states
+
+    # ------------------------------------------------------------------ waiting for an end
+
+    def wait_for(
+        self,
+        type_name: str,
+        task_id: str,
+        timeout: float | None = None,
+        *,
+        give_up: Callable[[], bool] | None = None,
+    ) -> TaskInfo | None:
+        """Block until task (type, id) is FINISHED or FAILED and return its
+        status; None when *timeout* seconds passed first (or *give_up()*
+        turned true).
+
+        A task becomes final by a rename into ``done/``: an inotify watch on
+        that directory wakes the wait at once, and the status is re-read every
+        WAIT_RECHECK seconds as a safety net for a missed event. Raises
+        TaskNotFound if the task disappears (deleted, retired)."""
+        from .watch import DirWatcher  # not needed by the other queries
+
+        task_name(type_name, task_id)  # a bad name fails before the watch is set
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # The watch is set before the first read, so no arrival can slip between.
+        with DirWatcher(self.layout.done) as watcher:
+            while True:
+                watcher.drain()  # before the read: a later arrival wakes the select below
+                info = self.status(type_name, task_id)
+                if info.state.terminal:
+                    return info
+                if give_up is not None and give_up():
+                    return None
+                pause = WAIT_RECHECK
+                if deadline is not None:
+                    pause = min(pause, deadline - time.monotonic())
+                    if pause <= 0:
+                        return None
+                select.select([watcher.fileno()], [], [], pause)
+
+
+def format_log(records: list[LogRecord]) -> list[str]:
+    """Log records as text lines, oldest first: ISO time, state, message
+    (newlines escaped)."""
+    return [f"{r.time.isoformat()}  {r.state.name:<9}  {r.message}".rstrip().replace("\n", "\\n") for r in records]
+
+
+__all__ = ["Census", "Queries", "TaskInfo", "WAIT_RECHECK", "format_log"]

@@ -1,0 +1,121 @@
+"""The text formats of a task directory: ``status.json``, ``log`` and the input.
+
+* ``status.json``: one flat JSON object, one key per line, sorted, so that
+  ``cat`` reads it. Decoding validates what every reader relies on (a known
+  state, an integer claim number) and raises CorruptTask otherwise.
+* ``log``: one record per line, ``ISO-8601-UTC <TAB> STATE <TAB> message``,
+  with ``\\n``, ``\\t``, ``\\r`` and ``\\`` escaped; a reader skips a torn
+  last line (a crash in the middle of an append).
+* input: a pickle is checked by parsing its opcodes, never by loading it
+  (loading runs code).
+"""
+
+from __future__ import annotations
+
+import json
+import pickletools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from ..errors import CorruptTask, InvalidInput
+from ..lifecycle import State
+
+STATUS = "status.json"
+LOG = "log"
+RESPONSE = "response"
+INPUT_PICKLE = "input.pkl"
+INPUT_JSON = "input.json"
+INPUT_NAMES = (INPUT_PICKLE, INPUT_JSON)
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    """One line of a task's log."""
+
+    time: datetime
+    state: State
+    message: str
+
+
+def iso(ts: float) -> str:
+    """A timestamp as ISO 8601 UTC with microseconds (how every time is stored)."""
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="microseconds")
+
+
+def from_iso(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
+def _escape(message: str) -> str:
+    return message.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+
+
+_UNESCAPE = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def _unescape(text: str) -> str:
+    out, i = [], 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text):
+            out.append(_UNESCAPE.get(text[i + 1], text[i + 1]))
+            i += 2
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
+
+
+def encode_status(doc: dict[str, Any]) -> bytes:
+    """``status.json`` as one key per line, sorted: the text
+    ``json.dumps(doc, indent=1, sort_keys=True)`` gives for these flat
+    documents, but through the C encoder (``indent`` forces the pure-Python
+    one; this is 1.6x faster)."""
+    body = json.dumps(doc, sort_keys=True, separators=(",\n ", ": "))
+    return ("{\n " + body[1:-1] + "\n}\n").encode()
+
+
+def decode_status(raw: bytes, path: str) -> dict[str, Any]:
+    """The status document in *raw* (read from *path*); CorruptTask unless it
+    names a known state and has an integer claim number."""
+    try:
+        doc = json.loads(raw)
+        State[doc["state"]]
+        if not isinstance(doc.get("claim"), int):
+            raise ValueError("claim is not a number")
+        return dict(doc)
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: "[[[[…" nested too deep
+        raise CorruptTask(path, f"{path}/status.json is corrupt: {exc}") from None
+
+
+def state_of(doc: dict[str, Any]) -> State:
+    """The state of a decoded status document."""
+    return State[doc["state"]]
+
+
+def log_line(ts: float, state: State, message: str) -> bytes:
+    return f"{iso(ts)}\t{state.name}\t{_escape(message)}\n".encode()
+
+
+def parse_log(raw: bytes) -> Iterator[LogRecord]:
+    """The records of a log, oldest first; torn or malformed lines are skipped."""
+    for line in raw.decode("utf-8", "replace").split("\n")[:-1]:
+        parts = line.split("\t", 2)
+        if len(parts) != 3:
+            continue
+        try:
+            yield LogRecord(datetime.fromisoformat(parts[0]), State[parts[1]], _unescape(parts[2]))
+        except (ValueError, KeyError):
+            continue
+
+
+def check_pickle(payload: bytes) -> None:
+    """Refuse bytes that are not one well-formed pickle, without unpickling
+    them (unpickling runs code; parsing the opcodes does not)."""
+    try:
+        for _ in pickletools.genops(payload):
+            pass
+    except Exception as exc:  # genops raises ValueError and friends
+        raise InvalidInput(f"input is not a valid pickle: {exc}") from None

@@ -1,0 +1,122 @@
+"""Server liveness: ``locks/servers/<SERVER>.lock``.
+
+A server is alive while some process holds an exclusive ``flock`` on its
+lock file; the kernel drops the lock the moment the holder dies, so a dead
+server is seen at once, never after a timeout. The holder writes its pid
+into the file (for ``worker --drain`` of a running server); the pid is a
+hint, the lock is the truth.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+import time
+
+from ..errors import ServerBusy, UnsafeSpool
+from ..names import check_server
+from . import fsutil
+from .layout import Layout
+
+
+class ServerLocks:
+    """The server locks this process holds on one spool, and probes of others."""
+
+    def __init__(self, layout: Layout, enqueue_lock: fsutil.FlockLock, *, durable: bool) -> None:
+        self.layout = layout
+        self.durable = durable
+        self._enqueue_lock = enqueue_lock
+        self._held: dict[str, int] = {}
+
+    def hold(self, server: str, *, wait: float = 2.0) -> None:
+        """Become *server*: take its lock for the life of this process and
+        make sure ``scheduled/SERVER/`` exists. Raises ServerBusy when another
+        process holds it; a sweeper's momentary probe is waited out for up to
+        *wait* seconds."""
+        check_server(server)
+        if server in self._held:
+            return
+        fd = os.open(self.layout.server_lock(server), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o660)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise ServerBusy(server, f"server {server!r} is already running on {self.layout.root}") from None
+                time.sleep(0.02)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            self._make_server_dir(server)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._held[server] = fd
+
+    def _make_server_dir(self, server: str) -> None:
+        """Create ``scheduled/SERVER/`` if missing, under the enqueue lock: so
+        the set of server directories never changes while that lock is held,
+        and a lookup under the lock cannot miss a task claimed into a
+        brand-new server directory. A symlink there is refused."""
+        path = self.layout.server_dir(server)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            with self._enqueue_lock:
+                try:
+                    # Plain 0770: the setgid bit is inherited from scheduled/,
+                    # and asking for it is refused under RestrictSUIDSGID=yes.
+                    os.mkdir(path, 0o770)
+                except FileExistsError:
+                    pass
+                st = os.lstat(path)
+            if self.durable:
+                fsutil.fsync_dir(self.layout.scheduled)
+        if not stat.S_ISDIR(st.st_mode):
+            raise UnsafeSpool(path, f"{path} must be a real directory, not a symlink or file: move it away")
+
+    def holds(self, server: str) -> bool:
+        return server in self._held
+
+    def release(self, server: str) -> None:
+        """Stop being *server*: its lock is free, so sweepers treat what it
+        still holds as abandoned."""
+        fd = self._held.pop(server, None)
+        if fd is not None:
+            os.close(fd)
+
+    def release_all(self) -> None:
+        for server in list(self._held):
+            self.release(server)
+
+    def alive(self, server: str) -> bool:
+        """True while some process holds *server*'s lock."""
+        if server in self._held:
+            return True
+        try:
+            fd = os.open(self.layout.server_lock(server), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (OSError, ValueError):
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    def pid_of(self, server: str) -> int:
+        """The pid the live *server* wrote into its lock file (0 if unknown)."""
+        try:
+            with open(self.layout.server_lock(server), encoding="ascii") as fh:
+                return int(fh.read().strip() or "0")
+        except (OSError, ValueError):
+            return 0
+
+    def known(self) -> list[str]:
+        """Every server that ever claimed here (has a scheduled/ directory)."""
+        return sorted(os.listdir(self.layout.scheduled))

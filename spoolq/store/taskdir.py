@@ -1,0 +1,219 @@
+"""One task directory, opened and locked for a change.
+
+:class:`TaskDir` opens the directory (never through a symlink), takes an
+exclusive ``flock`` on it, finishes or undoes a status change a crash left
+half done, and reads ``status.json``. The lock is held on the inode, so it
+travels with the directory across renames and the holder may move it. After
+the lock, the path is checked to still name the locked inode (:class:`Moved`
+otherwise): a waiter overtaken by a move notices it.
+
+Crash-safety rules of a status change (:meth:`TaskDir.write`):
+
+* ``status.json`` is replaced whole (tmp + rename), never rewritten in place;
+* the order is status tmp (fsynced) → log record (fdatasynced) → rename of
+  the status into place → fsync of the directory, so a crash leaves either
+  no record and the old status, or a record and a tmp that the next locker
+  puts in place (:func:`roll_forward`);
+* ``log`` is appended with O_APPEND, one record per write.
+
+A handle takes the clock and the durability setting, not the spool: it is
+the mechanism, the spool decides what to write.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from ..errors import CorruptTask
+from ..faults import crashpoint
+from ..lifecycle import State
+from . import codec, fsutil
+from .codec import LOG, STATUS
+
+
+class Moved(Exception):
+    """The path no longer names the task directory that was locked."""
+
+
+def read_status(dfd: int, path: str) -> dict[str, Any]:
+    """The status document of the task directory open as *dfd* (at *path*,
+    for messages); CorruptTask when it is missing or cannot be trusted."""
+    try:
+        raw = fsutil.read_file(dfd, STATUS)
+    except FileNotFoundError:
+        raise CorruptTask(path, f"{path} has no status.json") from None
+    except OSError as exc:
+        raise CorruptTask(path, f"{path}/status.json cannot be read: {exc}") from None
+    return codec.decode_status(raw, path)
+
+
+def peek_status(path: str) -> dict[str, Any]:
+    """``status.json`` of the task directory *path*, read without its lock
+    (the file is only ever replaced whole). Raises OSError when the directory
+    cannot be opened (gone, not a directory) and CorruptTask when the status
+    cannot be trusted."""
+    dfd = fsutil.open_dir(path)
+    try:
+        return read_status(dfd, path)
+    finally:
+        os.close(dfd)
+
+
+def open_task_dir(path: str) -> int:
+    """Open the task directory *path*; CorruptTask if it is a symlink or a file."""
+    try:
+        return fsutil.open_dir(path)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise CorruptTask(path, f"{path} is not a task directory (symlink or file)") from None
+        raise
+
+
+def roll_forward(dfd: int, *, durable: bool) -> None:
+    """Finish or undo a status change a crash interrupted (caller holds the
+    task's lock).
+
+    A status change writes ``status.json.tmp``, then its log record, then
+    renames the status into place. A leftover tmp whose time and state match
+    the last log record was logged, so it is put in place; any other
+    leftover never happened and is removed.
+    """
+    try:
+        raw = fsutil.read_file(dfd, STATUS + ".tmp")
+    except FileNotFoundError:
+        return
+    try:
+        pending = json.loads(raw)
+        records = list(codec.parse_log(fsutil.read_file(dfd, LOG)))
+        last = records[-1] if records else None
+        logged = (
+            last is not None
+            and last.time == datetime.fromisoformat(pending.get("updated_at"))
+            and last.state.name == pending.get("state")
+        )
+    except (ValueError, OSError, AttributeError, TypeError, RecursionError):  # any junk: not logged
+        logged = False
+    if logged:
+        os.rename(STATUS + ".tmp", STATUS, src_dir_fd=dfd, dst_dir_fd=dfd)
+    else:
+        os.unlink(STATUS + ".tmp", dir_fd=dfd)
+    if durable:
+        os.fsync(dfd)
+
+
+class TaskDir:
+    """A task directory, locked for a change: a context manager.
+
+    ``doc`` is its status document, read under the lock; ``state`` its state.
+    Closing the handle releases the lock.
+    """
+
+    def __init__(self, path: str, *, clock: Callable[[], float], durable: bool) -> None:
+        self.path = path
+        self.clock = clock
+        self.durable = durable
+        self.fd = -1
+        self.doc: dict[str, Any] = {}
+
+    def __enter__(self) -> TaskDir:
+        if self.fd < 0:  # not opened yet (a handle may be opened before the with)
+            self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def open(self) -> None:
+        """Open, lock, roll forward and read. Raises FileNotFoundError or
+        NotADirectoryError if nothing is there, Moved if the directory moved
+        while the lock was awaited, CorruptTask if it cannot be trusted."""
+        self.fd = open_task_dir(self.path)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            fsutil.track_lock_fd(self.fd)
+            st = os.fstat(self.fd)
+            try:
+                now = os.lstat(self.path)
+            except FileNotFoundError:
+                raise Moved() from None
+            if (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev):
+                raise Moved()
+            roll_forward(self.fd, durable=self.durable)
+            self.doc = read_status(self.fd, self.path)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fsutil.untrack_lock_fd(self.fd)
+            os.close(self.fd)  # closing releases the flock
+            self.fd = -1
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+    @property
+    def state(self) -> State:
+        return codec.state_of(self.doc)
+
+    def read(self, filename: str) -> bytes:
+        """Content of one of the task's files (never through a symlink)."""
+        return fsutil.read_file(self.fd, filename)
+
+    def write(self, state: State, message: str, *, record: bool = True, **changes: Any) -> None:
+        """Set the state (and other fields), append one log record (unless
+        not *record*), make both durable: status tmp (fsynced) → log record
+        (fdatasynced) → rename of the status into place → fsync of the task
+        directory."""
+        now = self.clock()
+        self.doc.update(changes)
+        self.doc["state"] = state.name
+        self.doc["updated_at"] = codec.iso(now)
+        self.doc["message"] = message
+        sync = self.durable
+        fsutil.write_new_replacing(self.fd, STATUS + ".tmp", codec.encode_status(self.doc), sync=sync)
+        crashpoint("status.tmp_written")
+        if record:
+            self.append_log(now, state, message)
+            crashpoint("status.logged")
+        os.rename(STATUS + ".tmp", STATUS, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        if sync:
+            os.fsync(self.fd)
+        crashpoint("status.replaced")
+
+    def append_log(self, now: float, state: State, message: str) -> None:
+        """Append one log record; CorruptTask if the log is gone or is not a
+        regular file (a symlink or FIFO planted as one)."""
+        try:
+            fsutil.append(self.fd, LOG, codec.log_line(now, state, message), sync=self.durable)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ELOOP, errno.EINVAL, errno.ENXIO):
+                raise
+            raise CorruptTask(self.path, f"{self.path}/log cannot be appended to: {exc.strerror}") from None
+
+    def replace_file(self, filename: str, data: bytes) -> None:
+        """Replace one of the task's files atomically (tmp + rename)."""
+        fsutil.replace_file(self.fd, filename, data, sync=self.durable)
+
+    def move(self, dest: str, *, mtime_ns: int | None = None) -> None:
+        """Rename the locked directory to *dest* and make the move durable
+        (both parents fsynced). *mtime_ns* is set first: the queue stamp in
+        enqueued/, the finishing time in done/ (rename keeps a directory's
+        mtime)."""
+        if mtime_ns is not None:
+            os.utime(self.fd, ns=(mtime_ns, mtime_ns))
+        src_parent = os.path.dirname(self.path)
+        fsutil.rename_noreplace(self.path, dest)
+        crashpoint("move.renamed")
+        self.path = dest
+        if self.durable:
+            fsutil.fsync_dir(src_parent)
+            fsutil.fsync_dir(os.path.dirname(dest))

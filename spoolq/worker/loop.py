@@ -1,0 +1,505 @@
+"""The worker daemon: ``spoolq worker SERVER`` (systemd: ``spoolq@SERVER``).
+
+One process, one thread of control: a ``select()`` loop that wakes on
+
+* file events in ``enqueued/`` (an inotify descriptor, :class:`DirWatcher`),
+* signals (SIGCHLD, SIGTERM, SIGINT, SIGUSR1, through ``set_wakeup_fd``),
+* news from the executor that runs the handlers (:mod:`.executor`),
+* the nearest deadline: a handler's time limit, the heartbeat, the sweep, the
+  safety rescan of ``enqueued/``, the systemd watchdog ping.
+
+The loop owns claims, time and every state change; the executor owns the
+processes. Mechanism and caveats:
+
+* Claims are made only when the executor has room, so nothing sits claimed
+  while waiting for a handler process (ATP claimed ahead and duplicated work
+  on timeouts).
+* The time limit runs from the claim, on the monotonic clock; this daemon is
+  its authority for the claims it holds (docs/design.md, "Timeouts"). At the
+  deadline the run is killed and the task re-enqueued or FAILED by
+  ``max_restarts``.
+* The heartbeat touches each running task's directory. If the task vanished
+  (deleted, or taken away by a sweeper), the run is killed: its claim is
+  fenced anyway, this just stops wasted work.
+* SIGTERM/SIGINT: stop claiming, give running handlers ``grace`` seconds,
+  then kill them and hand their tasks back uncharged; exit 0. A second
+  signal cuts the grace short. SIGUSR1 (or ``--drain``): claim nothing new,
+  finish what is held, exit 0.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import select
+import signal
+import time
+from dataclasses import dataclass
+
+from .. import faults, sweeps
+from ..errors import ServerBusy, SpoolqError, StaleClaim
+from ..lifecycle import Action, Claim, Outcome, State
+from ..names import check_server, split_task_name
+from ..spool import Spool
+from ..store.queue import WaitingIndex
+from ..systemd import Notifier, setup_logging
+from ..watch import DirWatcher
+from .executor import Ended, Executor, ForkExecutor
+from .runner import outcome_of
+
+log = logging.getLogger("spoolq.daemon")
+
+EX_CONFIG = 78
+CLAIM_RETRY = 1.0  # seconds claiming pauses after a claim failed with an OSError (disk full)
+KILL_PATIENCE = 5.0  # seconds between complaints about a killed run that does not end
+
+
+@dataclass
+class _Job:
+    claim: Claim
+    claimed: float  # monotonic
+    deadline: float  # monotonic; the type's timeout from the claim
+    kill_reason: str | None = None
+    charge: bool = True
+    killed_at: float | None = None  # monotonic
+
+    @property
+    def label(self) -> str:
+        return f"{self.claim.type}:{self.claim.id}"
+
+
+class Worker:
+    """A worker daemon for one server id on one spool.
+
+    Keyword-only options: ``concurrency`` (runs at once), ``drain`` (claim
+    nothing; finish what the server holds, then exit), ``grace`` (seconds
+    SIGTERM waits for running handlers), ``poll`` (no inotify: rescan every
+    ``rescan_interval``), ``heartbeat_interval``, ``sweep_interval``,
+    ``max_tasks_per_child`` (for the fork executor; 0: never recycle a
+    handler process), ``executor`` (default: a :class:`ForkExecutor`).
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        server: str,
+        *,
+        concurrency: int = 1,
+        drain: bool = False,
+        grace: float = 30.0,
+        poll: bool = False,
+        rescan_interval: float | None = None,
+        heartbeat_interval: float = 5.0,
+        sweep_interval: float = 15.0,
+        max_tasks_per_child: int = 1000,
+        executor: Executor | None = None,
+    ) -> None:
+        self.spool = spool
+        self.server = check_server(server)
+        self.concurrency = max(1, int(concurrency))
+        self.draining = drain
+        self.grace = max(0.0, float(grace))
+        self.poll = poll
+        self.rescan_interval = rescan_interval if rescan_interval is not None else (1.0 if poll else 30.0)
+        self.heartbeat_interval = heartbeat_interval
+        self.sweep_interval = sweep_interval
+        self.executor: Executor = executor or ForkExecutor(
+            spool, max_tasks_per_child=max_tasks_per_child, close_in_child=self._close_in_child
+        )
+        self.notifier = Notifier()
+        self.jobs: dict[Claim, _Job] = {}
+        self.stopping = False
+        self.stop_deadline: float | None = None
+        self.waiting = WaitingIndex(spool.layout)
+        self._signals: list[int] = []
+        self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._watcher: DirWatcher | None = None
+        self._next_heartbeat = 0.0
+        self._next_sweep = 0.0
+        self._next_rescan = 0.0
+        self._next_status = 0.0
+        self._claims_paused_until = 0.0
+        self.finished = 0
+        self.failed = 0
+
+    # ------------------------------------------------------------------ life cycle
+
+    def run(self) -> int:
+        """Serve until stopped; returns the process exit status (0 on a clean
+        stop, after every task was finished or handed back)."""
+        # Signals first: a stop that arrives during recovery is then honoured
+        # by the loop (clean exit 0) instead of killing the process.
+        self._install_signals()
+        self.spool.hold_server(self.server)  # ServerBusy if another process is this server
+        held = self._recover()
+        if not self.draining:
+            self._watcher = DirWatcher(self.spool.layout.enqueued, poll=self.poll)
+            self._rescan()
+        for claim in held:
+            self._launch(claim)
+        watching = self._watcher is not None and self._watcher.watching
+        mode = "draining" if self.draining else ("watching" if watching else "polling")
+        log.info("server %s ready on %s (concurrency %d, %s)", self.server, self.spool.root, self.concurrency, mode)
+        self.notifier.ready(self._status_text())
+        try:
+            self._loop()
+        finally:
+            self.executor.close()
+            if self._watcher:
+                self._watcher.close()
+            self.spool.release_server(self.server)
+        log.info("server %s stopped: %d finished, %d failed", self.server, self.finished, self.failed)
+        return 0
+
+    def _close_in_child(self) -> None:
+        """In a new handler process: close the loop's own descriptors."""
+        for fd in (self._sig_r, self._sig_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if self._watcher is not None:
+            self._watcher.close()
+
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self._sig_w, warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGCHLD):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        # Runs between bytecodes of the main thread; only record it here.
+        self._signals.append(signum)
+
+    def _recover(self) -> list[Claim]:
+        """Tasks this server held when it last died: re-enqueue the ones it was
+        running (a restart is charged), hand back unstarted claims (free) —
+        or, when draining, keep the unstarted claims to run them."""
+        held: list[Claim] = []
+        if self.draining:
+            sdir = self.spool.layout.server_dir(self.server)
+            for name in sorted(os.listdir(sdir)):
+                claim = self._claim_of(name)
+                if claim is not None:
+                    held.append(claim)
+        for action in sweeps.recover_server(self.spool, self.server, keep_scheduled=self.draining):
+            log.warning("recovered %s:%s: %s (%s)", action.type, action.id, action.action, action.reason)
+        return held
+
+    def _claim_of(self, name: str) -> Claim | None:
+        """The claim this server holds on ``scheduled/SERVER/name``, if any."""
+        parts = split_task_name(name)
+        if not parts:
+            return None
+        try:
+            info = self.spool.status(*parts)
+        except SpoolqError:
+            return None
+        if info.state != State.SCHEDULED or info.doc.get("server") != self.server:
+            return None
+        return Claim(parts[0], parts[1], int(info.doc["claim"]), self.server)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _loop(self) -> None:
+        while True:
+            self._handle_signals()
+            for ended in self.executor.events():
+                self._settle(ended)
+            now = time.monotonic()
+            self._enforce_limits(now)
+            if self.stopping:
+                if not self.jobs:
+                    return
+                if self.stop_deadline is not None and now >= self.stop_deadline:
+                    self._kill_all(f"interrupted: server {self.server} stopped before the handler finished")
+            elif self.draining and not self.jobs:
+                log.info("server %s drained", self.server)
+                self.stopping = True
+                self.notifier.stopping("drained")
+                return
+            if not self.stopping and not self.draining:
+                self._take_arrivals()
+                if now >= self._next_rescan:
+                    self._rescan()
+                self._fill_slots()
+            if now >= self._next_heartbeat:
+                self._heartbeat()
+            if now >= self._next_sweep:
+                self._sweep()
+            if now >= self._next_status:
+                self.notifier.status(self._status_text())
+                self._next_status = now + 2.0
+            self.notifier.watchdog()
+            faults.crashpoint("daemon.loop")
+            self._wait(self._timeout(time.monotonic()))
+
+    def _timeout(self, now: float) -> float:
+        marks = [self._next_heartbeat, self._next_sweep, self._next_status]
+        if not self.stopping and not self.draining:
+            marks.append(self._next_rescan)
+        marks += [job.deadline for job in self.jobs.values() if job.kill_reason is None]
+        if self.stop_deadline is not None:
+            marks.append(self.stop_deadline)
+        if any(job.kill_reason for job in self.jobs.values()):
+            marks.append(now + 0.05)  # a killed run is about to end
+        timeout = min(marks) - now
+        ping = self.notifier.next_watchdog_in()
+        if ping is not None:
+            timeout = min(timeout, ping)
+        return max(0.0, timeout)
+
+    def _wait(self, timeout: float) -> None:
+        fds = [self._sig_r, *self.executor.fds()]
+        if self._watcher is not None and not self.stopping and not self.draining:
+            fds.append(self._watcher.fileno())
+        try:
+            ready, _, _ = select.select(fds, [], [], timeout)
+        except InterruptedError:
+            return
+        if self._sig_r in ready:
+            _drain_pipe(self._sig_r)
+
+    def _handle_signals(self) -> None:
+        while self._signals:
+            signum = self._signals.pop(0)
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                if not self.stopping:
+                    self.stopping = True
+                    self.stop_deadline = time.monotonic() + self.grace
+                    log.info(
+                        "server %s stopping: %d running, waiting up to %g s",
+                        self.server, len(self.jobs), self.grace,
+                    )
+                    self.notifier.stopping(f"stopping: {len(self.jobs)} running")
+                else:
+                    log.warning("server %s: second stop signal, interrupting handlers now", self.server)
+                    self.stop_deadline = time.monotonic()
+            elif signum == signal.SIGUSR1 and not self.draining:
+                log.info("server %s draining: claiming nothing new", self.server)
+                self.draining = True
+                self.notifier.status("draining")
+
+    # ------------------------------------------------------------------ claiming
+
+    def _take_arrivals(self) -> None:
+        if self._watcher is None:
+            return
+        names = self._watcher.drain()
+        if self._watcher.overflowed:
+            log.warning("inotify dropped events (queue overflow); rescanning enqueued/")
+            self._watcher.clear_overflow()
+            self._rescan()
+            return
+        for name in names:
+            self.waiting.add(name)
+
+    def _rescan(self) -> None:
+        """Rebuild the index of ``enqueued/`` from the directory itself: the
+        safety net for lost events, and the only source in poll mode."""
+        if self._watcher is not None:
+            self._watcher.drain()  # what arrives from now on is not lost
+        self.waiting.rescan()
+        self._next_rescan = time.monotonic() + self.rescan_interval
+
+    def _fill_slots(self) -> None:
+        if time.monotonic() < self._claims_paused_until:
+            return
+        while len(self.jobs) < self.concurrency:
+            name = self.waiting.pop()
+            if name is None:
+                return
+            try:
+                claim = self.spool.claim(self.server, names=[name])
+            except SpoolqError as exc:
+                log.error("cannot claim %s: %s", name, exc)
+                continue
+            except OSError as exc:
+                # Disk full or the like: the claim was undone (the task waits
+                # again); retry a little later instead of spinning on it.
+                log.error("cannot claim %s: %s; claiming again in %g s", name, exc, CLAIM_RETRY)
+                self._claims_paused_until = time.monotonic() + CLAIM_RETRY
+                return
+            if claim is not None:
+                log.info("claimed %s:%s (claim %d)", claim.type, claim.id, claim.number)
+                self._launch(claim)
+
+    def _launch(self, claim: Claim) -> None:
+        """Hand *claim* to the executor, with its deadline."""
+        try:
+            timeout = self.spool.get_type(claim.type).timeout
+        except SpoolqError as exc:
+            log.error("%s: %s; failing it", claim, exc)
+            try:
+                self.spool.set_state(claim, State.FAILED, str(exc))
+            except SpoolqError:
+                pass
+            return
+        now = time.monotonic()
+        # A timeout <= 0 means no time limit (the type's own rule).
+        job = _Job(claim, now, now + timeout if timeout > 0 else math.inf)
+        try:
+            self.executor.submit(claim)
+        except OSError:
+            # The handler process was gone before the start: the unstarted
+            # claim goes back, uncharged.
+            self.spool.hand_back(claim, "handler process was gone before the start")
+            return
+        self.jobs[claim] = job
+        log.info("started %s in pid %s", job.label, self.executor.pid(claim))
+
+    # ------------------------------------------------------------------ ends
+
+    def _settle(self, ended: Ended) -> None:
+        """Give the task of a run that ended the state it earned."""
+        job = self.jobs.pop(ended.claim, None)
+        if job is None:
+            return
+        if ended.outcome is not None:
+            self._report(job, ended.outcome)
+            return
+        if job.kill_reason is not None:
+            faults.crashpoint("daemon.handback")  # killed, not handed back yet
+            result = self.spool.abandon(job.claim, job.kill_reason, charge=job.charge)
+            if result is Action.FAILED:
+                self.failed += 1
+                log.error("failed %s: %s (no restarts left)", job.label, job.kill_reason)
+            elif result is Action.REENQUEUED:
+                log.warning("re-enqueued %s: %s", job.label, job.kill_reason)
+            return
+        try:
+            self.spool.set_state(job.claim, State.FAILED, ended.reason)
+            self.failed += 1
+            log.error("failed %s: %s", job.label, ended.reason)
+        except StaleClaim:
+            # It reached a final state (or was taken away) before dying.
+            self._report(job, outcome_of(self.spool, job.claim))
+        except (SpoolqError, OSError) as exc:
+            # Disk full, or the task directory was tampered with: it stays
+            # as it is until its timeout re-enqueues it; the daemon goes on.
+            log.error("cannot record the end of %s (%s): %s", job.label, ended.reason, exc)
+
+    def _report(self, job: _Job, outcome: Outcome) -> None:
+        if outcome is Outcome.FINISHED:
+            self.finished += 1
+            log.info("finished %s in %.3f s", job.label, time.monotonic() - job.claimed)
+        elif outcome is Outcome.FAILED:
+            self.failed += 1
+            try:
+                message = self.spool.status(job.claim.type, job.claim.id).doc.get("message", "")
+            except SpoolqError:
+                message = ""
+            log.error("failed %s: %s", job.label, message)
+        else:
+            log.info("%s was taken away or deleted while it ran", job.label)
+
+    def _enforce_limits(self, now: float) -> None:
+        for job in list(self.jobs.values()):
+            if job.kill_reason is None and now >= job.deadline:
+                self._kill(job, f"timed out after {job.deadline - job.claimed:g} s", charge=True)
+            elif job.kill_reason is not None and job.killed_at is not None and now - job.killed_at > KILL_PATIENCE:
+                # Killed but not ended for a while: stuck in the kernel (D
+                # state); the task stays claimed until its run ends.
+                job.killed_at = now
+                log.warning("pid %s (%s) does not die; still waiting", self.executor.pid(job.claim), job.claim)
+
+    def _kill(self, job: _Job, reason: str, *, charge: bool) -> None:
+        job.kill_reason = reason
+        job.charge = charge
+        job.killed_at = time.monotonic()
+        self.executor.kill(job.claim)
+
+    def _kill_all(self, reason: str) -> None:
+        for job in list(self.jobs.values()):
+            if job.kill_reason is None:
+                self._kill(job, reason, charge=False)
+        self.stop_deadline = None
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def _heartbeat(self) -> None:
+        self._next_heartbeat = time.monotonic() + self.heartbeat_interval
+        for job in list(self.jobs.values()):
+            if job.kill_reason is not None or self.spool.touch(job.claim):
+                continue
+            # Not in running/: not started yet, or taken away / deleted.
+            try:
+                info = self.spool.status(job.claim.type, job.claim.id)
+                # Still ours when not started yet, or when it just reached a
+                # final state whose outcome is on its way to us.
+                ours = job.claim.owns(info.doc)
+            except SpoolqError:
+                ours = False
+            if not ours:
+                log.warning("%s was deleted or taken away; stopping its handler", job.claim)
+                self._kill(job, "task taken away", charge=False)
+
+    def _sweep(self) -> None:
+        self._next_sweep = time.monotonic() + self.sweep_interval
+        try:
+            actions, _removed = sweeps.sweep(self.spool)
+            for action in actions:
+                if action.action is Action.RETIRED:
+                    log.info("sweep: retired %s:%s", action.type, action.id)
+                else:
+                    log.warning("sweep: %s %s:%s (%s)", action.action, action.type, action.id, action.reason)
+        except SpoolqError as exc:
+            log.error("sweep failed: %s", exc)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                log.error("sweep failed: %s", exc)
+
+    def _status_text(self) -> str:
+        if self.stopping:
+            return f"stopping: {len(self.jobs)} running"
+        prefix = "draining: " if self.draining else ""
+        return f"{prefix}{len(self.jobs)}/{self.concurrency} running, {len(self.waiting)} queued"
+
+
+def _drain_pipe(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def run_worker(
+    root: str | None,
+    server: str,
+    *,
+    concurrency: int = 1,
+    drain: bool = False,
+    grace: float = 30.0,
+    poll: bool = False,
+    max_tasks_per_child: int = 1000,
+) -> int:
+    """Entry point of ``spoolq worker``. Configuration errors (bad spool,
+    bad server id, server already running) raise SpoolqError; the command
+    line turns them into exit status 78 (EX_CONFIG), which the systemd unit
+    does not restart on."""
+    setup_logging()
+    check_server(server)
+    spool = Spool(root)
+    if drain and spool.server_alive(server):
+        return drain_running(spool, server)
+    worker = Worker(
+        spool, server, concurrency=concurrency, drain=drain, grace=grace, poll=poll,
+        max_tasks_per_child=max_tasks_per_child,
+    )
+    return worker.run()
+
+
+def drain_running(spool: Spool, server: str) -> int:
+    """``--drain`` for a server that runs already: ask it (SIGUSR1) to finish
+    what it holds and exit, and wait until it has."""
+    pid = spool.server_locks.pid_of(server)
+    if pid <= 0:
+        raise ServerBusy(server, f"server {server!r} is running but its pid is unknown; stop it instead")
+    os.kill(pid, signal.SIGUSR1)
+    log.info("asked server %s (pid %d) to drain; waiting for it to exit", server, pid)
+    while spool.server_alive(server):
+        time.sleep(0.2)
+    log.info("server %s drained and exited", server)
+    return 0

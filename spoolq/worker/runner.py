@@ -1,0 +1,97 @@
+"""Running one claim: start the task, import its handler, call it, end it.
+
+This is the body of a handler process, whatever executor hosts it: the
+fork executor calls :func:`run_claim` in its slot processes. The handler gets
+a :class:`~spoolq.task.TaskContext` (spoolq's own; it carries ATP's method
+names too). The outcome says how the run ended:
+
+* FINISHED / FAILED: the task reached that state through this claim (a
+  handler that returns without a final state is FINISHED; one that raises,
+  or calls ``sys.exit`` with a non-zero code, is FAILED with the traceback
+  in the log first);
+* GONE: the task was taken away or deleted before or while it ran.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import CorruptTask, SpoolqError, StaleClaim, TaskNotFound
+from ..lifecycle import Claim, Outcome, State
+from ..spool import Spool
+from ..task import TaskContext
+
+log = logging.getLogger("spoolq.runner")
+
+
+def load_handler(path: str) -> Callable[..., Any]:
+    """Import ``pkg.mod.func`` and return the function."""
+    module_name, _, attr = path.rpartition(".")
+    if not module_name:
+        raise ImportError(f"handler {path!r} is not a dotted path")
+    module = importlib.import_module(module_name)
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ImportError(f"module {module_name!r} has no attribute {attr!r}") from None
+
+
+def run_claim(spool: Spool, claim: Claim) -> Outcome:
+    """Run one claimed task to a final state in this process."""
+    try:
+        started = spool.start(claim)
+    except (StaleClaim, TaskNotFound):
+        return Outcome.GONE  # taken away before it started: nothing to do
+    except CorruptTask as exc:
+        log.error("%s: %s", claim, exc)
+        return outcome_of(spool, claim)  # start() already failed or quarantined it
+    context = TaskContext(spool, claim)
+    try:
+        try:
+            handler = load_handler(started.handler)
+        except Exception as exc:
+            fail(spool, claim, f"cannot import handler {started.handler!r}: {type(exc).__name__}: {exc}", exc)
+            return Outcome.FAILED
+        try:
+            handler(context, started.input)
+        except SystemExit as exc:
+            if exc.code not in (None, 0):
+                spool.set_state(claim, State.FAILED, f"handler called sys.exit({exc.code!r})")
+                return Outcome.FAILED
+        except StaleClaim:
+            raise  # the handler's own status call found its task taken away
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes FAILED
+            fail(spool, claim, f"{type(exc).__name__}: {exc}", exc)
+            return Outcome.FAILED
+        if spool.finish_if_not_finished(claim):
+            return Outcome.FINISHED
+    except StaleClaim as exc:
+        log.warning("%s: %s", claim, exc)
+        return Outcome.GONE
+    return outcome_of(spool, claim)
+
+
+def outcome_of(spool: Spool, claim: Claim) -> Outcome:
+    """The outcome *claim* ended with, read from the task's status: GONE
+    unless the task is final through this very claim."""
+    try:
+        info = spool.status(claim.type, claim.id)
+    except SpoolqError:
+        return Outcome.GONE
+    if not claim.owns(info.doc) or not info.state.terminal:
+        return Outcome.GONE
+    return Outcome(info.state.name)
+
+
+def fail(spool: Spool, claim: Claim, message: str, exc: BaseException) -> None:
+    """FAILED with a one-line message; the traceback goes in the log first."""
+    trace = "".join(traceback.format_exception(exc)).rstrip()
+    try:
+        spool.log_message(claim, trace)
+        spool.set_state(claim, State.FAILED, message)
+    except StaleClaim:
+        pass
