@@ -40,7 +40,8 @@ Two groups of tests:
   STOPPING=1 on SIGTERM and a watchdog that catches a hung main loop.
 * daemon tests (when ``spoolq.daemon`` is importable): the real worker with
   the shipped ExecStart, two instances on one spool, 50 tasks,
-  stop-mid-task hand-back, watchdog.
+  stop-mid-task hand-back, watchdog, bad instance names (exit 78, no
+  restart).
 """
 
 from __future__ import annotations
@@ -908,4 +909,26 @@ def test_a_hung_main_loop_is_restarted_by_the_watchdog(workers):
                on_timeout=lambda: inst.diagnostics("h1"))
     assert inst.exits("h1")[0].startswith("watchdog "), inst.exits("h1")
     assert "Fatal Python error: Aborted" in inst.log("h1"), inst.log("h1")[-3000:]
+
+@needs_daemon
+def test_a_bad_instance_name_exits_78_and_is_not_restarted(workers):
+    """spoolq@-bad and friends: the instance name reaches the worker as the
+    server id (the shipped ExecStart ends in "-- %i"), which refuses it with
+    78 (EX_CONFIG); RestartPreventExitStatus=78 then leaves the unit failed.
+
+    Before the "--", "-bad" was parsed as an option (usage error, exit 2,
+    restarted by Restart=on-failure) and "--help" printed help and exited 0.
+    """
+    inst, spool = workers
+    for server in ("-bad", "--help", "-h", ".hidden"):
+        inst.prepare(server)
+        done = inst.m.systemctl("start", inst.unit(server), check=False)
+        assert done.returncode != 0, f"{server}: start succeeded\n{inst.diagnostics(server)}"
+        st = inst.state(server)
+        # "failed", not "activating (auto-restart)": no restart is pending.
+        assert (st["ActiveState"], st["Result"], st["ExecMainStatus"], st["NRestarts"]) == \
+            ("failed", "exit-code", "78", "0"), inst.diagnostics(server)
+        wait_until(f"{server}'s exit to be recorded", lambda: inst.exits(server), 10)
+        assert inst.exits(server) == ["exit-code exited 78"], inst.diagnostics(server)
+        assert f"invalid server id '{server}'" in inst.log(server), inst.diagnostics(server)
 
