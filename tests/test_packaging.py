@@ -101,6 +101,10 @@ def test_service_settings_required_by_issue_4():
     assert exec_start.startswith(f"{SHIPPED_EXEC} worker ")
     # The instance name comes last, after "--": never read as an option.
     assert exec_start.split()[-2:] == ["--", "%i"], exec_start
+    # Stop jobs run in reverse start order: instances after the target make
+    # the target's stop wait for theirs (tests/test_systemd_integration.py).
+    assert "spoolq.target" in " ".join(conf.get("Unit.After", [])).split()
+    assert "spoolq.target" not in " ".join(conf.get("Unit.Before", [])).split()
     # %I would unescape "-" to "/" and change server ids like "server-1".
     assert not [k for k, vs in conf.items() for v in vs if "%I" in v]
 

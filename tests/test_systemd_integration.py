@@ -41,7 +41,7 @@ Two groups of tests:
 * daemon tests (when ``spoolq.daemon`` is importable): the real worker with
   the shipped ExecStart, two instances on one spool, 50 tasks,
   stop-mid-task hand-back, watchdog, bad instance names (exit 78, no
-  restart).
+  restart), and `systemctl stop spoolq.target` waiting for its workers.
 """
 
 from __future__ import annotations
@@ -493,7 +493,7 @@ def stage_user_units(m: UserManager, exec_start: str, *, rw_dir: Path, env_dir: 
     - [Install] WantedBy=default.target (a user manager has no multi-user.target).
     Everything else -- the whole sandbox (ProtectHome=yes, PrivateTmp=yes
     included), Environment=, Type=notify, NotifyAccess=main, KillMode=mixed,
-    Restart=, RestartPreventExitStatus=, TimeoutStopSec=, PartOf= --
+    Restart=, RestartPreventExitStatus=, TimeoutStopSec=, PartOf=, After= --
     is exercised as shipped.  Handler modules reach the worker the way
     docs/operating.md says: PYTHONPATH in the instance's environment file.
     """
@@ -910,6 +910,7 @@ def test_a_hung_main_loop_is_restarted_by_the_watchdog(workers):
     assert inst.exits("h1")[0].startswith("watchdog "), inst.exits("h1")
     assert "Fatal Python error: Aborted" in inst.log("h1"), inst.log("h1")[-3000:]
 
+
 @needs_daemon
 def test_a_bad_instance_name_exits_78_and_is_not_restarted(workers):
     """spoolq@-bad and friends: the instance name reaches the worker as the
@@ -932,3 +933,49 @@ def test_a_bad_instance_name_exits_78_and_is_not_restarted(workers):
         assert inst.exits(server) == ["exit-code exited 78"], inst.diagnostics(server)
         assert f"invalid server id '{server}'" in inst.log(server), inst.diagnostics(server)
 
+
+@needs_daemon
+@pytest.mark.parametrize("enabled", [True, False], ids=["enabled", "started-alone"])
+def test_stopping_the_target_returns_once_its_workers_have_stopped(workers, enabled):
+    """`systemctl stop spoolq.target` waits for every worker's hand-back.
+
+    The worker runs a long task and has --grace 3: on SIGTERM it waits 3 s
+    for the handler, kills it and hands the task back, so its stop takes
+    seconds.  When `systemctl stop spoolq.target` returns, the worker must
+    already be inactive (not "deactivating") with its task back in the
+    queue -- the instances' After=spoolq.target makes the target's stop job
+    wait for theirs.  Both ways an instance belongs to the target: enabled
+    (the target wants it) and merely started (only its PartOf= links them).
+    """
+    inst, spool = workers
+    server = "g1" if enabled else "g2"     # <rw_dir>/<server>.exits is per module: one name per case
+    inst.prepare(server, SPOOLQ_WORKER_ARGS="--concurrency 1 --grace 3")
+    try:
+        if enabled:
+            inst.m.systemctl("enable", inst.unit(server))
+            inst.m.systemctl("start", "spoolq.target")
+        else:
+            inst.start(server)
+        inst.wait_running(server)
+        spool.enqueue(120, "slow")
+
+        def running() -> bool:
+            doc = spool.status("slow")
+            return doc["state"] == "RUNNING" and doc.get("server") == server
+
+        wait_until("the slow task to run", running, 60, on_timeout=lambda: inst.diagnostics(server))
+        started = time.monotonic()
+        inst.m.systemctl("stop", "spoolq.target")
+        took = time.monotonic() - started
+        st = inst.state(server)
+        target = inst.m.show("spoolq.target", "ActiveState")["ActiveState"]
+        print(f"systemctl stop spoolq.target ({'enabled' if enabled else 'started'} instance) "
+              f"returned after {took:.2f} s; instance {st['ActiveState']}/{st['SubState']}")
+        assert st["ActiveState"] == "inactive", \
+            f"`systemctl stop spoolq.target` returned while the worker was {st}\n{inst.diagnostics(server)}"
+        assert st["Result"] == "success" and target == "inactive", (st, target)
+        assert inst.exits(server) == ["success exited 0"], inst.diagnostics(server)
+        assert spool.status("slow")["state"] == "ENQUEUED", "the running task was not handed back"
+    finally:
+        if enabled:
+            inst.m.systemctl("disable", inst.unit(server), check=False)
