@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -97,7 +98,13 @@ def test_service_settings_required_by_issue_4():
     assert "spoolq.target" in one(conf, "Install.WantedBy").split()
     assert conf["Service.EnvironmentFile"] == ["-/etc/default/spoolq", "-/etc/spoolq/%i.env"]
     exec_start = one(conf, "Service.ExecStart")
-    assert exec_start.startswith(f"{SHIPPED_EXEC} worker %i ")
+    assert exec_start.startswith(f"{SHIPPED_EXEC} worker ")
+    # The instance name comes last, after "--": never read as an option.
+    assert exec_start.split()[-2:] == ["--", "%i"], exec_start
+    # Stop jobs run in reverse start order: instances after the target make
+    # the target's stop wait for theirs (tests/test_systemd_integration.py).
+    assert "spoolq.target" in " ".join(conf.get("Unit.After", [])).split()
+    assert "spoolq.target" not in " ".join(conf.get("Unit.Before", [])).split()
     # %I would unescape "-" to "/" and change server ids like "server-1".
     assert not [k for k, vs in conf.items() for v in vs if "%I" in v]
 
@@ -141,6 +148,70 @@ def test_env_example_is_all_comments_or_assignments():
         assert re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", line), line
     assert {"SPOOLQ_ROOT", "SPOOLQ_WORKER_ARGS"} <= conf_vars
     assert "$SPOOLQ_WORKER_ARGS" in SERVICE.read_text()
+
+
+# --- the shipped ExecStart, run offline ----------------------------------------------
+
+
+def exec_argv(exec_start: str, instance: str, env: dict[str, str]) -> list[str]:
+    """ExecStart= as systemd turns it into argv, for the forms this unit uses:
+    words split like a shell's, %i replaced by the instance name, and an
+    unbraced ``$VAR`` word replaced by the variable's value split on
+    whitespace (nothing when unset).  Anything else fails, so the emulation
+    cannot silently fall behind the unit."""
+    argv: list[str] = []
+    for word in shlex.split(exec_start):
+        if re.fullmatch(r"\$[A-Za-z_][A-Za-z0-9_]*", word):
+            argv.extend(env.get(word[1:], "").split())
+            continue
+        assert "$" not in word and "%" not in word.replace("%i", ""), f"unhandled expansion in {word!r}"
+        argv.append(word.replace("%i", instance))
+    return argv
+
+
+# What systemctl would accept as an instance name but the worker must refuse.
+BAD_IDS = ["-bad", "--help", "-h", "--drain", "--concurrency", ".hidden", "a" * 65, "a\\x2fb"]
+GOOD_IDS = ["server1", "server-1", "a.b_c", "x" * 64]
+
+
+def test_shipped_exec_start_refuses_every_bad_id_with_78(tmp_path: Path):
+    """spoolq@<bad id> must exit 78 (EX_CONFIG, RestartPreventExitStatus=): run
+    the shipped ExecStart's argv, with only /opt/spoolq/bin/spoolq swapped
+    for this checkout's `python -m spoolq`, against a real spool.
+
+    Before ExecStart put "--" before %i, "-bad" was a usage error (exit 2,
+    which Restart=on-failure restarts) and "--help" printed help (exit 0).
+    The good ids show the same line starts a worker: with --drain from
+    $SPOOLQ_WORKER_ARGS it recovers nothing, holds nothing and exits 0.
+    """
+    exec_start = one(settings(SERVICE.read_text()), "Service.ExecStart")
+    spool = tmp_path / "spool"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SPOOLQ_ROOT": str(spool)}
+    assert run(sys.executable, "-m", "spoolq", "init", env=env).returncode == 0
+
+    def worker(instance: str, worker_args: str) -> subprocess.CompletedProcess[str]:
+        argv = exec_argv(exec_start, instance, {"SPOOLQ_WORKER_ARGS": worker_args})
+        assert argv[0] == SHIPPED_EXEC
+        return run(sys.executable, "-m", "spoolq", *argv[1:], env=env)
+
+    for bad in BAD_IDS:
+        for worker_args in ("", "--concurrency 2", "--drain"):
+            done = worker(bad, worker_args)
+            assert done.returncode == 78, f"spoolq@{bad} with {worker_args!r}: exit {done.returncode}\n{done.stderr}"
+            assert "server id" in done.stderr, done.stderr
+    for good in GOOD_IDS:
+        done = worker(good, "--drain")
+        assert done.returncode == 0, f"spoolq@{good}: exit {done.returncode}\n{done.stderr}"
+        assert f"server {good} stopped" in done.stderr, done.stderr
+
+
+def test_documented_exec_start_overrides_keep_the_id_last():
+    """A drop-in copied from docs/operating.md must not bring the bug back."""
+    doc = (REPO / "docs" / "operating.md").read_text()
+    overrides = re.findall(r"^\s*ExecStart=(\S.*)$", doc, re.M)
+    assert overrides, "docs/operating.md shows no ExecStart= drop-in any more: update this test"
+    for line in overrides:
+        assert line.startswith(f"{SHIPPED_EXEC} worker ") and line.split()[-2:] == ["--", "%i"], line
 
 
 # --- systemd's own checks ---------------------------------------------------------

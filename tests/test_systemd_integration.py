@@ -17,7 +17,20 @@ PID 1 did not move, and removes the cgroups at the end.  ``systemd --user``
 also exits unless /run/systemd/system exists; the harness creates that
 directory only if it is missing, and removes it again as soon as the manager
 is up (it is only looked at on start-up; leaving it would make other tools
-believe systemd booted the machine).
+believe systemd booted the machine).  A manager running as root also takes
+the "inaccessible" nodes that ProtectHome=yes and friends mount over hidden
+paths from /run/systemd/inaccessible/, which PID 1 creates at boot on a real
+host; the harness creates them the same way when they are missing and leaves
+them (nothing reads meaning into them, and a concurrent run may be using them).
+
+The code runs the way docs/operating.md installs it: from a virtualenv made
+from the distribution's /usr/bin/python3 (python3 + python3-venv, installed
+by .ci/install-system-deps) with the checkout pip-installed into it, under
+/opt like /opt/spoolq.  So the shipped sandbox runs as shipped --
+ProtectHome=yes and PrivateTmp=yes included -- and ExecStart differs from the
+shipped one only in the venv's directory (stage_user_units lists every
+difference and why).  The test process's own interpreter (often under /root,
+which ProtectHome=yes hides) only runs the producer side: init, enqueue, status.
 
 Two groups of tests:
 
@@ -25,8 +38,10 @@ Two groups of tests:
   spoolq@.service, sandbox included, with ExecStart swapped for a tiny
   worker written with spoolq.systemd.Notifier -- READY=1, STATUS=,
   STOPPING=1 on SIGTERM and a watchdog that catches a hung main loop.
-* daemon tests: the real worker,
-  two instances on one spool, 50 tasks, stop-mid-task hand-back, watchdog.
+* daemon tests: the real worker with the shipped ExecStart, two instances
+  on one spool, 50 tasks, stop-mid-task hand-back, watchdog, bad instance
+  names (exit 78, no restart), and `systemctl stop spoolq.target` waiting
+  for its workers.
 """
 
 from __future__ import annotations
@@ -36,6 +51,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -49,6 +65,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 UNITS = REPO / "packaging" / "systemd"
+SHIPPED_VENV = "/opt/spoolq"        # where docs/operating.md puts the code; ExecStart runs its bin/spoolq
+SYSTEM_PYTHON = Path("/usr/bin/python3")
 SYSTEMD = next((p for p in ("/lib/systemd/systemd", "/usr/lib/systemd/systemd") if os.access(p, os.X_OK)), None)
 
 pytestmark = [
@@ -200,6 +218,36 @@ class CgroupJail:
 
 # --- the user manager ------------------------------------------------------------
 
+INACCESSIBLE = Path("/run/systemd/inaccessible")
+
+
+def ensure_inaccessible_nodes() -> None:
+    """/run/systemd/inaccessible/{dir,reg,fifo,sock,chr,blk}, mode 0000, as PID 1
+    makes them at boot (systemd's make_inaccessible_nodes()).  A manager running
+    as root bind-mounts these over what ProtectHome=yes (InaccessiblePaths=, ...)
+    hides; without them such a service fails with 226/NAMESPACE."""
+    INACCESSIBLE.mkdir(mode=0o755, parents=True, exist_ok=True)
+    nodes = {"dir": None, "reg": None, "fifo": stat.S_IFIFO, "sock": stat.S_IFSOCK,
+             "chr": stat.S_IFCHR, "blk": stat.S_IFBLK}
+    old = os.umask(0o7777)
+    try:
+        for name, kind in nodes.items():
+            path = INACCESSIBLE / name
+            try:
+                if name == "dir":
+                    path.mkdir(mode=0)
+                elif name == "reg":
+                    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0))
+                else:
+                    os.mknod(path, kind | 0, os.makedev(0, 0))
+            except FileExistsError:
+                pass
+            except PermissionError:
+                if name not in ("chr", "blk"):     # device nodes may be refused in a container,
+                    raise                          # as PID 1 also tolerates
+    finally:
+        os.umask(old)
+
 
 class UserManager:
     """A private ``systemd --user`` and a ``systemctl --user`` bound to it."""
@@ -228,6 +276,7 @@ class UserManager:
     def start(self) -> None:
         pid1_before = Path("/proc/1/cgroup").read_text()
         self.jail = CgroupJail()
+        ensure_inaccessible_nodes()
         flag = Path("/run/systemd/system")
         created_flag = False
         if not flag.exists():
@@ -325,6 +374,54 @@ def manager(tmp_path_factory) -> Iterator[UserManager]:
     shutil.rmtree(root, ignore_errors=True)
 
 
+# --- the code, installed as docs/operating.md installs it -----------------------------
+
+
+def copy_checkout(dest: Path) -> Path:
+    """What `pip install` needs from the checkout, copied so that the in-tree
+    build (build/, *.egg-info) lands in the copy and not in the work tree."""
+    dest.mkdir(parents=True)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, dest / name)
+    shutil.copytree(REPO / "spoolq", dest / "spoolq",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dest
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without what would point a new interpreter
+    at the test's own one (pytest's PYTHONPATH, an active virtualenv)."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSAFEPATH")}
+
+
+@pytest.fixture(scope="module")
+def venv() -> Iterator[Path]:
+    """A venv like /opt/spoolq: made from /usr/bin/python3, checkout pip-installed.
+
+    It lives under /opt (read-only but visible under ProtectSystem=strict,
+    outside what ProtectHome= and PrivateTmp= hide), so the unit needs no
+    sandbox change to run it.
+    """
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.fail(f"{SYSTEM_PYTHON} is missing: run .ci/install-system-deps (python3, python3-venv)")
+    base = Path(tempfile.mkdtemp(prefix="spoolq-it-venv-", dir="/opt"))
+    try:
+        base.chmod(0o755)
+        src = copy_checkout(base / "src")
+        path = base / "venv"
+        for cmd in ([str(SYSTEM_PYTHON), "-m", "venv", str(path)],
+                    [str(path / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check", str(src)]):
+            done = subprocess.run(cmd, env=clean_env(), text=True, capture_output=True, timeout=600)
+            if done.returncode != 0:
+                pytest.fail(f"{' '.join(cmd)} -> exit {done.returncode}\n{done.stdout}{done.stderr}"
+                            "\n(python3-venv missing? run .ci/install-system-deps)")
+        assert os.access(path / "bin" / "spoolq", os.X_OK)
+        yield path
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 # --- staging the real units for the user manager ------------------------------------
 
 
@@ -352,23 +449,39 @@ def _set(text: str, key: str, values: list[str] | None, why: str) -> str:
     return text.replace("\n[Install]", f"\n{note}{lines}\n[Install]", 1)
 
 
-def _under(paths: list[Path], prefixes: tuple[str, ...]) -> bool:
-    return any(str(p.resolve()).startswith(prefixes) for p in paths)
+# What the shipped sandbox hides from the service: ProtectHome=yes and
+# PrivateTmp=yes (a private, empty /tmp and /var/tmp).  /run is left out: the
+# user manager mounts its own over it.
+HIDDEN = ("/root/", "/home/", "/run/user/", "/tmp/", "/var/tmp/")
+
+
+def shipped_exec_start(venv: Path) -> str:
+    """The shipped ExecStart= with the venv's directory in place of /opt/spoolq."""
+    line = next(line for line in (UNITS / "spoolq@.service").read_text().splitlines()
+                if line.startswith("ExecStart="))
+    value = line.partition("=")[2]
+    assert value.startswith(f"{SHIPPED_VENV}/bin/spoolq "), value
+    return str(venv) + value[len(SHIPPED_VENV):]
 
 
 def stage_user_units(m: UserManager, exec_start: str, *, rw_dir: Path, env_dir: Path,
-                     pythonpath: list[Path]) -> None:
+                     code: list[Path]) -> None:
     """Copy the shipped units into the user manager, adapted as little as possible.
 
-    Every difference from packaging/systemd is one of these:
-    - ExecStart: this interpreter (and the code under test) instead of /opt/spoolq.
+    ``code``: every path the service runs code from (venv, scripts, handler
+    directories).  The sandbox is not loosened for them: a path it would hide
+    fails the test here, instead of being papered over.
+
+    Every difference from packaging/systemd, and why it cannot be avoided:
+    - ExecStart: the test venv (or, for the harness tests, the probe script)
+      instead of /opt/spoolq, which the test must not create on a shared host.
     - User=/Group= dropped: a user manager runs services as its own user and
-      cannot switch to spoolq.
+      cannot switch to spoolq (and the host has no spoolq user).
     - EnvironmentFile= of the instance points at the harness's env directory
-      instead of /etc/spoolq (the site-wide -/etc/default/spoolq is dropped so
-      the host's file cannot leak in).
-    - ReadWritePaths=/RequiresMountsFor= name the harness's spool directory.
-    - Environment= adds PYTHONPATH for the checkout and handler modules.
+      instead of /etc/spoolq, which is the host's (the site-wide
+      -/etc/default/spoolq is dropped for the same reason).
+    - ReadWritePaths=/RequiresMountsFor= name the harness's spool directory,
+      as the documented drop-in for "a spool somewhere else" does.
     - WatchdogSec/RestartSec shortened and TimeoutAbortSec added so watchdog
       scenarios take seconds, not minutes; StartLimitBurst raised because the
       scenarios restart on purpose.
@@ -376,26 +489,22 @@ def stage_user_units(m: UserManager, exec_start: str, *, rw_dir: Path, env_dir: 
     - ExecStopPost= appends "$SERVICE_RESULT $EXIT_CODE $EXIT_STATUS" to
       <rw_dir>/<id>.exits: how each run ended, which `systemctl show` no
       longer knows once a stopped unit has been garbage-collected.
-    - ProtectHome=read-only (instead of yes) only if the interpreter or the
-      checkout lives under /root or /home, and PrivateTmp=no only if they live
-      under /tmp or /var/tmp: the service must be able to see the code it runs.
     - [Install] WantedBy=default.target (a user manager has no multi-user.target).
-    Everything else -- the whole sandbox, Type=notify, NotifyAccess=main,
-    KillMode=mixed, Restart=, RestartPreventExitStatus=, TimeoutStopSec= -- is
-    exercised as shipped.
+    Everything else -- the whole sandbox (ProtectHome=yes, PrivateTmp=yes
+    included), Environment=, Type=notify, NotifyAccess=main, KillMode=mixed,
+    Restart=, RestartPreventExitStatus=, TimeoutStopSec=, PartOf=, After= --
+    is exercised as shipped.  Handler modules reach the worker the way
+    docs/operating.md says: PYTHONPATH in the instance's environment file.
     """
-    code_paths = [Path(sys.executable), Path(sys.prefix), REPO, *pythonpath]
+    hidden = [p for p in code if str(p.resolve()).startswith(HIDDEN) or str(p).startswith(HIDDEN)]
+    assert not hidden, f"the shipped sandbox hides {hidden} from the service (ProtectHome=/PrivateTmp=)"
     text = (UNITS / "spoolq@.service").read_text()
-    text = _set(text, "ExecStart", [exec_start], "run the code under test with this interpreter")
+    text = _set(text, "ExecStart", [exec_start], "the test venv, not /opt/spoolq")
     text = _set(text, "User", None, "a user manager cannot switch users")
     text = _set(text, "Group", None, "a user manager cannot switch groups")
     text = _set(text, "EnvironmentFile", [f"-{env_dir}/%i.env"], "harness env files, not the host's /etc")
     text = _set(text, "ReadWritePaths", [str(rw_dir)], "the harness spools")
     text = _set(text, "RequiresMountsFor", [str(rw_dir)], "the harness spools")
-    text = _set(text, "Environment",
-                ["PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1",
-                 "PYTHONPATH=" + ":".join(str(p) for p in [REPO, *pythonpath])],
-                "shipped values plus PYTHONPATH for the checkout")
     text = _set(text, "WatchdogSec", [f"{WATCHDOG_SEC}s"], "short, so hangs are caught in seconds")
     text = _set(text, "TimeoutAbortSec", [f"{TIMEOUT_ABORT_SEC}s"],
                 "SIGKILL a watchdog-aborted process that does not die (e.g. SIGSTOPped) quickly")
@@ -406,10 +515,6 @@ def stage_user_units(m: UserManager, exec_start: str, *, rw_dir: Path, env_dir: 
     text = _set(text, "ExecStopPost",
                 [f"/bin/sh -c 'echo \"$SERVICE_RESULT $EXIT_CODE $EXIT_STATUS\" >> {rw_dir}/%i.exits'"],
                 "record how each run ended; systemd forgets it once an inactive unit is unloaded")
-    if _under(code_paths, ("/root/", "/home/", "/run/user/")):
-        text = _set(text, "ProtectHome", ["read-only"], "the interpreter/checkout lives in a home directory")
-    if _under(code_paths, ("/tmp/", "/var/tmp/")):
-        text = _set(text, "PrivateTmp", ["no"], "the interpreter/checkout lives under /tmp")
     text = _set(text, "WantedBy", ["default.target spoolq.target"], "no multi-user.target in a user manager")
     m.install("spoolq@.service", text)
     m.install("spoolq.target", (UNITS / "spoolq.target").read_text().replace(
@@ -520,14 +625,15 @@ sys.exit(0)
 
 
 @pytest.fixture(scope="module")
-def probe(manager: UserManager) -> Iterator[tuple[Instances, Path]]:
+def probe(manager: UserManager, venv: Path) -> Iterator[tuple[Instances, Path]]:
     out = manager.root / "probe-out"
     out.mkdir()
     script = manager.root / "probe.py"
     script.write_text(PROBE)
     env_dir = manager.root / "probe-env"
-    stage_user_units(manager, f"{sys.executable} {script} %i {out}", rw_dir=out, env_dir=env_dir,
-                     pythonpath=[])
+    python = venv / "bin" / "python3"
+    stage_user_units(manager, f"{python} {script} %i {out}", rw_dir=out, env_dir=env_dir,
+                     code=[python, script])
     yield Instances(manager, env_dir, out), out
 
 
@@ -661,8 +767,14 @@ class Spool:
 
 
 @pytest.fixture
-def workers(manager: UserManager) -> Iterator[tuple[Instances, Spool]]:
-    """A fresh spool and the real worker units staged for it; stopped afterwards."""
+def workers(manager: UserManager, venv: Path) -> Iterator[tuple[Instances, Spool]]:
+    """A fresh spool and the real worker units staged for it; stopped afterwards.
+
+    The unit runs the shipped ExecStart from the test venv.  The handler
+    module is not installed in the venv: it reaches the worker through
+    PYTHONPATH in the instance's environment file, one of the two ways
+    docs/operating.md ("Where the handler code comes from") gives.
+    """
     base = manager.root / "spools"
     base.mkdir(exist_ok=True, mode=0o770)
     root = base / uuid.uuid4().hex[:8]
@@ -672,8 +784,8 @@ def workers(manager: UserManager) -> Iterator[tuple[Instances, Spool]]:
     client = manager.root / "client.py"
     client.write_text(CLIENT)
     env_dir = manager.root / "worker-env"
-    stage_user_units(manager, f"{sys.executable} -m spoolq worker %i --grace 30 $SPOOLQ_WORKER_ARGS",
-                     rw_dir=base, env_dir=env_dir, pythonpath=[handlers])
+    stage_user_units(manager, shipped_exec_start(venv), rw_dir=base, env_dir=env_dir,
+                     code=[venv, handlers])
     spool = Spool(root, handlers, client)
     spool.cli("init")
     spool.cli("register", "nap", "spoolq_it_handlers.nap", "--timeout", "120")
@@ -682,8 +794,8 @@ def workers(manager: UserManager) -> Iterator[tuple[Instances, Spool]]:
 
     def write_env(server: str, **extra: str) -> None:
         used.append(server)
-        inst.write_env(server, SPOOLQ_ROOT=str(root),
-                       SPOOLQ_WORKER_ARGS="--concurrency 2 --grace 1", **extra)
+        inst.write_env(server, **{"SPOOLQ_ROOT": str(root), "PYTHONPATH": str(handlers),
+                                  "SPOOLQ_WORKER_ARGS": "--concurrency 2 --grace 1", **extra})
 
     inst.prepare = write_env  # type: ignore[attr-defined]
     yield inst, spool
@@ -782,3 +894,71 @@ def test_a_hung_main_loop_is_restarted_by_the_watchdog(workers):
                on_timeout=lambda: inst.diagnostics("h1"))
     assert inst.exits("h1")[0].startswith("watchdog "), inst.exits("h1")
     assert "Fatal Python error: Aborted" in inst.log("h1"), inst.log("h1")[-3000:]
+
+
+def test_a_bad_instance_name_exits_78_and_is_not_restarted(workers):
+    """spoolq@-bad and friends: the instance name reaches the worker as the
+    server id (the shipped ExecStart ends in "-- %i"), which refuses it with
+    78 (EX_CONFIG); RestartPreventExitStatus=78 then leaves the unit failed.
+
+    Before the "--", "-bad" was parsed as an option (usage error, exit 2,
+    restarted by Restart=on-failure) and "--help" printed help and exited 0.
+    """
+    inst, spool = workers
+    for server in ("-bad", "--help", "-h", ".hidden"):
+        inst.prepare(server)
+        done = inst.m.systemctl("start", inst.unit(server), check=False)
+        assert done.returncode != 0, f"{server}: start succeeded\n{inst.diagnostics(server)}"
+        st = inst.state(server)
+        # "failed", not "activating (auto-restart)": no restart is pending.
+        assert (st["ActiveState"], st["Result"], st["ExecMainStatus"], st["NRestarts"]) == \
+            ("failed", "exit-code", "78", "0"), inst.diagnostics(server)
+        wait_until(f"{server}'s exit to be recorded", lambda: inst.exits(server), 10)
+        assert inst.exits(server) == ["exit-code exited 78"], inst.diagnostics(server)
+        assert f"invalid server id '{server}'" in inst.log(server), inst.diagnostics(server)
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["enabled", "started-alone"])
+def test_stopping_the_target_returns_once_its_workers_have_stopped(workers, enabled):
+    """`systemctl stop spoolq.target` waits for every worker's hand-back.
+
+    The worker runs a long task and has --grace 3: on SIGTERM it waits 3 s
+    for the handler, kills it and hands the task back, so its stop takes
+    seconds.  When `systemctl stop spoolq.target` returns, the worker must
+    already be inactive (not "deactivating") with its task back in the
+    queue -- the instances' After=spoolq.target makes the target's stop job
+    wait for theirs.  Both ways an instance belongs to the target: enabled
+    (the target wants it) and merely started (only its PartOf= links them).
+    """
+    inst, spool = workers
+    server = "g1" if enabled else "g2"     # <rw_dir>/<server>.exits is per module: one name per case
+    inst.prepare(server, SPOOLQ_WORKER_ARGS="--concurrency 1 --grace 3")
+    try:
+        if enabled:
+            inst.m.systemctl("enable", inst.unit(server))
+            inst.m.systemctl("start", "spoolq.target")
+        else:
+            inst.start(server)
+        inst.wait_running(server)
+        spool.enqueue(120, "slow")
+
+        def running() -> bool:
+            doc = spool.status("slow")
+            return doc["state"] == "RUNNING" and doc.get("server") == server
+
+        wait_until("the slow task to run", running, 60, on_timeout=lambda: inst.diagnostics(server))
+        started = time.monotonic()
+        inst.m.systemctl("stop", "spoolq.target")
+        took = time.monotonic() - started
+        st = inst.state(server)
+        target = inst.m.show("spoolq.target", "ActiveState")["ActiveState"]
+        print(f"systemctl stop spoolq.target ({'enabled' if enabled else 'started'} instance) "
+              f"returned after {took:.2f} s; instance {st['ActiveState']}/{st['SubState']}")
+        assert st["ActiveState"] == "inactive", \
+            f"`systemctl stop spoolq.target` returned while the worker was {st}\n{inst.diagnostics(server)}"
+        assert st["Result"] == "success" and target == "inactive", (st, target)
+        assert inst.exits(server) == ["success exited 0"], inst.diagnostics(server)
+        assert spool.status("slow")["state"] == "ENQUEUED", "the running task was not handed back"
+    finally:
+        if enabled:
+            inst.m.systemctl("disable", inst.unit(server), check=False)
