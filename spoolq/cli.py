@@ -304,10 +304,13 @@ def wait(
 @app.command()
 def worker(
     server: Annotated[str, typer.Argument(metavar="SERVER", help="Server id: names this worker (systemd unit spoolq@SERVER).")],
-    concurrency: Annotated[int, typer.Option(min=1, help="Handlers run at once, each in a child process.")] = 1,
+    concurrency: Annotated[int, typer.Option(min=1, help="Handlers run at once, each in a handler process.")] = 1,
     drain: Annotated[bool, typer.Option("--drain", help="Claim nothing new; finish what this server holds, then exit.")] = False,
     grace: Annotated[float, typer.Option(min=0, help="Seconds SIGTERM waits for running handlers.")] = 30,
     poll: Annotated[bool, typer.Option("--poll", help="Rescan the queue periodically instead of watching file events.")] = False,
+    max_tasks_per_child: Annotated[
+        int, typer.Option(min=0, help="Tasks a handler process runs before a fresh one replaces it; 0: never replace.")
+    ] = 1000,
 ) -> None:
     """Run the worker daemon for SERVER in the foreground (what systemd runs).
 
@@ -319,7 +322,10 @@ def worker(
     from .worker import run_worker  # a SpoolqError from here on is a configuration error: exit 78
 
     raise typer.Exit(
-        run_worker(_run.root, server, concurrency=concurrency, drain=drain, grace=grace, poll=poll)
+        run_worker(
+            _run.root, server, concurrency=concurrency, drain=drain, grace=grace, poll=poll,
+            max_tasks_per_child=max_tasks_per_child,
+        )
     )
 
 

@@ -11,7 +11,8 @@ gunicorn's inline versions.
 Everything here is a no-op when the process is not run by systemd: with
 ``$NOTIFY_SOCKET`` unset nothing is sent and no socket is created, and with
 ``$JOURNAL_STREAM`` unset (or pointing at another file) logging stays plain.
-See ``research/systemd.md`` for the protocol notes this follows.
+The protocol: sd_notify(3), sd_watchdog_enabled(3), systemd.exec(5)
+($JOURNAL_STREAM); docs/operating.md says how the unit uses each message.
 """
 
 from __future__ import annotations

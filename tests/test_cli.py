@@ -421,6 +421,19 @@ def test_worker_drain_runs_what_the_server_holds_and_exits_0(root: Path, spool: 
     assert spool.status(TYPE, "other").state == State.ENQUEUED  # nothing new was claimed
 
 
+def test_worker_max_tasks_per_child_replaces_the_handler_process(root: Path, spool: Spool) -> None:
+    for task_id in ("a", "b", "c"):
+        spool.enqueue(TYPE, task_id, (1,))
+    script = f"from spoolq import Spool; s = Spool({str(root)!r}); [s.claim('w1') for _ in range(3)]"
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)  # w1 claims three, then dies
+    proc = spoolq("worker", "w1", "--drain", "--max-tasks-per-child", "1", root=root, timeout=DEADLINE)
+    assert proc.returncode == 0, proc.stderr
+    pids = re.findall(r"started SequenceSum:\w in pid (\d+)", proc.stderr.decode())
+    assert len(pids) == 3 and len(set(pids)) == 3, proc.stderr.decode()  # one process per task
+    assert all(spool.status(TYPE, t).state == State.FINISHED for t in ("a", "b", "c"))
+    assert_one_line_error(spoolq("worker", "w1", "--max-tasks-per-child", "-1", root=root), 2)
+
+
 def test_demo_runs_the_seed_example(tmp_path: Path) -> None:
     env = {"TMPDIR": str(tmp_path)}  # the demo's temporary spool lands here
     proc = spoolq("demo", env=env, timeout=120)
