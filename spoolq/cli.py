@@ -185,12 +185,16 @@ def enqueue(
     a script can retry later.
     """
     task_name(type_name, task_id)  # refuse bad names before reading stdin
-    if input_path == "-":
-        payload = sys.stdin.buffer.read()
-    else:
-        with open(input_path, "rb") as fh:
-            payload = fh.read()
     spool = _spool()
+    spool.get_type(type_name)  # and an unknown type
+    if input_path == "-":
+        payload = spool.read_input(sys.stdin.fileno())
+    else:
+        fd = os.open(input_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            payload = spool.read_input(fd)
+        finally:
+            os.close(fd)
     if json_in:
         spool.enqueue_json(type_name, task_id, payload)
     else:

@@ -150,3 +150,15 @@ class CorruptTask(SpoolqError):
         self.path = path
         self.problem = problem
         super().__init__(problem)
+
+
+def safe_text(exc: BaseException) -> str:
+    """``str(exc)``, for an exception from code we do not trust: its
+    ``__str__`` may itself raise, and a failure must still be reported."""
+    try:
+        return str(exc)
+    except Exception:  # noqa: BLE001 - any failure of foreign code
+        try:
+            return repr(exc)
+        except Exception:  # noqa: BLE001
+            return f"<{type(exc).__name__} whose str() fails>"

@@ -14,8 +14,13 @@ kind                      what is wrong                                    repai
 ``unsafe-dir``            a state directory is a symlink or a file         none: fix by hand
 ``cross-device``          a state directory on another filesystem          none: fix by hand
 ``ownership``             a state directory owned by another uid           none: the message names the ``chown``
-``permissions``           writable by any user (root, a state, server or   none: the message names the ``chmod``
-                          task directory, a task file)
+``permissions``           writable by any user, by mode bits or through    none: the message names the ``chmod``
+                          an ACL (root, a directory above it that is not   or ``setfacl``
+                          sticky, a state, server or task directory, a
+                          task file)
+``group-access``          on a spool its group shares, a state directory,  the modes of what this user owns are
+                          task directory or task file the group cannot     fixed; others: the message names the
+                          use                                              ``chmod``
 ``unknown-entry``         something that is not part of a spool            quarantined
 ``bad-name``              not a ``TYPE:ID`` (or server) name               quarantined
 ``symlink``               a symlink where a task or one of its files       quarantined (the link; never followed)
@@ -29,7 +34,8 @@ kind                      what is wrong                                    repai
                                                                            anything else is quarantined
 ``orphan``                a claim of a dead server                         re-enqueued like ``recover_server`` does
                                                                            (started: a restart is charged; claimed:
-                                                                           free) or FAILED when no restarts remain
+                                                                           free) or FAILED when no restarts remain;
+                                                                           processes left of its run are killed first
 ``duplicate``             the same task in two places                      the newer copy is kept, the others
                                                                            quarantined
 ``leftover-tmp``          status.json.tmp / response.tmp in a task,        an interrupted status write is completed
@@ -179,6 +185,9 @@ class _Checker:
         self.root = spool.root
         self.findings: list[Finding] = []
         self.places: dict[str, list[_Place]] = defaultdict(list)
+        # The group shares the spool (the root is group rwx): then it must be
+        # able to use every task in it.
+        self.shared = os.stat(self.root).st_mode & 0o070 == 0o070
         self.types: set[str] = set()
         self._alive: dict[str, bool] = {}
 
@@ -357,6 +366,7 @@ class _Checker:
                 entries[entry] = os.stat(entry, dir_fd=dfd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
+        self._group_access(path, os.fstat(dfd), dfd, directory=True)
         for entry, st in sorted(entries.items()):
             epath = os.path.join(path, entry)
             if entry in TASK_FILES:
@@ -366,6 +376,7 @@ class _Checker:
                     return self.add("incomplete", path, f"{entry} is {_what(epath)}, not a regular file")
                 if st.st_mode & stat.S_IWOTH:
                     self.add("permissions", epath, f"writable by any user: fix with: chmod o-w {epath}")
+                self._group_access(epath, st, dfd, name=entry)
             elif entry in TASK_LEFTOVERS:
                 what = "an interrupted status write" if entry.startswith(STATUS) else "an interrupted response write"
                 self.add("leftover-tmp", epath, f"left by {what}")
@@ -391,6 +402,28 @@ class _Checker:
         if LOG not in entries:
             return self.add("incomplete", path, "no log")
         return doc
+
+    def _group_access(self, path: str, st: os.stat_result, dfd: int, *, name: str | None = None,
+                      directory: bool = False) -> None:
+        """On a spool its group shares, every task directory and file must
+        be usable by the group: a worker that cannot write a task fails it
+        forever, a producer that cannot read it cannot see it. --repair
+        fixes the modes of what this user owns."""
+        need = 0o070 if directory else 0o060
+        if not self.shared or st.st_mode & need == need:
+            return
+        finding = self.add(
+            "group-access", path,
+            f"not usable by the spool's group (mode {stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid}): "
+            f"fix with: chmod g+rw{'x' if directory else ''} {path}",
+        )
+        if self.repair and st.st_uid == os.geteuid():
+            mode = stat.S_IMODE(st.st_mode) | need
+            if directory:
+                os.fchmod(dfd, mode)
+            else:
+                os.chmod(name or path, mode, dir_fd=dfd, follow_symlinks=False)
+            finding.action = f"mode set to {mode:04o}"
 
     def _settle_leftovers(self, path: str, dfd: int) -> None:
         """Under the task's exclusive lock: an interrupted status write is
@@ -496,9 +529,15 @@ class _Checker:
         if not self.repair:
             return
         try:
-            result = self.spool.take_away(
-                place.path, verdict.reason, charge=verdict.charge, expect_claim=_int(place.doc.get("claim")),
-            )
+            if verdict.charge:  # a dead server's run: its leftovers are nobody's, kill them
+                result = sweeps.take_from_run(
+                    self.spool, place.path, verdict.reason, expect_claim=_int(place.doc.get("claim")),
+                    kill_leftovers=True,
+                )
+            else:
+                result = self.spool.take_away(
+                    place.path, verdict.reason, charge=False, expect_claim=_int(place.doc.get("claim")),
+                )
         except CorruptTask as exc:
             finding.message += f" (and now: {exc})"
             self.quarantine(finding, place.path)
@@ -510,6 +549,7 @@ class _Checker:
 
 
 _ACTION_TEXT = {
+    Action.BUSY: "processes of its run are still alive; left alone",
     Action.REENQUEUED: "re-enqueued",
     Action.FAILED: "FAILED: no restarts left",
     Action.FINISHED_MOVE: "moved to done/",

@@ -152,6 +152,7 @@ class Action(str, enum.Enum):
     RETIRED = "retired"
     DELETED = "deleted"
     QUARANTINED = "quarantined"
+    BUSY = "busy"  # left alone: a process of its run is still alive (the run lock is held)
     GONE = "gone"  # nothing to do: the task changed or went meanwhile
 
     def __str__(self) -> str:

@@ -21,14 +21,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CorruptTask, NoResponse, TaskNotFound
+from .errors import CorruptTask, NoResponse, SpoolqError, TaskNotFound
 from .lifecycle import PLACE_OF, PLACE_ORDER, Place, State
 from .names import split_task_name, task_name
 from .store import codec, fsutil, queue
 from .store.codec import LOG, RESPONSE, LogRecord
 from .store.layout import Layout
 from .store.registry import TypeRegistry
-from .store.taskdir import open_task_dir, peek_status, read_status
+from .store.taskdir import UNLIMITED, open_task_dir, peek_status, read_status
 
 # How often `wait_for` re-reads the status even without a file event: a
 # safety net for a missed event, not the mechanism.
@@ -154,7 +154,7 @@ class Queries:
         """Content of one file of the task; FileNotFoundError if it has none."""
         for _path, dfd in self._open(type_name, task_id):
             try:
-                return fsutil.read_file(dfd, filename)
+                return fsutil.read_file(dfd, filename, limit=UNLIMITED)
             finally:
                 os.close(dfd)
         raise TaskNotFound(type_name, task_id)  # pragma: no cover
@@ -207,22 +207,45 @@ class Queries:
                 if parts:
                     yield parts[0], parts[1], os.path.join(directory, name)
 
+    def snapshot(self, state: State | None = None) -> list[tuple[str, str, str]]:
+        """(type, id, path) of every task in the places where *state* lives
+        (all places when None), each task once: the directories are listed
+        under the enqueue lock, which stops every move backwards, and a task
+        met twice (it moved forward during the listing) is kept at its later
+        place. Listing names is quick; nothing is read under the lock."""
+        found: dict[tuple[str, str], str] = {}
+        with self.layout.enqueue_lock:
+            for t, i, path in self.iter_tasks(state):
+                found.pop((t, i), None)
+                found[(t, i)] = path
+        return [(t, i, path) for (t, i), path in found.items()]
+
+    def _read_listed(self, type_name: str, task_id: str, path: str) -> TaskInfo | None:
+        """The status of a listed task: at its listed path, or wherever it
+        moved since; None if it is gone or cannot be read."""
+        try:
+            doc = peek_status(path)
+            return TaskInfo(type_name, task_id, codec.state_of(doc), path, doc)
+        except FileNotFoundError:
+            pass
+        except (OSError, CorruptTask):
+            return None
+        try:
+            return self.status(type_name, task_id)
+        except (SpoolqError, OSError):
+            return None
+
     def list_tasks(self, *, state: State | None = None, type_name: str | None = None) -> list[TaskInfo]:
         """Status of every task (optionally of one state and/or type), each
-        task once: one met twice while it moved is reported at its later place."""
-        seen: dict[tuple[str, str], TaskInfo] = {}
-        for t, i, path in self.iter_tasks(state):
+        task once, in lifecycle order of where it was listed."""
+        out = []
+        for t, i, path in self.snapshot(state):
             if type_name and t != type_name:
                 continue
-            try:
-                doc = peek_status(path)
-            except (OSError, CorruptTask):
-                continue
-            info = TaskInfo(t, i, codec.state_of(doc), path, doc)
-            if state is None or info.state == state:
-                seen.pop((t, i), None)
-                seen[(t, i)] = info
-        return list(seen.values())
+            info = self._read_listed(t, i, path)
+            if info is not None and (state is None or info.state == state):
+                out.append(info)
+        return out
 
     def count_enqueued(self) -> int:
         """Number of waiting tasks (entries of ``enqueued/``)."""
@@ -233,10 +256,11 @@ class Queries:
         return [key[-1] for key in queue.scan(self.layout)]
 
     def census(self) -> Census:
-        """Counts per state and per type (each task once), restarts per type,
-        and the oldest waiting task's age. Waiting and claimed tasks are
-        counted from directory entries; running and done ones read their
-        status to tell RUNNING from PAUSED and FINISHED from FAILED."""
+        """Counts per state and per type (each task once, see
+        :meth:`snapshot`), restarts per type, and the oldest waiting task's
+        age. Waiting and claimed tasks are counted from directory entries;
+        running and done ones read their status to tell RUNNING from PAUSED
+        and FINISHED from FAILED."""
         per_type: dict[str, dict[str, int]] = {}
         restarts: dict[str, int] = {}
 
@@ -246,27 +270,18 @@ class Queries:
         for ttype in self.registry.all():
             row(ttype.name)
             restarts[ttype.name] = 0
-        counted: dict[tuple[str, str], str] = {}  # (type, id) -> the state counted for it
-        for t, i, path in self.iter_tasks():
+        for t, i, path in self.snapshot():
             place = self.layout.place_of_path(path)
             if place is None:
                 continue
             if place[0] in (Place.ENQUEUED, Place.SCHEDULED):
-                state = State.ENQUEUED.name if place[0] is Place.ENQUEUED else State.SCHEDULED.name
-                doc: dict[str, Any] = {}
-            else:
-                try:
-                    doc = peek_status(path)
-                except (OSError, CorruptTask):  # moved on, retired meanwhile, or corrupt
-                    continue
-                state = doc["state"]
-            before = counted.get((t, i))
-            if before is not None:  # met again further on: count it at its later place
-                row(t)[before] -= 1
-            counted[(t, i)] = state
-            row(t)[state] += 1
-            if doc:
-                restarts[t] = restarts.get(t, 0) + int(doc.get("restarts", 0))
+                row(t)[State.ENQUEUED.name if place[0] is Place.ENQUEUED else State.SCHEDULED.name] += 1
+                continue
+            info = self._read_listed(t, i, path)  # running/ and done/: the status tells which
+            if info is None:
+                continue
+            row(t)[info.state.name] += 1
+            restarts[t] = restarts.get(t, 0) + int(info.doc.get("restarts", 0))
         totals = {s.name: sum(r[s.name] for r in per_type.values()) for s in State}
         first = next(iter(queue.scan(self.layout)), None)
         oldest = None if first is None else max(0.0, self.clock() - first[0] / 1e9)

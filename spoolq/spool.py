@@ -48,6 +48,7 @@ from .errors import (
     TaskExists,
     TaskNotFound,
     TypeInUse,
+    safe_text,
 )
 from .faults import crashpoint
 from .lifecycle import (
@@ -68,19 +69,22 @@ from .store.layout import Layout, Settings
 from .store.queue import WaitingIndex
 from .store.registry import DEFAULT_MAX_RESTARTS, DEFAULT_RETENTION, DEFAULT_TIMEOUT, TaskType, TypeRegistry
 from .store.servers import ServerLocks
-from .store.taskdir import Moved, TaskDir, peek_status, read_status
+from .store.taskdir import Moved, TaskDir, peek_status, read_status, run_alive, run_lock_holders
+from .store.taskdir import hold_run_lock as hold_run_lock_fd
 
 log = logging.getLogger("spoolq.spool")
 
 
 @dataclass(frozen=True)
 class StartedTask:
-    """What a start hands the runner: the task, its handler path and input."""
+    """What a start hands the runner: the task, its handler path and input,
+    and (when asked for) the run lock's descriptor, to keep open for the run."""
 
     type: str
     id: str
     handler: str
     input: Any
+    run_lock: int | None = None
 
 
 @dataclass(frozen=True)
@@ -253,6 +257,19 @@ class Spool:
         codec.check_pickle(payload)
         return self._enqueue(type_name, task_id, INPUT_PICKLE, payload, message)
 
+    def read_input(self, fd: int) -> bytes:
+        """Read a task input from *fd*, stopping at the spool's input limit:
+        InvalidInput as soon as more arrives (a pipe or device that never
+        ends is not read whole)."""
+        try:
+            return fsutil.read_limited(fd, self.max_input_bytes)
+        except OSError as exc:
+            if exc.errno != errno.EFBIG:
+                raise
+        raise InvalidInput(
+            f"input is over the spool's limit of {self.max_input_bytes} bytes", limit=self.max_input_bytes
+        )
+
     def enqueue_json(self, type_name: str, task_id: str, value: Any, *, message: str = "") -> TaskInfo:
         """Enqueue task (type, id) whose input is stored as JSON (``input.json``)."""
         if isinstance(value, (bytes, bytearray)):
@@ -301,12 +318,12 @@ class Spool:
             sync = self.durable
             dfd = fsutil.open_dir(stage)
             try:
+                fsutil.share_with_group(dfd, directory=True)  # the worker writes into it
                 fsutil.write_new(dfd, input_name, payload, sync=sync)
                 fsutil.write_new(dfd, STATUS, codec.encode_status(doc), sync=sync)
                 fsutil.write_new(dfd, codec.LOG, codec.log_line(now, State.ENQUEUED, message), sync=sync)
                 # The queue stamp; set after the last write to the directory.
-                stamp = self._stamps.next(now)
-                os.utime(dfd, ns=(stamp, stamp))
+                fsutil.set_mtime(dfd, self._stamps.next(now))
                 if sync:
                     os.fsync(dfd)
             finally:
@@ -466,6 +483,11 @@ class Spool:
             return None
         except (FileNotFoundError, Moved):
             return None  # deleted right after the claim
+        except PermissionError as exc:
+            # Not writable by this worker (made by hand, or by an old version
+            # with a strict umask): it would fail every claim; set it aside.
+            self.quarantine(dest, f"the worker cannot write into it: {exc.strerror} (fix its modes: chmod -R g+rwX)")
+            return None
         except OSError:
             # The status could not be written (disk full): undo the claim,
             # or the task would sit in scheduled/ of a live server for good.
@@ -509,9 +531,15 @@ class Spool:
             raise StaleClaim(f"claim {claim} no longer owns task {claim.type}/{claim.id} (now {state.name})")
         raise StaleClaim(f"claim {claim} no longer owns task {claim.type}/{claim.id} (it was moved or deleted)")
 
-    def start(self, claim: Claim | str) -> StartedTask:
+    def start(self, claim: Claim | str, *, hold_run_lock: bool = False) -> StartedTask:
         """Move a claimed task to ``running/``, count the start and load its
         input: (type, id, handler path, input).
+
+        With *hold_run_lock*, the run lock is taken before the task is
+        released and its descriptor returned: keep it open while the handler
+        runs, so nobody takes the task away from a live run (the daemon's
+        handler processes do this; an ATP program that runs handlers itself
+        does not, and its timeouts work as in ATP).
 
         If the input cannot be loaded the task is FAILED (with the reason in
         its log) and CorruptTask is raised; a task directory whose input file
@@ -530,7 +558,7 @@ class Spool:
                 what = f"status.json names an unknown input file {str(input_name)[:40]!r}"
             else:
                 try:
-                    raw = task.read(input_name)
+                    raw = task.read(input_name, limit=max(self.max_input_bytes, fsutil.READ_LIMIT))
                 except FileNotFoundError:
                     what = f"{input_name} is missing"
                 except OSError as exc:
@@ -546,10 +574,11 @@ class Spool:
             try:
                 value = json.loads(raw) if input_name == INPUT_JSON else pickle.loads(raw)
             except (Exception, SystemExit) as exc:
-                reason = f"input cannot be loaded: {type(exc).__name__}: {exc}"
+                reason = f"input cannot be loaded: {type(exc).__name__}: {safe_text(exc)}"
                 self._finish_locked(task, State.FAILED, reason)
                 raise CorruptTask(task.path, f"task {claim.type}/{claim.id}: {reason}") from None
-            return StartedTask(claim.type, claim.id, ttype.handler, value)
+            run_lock = hold_run_lock_fd(task.fd) if hold_run_lock else None
+            return StartedTask(claim.type, claim.id, ttype.handler, value, run_lock)
         finally:
             task.close()
 
@@ -625,8 +654,7 @@ class Spool:
             doc = read_status(dfd, path)
             if not claim.owns(doc) or not codec.state_of(doc).started:
                 return False
-            ns = int(self.clock() * 1e9)
-            os.utime(dfd, ns=(ns, ns))
+            fsutil.set_mtime(dfd, int(self.clock() * 1e9))
             return True
         except CorruptTask:
             return False
@@ -676,7 +704,9 @@ class Spool:
         up), or complete a finish or re-enqueue a crash interrupted. GONE if
         it is no longer there, no longer at claim *expect_claim*, or
         *confirm* (given the status read under the lock) returns None; a
-        string from *confirm* replaces *reason*."""
+        string from *confirm* replaces *reason*. BUSY, and nothing changes,
+        while a process of the task's run is alive (its run lock is held):
+        a task is taken from a run only once the run is over."""
         with self.layout.enqueue_lock:
             task = self._task(path)
             try:
@@ -696,6 +726,8 @@ class Spool:
                     # Crashed between the final status write and the move.
                     task.move(self._path(Place.DONE, task.name), mtime_ns=int(self.clock() * 1e9))
                     return Action.FINISHED_MOVE
+                if state is not State.ENQUEUED and run_alive(task.fd):
+                    return Action.BUSY
                 if state == State.ENQUEUED:
                     # Crashed between the claim rename and its status write.
                     self._requeue_locked(task, reason or "claim was interrupted")
@@ -745,6 +777,11 @@ class Spool:
         """Move *path* (a symlink is moved, not followed) to ``quarantine/``
         with a ``.reason`` note; never deletes. The new path, or None if gone."""
         return self.layout.quarantine(path, reason, now=self.clock(), durable=self.durable)
+
+    def run_holders(self, path: str) -> list[int]:
+        """Pids still holding the run lock of the task at *path* (that this
+        process may see): leftovers of a run whose worker is gone."""
+        return run_lock_holders(path)
 
     def remove_trash(self, path: str) -> None:
         """Remove an entry that was renamed into ``tmp/`` (see :meth:`delete`)."""

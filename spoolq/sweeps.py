@@ -11,12 +11,15 @@ each task is acted on once. The rules themselves are in
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import stat
+import time
 from collections.abc import Callable
 from typing import Any
 
-from .errors import CorruptTask
+from .errors import CorruptTask, SpoolqError
 from .faults import crashpoint
 from .lifecycle import Action, Judgement, Place, Verdict, judge, retired, timed_out
 from .names import split_task_name
@@ -26,8 +29,15 @@ from .store.codec import from_iso
 from .store.registry import TaskType
 from .store.taskdir import peek_status
 
+log = logging.getLogger("spoolq.sweeps")
+
 TMP_GRACE = 900.0
 """Seconds a ``tmp/`` entry may live before it counts as abandoned."""
+CLOCK_SLACK = 60.0
+"""Seconds a finishing time may lie in the future before the clock is
+taken to have stepped back (the task's retention then starts now)."""
+LEFTOVER_WAIT = 2.0
+"""Seconds a sweep waits for the leftovers of a dead server's run to die."""
 
 
 def verdict_for(
@@ -63,6 +73,7 @@ def reenqueue_zombies(spool: Spool, message: str = "") -> list[SweepAction]:
         return seen[server]
 
     layout = spool.layout
+    candidates: list[tuple[str, Place, str | None]] = []
     for server in spool.servers():
         sdir = layout.server_dir(server)
         try:
@@ -72,15 +83,29 @@ def reenqueue_zombies(spool: Spool, message: str = "") -> list[SweepAction]:
             names = os.listdir(sdir)
         except (FileNotFoundError, NotADirectoryError):
             continue
-        for name in names:
-            action = _sweep_one(spool, os.path.join(sdir, name), Place.SCHEDULED, server, alive, now, message)
-            if action:
-                actions.append(action)
-    for name in os.listdir(layout.running):
-        action = _sweep_one(spool, os.path.join(layout.running, name), Place.RUNNING, None, alive, now, message)
+        candidates += [(os.path.join(sdir, name), Place.SCHEDULED, server) for name in names]
+    candidates += [(os.path.join(layout.running, name), Place.RUNNING, None) for name in os.listdir(layout.running)]
+    for path, place, server_dir in candidates:
+        action = guarded(spool, path, lambda p=path, pl=place, sd=server_dir: _sweep_one(
+            spool, p, pl, sd, alive, now, message))
         if action:
             actions.append(action)
     return actions
+
+
+def guarded(spool: Spool, path: str, action: Callable[[], SweepAction | None]) -> SweepAction | None:
+    """One task's part of a pass: an error there is logged, a task that
+    cannot be trusted quarantined, and the pass goes on to the next task."""
+    try:
+        return action()
+    except CorruptTask as exc:
+        spool.quarantine(exc.path if os.path.lexists(exc.path) else path, str(exc))
+        return None
+    except (SpoolqError, OSError) as exc:
+        if not os.path.isdir(spool.layout.running):
+            raise  # the spool itself is gone: nothing to go on with
+        log.error("sweep: %s: %s", path, exc)
+        return None
 
 
 def _sweep_one(
@@ -116,11 +141,39 @@ def _sweep_one(
     if verdict.verdict is Verdict.UNTRUSTED:
         spool.quarantine(path, verdict.reason)
         return SweepAction(parts[0], parts[1], Action.QUARANTINED, verdict.reason)
-    result = spool.take_away(path, verdict.reason, charge=True, expect_claim=int(doc["claim"]), confirm=confirm)
+    server = doc.get("server")
+    server_dead = isinstance(server, str) and not alive(server)
+    result = take_from_run(spool, path, verdict.reason, expect_claim=int(doc["claim"]), confirm=confirm,
+                           kill_leftovers=server_dead)
     crashpoint("sweep.taken_away")
-    if result is Action.GONE:
+    if result in (Action.GONE, Action.BUSY):
         return None
     return SweepAction(parts[0], parts[1], result, message or verdict.reason)
+
+
+def take_from_run(
+    spool: Spool, path: str, reason: str, *, expect_claim: int, kill_leftovers: bool,
+    confirm: Callable[[dict[str, Any]], str | None] | None = None,
+) -> Action:
+    """A charged take-away of the task at *path*. When a process of its run
+    still holds it (BUSY) and *kill_leftovers* (its server is dead, so no
+    worker will ever end that run), those processes are killed first: they
+    are what is left of a run nobody owns any more."""
+    result = spool.take_away(path, reason, charge=True, expect_claim=expect_claim, confirm=confirm)
+    if result is not Action.BUSY or not kill_leftovers:
+        return result
+    pids = spool.run_holders(path)
+    log.warning("%s: killing what is left of its run (pids %s) before taking it back", path, pids or "none visible")
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    deadline = time.monotonic() + LEFTOVER_WAIT
+    while result is Action.BUSY and time.monotonic() < deadline:
+        time.sleep(0.02)
+        result = spool.take_away(path, reason, charge=True, expect_claim=expect_claim, confirm=confirm)
+    return result
 
 
 def recover_server(spool: Spool, server: str, *, keep_scheduled: bool = False) -> list[SweepAction]:
@@ -137,29 +190,42 @@ def recover_server(spool: Spool, server: str, *, keep_scheduled: bool = False) -
         if not parts:
             spool.quarantine(os.path.join(sdir, name), "not a task name")
             continue
-        result = spool.take_away(os.path.join(sdir, name), f"handed back: server {server} restarted", charge=False)
-        if result is not Action.GONE:
-            actions.append(SweepAction(parts[0], parts[1], result, "server restarted before start"))
+        path = os.path.join(sdir, name)
+        result = guarded(spool, path, lambda p=path, t=parts: _hand_back(spool, server, p, t))
+        if result:
+            actions.append(result)
     for name in os.listdir(layout.running):
         path = os.path.join(layout.running, name)
         parts = split_task_name(name)
         if not parts:
             continue
-        try:
-            doc = peek_status(path)
-        except OSError:
-            continue
-        except CorruptTask as exc:
-            spool.quarantine(path, str(exc))
-            continue
-        if doc.get("server") != server:
-            continue
-        reason = f"abandoned: server {server} restarted while it ran"
-        result = spool.take_away(path, reason, charge=True, expect_claim=int(doc["claim"]))
-        crashpoint("recover.taken_away")
-        if result is not Action.GONE:
-            actions.append(SweepAction(parts[0], parts[1], result, reason))
+        action = guarded(spool, path, lambda p=path, t=parts: _recover_running(spool, server, p, t))
+        if action:
+            actions.append(action)
     return actions
+
+
+def _recover_running(spool: Spool, server: str, path: str, parts: tuple[str, str]) -> SweepAction | None:
+    try:
+        doc = peek_status(path)
+    except FileNotFoundError:
+        return None
+    if doc.get("server") != server:
+        return None
+    reason = f"abandoned: server {server} restarted while it ran"
+    # Leftovers of this server's previous life are nobody's: kill them.
+    result = take_from_run(spool, path, reason, expect_claim=int(doc["claim"]), kill_leftovers=True)
+    crashpoint("recover.taken_away")
+    if result in (Action.GONE, Action.BUSY):
+        return None
+    return SweepAction(parts[0], parts[1], result, reason)
+
+
+def _hand_back(spool: Spool, server: str, path: str, parts: tuple[str, str]) -> SweepAction | None:
+    result = spool.take_away(path, f"handed back: server {server} restarted", charge=False)
+    if result in (Action.GONE, Action.BUSY):
+        return None
+    return SweepAction(parts[0], parts[1], result, "server restarted before start")
 
 
 def delete_retired(spool: Spool) -> list[SweepAction]:
@@ -185,6 +251,9 @@ def delete_retired(spool: Spool) -> list[SweepAction]:
             finished = entry.stat(follow_symlinks=False).st_mtime
         except FileNotFoundError:
             continue
+        if finished > now + CLOCK_SLACK:
+            _restamp(entry.path)  # the clock stepped back: its retention starts now
+            continue
         if not retired(now, finished, ttype.retention):
             continue
         trash = layout.trash_path(entry.name)
@@ -199,6 +268,21 @@ def delete_retired(spool: Spool) -> list[SweepAction]:
     if actions and spool.durable:
         fsutil.fsync_dir(layout.done)
     return actions
+
+
+def _restamp(path: str) -> None:
+    """Set a directory's times to now (allowed to anyone who may write it)."""
+    try:
+        dfd = fsutil.open_dir(path)
+    except OSError:
+        return
+    try:
+        os.utime(dfd)
+        log.warning("%s finished in the future (the clock stepped back?); its retention starts now", path)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
 
 
 def clean_tmp(spool: Spool, *, grace: float = TMP_GRACE) -> int:

@@ -31,8 +31,10 @@ import struct
 
 log = logging.getLogger("spoolq.watch")
 
+IN_MOVED_FROM = 0x00000040
 IN_MOVED_TO = 0x00000080
 IN_CREATE = 0x00000100
+IN_DELETE = 0x00000200
 IN_DELETE_SELF = 0x00000400
 IN_MOVE_SELF = 0x00000800
 IN_Q_OVERFLOW = 0x00004000
@@ -54,18 +56,24 @@ except (OSError, AttributeError):  # pragma: no cover - not Linux/glibc
     _inotify_init1 = _inotify_add_watch = None
 
 
-class DirWatcher:
-    """Names of entries arriving in *directory*, and an fd to wait on.
+ARRIVALS = IN_CREATE | IN_MOVED_TO
+DEPARTURES = IN_MOVED_FROM | IN_DELETE
 
-    ``fileno()`` becomes readable when something arrived; ``drain()`` returns
-    the names seen since the last call (oldest first). ``overflowed`` turns
+
+class DirWatcher:
+    """Names of entries arriving in *directory* (or leaving it, with
+    ``events=DEPARTURES``), and an fd to wait on.
+
+    ``fileno()`` becomes readable when something happened; ``drain()``
+    returns the names seen since the last call (oldest first). ``overflowed`` turns
     True when the kernel dropped events; the caller should rescan and call
     :meth:`clear_overflow`. Without a watch, ``fileno()`` is a descriptor
     that never becomes readable, so callers need no special case.
     """
 
-    def __init__(self, directory: str, *, poll: bool = False) -> None:
+    def __init__(self, directory: str, *, poll: bool = False, events: int = ARRIVALS) -> None:
         self.directory = os.path.abspath(directory)
+        self.events = events
         self.overflowed = False
         self._fd = -1
         self._idle: tuple[int, int] | None = None
@@ -83,7 +91,7 @@ class DirWatcher:
             err = ctypes.get_errno()
             log.warning("cannot create an inotify instance (%s); relying on rescans", os.strerror(err))
             return -1
-        mask = IN_CREATE | IN_MOVED_TO | IN_ONLYDIR | IN_DONT_FOLLOW | IN_DELETE_SELF | IN_MOVE_SELF
+        mask = self.events | IN_ONLYDIR | IN_DONT_FOLLOW | IN_DELETE_SELF | IN_MOVE_SELF
         if _inotify_add_watch(fd, os.fsencode(self.directory), mask) < 0:
             err = ctypes.get_errno()
             os.close(fd)

@@ -3,6 +3,13 @@
 Every function here works relative to directory file descriptors and never
 follows a symlink at the last path component (``O_NOFOLLOW``), because a spool
 that a producer can write must not let it redirect the worker elsewhere.
+
+A spool is shared by the users of its group (producers, workers), so what
+one of them creates the others must be able to use, whatever its umask:
+:func:`share_with_group` gives new files and task directories group
+read/write. Only a file's owner may set explicit times on it, so
+:func:`set_mtime` falls back to "now" (which anyone who can write the file
+may set) when the caller is not the owner.
 """
 
 from __future__ import annotations
@@ -33,6 +40,43 @@ try:
     _renameat2.restype = ctypes.c_int
 except (OSError, AttributeError):  # pragma: no cover - non-glibc
     _renameat2 = None
+
+
+READ_LIMIT = 16 << 20  # metadata files (status, types, settings) are small; refuse a huge one
+
+
+def _process_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Read once: the umask is per process and spoolq never changes it.
+_GROUP_MASKED = bool(_process_umask() & 0o060)
+
+
+def share_with_group(fd: int, *, directory: bool = False) -> None:
+    """Give the group read and write (and search, for a directory) on the
+    file open as *fd*, which this process just created, when the umask took
+    them away. The setgid bit of a directory is kept (it is already there,
+    from the parent, so it is not asked for: a sandbox that forbids setting
+    it, RestrictSUIDSGID, is then never hit)."""
+    if not _GROUP_MASKED:
+        return
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    want = mode | (0o070 if directory else 0o060)
+    if want != mode:
+        os.fchmod(fd, want)
+
+
+def set_mtime(fd: int, ns: int | None) -> None:
+    """Set the access and modification times of *fd* to *ns* (None: now).
+    An explicit time is only allowed to the owner; anyone else who can write
+    the file gets "now" instead, which is what a move stamps anyway."""
+    if ns is not None and os.fstat(fd).st_uid == os.geteuid():
+        os.utime(fd, ns=(ns, ns))
+    else:
+        os.utime(fd)
 
 
 def open_dir(path: str, *, dir_fd: int | None = None) -> int:
@@ -77,6 +121,7 @@ def write_new(dir_fd: int, name: str, data: bytes, *, sync: bool) -> None:
     """
     fd = os.open(name, _O_NEW, 0o660, dir_fd=dir_fd)
     try:
+        share_with_group(fd)
         _write_all(fd, data)
         crashpoint("file.written")  # written, not yet fsynced
         if sync:
@@ -118,19 +163,31 @@ def append(dir_fd: int, name: str, data: bytes, *, sync: bool) -> None:
         os.close(fd)
 
 
-def read_file(dir_fd: int, name: str) -> bytes:
-    """Whole content of *name* in *dir_fd*; never follows a symlink."""
+def read_file(dir_fd: int | None, name: str, *, limit: int = READ_LIMIT) -> bytes:
+    """Whole content of *name* in *dir_fd* (None: a path); never follows a
+    symlink, never blocks on a FIFO, refuses anything but a regular file and
+    anything over *limit* bytes (EFBIG)."""
     fd = os.open(name, _O_READ, dir_fd=dir_fd)
     try:
         _check_regular(fd, name)
-        chunks = []
-        while True:
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
+        return read_limited(fd, limit, name)
     finally:
         os.close(fd)
+
+
+def read_limited(fd: int, limit: int, name: str = "input") -> bytes:
+    """Everything readable from *fd*, or EFBIG once more than *limit* bytes
+    came (reading stops there: a device or pipe that never ends is fine)."""
+    chunks = []
+    size = 0
+    while True:
+        chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise OSError(errno.EFBIG, f"more than {limit} bytes", name)
 
 
 def _check_regular(fd: int, name: str) -> None:
@@ -200,7 +257,9 @@ class FlockLock:
         if getattr(local, "pid", None) == os.getpid() and local.depth > 0:
             local.depth += 1
             return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, self.mode)
+        # Read-only: flock needs no write access, so a lock file another
+        # member of the group created (with its own umask) is usable by all.
+        fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, self.mode)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except BaseException:

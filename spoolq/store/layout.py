@@ -20,11 +20,13 @@ and ``spoolq fsck`` share.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import secrets
 import stat
+import struct
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -70,13 +72,17 @@ class Settings:
 @dataclass(frozen=True)
 class LayoutProblem:
     """One thing wrong with the spool's skeleton. ``kind`` is one of
-    missing-dir, unsafe-dir, cross-device, ownership, permissions; ``rel`` the
-    path relative to the root ("." for the root); ``fix`` a command, if any."""
+    missing-dir, unsafe-dir, cross-device, ownership, permissions,
+    group-access; ``rel`` the path relative to the root ("." for the root);
+    ``fix`` a command, if any. A *fatal* problem makes the spool unsafe or
+    unusable (opening it is refused); the others only keep some of its users
+    from working (fsck reports them)."""
 
     kind: str
     rel: str
     message: str  # says what the path is: "writable by any user (…)", "a symlink: …"
     fix: str | None = None
+    fatal: bool = True
 
     def as_error(self, root: str) -> SpoolError:
         path = os.path.normpath(os.path.join(root, self.rel))
@@ -93,7 +99,62 @@ def _mode_problem(rel: str, path: str, st: os.stat_result) -> LayoutProblem | No
             f"writable by any user (mode {stat.S_IMODE(st.st_mode):04o}); pickles run as code in the worker",
             f"chmod o-w {path}",
         )
+    writers = acl_writers(path)
+    if writers:
+        return LayoutProblem(
+            "permissions", rel,
+            f"writable by {', '.join(writers)} through an ACL; pickles run as code in the worker",
+            f"setfacl -b -k {path}",
+        )
     return None
+
+
+# POSIX ACLs in their extended-attribute form (linux/posix_acl_xattr.h):
+# a 4-byte version (2), then 8-byte entries of tag (u16), perm (u16), id (u32).
+_ACL_XATTRS = ("system.posix_acl_access", "system.posix_acl_default")
+_ACL_USER, _ACL_GROUP, _ACL_MASK = 0x02, 0x08, 0x10
+_ACL_WRITE = 0x02
+
+
+def acl_writers(path: str) -> list[str]:
+    """Named users and groups that an ACL on *path* (its own, or the default
+    one new entries inherit) lets write: permissions the mode bits do not
+    show. Empty when there is no ACL, or the filesystem has none."""
+    writers = []
+    for name in _ACL_XATTRS:
+        try:
+            raw = os.getxattr(path, name, follow_symlinks=False)
+        except OSError:
+            continue  # no ACL (ENODATA), or none supported here
+        entries = [struct.unpack_from("<HHI", raw, off) for off in range(4, len(raw) - 7, 8)]
+        mask = next((perm for tag, perm, _ in entries if tag == _ACL_MASK), 0o7)
+        for tag, perm, ident in entries:
+            if tag in (_ACL_USER, _ACL_GROUP) and perm & mask & _ACL_WRITE:
+                writers.append(f"{'uid' if tag == _ACL_USER else 'gid'} {ident}")
+    return writers
+
+
+def _ancestor_problems(root: str) -> list[LayoutProblem]:
+    """A directory above the root that others may write (and is not sticky)
+    lets them move the whole spool aside and put their own in its place."""
+    out = []
+    parent = os.path.dirname(root)
+    while True:
+        try:
+            st = os.stat(parent)
+        except OSError:
+            break
+        if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+            out.append(LayoutProblem(
+                "permissions", ".",
+                f"inside {parent}, which any user may write (mode {stat.S_IMODE(st.st_mode):04o}, not sticky): "
+                "they could replace the whole spool",
+                f"chmod o-w {parent} (or chmod +t {parent})",
+            ))
+        if parent == os.path.dirname(parent):
+            break
+        parent = os.path.dirname(parent)
+    return out
 
 
 def layout_problems(root: str) -> list[LayoutProblem]:
@@ -115,6 +176,8 @@ def layout_problems(root: str) -> list[LayoutProblem]:
     problem = _mode_problem(".", root, root_st)
     if problem:
         out.append(problem)
+    out += _ancestor_problems(root)
+    shared = root_st.st_mode & 0o070 == 0o070  # the group may use the spool: so it must use all of it
     for name in STATE_DIRS:
         path = os.path.join(root, name)
         try:
@@ -141,10 +204,37 @@ def layout_problems(root: str) -> list[LayoutProblem]:
                 "ownership", name, f"owned by uid {st.st_uid}, the spool root by uid {root_st.st_uid}",
                 f"chown -R {root_st.st_uid} {root}",
             ))
+        if st.st_gid != root_st.st_gid and st.st_mode & stat.S_IWGRP:
+            out.append(LayoutProblem(
+                "ownership", name,
+                f"writable by group {st.st_gid}, which is not the spool's group ({root_st.st_gid})",
+                f"chgrp -R {root_st.st_gid} {root}",
+            ))
+        if shared and st.st_mode & 0o070 != 0o070:
+            out.append(LayoutProblem(
+                "group-access", name,
+                f"not usable by the spool's group (mode {stat.S_IMODE(st.st_mode):04o}) although the spool root is: "
+                "its members cannot enqueue or work there",
+                f"chmod g+rwx {path}", fatal=False,
+            ))
     servers = os.path.join(root, "locks", "servers")
     if os.path.isdir(os.path.join(root, "locks")) and not os.path.lexists(servers):
         out.append(LayoutProblem("missing-dir", "locks/servers", "missing"))
     return out
+
+
+def _setting(path: str, raw: dict[str, Any], key: str, default: int, *, minimum: int) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SpoolError(f"{path}: {key} must be a whole number >= {minimum}, not {str(value)[:40]}: fix or remove it")
+    return value
+
+
+def _flag(path: str, raw: dict[str, Any], key: str, default: bool) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise SpoolError(f"{path}: {key} must be true or false, not {str(value)[:40]}: fix or remove it")
+    return value
 
 
 class Layout:
@@ -199,40 +289,45 @@ class Layout:
     # ------------------------------------------------------------------ checks and settings
 
     def check(self) -> None:
-        """Raise the first :func:`layout_problems` finding as an error
+        """Raise the first fatal :func:`layout_problems` finding as an error
         (NoSpool, UnsafeSpool or CrossDevice): a spool is not used until it
         is complete and safe."""
-        problems = layout_problems(self.root)
-        if problems:
-            raise problems[0].as_error(self.root)
+        for problem in layout_problems(self.root):
+            if problem.fatal:
+                raise problem.as_error(self.root)
 
     def read_settings(self) -> Settings:
+        """``spool.json``, every value checked (a symlink, FIFO or huge file
+        there is refused, not followed, waited on or read whole)."""
         try:
-            with open(self.settings_file, "rb") as fh:
-                raw = dict(json.load(fh))
+            raw = json.loads(fsutil.read_file(None, self.settings_file, limit=1 << 16))
         except FileNotFoundError:
             return Settings()
-        except (ValueError, TypeError) as exc:
-            raise SpoolError(f"{self.settings_file} is not valid JSON ({exc})") from None
+        except (OSError, ValueError, RecursionError) as exc:
+            what = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+                what = "it is a symlink, never followed"
+            raise SpoolError(f"{self.settings_file} cannot be read ({what}): fix or remove it") from None
+        if not isinstance(raw, dict):
+            raise SpoolError(f"{self.settings_file} must hold a JSON object: fix or remove it")
         return Settings(
-            max_queue=int(raw.get("max_queue", 0)),
-            durable=bool(raw.get("durable", True)),
-            max_input_bytes=int(raw.get("max_input_bytes", DEFAULT_MAX_INPUT)),
+            max_queue=_setting(self.settings_file, raw, "max_queue", 0, minimum=0),
+            durable=_flag(self.settings_file, raw, "durable", True),
+            max_input_bytes=_setting(self.settings_file, raw, "max_input_bytes", DEFAULT_MAX_INPUT, minimum=1),
         )
 
     def create(self) -> None:
         """Create the tree (idempotent). New directories get :data:`DIR_MODE`
-        minus the umask; an existing directory keeps the mode its operator gave it."""
-        mask = os.umask(0)
-        os.umask(mask)
+        whatever the umask (the group shares the spool, as the docs promise);
+        an existing directory keeps the mode its operator gave it."""
         for sub in ("", *STATE_DIRS, os.path.join("locks", "servers")):
             directory = self.path(sub) if sub else self.root
             try:
-                os.mkdir(directory, 0o770)
+                os.mkdir(directory, 0o700)
             except FileExistsError:
                 continue
-            # mkdir ignores the setgid bit: set it so entries keep the spool's group.
-            os.chmod(directory, DIR_MODE & ~mask)
+            # mkdir ignores the setgid bit and applies the umask: set the mode outright.
+            os.chmod(directory, DIR_MODE)
 
     def write_settings(self, settings: Settings) -> None:
         """Replace ``spool.json`` atomically and durably (tmp + fsync + rename)."""

@@ -71,6 +71,11 @@ class ServerLocks:
                     # Plain 0770: the setgid bit is inherited from scheduled/,
                     # and asking for it is refused under RestrictSUIDSGID=yes.
                     os.mkdir(path, 0o770)
+                    dfd = fsutil.open_dir(path)
+                    try:
+                        fsutil.share_with_group(dfd, directory=True)  # producers delete from it
+                    finally:
+                        os.close(dfd)
                 except FileExistsError:
                     pass
                 st = os.lstat(path)
@@ -92,6 +97,18 @@ class ServerLocks:
     def release_all(self) -> None:
         for server in list(self._held):
             self.release(server)
+
+    def close_in_child(self) -> None:
+        """In a process forked from the holder: close the inherited lock
+        descriptors. The holder's locks stay (they belong to the open file,
+        which the holder still has open); the child can no longer release
+        them (flock LOCK_UN), nor keep a dead server looking alive."""
+        for fd in self._held.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._held.clear()
 
     def alive(self, server: str) -> bool:
         """True while some process holds *server*'s lock."""

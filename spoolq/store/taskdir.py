@@ -36,9 +36,84 @@ from ..lifecycle import State
 from . import codec, fsutil
 from .codec import LOG, STATUS
 
+UNLIMITED = 1 << 62  # logs and responses have no size limit of their own
+
 
 class Moved(Exception):
     """The path no longer names the task directory that was locked."""
+
+
+# --------------------------------------------------------------------------- the run lock
+#
+# While a handler runs, the process that runs it holds a shared flock on the
+# task's log (the "run lock"), and whatever that process forks inherits it.
+# The kernel drops it when the last of them is gone. So "can the run lock be
+# taken exclusively?" answers "is any process of this run still alive?",
+# exactly and at once, whatever happened to the worker that started the
+# run. A task is never taken from its run while the answer is no
+# (Spool.take_away), so it never runs twice at once. A shared lock, so the
+# holder's children keep it; a different inode from the task directory's
+# own lock, so status changes are not blocked by it.
+
+_O_RUNLOCK = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+def hold_run_lock(dfd: int) -> int:
+    """Take the run lock of the task open as *dfd*; the descriptor to keep
+    open for the run (closing it, and the exit of every process that
+    inherited it, releases the lock). BlockingIOError if another run holds
+    it exclusively (a take-away is deciding about it right now)."""
+    fd = os.open(LOG, _O_RUNLOCK, dir_fd=dfd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def run_alive(dfd: int) -> bool:
+    """Whether some process still holds the run lock of the task open as *dfd*."""
+    try:
+        fd = os.open(LOG, _O_RUNLOCK, dir_fd=dfd)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the probe's lock
+
+
+def run_lock_holders(path: str) -> list[int]:
+    """Pids of the processes (that this process may inspect) with a
+    descriptor open on the log of the task directory *path*: the leftovers
+    of a run, when its worker is gone."""
+    try:
+        target = os.stat(os.path.join(path, LOG), follow_symlinks=False)
+    except OSError:
+        return []
+    me = os.getpid()
+    holders = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        fd_dir = f"/proc/{entry}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                st = os.stat(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+                holders.append(int(entry))
+                break
+    return holders
 
 
 def read_status(dfd: int, path: str) -> dict[str, Any]:
@@ -90,7 +165,7 @@ def roll_forward(dfd: int, *, durable: bool) -> None:
         return
     try:
         pending = json.loads(raw)
-        records = list(codec.parse_log(fsutil.read_file(dfd, LOG)))
+        records = list(codec.parse_log(fsutil.read_file(dfd, LOG, limit=UNLIMITED)))
         last = records[-1] if records else None
         logged = (
             last is not None
@@ -164,9 +239,10 @@ class TaskDir:
     def state(self) -> State:
         return codec.state_of(self.doc)
 
-    def read(self, filename: str) -> bytes:
-        """Content of one of the task's files (never through a symlink)."""
-        return fsutil.read_file(self.fd, filename)
+    def read(self, filename: str, *, limit: int = fsutil.READ_LIMIT) -> bytes:
+        """Content of one of the task's files (never through a symlink);
+        EFBIG past *limit* bytes."""
+        return fsutil.read_file(self.fd, filename, limit=limit)
 
     def write(self, state: State, message: str, *, record: bool = True, **changes: Any) -> None:
         """Set the state (and other fields), append one log record (unless
@@ -209,7 +285,7 @@ class TaskDir:
         enqueued/, the finishing time in done/ (rename keeps a directory's
         mtime)."""
         if mtime_ns is not None:
-            os.utime(self.fd, ns=(mtime_ns, mtime_ns))
+            fsutil.set_mtime(self.fd, mtime_ns)
         src_parent = os.path.dirname(self.path)
         fsutil.rename_noreplace(self.path, dest)
         crashpoint("move.renamed")

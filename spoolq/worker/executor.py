@@ -4,8 +4,10 @@ The worker loop owns claims, time limits and every state change; an
 executor owns the processes that run handlers. The loop talks to it only
 through :class:`Executor`:
 
-* ``submit(claim)`` starts running one claim (the executor calls
-  :func:`~spoolq.worker.runner.run_claim` wherever it runs handlers);
+* ``submit(claim, deadline)`` starts running one claim (the executor calls
+  :func:`~spoolq.worker.runner.run_claim` wherever it runs handlers); the
+  deadline (monotonic clock) is the loop's to enforce, and an executor may
+  enforce it on its own as well, as a backstop for a loop that is stuck;
 * ``fds()`` are descriptors that become readable when ``events()`` may have
   something; the loop also calls ``events()`` after SIGCHLD and on every
   turn, so an executor may rely on either;
@@ -18,10 +20,9 @@ through :class:`Executor`:
 
 What an executor must guarantee (the loop's safety rests on it):
 
-1. **Liveness.** A run never outlives the worker that submitted it: when the
-   worker process dies, its runs die too, soon enough that a sweeper that
-   sees the server dead cannot start the task elsewhere while the old run
-   still executes (see the hand-over rule in docs/design.md).
+1. **Liveness.** Every process of a run holds the task's run lock (the
+   runner takes it at the start; children inherit it), so no sweeper takes
+   the task while any of them is alive; and runs stop when the worker dies.
 2. **Killing.** After ``kill``, the handler and everything it started are
    stopped before ``events()`` reports the run ended.
 3. **Outcomes.** Every submitted run is reported exactly once.
@@ -31,12 +32,14 @@ What an executor must guarantee (the loop's safety rests on it):
 
 from __future__ import annotations
 
-import ctypes
 import logging
+import math
 import os
 import select
 import signal
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,11 +48,14 @@ from typing import Protocol
 from .. import faults
 from ..lifecycle import Claim, Outcome
 from ..spool import Spool
+from . import proctree
 from .runner import run_claim
 
 log = logging.getLogger("spoolq.executor")
 
-_PR_SET_PDEATHSIG = 1
+# How long past its deadline a handler process waits for the worker to kill
+# it before it kills itself (the worker may be stopped, e.g. SIGSTOP).
+SELF_KILL_MARGIN = 2.0
 
 
 @dataclass(frozen=True)
@@ -65,9 +71,10 @@ class Ended:
 class Executor(Protocol):
     """What the worker loop needs from wherever handlers run."""
 
-    def submit(self, claim: Claim) -> None:
-        """Start running *claim*. OSError when it cannot (the claim is not
-        running then, and the caller hands it back)."""
+    def submit(self, claim: Claim, deadline: float = math.inf) -> None:
+        """Start running *claim*, due to end by *deadline* (monotonic). OSError
+        when it cannot (the claim is not running then, and the caller hands
+        it back)."""
 
     def fds(self) -> list[int]:
         """Descriptors that become readable when :meth:`events` may have news."""
@@ -102,8 +109,8 @@ class _Slot:
         self.tasks = 0
         self.retiring = False
 
-    def send(self, claim: Claim) -> None:
-        os.write(self.commands, f"{claim}\n".encode())
+    def send(self, claim: Claim, deadline: float) -> None:
+        os.write(self.commands, f"{claim} {deadline!r}\n".encode())
 
     def close(self) -> None:
         for fd in (self.commands, self.results):
@@ -126,13 +133,18 @@ class ForkExecutor:
     lifecycle on disk.) The worker never unpickles input nor imports
     handlers; slots do both.
 
-    Caveats: ``kill`` sends SIGKILL to the slot's process group; a handler
-    that moves a child out of that group (``setsid``) escapes it. Slots die
-    with the worker through PR_SET_PDEATHSIG, which the kernel delivers
-    asynchronously.
+    The worker and every slot are child subreapers (:mod:`.proctree`): a
+    slot kills whatever its handler left behind before it answers, and when
+    a slot dies the worker kills the orphans it inherits before it reports
+    the run ended. Each slot also kills itself a little after its run's
+    deadline, in case the worker is stopped and cannot. Slots die with the
+    worker through PR_SET_PDEATHSIG (delivered asynchronously; the run lock
+    covers the moment in between).
 
     *close_in_child* is called in each new slot, right after the fork, to
-    close the worker's descriptors a handler must not inherit.
+    close the worker's descriptors a handler must not inherit (the server
+    lock above all: a handler's leftover must never keep a dead server
+    looking alive).
     """
 
     def __init__(
@@ -146,18 +158,20 @@ class ForkExecutor:
         self.max_tasks_per_child = max(0, int(max_tasks_per_child))
         self._close_in_child = close_in_child
         self.slots: dict[int, _Slot] = {}
+        self._dying: list[Ended] = []  # runs whose slot died; reported once its orphans are gone
+        proctree.become_subreaper()
 
     def _slot_of(self, claim: Claim) -> _Slot | None:
         return next((s for s in self.slots.values() if s.claim == claim), None)
 
-    def submit(self, claim: Claim) -> None:
+    def submit(self, claim: Claim, deadline: float = math.inf) -> None:
         slot = next((s for s in self.slots.values() if s.claim is None and not s.retiring), None)
         if slot is None:
             slot = self._spawn()
         slot.claim = claim
         slot.tasks += 1
         try:
-            slot.send(claim)
+            slot.send(claim, deadline)
         except OSError:
             # The slot died between tasks; its exit is reaped as a death
             # without a claim.
@@ -220,7 +234,12 @@ class ForkExecutor:
 
     def _spawn(self) -> _Slot:
         cmd_r, cmd_w = os.pipe2(os.O_CLOEXEC)
-        res_r, res_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            res_r, res_w = os.pipe2(os.O_CLOEXEC)
+        except OSError:
+            os.close(cmd_r)
+            os.close(cmd_w)
+            raise
         parent = os.getpid()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -250,11 +269,8 @@ class ForkExecutor:
 
     def _become_slot(self, parent: int) -> None:
         os.setpgid(0, 0)
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
+        proctree.die_with_parent()
+        proctree.become_subreaper()
         if os.getppid() != parent:
             os._exit(0)  # the worker died before we could ask to die with it
         signal.set_wakeup_fd(-1)
@@ -297,8 +313,11 @@ class ForkExecutor:
         slot.commands = -1
 
     def _reap(self) -> list[Ended]:
+        """Reap dead slots (and the orphans they left, which are the
+        worker's children now); a dead slot's run is reported ended only
+        once no orphan is left."""
         ended: list[Ended] = []
-        while self.slots:
+        while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
@@ -320,7 +339,13 @@ class ForkExecutor:
             claim = slot.claim
             slot.close()
             if claim is not None:
-                ended.append(Ended(claim, None, _death(status)))
+                self._dying.append(Ended(claim, None, _death(status)))
+        if self._dying:
+            # Orphans of the dead slots: every child that is not a slot.
+            if proctree.kill_children(keep=frozenset(self.slots)):
+                return ended  # their deaths (SIGCHLD) bring the loop back here
+            ended += self._dying
+            self._dying = []
         return ended
 
 
@@ -330,10 +355,38 @@ def _death(status: int) -> str:
     return f"handler process exited with status {os.WEXITSTATUS(status)} without finishing the task"
 
 
+class _SelfDeadline:
+    """A slot's own time limit: a thread that kills the slot (and all it
+    started) when a run is still going SELF_KILL_MARGIN seconds past its
+    deadline, which the worker would have enforced had it been able to."""
+
+    def __init__(self) -> None:
+        self._deadline = math.inf
+        self._changed = threading.Condition()
+        threading.Thread(target=self._watch, name="spoolq-deadline", daemon=True).start()
+
+    def set(self, deadline: float) -> None:
+        with self._changed:
+            self._deadline = deadline
+            self._changed.notify()
+
+    def _watch(self) -> None:
+        with self._changed:
+            while True:
+                wait = self._deadline + SELF_KILL_MARGIN - time.monotonic()
+                if wait <= 0:
+                    break
+                self._changed.wait(None if math.isinf(wait) else wait)
+        proctree.kill_descendants(timeout=2.0)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _slot_main(spool: Spool, commands: int, results: int) -> int:
-    """A slot's loop: read a claim per line, run it, answer its outcome."""
+    """A slot's loop: read a claim and its deadline per line, run it, kill
+    what the handler left behind, answer the outcome."""
     reader = os.fdopen(commands, "rb", buffering=0)
     pending = b""
+    deadline = _SelfDeadline()
     while True:
         while b"\n" not in pending:
             chunk = reader.read(4096)
@@ -341,6 +394,10 @@ def _slot_main(spool: Spool, commands: int, results: int) -> int:
                 return 0  # the worker closed the pipe: retire
             pending += chunk
         line, pending = pending.split(b"\n", 1)
-        claim = Claim.parse(line.decode())
+        text, _, due = line.decode().partition(" ")
+        claim = Claim.parse(text)
+        deadline.set(float(due or "inf"))
         outcome = run_claim(spool, claim)
+        deadline.set(math.inf)
+        proctree.kill_descendants()
         os.write(results, f"{outcome.value}\n".encode())

@@ -18,9 +18,13 @@ processes. Mechanism and caveats:
   its authority for the claims it holds (docs/design.md, "Timeouts"). At the
   deadline the run is killed and the task re-enqueued or FAILED by
   ``max_restarts``.
-* The heartbeat touches each running task's directory. If the task vanished
-  (deleted, or taken away by a sweeper), the run is killed: its claim is
-  fenced anyway, this just stops wasted work.
+* A watch on ``running/`` notices at once when one of this server's tasks
+  leaves it (``spoolq delete``); the heartbeat touches each running task's
+  directory and catches the rest. A task that vanished or was taken away
+  gets its run killed: its claim is fenced anyway, this stops wasted work.
+* One bad task never stops the server: an error while handling one task is
+  logged (and a task that cannot be trusted is quarantined), and the loop
+  goes on. Only a spool that disappears ends it.
 * SIGTERM/SIGINT: stop claiming, give running handlers ``grace`` seconds,
   then kill them and hand their tasks back uncharged; exit 0. A second
   signal cuts the grace short. SIGUSR1 (or ``--drain``): claim nothing new,
@@ -33,19 +37,21 @@ import errno
 import logging
 import math
 import os
+import resource
 import select
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .. import faults, sweeps
-from ..errors import ServerBusy, SpoolqError, StaleClaim
-from ..lifecycle import Action, Claim, Outcome, State
+from ..errors import CorruptTask, ServerBusy, SpoolqError, StaleClaim
+from ..lifecycle import Action, Claim, Outcome, Place, State
 from ..names import check_server, split_task_name
 from ..spool import Spool
 from ..store.queue import WaitingIndex
 from ..systemd import Notifier, setup_logging
-from ..watch import DirWatcher
+from ..watch import DEPARTURES, DirWatcher
 from .executor import Ended, Executor, ForkExecutor
 from .runner import outcome_of
 
@@ -54,6 +60,24 @@ log = logging.getLogger("spoolq.daemon")
 EX_CONFIG = 78
 CLAIM_RETRY = 1.0  # seconds claiming pauses after a claim failed with an OSError (disk full)
 KILL_PATIENCE = 5.0  # seconds between complaints about a killed run that does not end
+SETTLE_RETRY = 0.2  # seconds between tries to settle a run whose leftovers still hold it
+FDS_PER_SLOT = 4  # descriptors a handler process costs the worker (two pipes), with room to spare
+FDS_RESERVED = 32  # the worker's own: spool, locks, inotify, signals, logging, a sweep
+
+
+def fd_budget() -> int:
+    """Handler processes this worker can afford with its descriptor limit,
+    after raising the soft limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(0, (soft - FDS_RESERVED) // FDS_PER_SLOT)
 
 
 @dataclass
@@ -64,6 +88,7 @@ class _Job:
     kill_reason: str | None = None
     charge: bool = True
     killed_at: float | None = None  # monotonic
+    unsettled_since: float | None = None  # monotonic: ended, but its leftovers still hold the task
 
     @property
     def label(self) -> str:
@@ -110,12 +135,14 @@ class Worker:
         )
         self.notifier = Notifier()
         self.jobs: dict[Claim, _Job] = {}
+        self.unsettled: list[tuple[_Job, Ended]] = []  # ended runs whose task cannot be settled yet
         self.stopping = False
         self.stop_deadline: float | None = None
         self.waiting = WaitingIndex(spool.layout)
         self._signals: list[int] = []
         self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._watcher: DirWatcher | None = None
+        self._departures: DirWatcher | None = None
         self._next_heartbeat = 0.0
         self._next_sweep = 0.0
         self._next_rescan = 0.0
@@ -132,8 +159,10 @@ class Worker:
         # Signals first: a stop that arrives during recovery is then honoured
         # by the loop (clean exit 0) instead of killing the process.
         self._install_signals()
+        self._fit_concurrency()
         self.spool.hold_server(self.server)  # ServerBusy if another process is this server
         held = self._recover()
+        self._departures = DirWatcher(self.spool.layout.running, poll=self.poll, events=DEPARTURES)
         if not self.draining:
             self._watcher = DirWatcher(self.spool.layout.enqueued, poll=self.poll)
             self._rescan()
@@ -143,25 +172,45 @@ class Worker:
         mode = "draining" if self.draining else ("watching" if watching else "polling")
         log.info("server %s ready on %s (concurrency %d, %s)", self.server, self.spool.root, self.concurrency, mode)
         self.notifier.ready(self._status_text())
+        code = 0
         try:
             self._loop()
+        except SpoolGone as exc:
+            log.error("%s; stopping", exc)
+            code = 1
         finally:
             self.executor.close()
-            if self._watcher:
-                self._watcher.close()
+            for watcher in (self._watcher, self._departures):
+                if watcher is not None:
+                    watcher.close()
             self.spool.release_server(self.server)
         log.info("server %s stopped: %d finished, %d failed", self.server, self.finished, self.failed)
-        return 0
+        return code
+
+    def _fit_concurrency(self) -> None:
+        """Fewer handler processes than asked when the descriptor limit
+        cannot feed them all: a clear line instead of a crash at the Nth."""
+        budget = fd_budget()
+        if budget < self.concurrency:
+            log.warning(
+                "server %s: the open-files limit allows %d handler process(es), not %d; "
+                "running %d (raise LimitNOFILE= / ulimit -n)", self.server, budget, self.concurrency, max(1, budget),
+            )
+            self.concurrency = max(1, budget)
 
     def _close_in_child(self) -> None:
-        """In a new handler process: close the loop's own descriptors."""
+        """In a new handler process: close the loop's own descriptors, the
+        server lock first (a handler's leftover must not keep a dead server
+        looking alive, nor release its lock)."""
+        self.spool.server_locks.close_in_child()
         for fd in (self._sig_r, self._sig_w):
             try:
                 os.close(fd)
             except OSError:
                 pass
-        if self._watcher is not None:
-            self._watcher.close()
+        for watcher in (self._watcher, self._departures):
+            if watcher is not None:
+                watcher.close()
 
     def _install_signals(self) -> None:
         signal.set_wakeup_fd(self._sig_w, warn_on_full_buffer=False)
@@ -202,27 +251,45 @@ class Worker:
 
     # ------------------------------------------------------------------ the loop
 
+    def _guard(self, what: str, action: Callable[[], object], claim: Claim | None = None) -> None:
+        """Run one piece of work on one task; an error there is logged (a
+        task that cannot be trusted is quarantined) and the loop goes on."""
+        try:
+            action()
+        except CorruptTask as exc:
+            log.error("%s: %s; quarantining it", what, exc)
+            self.spool.quarantine(exc.path, str(exc))
+        except (SpoolqError, OSError) as exc:
+            self._check_spool()
+            log.error("%s: %s", what, exc)
+
+    def _check_spool(self) -> None:
+        if not os.path.isdir(self.spool.layout.running) or not os.path.isdir(self.spool.layout.enqueued):
+            raise SpoolGone(f"the spool at {self.spool.root} is gone")
+
     def _loop(self) -> None:
         while True:
             self._handle_signals()
             for ended in self.executor.events():
-                self._settle(ended)
+                self._guard(f"settling {ended.claim}", lambda e=ended: self._settle(e))
+            self._retry_unsettled()
             now = time.monotonic()
             self._enforce_limits(now)
             if self.stopping:
-                if not self.jobs:
+                if not self.jobs and not self.unsettled:
                     return
                 if self.stop_deadline is not None and now >= self.stop_deadline:
                     self._kill_all(f"interrupted: server {self.server} stopped before the handler finished")
-            elif self.draining and not self.jobs:
+            elif self.draining and not self.jobs and not self.unsettled:
                 log.info("server %s drained", self.server)
                 self.stopping = True
                 self.notifier.stopping("drained")
                 return
+            self._take_departures()
             if not self.stopping and not self.draining:
                 self._take_arrivals()
                 if now >= self._next_rescan:
-                    self._rescan()
+                    self._guard("rescanning enqueued/", self._rescan)
                 self._fill_slots()
             if now >= self._next_heartbeat:
                 self._heartbeat()
@@ -244,6 +311,8 @@ class Worker:
             marks.append(self.stop_deadline)
         if any(job.kill_reason for job in self.jobs.values()):
             marks.append(now + 0.05)  # a killed run is about to end
+        if self.unsettled:
+            marks.append(now + SETTLE_RETRY)
         timeout = min(marks) - now
         ping = self.notifier.next_watchdog_in()
         if ping is not None:
@@ -252,6 +321,8 @@ class Worker:
 
     def _wait(self, timeout: float) -> None:
         fds = [self._sig_r, *self.executor.fds()]
+        if self._departures is not None and self.jobs:
+            fds.append(self._departures.fileno())
         if self._watcher is not None and not self.stopping and not self.draining:
             fds.append(self._watcher.fileno())
         try:
@@ -306,7 +377,7 @@ class Worker:
     def _fill_slots(self) -> None:
         if time.monotonic() < self._claims_paused_until:
             return
-        while len(self.jobs) < self.concurrency:
+        while len(self.jobs) + len(self.unsettled) < self.concurrency:
             name = self.waiting.pop()
             if name is None:
                 return
@@ -318,12 +389,13 @@ class Worker:
             except OSError as exc:
                 # Disk full or the like: the claim was undone (the task waits
                 # again); retry a little later instead of spinning on it.
+                self._check_spool()
                 log.error("cannot claim %s: %s; claiming again in %g s", name, exc, CLAIM_RETRY)
                 self._claims_paused_until = time.monotonic() + CLAIM_RETRY
                 return
             if claim is not None:
                 log.info("claimed %s:%s (claim %d)", claim.type, claim.id, claim.number)
-                self._launch(claim)
+                self._guard(f"starting {claim}", lambda c=claim: self._launch(c))
 
     def _launch(self, claim: Claim) -> None:
         """Hand *claim* to the executor, with its deadline."""
@@ -340,11 +412,17 @@ class Worker:
         # A timeout <= 0 means no time limit (the type's own rule).
         job = _Job(claim, now, now + timeout if timeout > 0 else math.inf)
         try:
-            self.executor.submit(claim)
-        except OSError:
-            # The handler process was gone before the start: the unstarted
-            # claim goes back, uncharged.
-            self.spool.hand_back(claim, "handler process was gone before the start")
+            self.executor.submit(claim, job.deadline)
+        except OSError as exc:
+            # No handler process for it (it died between tasks, or none can
+            # be started: out of descriptors or processes): the unstarted
+            # claim goes back, uncharged; with less room, run fewer at once.
+            self.spool.hand_back(claim, f"no handler process to run it: {exc.strerror or exc}")
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM) and self.concurrency > 1:
+                self.concurrency = max(1, len(self.jobs))
+                log.warning("server %s: cannot start a handler process (%s); running %d at once from now on",
+                            self.server, exc.strerror, self.concurrency)
+            self._claims_paused_until = time.monotonic() + CLAIM_RETRY
             return
         self.jobs[claim] = job
         log.info("started %s in pid %s", job.label, self.executor.pid(claim))
@@ -362,7 +440,9 @@ class Worker:
         if job.kill_reason is not None:
             faults.crashpoint("daemon.handback")  # killed, not handed back yet
             result = self.spool.abandon(job.claim, job.kill_reason, charge=job.charge)
-            if result is Action.FAILED:
+            if result is Action.BUSY:
+                self._unsettle(job, ended)
+            elif result is Action.FAILED:
                 self.failed += 1
                 log.error("failed %s: %s (no restarts left)", job.label, job.kill_reason)
             elif result is Action.REENQUEUED:
@@ -379,6 +459,29 @@ class Worker:
             # Disk full, or the task directory was tampered with: it stays
             # as it is until its timeout re-enqueues it; the daemon goes on.
             log.error("cannot record the end of %s (%s): %s", job.label, ended.reason, exc)
+
+    def _unsettle(self, job: _Job, ended: Ended) -> None:
+        """The run ended, but processes it started (and the executor could
+        not reach) still hold the task: kill them, settle it when they are gone."""
+        now = time.monotonic()
+        if job.unsettled_since is None:
+            job.unsettled_since = now
+        pids = self.spool.run_holders(self.spool.layout.task_path(Place.RUNNING, job.claim.name))
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if now - job.unsettled_since > KILL_PATIENCE:
+            job.unsettled_since = now
+            log.warning("%s: processes of its run still hold it (pids %s); waiting", job.claim, pids or "unknown")
+        self.unsettled.append((job, ended))
+
+    def _retry_unsettled(self) -> None:
+        retry, self.unsettled = self.unsettled, []
+        for job, ended in retry:
+            self.jobs[job.claim] = job
+            self._guard(f"settling {job.claim}", lambda e=ended: self._settle(e))
 
     def _report(self, job: _Job, outcome: Outcome) -> None:
         if outcome is Outcome.FINISHED:
@@ -418,11 +521,26 @@ class Worker:
 
     # ------------------------------------------------------------------ housekeeping
 
+    def _take_departures(self) -> None:
+        """A task of ours that left running/ without our doing (deleted,
+        taken away): look at it now, not at the next heartbeat."""
+        if self._departures is None:
+            return
+        names = set(self._departures.drain())
+        if not names:
+            return
+        for job in list(self.jobs.values()):
+            if job.claim.name in names:
+                self._guard(f"checking {job.claim}", lambda j=job: self._check_job(j))
+
     def _heartbeat(self) -> None:
         self._next_heartbeat = time.monotonic() + self.heartbeat_interval
         for job in list(self.jobs.values()):
-            if job.kill_reason is not None or self.spool.touch(job.claim):
-                continue
+            self._guard(f"heartbeat of {job.claim}", lambda j=job: self._check_job(j))
+
+    def _check_job(self, job: _Job) -> None:
+        """Touch the job's task; kill its run if the task is no longer ours."""
+        if job.kill_reason is None and not self.spool.touch(job.claim):
             # Not in running/: not started yet, or taken away / deleted.
             try:
                 info = self.spool.status(job.claim.type, job.claim.id)
@@ -444,17 +562,19 @@ class Worker:
                     log.info("sweep: retired %s:%s", action.type, action.id)
                 else:
                     log.warning("sweep: %s %s:%s (%s)", action.action, action.type, action.id, action.reason)
-        except SpoolqError as exc:
+        except (SpoolqError, OSError) as exc:
+            self._check_spool()
             log.error("sweep failed: %s", exc)
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                log.error("sweep failed: %s", exc)
 
     def _status_text(self) -> str:
         if self.stopping:
             return f"stopping: {len(self.jobs)} running"
         prefix = "draining: " if self.draining else ""
         return f"{prefix}{len(self.jobs)}/{self.concurrency} running, {len(self.waiting)} queued"
+
+
+class SpoolGone(Exception):
+    """The spool's directories disappeared under the worker."""
 
 
 def _drain_pipe(fd: int) -> None:
@@ -497,7 +617,13 @@ def drain_running(spool: Spool, server: str) -> int:
     pid = spool.server_locks.pid_of(server)
     if pid <= 0:
         raise ServerBusy(server, f"server {server!r} is running but its pid is unknown; stop it instead")
-    os.kill(pid, signal.SIGUSR1)
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except ProcessLookupError:
+        raise ServerBusy(
+            server, f"server {server!r} holds its lock but its pid {pid} is gone; find the holder with: "
+            f"fuser {spool.layout.server_lock(server)}",
+        ) from None
     log.info("asked server %s (pid %d) to drain; waiting for it to exit", server, pid)
     while spool.server_alive(server):
         time.sleep(0.2)

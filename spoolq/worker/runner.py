@@ -10,17 +10,21 @@ names too). The outcome says how the run ended:
   or calls ``sys.exit`` with a non-zero code, is FAILED with the traceback
   in the log first);
 * GONE: the task was taken away or deleted before or while it ran.
+
+The run lock (docs/design.md, "The run lock") is held from the start until
+the run ends, so no sweeper takes the task from a run that is still alive.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import os
 import traceback
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import CorruptTask, SpoolqError, StaleClaim, TaskNotFound
+from ..errors import CorruptTask, SpoolqError, StaleClaim, TaskNotFound, safe_text
 from ..lifecycle import Claim, Outcome, State
 from ..spool import Spool
 from ..task import TaskContext
@@ -41,38 +45,60 @@ def load_handler(path: str) -> Callable[..., Any]:
 
 
 def run_claim(spool: Spool, claim: Claim) -> Outcome:
-    """Run one claimed task to a final state in this process."""
+    """Run one claimed task to a final state in this process, holding its
+    run lock throughout."""
     try:
-        started = spool.start(claim)
-    except (StaleClaim, TaskNotFound):
+        started = spool.start(claim, hold_run_lock=True)
+    except (StaleClaim, TaskNotFound, BlockingIOError):
         return Outcome.GONE  # taken away before it started: nothing to do
     except CorruptTask as exc:
         log.error("%s: %s", claim, exc)
         return outcome_of(spool, claim)  # start() already failed or quarantined it
+    try:
+        return _run_started(spool, claim, started.handler, started.input)
+    finally:
+        if started.run_lock is not None:
+            os.close(started.run_lock)
+
+
+def _run_started(spool: Spool, claim: Claim, handler_path: str, value: Any) -> Outcome:
     context = TaskContext(spool, claim)
     try:
         try:
-            handler = load_handler(started.handler)
+            handler = load_handler(handler_path)
         except Exception as exc:
-            fail(spool, claim, f"cannot import handler {started.handler!r}: {type(exc).__name__}: {exc}", exc)
+            fail(spool, claim, f"cannot import handler {handler_path!r}: {type(exc).__name__}: {safe_text(exc)}", exc)
             return Outcome.FAILED
         try:
-            handler(context, started.input)
+            handler(context, value)
         except SystemExit as exc:
             if exc.code not in (None, 0):
-                spool.set_state(claim, State.FAILED, f"handler called sys.exit({exc.code!r})")
-                return Outcome.FAILED
+                return _failed(spool, claim, f"handler called sys.exit({exc.code!r})", None)
         except StaleClaim:
             raise  # the handler's own status call found its task taken away
         except BaseException as exc:  # noqa: BLE001 - every failure becomes FAILED
-            fail(spool, claim, f"{type(exc).__name__}: {exc}", exc)
-            return Outcome.FAILED
+            return _failed(spool, claim, f"{type(exc).__name__}: {safe_text(exc)}", exc)
         if spool.finish_if_not_finished(claim):
             return Outcome.FINISHED
     except StaleClaim as exc:
         log.warning("%s: %s", claim, exc)
         return Outcome.GONE
     return outcome_of(spool, claim)
+
+
+def _failed(spool: Spool, claim: Claim, message: str, exc: BaseException | None) -> Outcome:
+    """The handler failed: FAILED with *message* (the traceback first), unless
+    it had already given the task its final state through this claim (then
+    that state stands, and the failure after it is only logged)."""
+    done = outcome_of(spool, claim)
+    if done is not Outcome.GONE:
+        log.warning("%s: the handler failed after the task was already %s: %s", claim, done.value, message)
+        return done
+    if exc is None:
+        spool.set_state(claim, State.FAILED, message)
+    else:
+        fail(spool, claim, message, exc)
+    return Outcome.FAILED
 
 
 def outcome_of(spool: Spool, claim: Claim) -> Outcome:
@@ -89,7 +115,10 @@ def outcome_of(spool: Spool, claim: Claim) -> Outcome:
 
 def fail(spool: Spool, claim: Claim, message: str, exc: BaseException) -> None:
     """FAILED with a one-line message; the traceback goes in the log first."""
-    trace = "".join(traceback.format_exception(exc)).rstrip()
+    try:
+        trace = "".join(traceback.format_exception(exc)).rstrip()
+    except Exception:  # noqa: BLE001 - an exception whose str() fails
+        trace = "".join(traceback.format_tb(exc.__traceback__)).rstrip() + f"\n{type(exc).__name__}: {safe_text(exc)}"
     try:
         spool.log_message(claim, trace)
         spool.set_state(claim, State.FAILED, message)
