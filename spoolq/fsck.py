@@ -242,6 +242,7 @@ class _Checker:
         self.check_root()
         self.check_types()
         self.check_tmp()
+        self.check_locks()
         # Lifecycle order: a task moving forward meanwhile is seen again
         # further on (the same inode), never missed.
         self.check_tasks_in("enqueued")
@@ -304,6 +305,21 @@ class _Checker:
             for finding in stale:
                 gone = not os.path.lexists(os.path.join(self.root, finding.path))
                 finding.action = "removed" if gone else None
+
+    def check_locks(self) -> None:
+        """Lock files the spool's group cannot open would stop its members
+        at their first enqueue (or a worker at its start)."""
+        locks = self.spool.layout.locks
+        for name, path, st in [*_entries(locks), *_entries(os.path.join(locks, "servers"))]:
+            if stat.S_ISREG(st.st_mode) and self.shared and st.st_mode & 0o040 != 0o040:
+                finding = self.add(
+                    "group-access", path,
+                    f"not readable by the spool's group (mode {stat.S_IMODE(st.st_mode):04o}): "
+                    f"its members cannot lock it: fix with: chmod g+r {path}",
+                )
+                if self.repair and st.st_uid == os.geteuid():
+                    os.chmod(path, stat.S_IMODE(st.st_mode) | 0o060, follow_symlinks=False)
+                    finding.action = "made group-readable"
 
     def check_tasks_in(self, where: str) -> None:
         directory = self.spool.layout.path(where)

@@ -253,7 +253,7 @@ class Queries:
 
     def waiting(self) -> list[str]:
         """Names in ``enqueued/``, first to be claimed first."""
-        return [key[-1] for key in queue.scan(self.layout)]
+        return [key[-1] for key, _ in queue.scan(self.layout)]
 
     def census(self) -> Census:
         """Counts per state and per type (each task once, see
@@ -284,7 +284,7 @@ class Queries:
             restarts[t] = restarts.get(t, 0) + int(info.doc.get("restarts", 0))
         totals = {s.name: sum(r[s.name] for r in per_type.values()) for s in State}
         first = next(iter(queue.scan(self.layout)), None)
-        oldest = None if first is None else max(0.0, self.clock() - first[0] / 1e9)
+        oldest = None if first is None else max(0.0, self.clock() - first[0][0] / 1e9)
         return Census(totals, dict(sorted(per_type.items())), dict(sorted(restarts.items())), oldest)
 
     def counts(self) -> dict[str, int]:

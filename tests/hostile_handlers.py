@@ -14,3 +14,109 @@ def wait_for_file(ts, inp):
     while not os.path.exists(inp["go"]) and time.monotonic() < deadline:
         time.sleep(0.02)
     ts.store_response("done " * 100, "text/plain")
+
+
+def _note(inp, event, pid=None):
+    """Append "<event> <pid> <time>" to inp["record"] (O_APPEND, one write)."""
+    line = f"{event} {pid or os.getpid()} {time.time():.6f}\n"
+    fd = os.open(inp["record"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def _tick_forever(inp, event="tick"):
+    while True:
+        _note(inp, event)
+        time.sleep(0.05)
+
+
+def tick_first_time(ts, inp):
+    """First run: records "start" and ticks until killed. Later runs: a
+    "start", then returns at once."""
+    _note(inp, "start")
+    marker = inp["marker"]
+    if os.path.exists(marker):
+        return
+    open(marker, "w").close()
+    _tick_forever(inp)
+
+
+def escape_group(ts, inp):
+    """Starts a grandchild that leaves the process group (setsid) and ticks;
+    then returns (inp["then"] == "return") or hangs until killed."""
+    child = os.fork()
+    if child == 0:
+        os.setsid()
+        if os.fork() == 0:  # double fork: reparented away from the handler
+            try:
+                with open(inp["pidfile"], "w") as fh:
+                    fh.write(str(os.getpid()))
+                _tick_forever(inp, "escaped")
+            finally:
+                os._exit(0)
+        os._exit(0)
+    os.waitpid(child, 0)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(inp["pidfile"]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if inp.get("then") == "return":
+        return
+    _tick_forever(inp)
+
+
+def fork_helper_then_hang(ts, inp):
+    """First run: forks a helper (no exec) that sleeps for good, records its
+    pid, then hangs. Later runs return at once."""
+    marker = inp["marker"]
+    if os.path.exists(marker):
+        return
+    open(marker, "w").close()
+    if os.fork() == 0:
+        try:
+            with open(inp["pidfile"], "w") as fh:
+                fh.write(str(os.getpid()))
+            time.sleep(1000)
+        finally:
+            os._exit(0)
+    time.sleep(1000)
+
+
+def release_all_flocks_then_hang(ts, inp):
+    """Drops every flock it can reach on fds 3..255, then hangs."""
+    import fcntl
+
+    for fd in range(3, 256):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except OSError:
+            pass
+    open(inp["started"], "a").close()
+    time.sleep(1000)
+
+
+def clobber_own_status(ts, inp):
+    """Overwrites its own status.json with garbage, then returns."""
+    path = ts.info().path
+    with open(os.path.join(path, "status.json"), "w") as fh:
+        fh.write("{not json")
+
+
+class _Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("no str for you")
+
+
+def raise_unprintable(ts, inp):
+    _note(inp, "start")
+    raise _Unprintable()
+
+
+def succeed_then_raise(ts, inp):
+    ts.set_success("all good")
+    raise ValueError("after the fact")
+
+
+def record_pid(ts, inp):
+    _note(inp, "start")

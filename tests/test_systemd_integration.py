@@ -62,11 +62,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+from system_python import SYSTEM_PYTHON, build_venv, clean_env
 
 REPO = Path(__file__).resolve().parents[1]
 UNITS = REPO / "packaging" / "systemd"
 SHIPPED_VENV = "/opt/spoolq"        # where docs/operating.md puts the code; ExecStart runs its bin/spoolq
-SYSTEM_PYTHON = Path("/usr/bin/python3")
 SYSTEMD = next((p for p in ("/lib/systemd/systemd", "/usr/lib/systemd/systemd") if os.access(p, os.X_OK)), None)
 
 pytestmark = [
@@ -377,49 +377,13 @@ def manager(tmp_path_factory) -> Iterator[UserManager]:
 # --- the code, installed as docs/operating.md installs it -----------------------------
 
 
-def copy_checkout(dest: Path) -> Path:
-    """What `pip install` needs from the checkout, copied so that the in-tree
-    build (build/, *.egg-info) lands in the copy and not in the work tree."""
-    dest.mkdir(parents=True)
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(REPO / name, dest / name)
-    shutil.copytree(REPO / "spoolq", dest / "spoolq",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    return dest
-
-
-def clean_env() -> dict[str, str]:
-    """This process's environment without what would point a new interpreter
-    at the test's own one (pytest's PYTHONPATH, an active virtualenv)."""
-    return {k: v for k, v in os.environ.items()
-            if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSAFEPATH")}
-
-
 @pytest.fixture(scope="module")
 def venv() -> Iterator[Path]:
-    """A venv like /opt/spoolq: made from /usr/bin/python3, checkout pip-installed.
-
-    It lives under /opt (read-only but visible under ProtectSystem=strict,
-    outside what ProtectHome= and PrivateTmp= hide), so the unit needs no
-    sandbox change to run it.
-    """
-    if not os.access(SYSTEM_PYTHON, os.X_OK):
-        pytest.fail(f"{SYSTEM_PYTHON} is missing: run .ci/install-system-deps (python3, python3-venv)")
-    base = Path(tempfile.mkdtemp(prefix="spoolq-it-venv-", dir="/opt"))
-    try:
-        base.chmod(0o755)
-        src = copy_checkout(base / "src")
-        path = base / "venv"
-        for cmd in ([str(SYSTEM_PYTHON), "-m", "venv", str(path)],
-                    [str(path / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check", str(src)]):
-            done = subprocess.run(cmd, env=clean_env(), text=True, capture_output=True, timeout=600)
-            if done.returncode != 0:
-                pytest.fail(f"{' '.join(cmd)} -> exit {done.returncode}\n{done.stdout}{done.stderr}"
-                            "\n(python3-venv missing? run .ci/install-system-deps)")
-        assert os.access(path / "bin" / "spoolq", os.X_OK)
-        yield path
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    """A venv like /opt/spoolq (tests/system_python.py). It lives under /opt
+    (read-only but visible under ProtectSystem=strict, outside what
+    ProtectHome= and PrivateTmp= hide), so the unit needs no sandbox change
+    to run it."""
+    yield from build_venv()
 
 
 # --- staging the real units for the user manager ------------------------------------

@@ -257,10 +257,13 @@ class FlockLock:
         if getattr(local, "pid", None) == os.getpid() and local.depth > 0:
             local.depth += 1
             return
-        # Read-only: flock needs no write access, so a lock file another
-        # member of the group created (with its own umask) is usable by all.
+        # Read-only: flock needs no write access. The file is made by
+        # `spoolq init`; if it is made here, it is made readable by the group
+        # whatever this process's umask, or other members could not lock it.
         fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, self.mode)
         try:
+            if os.fstat(fd).st_uid == os.geteuid():
+                share_with_group(fd)
             fcntl.flock(fd, fcntl.LOCK_EX)
         except BaseException:
             os.close(fd)

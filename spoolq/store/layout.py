@@ -328,6 +328,16 @@ class Layout:
                 continue
             # mkdir ignores the setgid bit and applies the umask: set the mode outright.
             os.chmod(directory, DIR_MODE)
+        # The spool-wide lock file, made now with the group's access, so that
+        # no member's umask decides who may lock it later.
+        try:
+            fd = os.open(self.enqueue_lock.path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o660)
+        except FileExistsError:
+            return
+        try:
+            os.fchmod(fd, 0o660)
+        finally:
+            os.close(fd)
 
     def write_settings(self, settings: Settings) -> None:
         """Replace ``spool.json`` atomically and durably (tmp + fsync + rename)."""

@@ -12,31 +12,63 @@ from __future__ import annotations
 
 import heapq
 import os
+import time
 
 from ..lifecycle import WaitKey, wait_order_key
 from .layout import Layout
 
 
-def wait_key(directory: str, name: str) -> WaitKey | None:
-    """The wait-order key of entry *name* of ``enqueued/`` (*directory*), or
-    None when it is gone. The queue stamp is the directory's mtime, set when
-    the task was (re-)enqueued; nothing writes into a waiting task, so it
-    stays put."""
+FUTURE_SLACK_NS = 60 * 10**9  # how far in the future a stamp may be before the clock is suspected
+
+
+def _stamp(mtime_ns: int) -> int:
+    """The queue stamp of a waiting task: the directory's mtime, set when the
+    task was (re-)enqueued (nothing writes into a waiting task, so it stays
+    put) -- but never later than now."""
+    return min(mtime_ns, time.time_ns())
+
+
+def _mtime(directory: str, name: str) -> int | None:
+    path = os.path.join(directory, name)
     try:
-        return wait_order_key(os.lstat(os.path.join(directory, name)).st_mtime_ns, name)
+        mtime = os.lstat(path).st_mtime_ns
     except (FileNotFoundError, NotADirectoryError):
         return None
+    return _settle_future(path, mtime)
 
 
-def scan(layout: Layout) -> list[WaitKey]:
-    """The keys of every entry of ``enqueued/``, first to be claimed first."""
+def _settle_future(path: str, mtime: int) -> int:
+    """A stamp from before the clock stepped back would keep its task behind
+    everything enqueued until the clock catches up: it is set to now, once,
+    on the disk (anyone who may write the directory may do that), so the
+    task keeps one place in the queue from then on."""
+    now = time.time_ns()
+    if mtime <= now + FUTURE_SLACK_NS:
+        return mtime
+    try:
+        os.utime(path, follow_symlinks=False)
+        return os.lstat(path).st_mtime_ns
+    except OSError:
+        return now
+
+
+def wait_key(directory: str, name: str) -> WaitKey | None:
+    """The wait-order key of entry *name* of ``enqueued/`` (*directory*), or
+    None when it is gone."""
+    mtime = _mtime(directory, name)
+    return None if mtime is None else wait_order_key(_stamp(mtime), name)
+
+
+def scan(layout: Layout) -> list[tuple[WaitKey, int]]:
+    """(key, mtime) of every entry of ``enqueued/``, first to be claimed first."""
     keyed = []
     with os.scandir(layout.enqueued) as it:
         for entry in it:
             try:
-                keyed.append(wait_order_key(entry.stat(follow_symlinks=False).st_mtime_ns, entry.name))
+                mtime = _settle_future(entry.path, entry.stat(follow_symlinks=False).st_mtime_ns)
             except FileNotFoundError:
                 continue
+            keyed.append((wait_order_key(_stamp(mtime), entry.name), mtime))
     keyed.sort()
     return keyed
 
@@ -48,7 +80,8 @@ class WaitingIndex:
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self._heap: list[WaitKey] = []
-        self._keys: dict[str, WaitKey] = {}  # the current key of each name in the heap
+        # name -> (its current key in the heap, the mtime it was read from)
+        self._keys: dict[str, tuple[WaitKey, int]] = {}
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -58,35 +91,41 @@ class WaitingIndex:
 
     def add(self, name: str) -> None:
         """Index entry *name* (an arrival); nothing if it is gone or known
-        with the same key."""
-        key = wait_key(self.layout.enqueued, name)
-        if key is not None and self._keys.get(name) != key:
-            self._push(key)
+        as it is."""
+        mtime = _mtime(self.layout.enqueued, name)
+        if mtime is None:
+            return
+        known = self._keys.get(name)
+        if known is None or known[1] != mtime:
+            self._push(wait_order_key(_stamp(mtime), name), mtime)
 
-    def _push(self, key: WaitKey) -> None:
-        self._keys[key[-1]] = key
+    def _push(self, key: WaitKey, mtime: int) -> None:
+        self._keys[key[-1]] = (key, mtime)
         heapq.heappush(self._heap, key)
 
     def rescan(self) -> None:
         """Rebuild from the directory itself: the safety net for lost events."""
-        self._heap = scan(self.layout)  # sorted, so already a heap
-        self._keys = {key[-1]: key for key in self._heap}
+        found = scan(self.layout)
+        self._heap = [key for key, _ in found]  # sorted, so already a heap
+        self._keys = {key[-1]: (key, mtime) for key, mtime in found}
 
     def pop(self) -> str | None:
         """The name of the first waiting task, removed from the index; None
         when the index is empty. A name whose entry is gone is skipped; one
-        whose key changed on disk (re-enqueued) goes back in at its new place."""
+        re-enqueued since it was indexed (a new mtime) goes back in at its
+        new place."""
         while self._heap:
             key = heapq.heappop(self._heap)
             name = key[-1]
-            if self._keys.get(name) != key:
+            known = self._keys.get(name)
+            if known is None or known[0] != key:
                 continue  # superseded by a newer key for the same name
             del self._keys[name]
-            now = wait_key(self.layout.enqueued, name)
-            if now is None:
+            mtime = _mtime(self.layout.enqueued, name)
+            if mtime is None:
                 continue
-            if now != key:
-                self._push(now)
+            if mtime != known[1]:
+                self._push(wait_order_key(_stamp(mtime), name), mtime)
                 continue
             return name
         return None

@@ -269,38 +269,51 @@ class Worker:
 
     def _loop(self) -> None:
         while True:
-            self._handle_signals()
-            for ended in self.executor.events():
-                self._guard(f"settling {ended.claim}", lambda e=ended: self._settle(e))
-            self._retry_unsettled()
-            now = time.monotonic()
-            self._enforce_limits(now)
-            if self.stopping:
-                if not self.jobs and not self.unsettled:
+            try:
+                if self._turn():
                     return
-                if self.stop_deadline is not None and now >= self.stop_deadline:
-                    self._kill_all(f"interrupted: server {self.server} stopped before the handler finished")
-            elif self.draining and not self.jobs and not self.unsettled:
-                log.info("server %s drained", self.server)
-                self.stopping = True
-                self.notifier.stopping("drained")
-                return
-            self._take_departures()
-            if not self.stopping and not self.draining:
-                self._take_arrivals()
-                if now >= self._next_rescan:
-                    self._guard("rescanning enqueued/", self._rescan)
-                self._fill_slots()
-            if now >= self._next_heartbeat:
-                self._heartbeat()
-            if now >= self._next_sweep:
-                self._sweep()
-            if now >= self._next_status:
-                self.notifier.status(self._status_text())
-                self._next_status = now + 2.0
-            self.notifier.watchdog()
-            faults.crashpoint("daemon.loop")
-            self._wait(self._timeout(time.monotonic()))
+            except OSError as exc:
+                # Whatever a turn meets that no step guarded: the spool gone
+                # ends the loop; anything else is logged and the loop goes on.
+                self._check_spool()
+                log.error("server %s: %s", self.server, exc)
+                self._wait(CLAIM_RETRY)
+
+    def _turn(self) -> bool:
+        """One turn of the loop; True when the worker should stop."""
+        self._handle_signals()
+        for ended in self.executor.events():
+            self._guard(f"settling {ended.claim}", lambda e=ended: self._settle(e))
+        self._retry_unsettled()
+        now = time.monotonic()
+        self._enforce_limits(now)
+        if self.stopping:
+            if not self.jobs and not self.unsettled:
+                return True
+            if self.stop_deadline is not None and now >= self.stop_deadline:
+                self._kill_all(f"interrupted: server {self.server} stopped before the handler finished")
+        elif self.draining and not self.jobs and not self.unsettled:
+            log.info("server %s drained", self.server)
+            self.stopping = True
+            self.notifier.stopping("drained")
+            return True
+        self._take_departures()
+        if not self.stopping and not self.draining:
+            self._take_arrivals()
+            if now >= self._next_rescan:
+                self._guard("rescanning enqueued/", self._rescan)
+            self._fill_slots()
+        if now >= self._next_heartbeat:
+            self._heartbeat()
+        if now >= self._next_sweep:
+            self._sweep()
+        if now >= self._next_status:
+            self.notifier.status(self._status_text())
+            self._next_status = now + 2.0
+        self.notifier.watchdog()
+        faults.crashpoint("daemon.loop")
+        self._wait(self._timeout(time.monotonic()))
+        return False
 
     def _timeout(self, now: float) -> float:
         marks = [self._next_heartbeat, self._next_sweep, self._next_status]
@@ -361,7 +374,7 @@ class Worker:
         if self._watcher.overflowed:
             log.warning("inotify dropped events (queue overflow); rescanning enqueued/")
             self._watcher.clear_overflow()
-            self._rescan()
+            self._guard("rescanning enqueued/", self._rescan)
             return
         for name in names:
             self.waiting.add(name)

@@ -1,0 +1,428 @@
+"""Regression tests for what outside testing broke (docs/reliability.md,
+"Hardening"): a frozen worker, handlers that escape their process group or
+leave helpers behind, corrupt tasks, hostile spool files, endless input,
+moving counts, too few descriptors, and smaller ones. Real worker processes
+on real spools; the multi-user findings are in tests/test_multiuser.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from spoolq import Spool, State, UnsafeSpool, sweeps
+from spoolq.errors import SpoolError
+from test_daemon import Workers, stderr_of, wait_until
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture
+def env(tmp_path):
+    root = tmp_path / "spool"
+    spool = Spool.init(root, durable=False)
+    workers = Workers(root)
+    yield spool, root, workers, tmp_path
+    workers.stop_all()
+
+
+def register(spool: Spool, name: str, handler: str, **kw) -> None:
+    spool.register_type(name, f"hostile_handlers.{handler}", **kw)
+
+
+def notes(path: Path) -> list[tuple[str, int, float]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 3:
+            out.append((parts[0], int(parts[1]), float(parts[2])))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def spoolq_cli(*args, root, timeout=60, **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), str(HERE)])
+    return subprocess.run([sys.executable, "-m", "spoolq", "--root", str(root), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env, **kw)
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode != 0, proc
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    return proc.stderr
+
+
+# --------------------------------------------------------------------------- 2. a frozen worker
+
+
+def test_a_frozen_workers_task_never_runs_on_two_servers_at_once(env):
+    """w1 runs a task (timeout 2 s) and is SIGSTOPped. Its handler kills
+    itself shortly after the deadline (the worker cannot); only then may w2's
+    sweep take the task and start it: the two runs never overlap."""
+    spool, root, workers, tmp = env
+    register(spool, "F", "tick_first_time", timeout=2, max_restarts=2)
+    rec, marker = tmp / "rec", tmp / "marker"
+    spool.enqueue("F", "t", {"record": str(rec), "marker": str(marker)})
+    w1 = workers.start("w1")
+    wait_until(lambda: any(e == "tick" for e, _, _ in notes(rec)), what="w1's handler ticking")
+    os.kill(w1.pid, signal.SIGSTOP)
+    try:
+        workers.start("w2")
+        wait_until(lambda: spool.status("F", "t").state == State.FINISHED, timeout=60, what="w2 finished it")
+        first_pid = next(p for e, p, _ in notes(rec) if e == "start")
+        second_start = [t for e, p, t in notes(rec) if e == "start" and p != first_pid][0]
+        last_tick = max(t for e, p, t in notes(rec) if e == "tick" and p == first_pid)
+        assert last_tick < second_start, "the frozen worker's handler ran on after w2 started the task"
+        assert not alive(first_pid)
+        info = spool.status("F", "t")
+        assert info.doc["server"] == "w2" and info.doc["restarts"] == 1
+    finally:
+        os.kill(w1.pid, signal.SIGCONT)
+    # Thawed, w1 finds its run gone and goes on: nothing written, no crash.
+    time.sleep(0.5)  # let it take a turn of its loop (a crash would show below)
+    assert w1.poll() is None, stderr_of(w1)
+    assert spool.status("F", "t").state == State.FINISHED
+
+
+# --------------------------------------------------------------------------- 3. escaping the process group
+
+
+@pytest.mark.parametrize("then", ["return", "hang"])
+def test_every_descendant_of_a_handler_dies_with_its_run(env, then):
+    """A handler's grandchild leaves its process group (setsid + double
+    fork). Whether the handler returns or is killed at its timeout, the
+    grandchild is dead before the task leaves running/."""
+    spool, root, workers, tmp = env
+    register(spool, "E", "escape_group", timeout=2, max_restarts=0)
+    rec, pidfile = tmp / "rec", tmp / "pid"
+    spool.enqueue("E", "t", {"record": str(rec), "pidfile": str(pidfile), "then": then})
+    workers.start("w1")
+    wait_until(lambda: pidfile.exists() and pidfile.read_text(), what="the escaped grandchild")
+    escaped = int(pidfile.read_text())
+    final = State.FINISHED if then == "return" else State.FAILED
+    wait_until(lambda: spool.status("E", "t").state == final, timeout=30, what=f"task {final.name}")
+    wait_until(lambda: not alive(escaped), timeout=5, what="the escaped grandchild to be dead")
+    if then == "hang":
+        # The claim was released (the task left running/) only after the
+        # grandchild was dead: its last tick comes before the final record.
+        ended = spool.log_records("E", "t")[-1].time.timestamp()
+        last_tick = max(t for e, p, t in notes(rec) if e == "escaped")
+        assert last_tick <= ended
+
+
+# --------------------------------------------------------------------------- 4. leftovers of a dead worker
+
+
+def test_a_forked_helper_does_not_keep_a_dead_server_alive(env):
+    """A handler forks a helper (no exec) and hangs; the worker is
+    SIGKILLed. The helper does not hold the server lock: the server is dead
+    at once, the same server restarts, kills the leftover that still holds
+    the task's run lock, and runs the task again."""
+    spool, root, workers, tmp = env
+    register(spool, "H", "fork_helper_then_hang", timeout=600, max_restarts=2)
+    pidfile, marker = tmp / "pid", tmp / "marker"
+    spool.enqueue("H", "t", {"pidfile": str(pidfile), "marker": str(marker)})
+    w1 = workers.start("w1")
+    wait_until(lambda: pidfile.exists() and pidfile.read_text(), what="the forked helper")
+    helper = int(pidfile.read_text())
+    os.kill(w1.pid, signal.SIGKILL)
+    w1.wait(10)
+    wait_until(lambda: not spool.server_alive("w1"), timeout=5, what="w1 seen dead")
+    assert alive(helper), "the helper outlived its worker (what this test is about)"
+    w1b = workers.start("w1")  # the same server id starts again
+    wait_until(lambda: spool.status("H", "t").state == State.FINISHED, timeout=30, what="the task rerun")
+    assert w1b.poll() is None, stderr_of(w1b)
+    assert not alive(helper)
+    assert spool.status("H", "t").doc["restarts"] == 1
+
+
+def test_a_sweep_from_elsewhere_kills_a_dead_servers_leftovers(env):
+    spool, root, workers, tmp = env
+    register(spool, "H", "fork_helper_then_hang", timeout=600, max_restarts=2)
+    pidfile, marker = tmp / "pid", tmp / "marker"
+    spool.enqueue("H", "t", {"pidfile": str(pidfile), "marker": str(marker)})
+    w1 = workers.start("w1")
+    wait_until(lambda: pidfile.exists() and pidfile.read_text(), what="the forked helper")
+    helper = int(pidfile.read_text())
+    os.kill(w1.pid, signal.SIGKILL)
+    w1.wait(10)
+    done = spoolq_cli("sweep", root=root)
+    assert done.returncode == 0, done.stderr
+    assert "reenqueued H/t" in done.stdout
+    assert not alive(helper)
+    assert spool.status("H", "t").state == State.ENQUEUED
+
+
+def test_a_handler_that_drops_every_flock_cannot_let_a_second_worker_in(env):
+    spool, root, workers, tmp = env
+    register(spool, "U", "release_all_flocks_then_hang", timeout=600)
+    started = tmp / "started"
+    spool.enqueue("U", "t", {"started": str(started)})
+    w1 = workers.start("w1")
+    wait_until(started.exists, what="the handler dropped its flocks")
+    assert spool.server_alive("w1")
+    second = workers.start("w1")
+    assert second.wait(30) == 78, stderr_of(second)
+    assert "already running" in stderr_of(second)
+    assert w1.poll() is None
+
+
+# --------------------------------------------------------------------------- 5. one corrupt task
+
+
+def test_a_handler_that_clobbers_its_status_does_not_stop_the_server(env):
+    spool, root, workers, tmp = env
+    register(spool, "C", "clobber_own_status")
+    spool.register_type("T", "daemon_handlers.add")
+    spool.enqueue("C", "bad", None)
+    proc = workers.start("w1")
+    wait_until(lambda: any(n.startswith("C:bad") for n in os.listdir(root / "quarantine")), what="quarantined")
+    spool.enqueue("T", "good", [1, 2])
+    wait_until(lambda: spool.status("T", "good").state == State.FINISHED, what="the next task")
+    assert proc.poll() is None, stderr_of(proc)
+
+
+def test_a_task_without_its_log_does_not_stop_the_sweeps(env, make_clock):
+    """A running task's log is deleted: every other part of the sweep still
+    happens (a dead server's task re-enqueued, a retired task removed), and
+    the damaged task is quarantined."""
+    spool, root, workers, tmp = env
+    spool.register_type("Z", "atp_demo.handler", retention=1)
+    for task_id in ("damaged", "orphan", "old"):
+        spool.enqueue("Z", task_id, 1)
+    script = f"""
+import os
+from spoolq import Spool
+s = Spool({str(root)!r})
+for t in ("damaged", "orphan", "old"):
+    c = s.claim("gone", names=["Z:" + t]); s.start(c)
+    if t == "old":
+        s.set_state(c, 5)
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)  # server "gone" dies
+    os.unlink(root / "running" / "Z:damaged" / "log")
+    clock = make_clock(time.time() + 3600)
+    later = Spool(root, clock=clock)
+    actions = {a.id: a.action for a in sweeps.reenqueue_zombies(later) + sweeps.delete_retired(later)}
+    assert actions.get("orphan") == "reenqueued"
+    assert actions.get("old") == "retired"
+    assert any(n.startswith("Z:damaged") for n in os.listdir(root / "quarantine"))
+
+
+# --------------------------------------------------------------------------- 6. hostile spool files
+
+
+def test_hostile_spool_json_is_refused_in_one_line(env):
+    spool, root, workers, tmp = env
+    spool.register_type("T", "daemon_handlers.add")
+    settings = root / "spool.json"
+    os.unlink(settings)
+    os.mkfifo(settings)
+    assert "not a regular file" in one_line_error(spoolq_cli("types", root=root, timeout=20))
+    os.unlink(settings)
+    os.symlink("/dev/zero", settings)
+    assert "symlink" in one_line_error(spoolq_cli("types", root=root, timeout=20))
+    os.unlink(settings)
+    settings.write_text('{"max_queue": 1e400}')
+    assert "max_queue" in one_line_error(spoolq_cli("types", root=root, timeout=20))
+    settings.write_text('{"durable": "yes"}')
+    assert "durable" in one_line_error(spoolq_cli("types", root=root, timeout=20))
+    settings.write_text("[1, 2]")
+    with pytest.raises(SpoolError, match="JSON object"):
+        Spool(root)
+
+
+def test_write_granted_by_an_acl_is_refused_like_a_world_writable_mode(env):
+    spool, root, workers, tmp = env
+    setfacl = shutil.which("setfacl")
+    assert setfacl, "setfacl missing: run .ci/install-system-deps (acl)"
+    subprocess.run([setfacl, "-m", "u:nobody:rwx", str(root / "enqueued")], check=True)
+    with pytest.raises(UnsafeSpool, match="through an ACL"):
+        Spool(root)
+    subprocess.run([setfacl, "-b", str(root / "enqueued")], check=True)
+    subprocess.run([setfacl, "-d", "-m", "g:nogroup:rwx", str(root / "running")], check=True)
+    with pytest.raises(UnsafeSpool, match="through an ACL"):
+        Spool(root)
+    subprocess.run([setfacl, "-b", "-k", str(root / "running")], check=True)
+    Spool(root)
+
+
+def test_a_state_dir_writable_by_another_group_is_refused(env):
+    spool, root, workers, tmp = env
+    os.chown(root / "done", -1, 65534)  # nogroup
+    os.chmod(root / "done", 0o2770)
+    with pytest.raises(UnsafeSpool, match="not the spool's group"):
+        Spool(root)
+
+
+def test_a_spool_inside_a_directory_anyone_may_write_is_refused(tmp_path):
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    Spool.init(open_dir / "spool", durable=False)
+    os.chmod(open_dir, 0o777)  # not sticky: anyone could move the spool aside
+    with pytest.raises(UnsafeSpool, match="could replace the whole spool"):
+        Spool(open_dir / "spool")
+    os.chmod(open_dir, 0o1777)  # sticky, like /tmp: only the owner may rename it
+    Spool(open_dir / "spool")
+
+
+# --------------------------------------------------------------------------- 7. endless input
+
+
+def test_enqueue_stops_reading_at_the_input_limit(env):
+    spool, root, workers, tmp = env
+    Spool.init(root, max_input_bytes=1000)
+    spool.register_type("T", "daemon_handlers.add")
+    err = one_line_error(spoolq_cli("enqueue", "T", "zero", "/dev/zero", root=root, timeout=30))
+    assert "over the spool's limit of 1000 bytes" in err
+    producer = subprocess.Popen(["head", "-c", "300000000", "/dev/zero"], stdout=subprocess.PIPE)
+    try:
+        done = spoolq_cli("enqueue", "T", "stdin", "-", root=root, timeout=30, stdin=producer.stdout)
+    finally:
+        producer.stdout.close()
+        producer.kill()
+        producer.wait()
+    assert "over the spool's limit of 1000 bytes" in one_line_error(done)
+    assert spool.list_tasks() == [] and os.listdir(root / "tmp") == []
+
+
+# --------------------------------------------------------------------------- 8. counts while tasks move
+
+
+def test_listings_and_counts_show_each_task_once_while_tasks_move(env):
+    spool, root, workers, tmp = env
+    spool.register_type("T", "daemon_handlers.add", retention=-1)
+    n = 600
+    for i in range(n):
+        spool.enqueue("T", f"t{i:04d}", [i])
+    workers.start("w1", concurrency=2)
+    workers.start("w2", concurrency=2)
+    samples = 0
+    while True:
+        tasks = spool.list_tasks()
+        ids = [t.id for t in tasks]
+        assert len(ids) == len(set(ids)) == n, (len(ids), len(set(ids)))
+        census = spool.census()
+        assert sum(census.states.values()) == n, census.states
+        samples += 1
+        if census.states["FINISHED"] == n:
+            break
+    cli = spoolq_cli("list", "--json", root=root)
+    assert len(json.loads(cli.stdout)) == n
+    assert samples >= 2
+
+
+# --------------------------------------------------------------------------- 9. too few descriptors
+
+
+def test_a_tight_open_files_limit_means_fewer_handler_processes_not_a_crash(env):
+    spool, root, workers, tmp = env
+    spool.register_type("T", "daemon_handlers.add")
+    for i in range(5):
+        spool.enqueue("T", f"t{i}", [i])
+
+    def tight() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (24, 24))
+
+    env_vars = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]))
+    log = tmp / "tight.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "spoolq", "--root", str(root), "worker", "w1",
+                                 "--concurrency", "16"], preexec_fn=tight, env=env_vars, stderr=fh)
+    try:
+        wait_until(lambda: all(spool.status("T", f"t{i}").state == State.FINISHED for i in range(5)),
+                   timeout=60, what="the tasks, run with fewer processes")
+        assert proc.poll() is None, log.read_text()
+        assert "open-files limit allows" in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
+
+
+# --------------------------------------------------------------------------- 10. smaller ones
+
+
+def test_an_exception_whose_str_raises_keeps_its_traceback_and_the_slot(env):
+    spool, root, workers, tmp = env
+    register(spool, "X", "raise_unprintable")
+    rec = tmp / "rec"
+    spool.enqueue("X", "a", {"record": str(rec)})
+    spool.enqueue("X", "b", {"record": str(rec)})
+    workers.start("w1")
+    wait_until(lambda: all(spool.status("X", t).state == State.FAILED for t in "ab"), what="both FAILED")
+    log = "\n".join(r.message for r in spool.log_records("X", "a"))
+    assert "Traceback" in log and "_Unprintable" in log
+    pids = {p for e, p, _ in notes(rec) if e == "start"}
+    assert len(pids) == 1, "the handler process survived the first task"
+
+
+def test_success_then_raise_stays_finished_and_is_reported_so(env):
+    spool, root, workers, tmp = env
+    register(spool, "S", "succeed_then_raise")
+    spool.enqueue("S", "a", None)
+    proc = workers.start("w1")
+    wait_until(lambda: spool.status("S", "a").state == State.FINISHED, what="FINISHED")
+    wait_until(lambda: "finished S:a" in stderr_of(proc), what="the daemon's line")
+    assert "failed S:a" not in stderr_of(proc)
+
+
+def test_deleting_the_spool_under_a_worker_ends_it_with_one_line(env):
+    spool, root, workers, tmp = env
+    spool.register_type("T", "daemon_handlers.add")
+    proc = workers.start("w1")
+    wait_until(lambda: "ready" in stderr_of(proc), what="ready")
+    shutil.rmtree(root)
+    assert proc.wait(30) == 1
+    err = stderr_of(proc)
+    assert "is gone; stopping" in err and "Traceback" not in err
+
+
+def test_a_finishing_time_in_the_future_still_retires(env, make_clock):
+    spool, root, workers, tmp = env
+    spool.register_type("Z", "atp_demo.handler", retention=60)
+    spool.enqueue("Z", "t", 1)
+    claim = spool.claim("s1", names=["Z:t"])
+    spool.start(claim)
+    spool.set_state(claim, State.FINISHED)
+    spool.release_server("s1")
+    future = time.time() + 86400
+    os.utime(root / "done" / "Z:t", (future, future))  # the clock stepped back a day since
+    assert sweeps.delete_retired(spool) == []  # its retention starts now...
+    clock = make_clock(time.time() + 61)
+    assert [a.id for a in sweeps.delete_retired(Spool(root, clock=clock))] == ["t"]  # ...and ends
+
+
+def test_a_queue_stamp_in_the_future_does_not_starve_the_task(env):
+    spool, root, workers, tmp = env
+    spool.register_type("T", "daemon_handlers.add")
+    spool.enqueue("T", "early", [1])
+    future = time.time() + 86400
+    os.utime(root / "enqueued" / "T:early", (future, future))
+    spool.enqueue("T", "before", [2])
+    assert spool.waiting() == ["T:before", "T:early"]  # seen now: its stamp is set to now, once
+    spool.enqueue("T", "after", [3])
+    assert spool.waiting() == ["T:before", "T:early", "T:after"]  # and stays put

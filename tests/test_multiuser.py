@@ -1,0 +1,216 @@
+"""The deployment docs/operating.md describes, with real users: the worker
+user owns the spool, producers are members of its group, each with its own
+umask. Every task a group member enqueues runs to done/, the worker's
+heartbeat, recovery and sweeps work on tasks producers own, and producers
+can read, sweep and fsck the spool.
+
+Users and a group are created for the test (useradd; root needed, as in CI)
+and run an installation made from /usr/bin/python3 (tests/system_python.py),
+since the test's own interpreter may live where other users cannot go."""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from spoolq import Spool, State
+from system_python import build_venv, clean_env
+
+HERE = Path(__file__).parent
+GROUP, WORKER, PRODUCER = "sqmu", "sqmu-worker", "sqmu-prod"
+
+HANDLERS = '''
+import os, time
+
+def work(ts, inp):
+    marker = inp.get("marker")
+    if marker and not os.path.exists(marker):
+        open(marker, "w").close()
+        time.sleep(600)  # the first run hangs (killed with its worker)
+    time.sleep(inp.get("seconds", 0))
+    ts.store_response("ok " + str(inp.get("n")), "text/plain")
+'''
+
+
+def _run(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def users() -> Iterator[dict[str, int]]:
+    if os.geteuid() != 0:
+        pytest.fail("the multi-user tests create users: run them as root (CI does)")
+    created = []
+    try:
+        grp.getgrnam(GROUP)
+    except KeyError:
+        _run("groupadd", "--system", GROUP)
+        created.append(("groupdel", GROUP))
+    for user, args in ((WORKER, ["-g", GROUP]), (PRODUCER, ["-U", "-G", GROUP])):
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            _run("useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin", *args, user)
+            created.insert(0, ("userdel", user))
+    try:
+        yield {"gid": grp.getgrnam(GROUP).gr_gid, "worker": pwd.getpwnam(WORKER).pw_uid,
+               "producer": pwd.getpwnam(PRODUCER).pw_uid}
+    finally:
+        for cmd, name in created:
+            subprocess.run([cmd, name], capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def venv() -> Iterator[Path]:
+    yield from build_venv()
+
+
+class Site:
+    """A spool owned by the worker user, shared with the group."""
+
+    def __init__(self, venv: Path, users: dict[str, int]) -> None:
+        self.venv = venv
+        self.users = users
+        self.base = Path(tempfile.mkdtemp(prefix="spoolq-mu-", dir="/var/tmp"))
+        self.base.chmod(0o755)
+        self.root = self.base / "spool"  # made the way tmpfiles makes /var/spool/spoolq
+        self.root.mkdir()
+        os.chown(self.root, users["worker"], users["gid"])
+        self.root.chmod(0o2770)
+        code = self.base / "code"
+        code.mkdir()
+        (code / "mu_handlers.py").write_text(HANDLERS)
+        shutil.copy(HERE / "worker_runner.py", code / "worker_runner.py")
+        code.chmod(0o755)
+        self.code = code
+        self.scratch = self.base / "scratch"  # where handlers leave marker files
+        self.scratch.mkdir()
+        self.scratch.chmod(0o1777)
+        self.procs: list[subprocess.Popen] = []
+
+    def env(self) -> dict[str, str]:
+        return dict(clean_env(), PYTHONPATH=str(self.code), HOME="/nonexistent")
+
+    def as_user(self, who: str, umask: int) -> dict:
+        uid = self.users["worker" if who == WORKER else "producer"]
+        return {"user": uid, "group": self.users["gid"] if who == WORKER else uid,
+                "extra_groups": [self.users["gid"]], "umask": umask, "env": self.env()}
+
+    def spoolq(self, who: str, *args: str, umask: int = 0o007, check: bool = True) -> subprocess.CompletedProcess:
+        done = subprocess.run([str(self.venv / "bin" / "spoolq"), "--root", str(self.root), *args],
+                              capture_output=True, text=True, timeout=120, **self.as_user(who, umask))
+        if check:
+            assert done.returncode == 0, (who, args, done.stdout, done.stderr)
+        return done
+
+    def start_worker(self) -> subprocess.Popen:
+        log = open(self.base / f"worker{len(self.procs)}.log", "w")
+        options = json.dumps({"heartbeat_interval": 0.3, "sweep_interval": 0.5})
+        proc = subprocess.Popen([str(self.venv / "bin" / "python3"), str(self.code / "worker_runner.py"),
+                                 str(self.root), "w1", options], stderr=log, **self.as_user(WORKER, 0o007))
+        proc.log = log  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+        if os.environ.get("KEEP_MU") is None:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+
+@pytest.fixture
+def site(venv, users) -> Iterator[Site]:
+    s = Site(venv, users)
+    yield s
+    s.close()
+
+
+def wait_until(predicate, timeout: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def state(root: Path, task_id: str) -> State:
+    return Spool(root).status("W", task_id).state
+
+
+@pytest.mark.parametrize("producer_umask", [0o007, 0o022, 0o077])
+def test_tasks_of_every_group_member_run_whatever_their_umask(site, producer_umask):
+    site.spoolq(WORKER, "init", umask=0o022)  # root's usual umask: init must still give 2770
+    for sub in ("", "enqueued", "scheduled", "running", "done", "tmp", "quarantine", "types", "locks"):
+        mode = stat.S_IMODE(os.stat(site.root / sub).st_mode)
+        assert mode == 0o2770, (sub, oct(mode))
+    site.spoolq(WORKER, "register", "W", "mu_handlers.work", "--max-restarts", "2")
+    worker = site.start_worker()
+    inputs = site.base / "inputs"
+    inputs.mkdir()
+    inputs.chmod(0o755)
+    tasks = {"quick1": {"n": 1}, "quick2": {"n": 2}, "slow": {"n": 3, "seconds": 1.5}}
+    for task_id, inp in tasks.items():
+        (inputs / f"{task_id}.json").write_text(json.dumps(inp))
+        (inputs / f"{task_id}.json").chmod(0o644)
+        site.spoolq(PRODUCER, "enqueue", "W", task_id, str(inputs / f"{task_id}.json"), "--json",
+                    umask=producer_umask)
+    wait_until(lambda: all(state(site.root, t) == State.FINISHED for t in tasks), what="every task FINISHED")
+    # The producer reads what the worker wrote.
+    assert site.spoolq(PRODUCER, "result", "W", "slow").stdout == "ok 3"
+    assert "FINISHED" in site.spoolq(PRODUCER, "log", "W", "quick1").stdout
+    # A task the producer owns survives its worker's death: recovery re-runs it.
+    (inputs / "hang.json").write_text(json.dumps({"n": 4, "marker": str(site.scratch / "hang")}))
+    (inputs / "hang.json").chmod(0o644)
+    site.spoolq(PRODUCER, "enqueue", "W", "hang", str(inputs / "hang.json"), "--json", umask=producer_umask)
+    wait_until(lambda: (site.scratch / "hang").exists(), what="the hanging first run")
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait(10)
+    site.start_worker()
+    wait_until(lambda: state(site.root, "hang") == State.FINISHED, what="the recovered task")
+    assert Spool(site.root).status("W", "hang").doc["restarts"] == 1
+    # Producers sweep and check the spool they share.
+    assert site.spoolq(PRODUCER, "sweep", umask=producer_umask).returncode == 0
+    done = site.spoolq(PRODUCER, "fsck", "--repair", umask=producer_umask, check=False)
+    assert done.returncode == 0 and "0 problem(s)" in done.stdout, done.stdout + done.stderr
+    done = site.spoolq(WORKER, "fsck", check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_fsck_finds_what_the_group_cannot_use_and_the_owner_repairs_it(site):
+    site.spoolq(WORKER, "init", umask=0o022)
+    site.spoolq(WORKER, "register", "W", "mu_handlers.work")
+    inp = site.base / "in.json"
+    inp.write_text('{"n": 9}')
+    inp.chmod(0o644)
+    os.unlink(site.root / "locks" / "enqueue.lock")  # a spool from before init made it
+    site.spoolq(PRODUCER, "enqueue", "W", "strict", str(inp), "--json", umask=0o077)
+    assert stat.S_IMODE(os.stat(site.root / "locks" / "enqueue.lock").st_mode) & 0o060 == 0o060
+    task = site.root / "enqueued" / "W:strict"
+    subprocess.run(["chmod", "-R", "g-w", str(task)], check=True, **site.as_user(PRODUCER, 0o007))
+    found = site.spoolq(WORKER, "fsck", check=False)
+    assert found.returncode == 1 and "group-access: enqueued/W:strict" in found.stdout, found.stdout
+    repaired = site.spoolq(PRODUCER, "fsck", "--repair", check=False)  # the owner can chmod
+    assert repaired.returncode == 0, repaired.stdout
+    site.start_worker()
+    wait_until(lambda: state(site.root, "strict") == State.FINISHED, what="the repaired task")
+    # A state directory the group cannot write is reported too.
+    os.chmod(site.root / "enqueued", 0o2750)
+    found = site.spoolq(WORKER, "fsck", check=False)
+    assert found.returncode == 1 and "group-access: enqueued:" in found.stdout, found.stdout
+    refused = site.spoolq(PRODUCER, "enqueue", "W", "x", str(inp), "--json", check=False)
+    assert refused.returncode == 1 and "Permission denied" in refused.stderr
