@@ -6,7 +6,11 @@ names that point, the process kills itself with SIGKILL there (optionally only
 on the N-th hit: ``SPOOLQ_CRASH_AT=name@N``). ``SPOOLQ_HANG_AT`` (same syntax)
 makes the calling thread block forever there instead: how the systemd tests
 prove that the watchdog pings come from the main loop, so a hung loop gets
-the daemon restarted. Unarmed, a call costs one comparison against None.
+the daemon restarted, and how the crash matrix freezes a worker mid-step.
+Before it kills or hangs, a point raises the audit event
+``spoolq.crashpoint`` (name, "crash" or "hang"), so a test's audit hook
+can tell which process reached it. Unarmed, a call costs one comparison
+against None.
 
 The reliability tests find every point by scanning the source for
 ``crashpoint("…")`` calls, so a new step cannot be forgotten.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 
 _target: str | None = None
@@ -49,6 +54,7 @@ def crashpoint(name: str) -> None:
     _hits += 1
     if _hits < _nth:
         return
+    sys.audit("spoolq.crashpoint", name, "hang" if _hang else "crash")
     if _hang:
         threading.Event().wait()
     os.kill(os.getpid(), signal.SIGKILL)

@@ -69,10 +69,12 @@ from .store.layout import Layout, Settings
 from .store.queue import WaitingIndex
 from .store.registry import DEFAULT_MAX_RESTARTS, DEFAULT_RETENTION, DEFAULT_TIMEOUT, TaskType, TypeRegistry
 from .store.servers import ServerLocks
-from .store.taskdir import Moved, TaskDir, peek_status, read_status, run_alive, run_lock_holders
+from .store.taskdir import LockBusy, Moved, TaskDir, peek_status, read_status, run_alive, run_lock_holders
 from .store.taskdir import hold_run_lock as hold_run_lock_fd
 
 log = logging.getLogger("spoolq.spool")
+
+TAKE_AWAY_LOCK_WAIT = 1.0  # seconds a take-away waits for a task's lock before it leaves the task for later
 
 
 @dataclass(frozen=True)
@@ -177,8 +179,8 @@ class Spool:
         ))
         return cls(layout.root, clock=clock)
 
-    def _task(self, path: str) -> TaskDir:
-        return TaskDir(path, clock=self.clock, durable=self.durable)
+    def _task(self, path: str, *, wait: float | None = None) -> TaskDir:
+        return TaskDir(path, clock=self.clock, durable=self.durable, wait=wait)
 
     def _path(self, place: Place, name: str, server: str | None = None) -> str:
         return self.layout.task_path(place, name, server)
@@ -708,11 +710,16 @@ class Spool:
         while a process of the task's run is alive (its run lock is held):
         a task is taken from a run only once the run is over."""
         with self.layout.enqueue_lock:
-            task = self._task(path)
+            # Holders keep a task's lock for milliseconds; one that keeps it
+            # longer is stuck or stopped, and waiting on it would stall this
+            # take-away and, through the enqueue lock, every producer.
+            task = self._task(path, wait=TAKE_AWAY_LOCK_WAIT)
             try:
                 task.open()
             except (FileNotFoundError, NotADirectoryError, Moved):
                 return Action.GONE
+            except LockBusy:
+                return Action.BUSY
             try:
                 if expect_claim is not None and task.doc.get("claim") != expect_claim:
                     return Action.GONE

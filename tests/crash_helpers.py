@@ -14,12 +14,13 @@ Run as a program it is one of the real processes those tests start:
   is noted as ``exists <type>:<id>``.
 
 Crash hits. ``SPOOLQ_CRASH_AT`` makes ``spoolq.faults.crashpoint`` SIGKILL
-its own process. So that a test can tell *which* process hit the point
-(the daemon or one of its handler processes, or a producer), these programs
-install an audit hook: when ``os.kill(own pid, SIGKILL)`` is called from
-``crashpoint`` and ``SPOOLQ_CRASH_LOG`` names a file, one line
-``<point> <role> <pid> <caller> <caller's caller> …`` is appended to it just
-before the kill. The hook only observes; the kill is spoolq's own.
+its own process (``SPOOLQ_HANG_AT``: hang there). So that a test can tell
+*which* process hit the point (the daemon or one of its handler processes,
+or a producer), these programs install an audit hook: on the
+``spoolq.crashpoint`` audit event a crash point raises, when
+``SPOOLQ_CRASH_LOG`` names a file, one line ``<point> <role> <pid> <caller>
+<caller's caller> …`` is appended to it just before the kill (or hang). The
+hook only observes; the kill is spoolq's own.
 
 Handlers. Each records ``<event> <type>:<id> <server> <pid> <ppid>
 <monotonic ns>`` with one O_APPEND write to the file named by the input's
@@ -47,7 +48,7 @@ MAIN_PID = os.getpid()
 
 
 def _audit(event: str, args: tuple) -> None:
-    if event != "os.kill" or args[0] != os.getpid() or args[1] != signal.SIGKILL:
+    if event != "spoolq.crashpoint":
         return
     path = os.environ.get("SPOOLQ_CRASH_LOG")
     if not path:
@@ -57,7 +58,7 @@ def _audit(event: str, args: tuple) -> None:
         frame = frame.f_back
     if frame is None:
         return
-    point = frame.f_locals.get("name", "?")
+    point = args[0]
     callers = []
     caller = frame.f_back
     while caller is not None and len(callers) < 4:
@@ -144,14 +145,32 @@ def slow_first(ts, inp):
             time.sleep(inp.get("seconds", 30))
 
 
+def _escape(inp: dict) -> None:
+    """Leave a grandchild behind that leaves the process group (setsid,
+    double fork) and sleeps; its pid goes to ``<record>.escaped``. It keeps
+    the run's lock file open (inherited), so if it outlived the run, a later
+    run of the task would record an overlap."""
+    child = os.fork()
+    if child == 0:
+        os.setsid()
+        if os.fork() == 0:
+            _append(inp["record"] + ".escaped", f"{os.getpid()}\n")
+            time.sleep(60)
+        os._exit(0)
+    os.waitpid(child, 0)
+
+
 def work(ts, inp):
-    """The soak's handler: ``kind`` is noop, sleep, fail or hang."""
+    """The soak's handler: ``kind`` is noop, sleep, fail, hang or escape."""
     kind = inp.get("kind", "noop")
     with _run(ts, inp):
         if kind == "sleep":
             time.sleep(inp["seconds"])
         elif kind == "hang":
             time.sleep(3600)  # killed at the type's timeout
+        elif kind == "escape":
+            _escape(inp)
+            time.sleep(inp.get("seconds", 0))
     if kind == "fail":
         raise ValueError(f"planned failure of {ts.id}")
 

@@ -127,7 +127,12 @@ def _params():
     for point in POINTS:
         for case in CASES_FOR.get(point, [Case(point)]):
             # "live": the daemon outlives its handler process and settles the task itself.
-            restarts = {"worker": ("same", "other"), "slot": ("live", "same"), "producer": ("producer",)}[case.role]
+            # "frozen": the daemon hangs at the point (as if SIGSTOPped there) while
+            # another server works the spool; then it is killed, as systemd's watchdog does.
+            restarts = {"worker": ("same", "other", "frozen"), "slot": ("live", "same"),
+                        "producer": ("producer",)}[case.role]
+            if case.sigterm or case.orphan:
+                restarts = tuple(r for r in restarts if r != "frozen")
             for restart in restarts:
                 out.append(pytest.param(case, restart, id=f"{case.spec}-{case.role}-{restart}"))
     return out
@@ -354,13 +359,28 @@ def _run(sc: Scenario, case: Case, restart: str) -> None:
         producer = sc.producer()
         if case.role == "slot":
             crash["SLOT_CRASH_AT"] = crash.pop("SPOOLQ_CRASH_AT")
+        if restart == "frozen":
+            crash["SPOOLQ_HANG_AT"] = crash.pop("SPOOLQ_CRASH_AT")
         worker = sc.worker("w1", crash, grace=0.3 if case.sigterm else 5.0)
         if case.sigterm:
             wait_until(lambda: any(r[0] == "start" and r[1] == "S:s0" for r in read_records(sc.record)),
                        what="the long handler to start")
             worker.send_signal(signal.SIGTERM)
         hit = _wait_for_hit(sc, case, worker)
-        if restart != "live":
+        if restart == "frozen":
+            # Another server works the spool while w1 stays frozen mid-step:
+            # it must take nothing w1 still holds (the run locks and the
+            # handlers' overlap detector tell). (Frozen inside a move back to
+            # the queue, w1 holds the spool-wide lock: then w2 waits for it
+            # until w1 is killed, as producers would.)
+            other = sc.worker("w2")
+            time.sleep(1.5)  # a few of w2's sweeps (every 0.3 s) meet the frozen claims
+            assert other.poll() is None, sc.stderr(other)
+            worker.kill()  # what systemd's watchdog does to a hung worker
+            assert worker.wait(10) == -signal.SIGKILL
+            wait_until(lambda: not sc.spool.server_alive("w1"), what="w1's lock to be free")
+            worker = other
+        elif restart != "live":
             # A point reached in a handler process killed only that process:
             # now the whole server goes down too.
             if worker.poll() is None:
@@ -371,7 +391,7 @@ def _run(sc: Scenario, case: Case, restart: str) -> None:
         assert producer.wait(DEADLINE) == 0, sc.stderr(producer)
     print(f"\n{case.spec} [{case.role}/{restart}] hit: {' '.join(hit[1:])}")
     wait_until(sc.settled, what="every task to reach FINISHED or FAILED")
-    if restart == "other":
+    if restart in ("other", "frozen"):
         assert not sc.spool.server_alive("w1")
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(DEADLINE) == 0, sc.stderr(worker)

@@ -2,9 +2,12 @@
 
 4 producer processes enqueue ``SPOOLQ_SOAK_TASKS`` tasks (default 5,000)
 while 3 worker daemons (w1..w3, 2 handler processes each) run them and a
-chaos loop SIGKILLs a random daemon every 1.5–3 s and starts it again with
-the same server id. The mix: mostly no-ops, some sleeping 50–300 ms, some
-raising, some hanging past a 0.5 s type timeout. ``SPOOLQ_SOAK_SECONDS``
+chaos loop, every 1.5–3 s, either SIGKILLs a random daemon and starts it
+again with the same server id, or SIGSTOPs one for 2.5–4 s (longer than the
+hanging tasks' timeout plus the handler processes' own 2 s margin) and then
+SIGCONTs it. The mix: mostly no-ops, some sleeping 50–300 ms, some raising,
+some hanging past a 0.5 s type timeout, some leaving a grandchild behind that
+escapes their process group. ``SPOOLQ_SOAK_SECONDS``
 spreads the enqueues over that many seconds (default: as fast as the
 producers go), to soak longer.
 
@@ -12,7 +15,8 @@ At the end (with deadlines): every acknowledged task is FINISHED or FAILED
 and nothing is lost; no task ever ran twice at once — by the handlers' run
 lock (exact, killed runs included) and by their timestamps, a killed run
 ending when its daemon and handler processes were seen dead; restarts never
-exceed max_restarts; each FAILED task says why, and says the right thing.
+exceed max_restarts; each FAILED task says why, and says the right thing;
+no escaped grandchild outlives its run.
 
 The spool is not durable (no fsync): these are process crashes, which fsync
 does not change; durability is tests/test_durability_strace.py's subject.
@@ -43,15 +47,18 @@ MAX_RESTARTS = {"Q": 3, "TO": 1}
 
 
 def plan(n: int, rng: random.Random) -> list[list]:
-    """[type, id, input] for n tasks: 88% no-op, 6% sleep, 4% raise, 2% hang."""
+    """[type, id, input] for n tasks: 86% no-op, 6% sleep, 4% raise, 2% hang,
+    2% escape."""
     out = []
     for k in range(n):
         r = rng.random()
         if r < 0.02:
             out.append(["TO", f"hang{k}", {"kind": "hang"}])
-        elif r < 0.06:
+        elif r < 0.04:
+            out.append(["Q", f"escape{k}", {"kind": "escape", "seconds": round(rng.uniform(0, 0.2), 3)}])
+        elif r < 0.08:
             out.append(["Q", f"fail{k}", {"kind": "fail"}])
-        elif r < 0.12:
+        elif r < 0.14:
             out.append(["Q", f"sleep{k}", {"kind": "sleep", "seconds": round(rng.uniform(0.05, 0.3), 3)}])
         else:
             out.append(["Q", f"noop{k}", {"kind": "noop"}])
@@ -95,6 +102,7 @@ class Soak:
         self.all_procs: list = []
         # handler pid alive at a chaos kill -> monotonic ns when it and its daemon were seen dead
         self.killed_at: dict[int, int] = {}
+        self.stopped: dict[str, float] = {}  # server SIGSTOPped -> monotonic time to SIGCONT it
         self.tasks = plan(TASKS, self.rng)
         for task in self.tasks:
             task[2]["record"] = self.record
@@ -115,10 +123,29 @@ class Soak:
             self.producers.append(proc)
             self.all_procs.append(proc)
 
+    def chaos(self) -> str:
+        """One chaos event: a kill (70%) or a stop; what it was."""
+        if self.rng.random() < 0.7:
+            self.chaos_kill()
+            return "kill"
+        server = self.rng.choice([s for s in SERVERS if s not in self.stopped])
+        self.workers[server].send_signal(signal.SIGSTOP)
+        self.stopped[server] = time.monotonic() + self.rng.uniform(2.5, 4.0)
+        return "stop"
+
+    def thaw(self, force: bool = False) -> None:
+        """SIGCONT the stopped daemons whose time is up (all, with *force*)."""
+        now = time.monotonic()
+        for server, until in list(self.stopped.items()):
+            if force or now >= until:
+                self.workers[server].send_signal(signal.SIGCONT)
+                del self.stopped[server]
+
     def chaos_kill(self) -> None:
         """SIGKILL a random daemon; once it and its handler processes are
         dead, note the time and start it again under the same server id."""
         server = self.rng.choice(SERVERS)
+        self.stopped.pop(server, None)  # a stopped daemon dies of SIGKILL too
         proc = self.workers[server]
         victims = _children(proc.pid)  # its handler processes alive now
         proc.kill()
@@ -150,20 +177,22 @@ def test_soak_with_random_kills(tmp_path: Path) -> None:
         for server in SERVERS:
             soak.start_worker(server)
         soak.start_producers()
-        kills = 0
-        next_kill = time.monotonic() + soak.rng.uniform(1.5, 3.0)
+        events: Counter = Counter()
+        next_event = time.monotonic() + soak.rng.uniform(1.5, 3.0)
         while True:
+            soak.thaw()
             producing = any(p.poll() is None for p in soak.producers)
             if not producing and soak.done_count() >= TASKS:
                 break
             now = time.monotonic()
             if now > deadline:
-                pytest.fail(f"soak not done after {now - began:.0f} s: {soak.spool.counts()}, {kills} kills")
-            if now >= next_kill:
-                soak.chaos_kill()
-                kills += 1
-                next_kill = time.monotonic() + soak.rng.uniform(1.5, 3.0)
+                pytest.fail(f"soak not done after {now - began:.0f} s: {soak.spool.counts()}, {dict(events)}")
+            if now >= next_event:
+                events[soak.chaos()] += 1
+                next_event = time.monotonic() + soak.rng.uniform(1.5, 3.0)
             time.sleep(0.05)
+        soak.thaw(force=True)
+        kills = events["kill"]
         elapsed = time.monotonic() - began
         assert all(p.wait(30) == 0 for p in soak.producers)
         for server, proc in soak.workers.items():
@@ -236,9 +265,16 @@ def test_soak_with_random_kills(tmp_path: Path) -> None:
                 overlaps.append((name, srv1, srv2))
     assert not overlaps, overlaps[:10]
 
+    escaped = [int(pid) for pid in Path(soak.record + ".escaped").read_text().split()] if os.path.exists(
+        soak.record + ".escaped") else []
+    assert escaped, "the mix has escaping handlers: none ran?"
+    survivors = [pid for pid in escaped if _alive(pid)]
+    assert not survivors, f"grandchildren that escaped their process group outlived their run: {survivors}"
+
     runs_killed = sum(1 for r in records if r[0] == "start") - sum(1 for r in records if r[0] == "end")
     print(
         f"\nsoak: {TASKS} tasks in {elapsed:.0f} s, {kills} daemons SIGKILLed and restarted, "
+        f"{events['stop']} SIGSTOPped for 2.5-4 s, {len(escaped)} escaped grandchildren all killed, "
         f"lost 0, overlaps 0, {runs_killed} handler runs killed mid-way "
         f"({timed_by_chaos} of them with their daemon, ended at the kill); "
         f"FINISHED {counts['FINISHED']}, FAILED {counts['FAILED']}; {dict(sorted(outcome.items()))}"

@@ -26,6 +26,7 @@ import errno
 import fcntl
 import json
 import os
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -41,6 +42,11 @@ UNLIMITED = 1 << 62  # logs and responses have no size limit of their own
 
 class Moved(Exception):
     """The path no longer names the task directory that was locked."""
+
+
+class LockBusy(Exception):
+    """The task's lock was not free within the wait asked for: some process
+    holds it for long (stuck, or stopped)."""
 
 
 # --------------------------------------------------------------------------- the run lock
@@ -182,6 +188,21 @@ def roll_forward(dfd: int, *, durable: bool) -> None:
         os.fsync(dfd)
 
 
+def _lock(fd: int, wait: float | None) -> None:
+    if wait is None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise LockBusy() from None
+            time.sleep(0.005)
+
+
 class TaskDir:
     """A task directory, locked for a change: a context manager.
 
@@ -189,10 +210,11 @@ class TaskDir:
     Closing the handle releases the lock.
     """
 
-    def __init__(self, path: str, *, clock: Callable[[], float], durable: bool) -> None:
+    def __init__(self, path: str, *, clock: Callable[[], float], durable: bool, wait: float | None = None) -> None:
         self.path = path
         self.clock = clock
         self.durable = durable
+        self.wait = wait  # seconds to wait for the lock (None: as long as it takes)
         self.fd = -1
         self.doc: dict[str, Any] = {}
 
@@ -207,10 +229,11 @@ class TaskDir:
     def open(self) -> None:
         """Open, lock, roll forward and read. Raises FileNotFoundError or
         NotADirectoryError if nothing is there, Moved if the directory moved
-        while the lock was awaited, CorruptTask if it cannot be trusted."""
+        while the lock was awaited, LockBusy if the lock stayed taken past
+        the handle's wait, CorruptTask if it cannot be trusted."""
         self.fd = open_task_dir(self.path)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            _lock(self.fd, self.wait)
             fsutil.track_lock_fd(self.fd)
             st = os.fstat(self.fd)
             try:

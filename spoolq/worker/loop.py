@@ -450,6 +450,10 @@ class Worker:
         if ended.outcome is not None:
             self._report(job, ended.outcome)
             return
+        if job.kill_reason is None and time.monotonic() >= job.deadline:
+            # Past its deadline before this loop could enforce it (the worker
+            # was stopped): the handler process killed itself. A timeout.
+            job.kill_reason, job.charge = self._timeout_reason(job), True
         if job.kill_reason is not None:
             faults.crashpoint("daemon.handback")  # killed, not handed back yet
             result = self.spool.abandon(job.claim, job.kill_reason, charge=job.charge)
@@ -510,10 +514,14 @@ class Worker:
         else:
             log.info("%s was taken away or deleted while it ran", job.label)
 
+    @staticmethod
+    def _timeout_reason(job: _Job) -> str:
+        return f"timed out after {job.deadline - job.claimed:g} s"
+
     def _enforce_limits(self, now: float) -> None:
         for job in list(self.jobs.values()):
             if job.kill_reason is None and now >= job.deadline:
-                self._kill(job, f"timed out after {job.deadline - job.claimed:g} s", charge=True)
+                self._kill(job, self._timeout_reason(job), charge=True)
             elif job.kill_reason is not None and job.killed_at is not None and now - job.killed_at > KILL_PATIENCE:
                 # Killed but not ended for a while: stuck in the kernel (D
                 # state); the task stays claimed until its run ends.
