@@ -44,6 +44,7 @@ SETTINGS = "spool.json"
 SPOOL_FORMAT = 1
 DEFAULT_MAX_INPUT = 64 << 20
 DIR_MODE = 0o2770  # group members produce; others get nothing; setgid keeps the spool's group
+PARENT_MODE = 0o755  # missing parents `init` creates: only their owner writes them
 
 
 def resolve_root(root: str | os.PathLike[str] | None = None) -> str:
@@ -319,7 +320,22 @@ class Layout:
     def create(self) -> None:
         """Create the tree (idempotent). New directories get :data:`DIR_MODE`
         whatever the umask (the group shares the spool, as the docs promise);
-        an existing directory keeps the mode its operator gave it."""
+        an existing directory keeps the mode its operator gave it.
+
+        Missing parents of the root are created first, as ``mkdir -p`` does,
+        but with mode :data:`PARENT_MODE` (less the umask) whatever the umask:
+        only their owner may write them, so nobody else can rename the spool
+        away and put a directory of their own in its place."""
+        missing = []
+        parent = os.path.dirname(self.root)
+        while not os.path.lexists(parent):
+            missing.append(parent)
+            parent = os.path.dirname(parent)
+        for directory in reversed(missing):
+            try:
+                os.mkdir(directory, PARENT_MODE)
+            except FileExistsError:
+                continue
         for sub in ("", *STATE_DIRS, os.path.join("locks", "servers")):
             directory = self.path(sub) if sub else self.root
             try:
