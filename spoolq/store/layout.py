@@ -24,7 +24,6 @@ import errno
 import json
 import logging
 import os
-import secrets
 import stat
 import struct
 from dataclasses import dataclass
@@ -364,7 +363,7 @@ class Layout:
         Returns the new path, or None if *path* was gone."""
         base = os.path.basename(path)[:200]  # room for the suffixes within NAME_MAX
         stamp = datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%dT%H%M%S")
-        dest = self.path("quarantine", f"{base}.{stamp}.{secrets.token_hex(3)}")
+        dest = self.path("quarantine", f"{base}.{stamp}.{os.urandom(3).hex()}")
         try:
             os.rename(path, dest)
         except FileNotFoundError:
@@ -380,4 +379,4 @@ class Layout:
     def trash_path(self, name: str) -> str:
         """A fresh name in ``tmp/`` to rename something into before removing
         it (so it vanishes from its place at once)."""
-        return self.path("tmp", f".trash.{name}.{secrets.token_hex(6)}")
+        return self.path("tmp", f".trash.{name}.{os.urandom(6).hex()}")
