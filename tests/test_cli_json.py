@@ -15,7 +15,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-
 from spoolq import Spool, State
 from test_cli import HANDLER, TYPE, finish, root, spool  # noqa: F401 - the fixtures, shared
 
