@@ -15,6 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from spoolq import Spool, State
 from test_cli import HANDLER, TYPE, finish, root, spool  # noqa: F401 - the fixtures, shared
 
@@ -113,3 +115,26 @@ def test_stats(root: Path, spool: Spool) -> None:
     doc = spoolq_json("stats", "--json", root=root)
     assert set(doc) == {"states", "types", "restarts", "oldest_waiting_seconds"}
     assert doc["states"]["ENQUEUED"] == 1 and doc["types"][TYPE]["ENQUEUED"] == 1
+
+
+@pytest.mark.parametrize("args, code", [
+    (("init", "--max-queue", "-1", "--json"), 1),
+    (("register", "T", "nodots", "--json"), 1),
+    (("unregister", "Nope", "--json"), 1),
+    (("enqueue", TYPE, "bad", "-", "--json"), 1),  # not JSON on stdin
+    (("log", TYPE, "nope", "--json"), 1),
+    (("wait", TYPE, "waiting", "--timeout", "0.1", "--json"), 124),
+    (("wait", TYPE, "nope", "--json"), 2),
+    (("stats", "--json", "--prometheus"), 2),
+    (("status", TYPE, "waiting", "--json=yes"), 2),
+], ids=lambda v: " ".join(v) if isinstance(v, tuple) else str(v))
+def test_a_failing_json_call_prints_no_json_and_one_error_line(root: Path, spool: Spool, args: tuple[str, ...],
+                                                               code: int) -> None:
+    spool.enqueue(TYPE, "waiting", None)
+    env = {k: v for k, v in os.environ.items() if k != "SPOOLQ_ROOT"}
+    proc = subprocess.run([sys.executable, "-m", "spoolq", "--root", str(root), *args], input=b"{not json",
+                          capture_output=True, env=env, timeout=60)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stdout == b""
+    err = proc.stderr.decode()
+    assert len(err.splitlines()) == 1 and err.startswith("spoolq: ") and "Traceback" not in err, err
