@@ -1,40 +1,42 @@
 """spoolq: a crash-safe task queue in a directory tree, worked by a daemon
 that systemd supervises. README.md has the tour, docs/contract.md the
-contract and docs/design.md the inside."""
+contract and docs/design.md the inside.
 
-from .errors import (
-    CorruptTask,
-    CrossDevice,
-    InvalidInput,
-    InvalidName,
-    NoResponse,
-    NoSpool,
-    QueueEmpty,
-    QueueException,
-    QueueFull,
-    ServerBusy,
-    SpoolError,
-    SpoolqError,
-    StaleClaim,
-    TaskExists,
-    TaskNotFound,
-    TypeInUse,
-    UnknownType,
-    UnsafeSpool,
-)
-from .lifecycle import Action, Claim, Outcome, State
-from .queries import Census, TaskInfo
-from .spool import Spool, StartedTask, SweepAction
-from .store.codec import LogRecord
-from .store.registry import TaskType
-from .task import TaskContext
+The names below are loaded when first used (``from spoolq import Spool``
+imports :mod:`spoolq.spool` then, not before), so that ``import spoolq``
+and a short ``spoolq`` command stay quick (docs/contract.md §12.7).
+"""
 
-__version__ = "0.1.0"
+from ._version import __version__
 
-__all__ = [
-    "Action", "Census", "Claim", "CorruptTask", "CrossDevice", "InvalidInput", "InvalidName", "LogRecord",
-    "NoResponse", "NoSpool", "Outcome",
-    "QueueEmpty", "QueueException", "QueueFull", "ServerBusy", "Spool", "SpoolError", "SpoolqError",
-    "StaleClaim", "StartedTask", "State", "SweepAction", "TaskContext", "TaskExists", "TaskInfo",
-    "TaskNotFound", "TaskType", "TypeInUse", "UnknownType", "UnsafeSpool",
-]
+# name -> the module that defines it
+_EXPORTS = {
+    **dict.fromkeys(
+        ["CorruptTask", "CrossDevice", "InvalidInput", "InvalidName", "NoResponse", "NoSpool", "QueueEmpty",
+         "QueueException", "QueueFull", "ServerBusy", "SpoolError", "SpoolqError", "StaleClaim", "TaskExists",
+         "TaskNotFound", "TypeInUse", "UnknownType", "UnsafeSpool"],
+        "errors"),
+    **dict.fromkeys(["Action", "Claim", "Outcome", "State"], "lifecycle"),
+    **dict.fromkeys(["Census", "TaskInfo"], "queries"),
+    **dict.fromkeys(["Spool", "StartedTask", "SweepAction"], "spool"),
+    "LogRecord": "store.codec",
+    "TaskType": "store.registry",
+    "TaskContext": "task",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'spoolq' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # the next lookup finds it directly
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -1,58 +1,64 @@
 """The ``spoolq`` command line (docs/contract.md §4), built with typer.
 
-Every command opens the spool named by the global ``--root`` (or
-``SPOOLQ_ROOT``) and calls one or two methods of :class:`spoolq.Spool` (or of
-:mod:`spoolq.sweeps`, :mod:`spoolq.fsck`, :mod:`spoolq.worker`); the logic
-lives there. This module parses and prints, and adds the contract of a
-command line:
+Every command opens the spool named by ``--root`` (or ``SPOOLQ_ROOT``) and
+calls one or two methods of :class:`spoolq.Spool` (or of :mod:`spoolq.sweeps`,
+:mod:`spoolq.fsck`, :mod:`spoolq.worker`); the logic lives there. This module
+parses and prints, and adds the contract of a command line:
 
 * every error is one line on stderr and a non-zero exit, never a traceback
   (:func:`main` turns each :class:`~spoolq.errors.SpoolqError` and
-  ``OSError`` into that line);
-* exit codes scripts can rely on: 75 (EX_TEMPFAIL) when the queue is full,
-  78 (EX_CONFIG) when the worker cannot start, and for ``wait`` 0 FINISHED,
-  1 FAILED, 124 timeout, 2 any other error;
-* ``spoolq enqueue`` stays quick to start: the inotify watch is set up
-  only by ``wait``, and tables are plain aligned text.
+  ``OSError`` into that line, worded by :func:`_error_text`);
+* exit codes scripts can rely on: 2 for a usage error, 75 (EX_TEMPFAIL) when
+  the queue is full, 78 (EX_CONFIG) when the worker cannot start, and for
+  ``wait`` 0 FINISHED, 1 FAILED, 124 timeout, 2 any other error;
+* ``--root`` is taken before the command or after it (:func:`_hoist_root`);
+* every command that prints something has ``--json`` (contract §12.6).
+
+**Speed** (contract §12.7). Importing typer and building its commands costs
+ten times what ``spoolq status`` itself does, so typer is imported only when a
+call needs it. The commands are plain functions declared with
+:func:`_command`; :func:`build_app` hands them to typer (their annotations,
+which name ``typer``, are read only then). :func:`main` runs the plain calls
+of the one-task commands (:data:`_QUICK`: ``status``, ``enqueue``, ``log``,
+``result``, ``delete``, and ``--version``) by calling the very same functions
+itself; every other call (help, completion, an option it does not know, a
+malformed call) goes to typer. Tables are plain aligned text, not rich.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
+from collections.abc import Callable
 from enum import Enum
-from typing import Annotated, Any, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 
-import typer
-
-from .errors import InvalidInput, NoSpool, QueueFull, SpoolqError
+from ._version import __version__
+from .errors import InvalidInput, NoSpool, QueueFull, SpoolqError, TaskNotFound, TypeInUse, UnknownType
 from .lifecycle import State
 from .names import check_type, task_name
-from .queries import Census, format_log
+from .queries import Census, TaskInfo, format_log
 from .spool import Spool
 from .store.layout import DEFAULT_ROOT, ROOT_ENV, resolve_root
 
+if TYPE_CHECKING:
+    import typer
+
 EX_FAILED = 1
+EX_USAGE = 2
 EX_WAIT_ERROR = 2
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
 EX_TIMEOUT = 124
+EX_INTERRUPTED = 130
 
-app = typer.Typer(
-    name="spoolq",
-    help="A crash-safe task queue in a directory tree, worked by a systemd-supervised daemon.",
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+ROOT_HELP = "The spool directory (before or after the command). Default: $SPOOLQ_ROOT, else /var/spool/spoolq."
 
 
 class _Invocation:
-    """What the global callback learnt: the spool root and the command, so
-    :func:`main` can pick the command's exit code for an error."""
+    """What the call chose: the spool root and the command, so :func:`main`
+    can pick the command's exit code for an error."""
 
     root: str = DEFAULT_ROOT
     command: str | None = None
@@ -60,25 +66,32 @@ class _Invocation:
 
 _run = _Invocation()
 
+
+class UsageError(Exception):
+    """A call the options allow one by one but not together (exit 2)."""
+
+
 # The --state choices: the state names, matched case-insensitively.
 StateName = Enum("StateName", {s.name: s.name for s in State}, type=str)  # type: ignore[misc]
 
+# (function, typer settings) of every command, in the order of `spoolq --help`.
+_COMMANDS: list[tuple[Callable[..., Any], dict[str, Any]]] = []
 
-@app.callback()
-def _global(
-    ctx: typer.Context,
-    root: Annotated[
-        str,
-        typer.Option("--root", envvar="SPOOLQ_ROOT", metavar="PATH", help="The spool directory."),
-    ] = DEFAULT_ROOT,
-) -> None:
-    """spoolq: a crash-safe task queue in a directory tree.
 
-    Producers enqueue tasks of registered types; `spoolq worker SERVER` (one
-    per systemd unit spoolq@SERVER) claims and runs them. Try `spoolq demo`.
-    """
+def _command(name: str | None = None, *, examples: list[str]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Declare a command (typer's ``app.command``, applied by :func:`build_app`).
+    *examples* are shell lines, shown under "Examples:" in its ``--help``."""
+
+    def declare(func: Callable[..., Any]) -> Callable[..., Any]:
+        _COMMANDS.append((func, {"name": name, "epilog": "\n".join(examples)}))
+        return func
+
+    return declare
+
+
+def _use_root(root: str | None, command: str | None) -> None:
     _run.root = resolve_root(root)
-    _run.command = ctx.invoked_subcommand
+    _run.command = command
     # Handlers and child processes using spoolq.tracker find the same spool.
     os.environ[ROOT_ENV] = _run.root
 
@@ -87,12 +100,23 @@ def _spool() -> Spool:
     return Spool(_run.root)
 
 
+def _one_task(spool: Spool, type_name: str, call: Callable[[], Any]) -> Any:
+    """*call()*, with "no task" turned into "unknown task type" when that is why."""
+    try:
+        return call()
+    except TaskNotFound:
+        spool.get_type(type_name)  # raises UnknownType
+        raise
+
+
 def _table(columns: list[str], rows: list[list[Any]]) -> None:
     """Print aligned columns, one row a line. On a terminal a line too long
     is cut with an ellipsis, as ps(1) does; into a pipe nothing is cut.
 
     Not rich.table: it renders about 1 ms per row, so `spoolq list` on a
     spool of 3000 tasks took 4-5 s; this takes 5 ms."""
+    import shutil
+
     cells = [columns] + [[str(v).replace("\n", "\\n") for v in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     limit = shutil.get_terminal_size().columns if sys.stdout.isatty() else 0
@@ -116,48 +140,106 @@ def _seconds(value: float) -> str:
     return "forever" if value <= 0 else f"{value:g}"
 
 
+def _task_json(info: TaskInfo) -> dict[str, Any]:
+    return {"type": info.type, "id": info.id, "state": info.state.name, "path": info.path}
+
+
+# Parameters several commands share: ``Annotated[…, typer.Argument/Option(…)]``
+# types, which build_app() makes once it has imported typer.
+JsonFlag: Any = None
+TypeArg: Any = None
+IdArg: Any = None
+
+
 # --------------------------------------------------------------------------- spool and types
 
 
-@app.command()
+@_command(examples=["spoolq init", "SPOOLQ_ROOT=/srv/spool spoolq init --max-queue 1000",
+                    "spoolq --root /tmp/spool init --no-durable --json"])
 def init(
     max_queue: Annotated[
-        Optional[int], typer.Option(help="Most ENQUEUED tasks at once; 0 = unlimited. Default: keep the stored value.")
+        Optional[int],
+        typer.Option(metavar="N", help="Most ENQUEUED tasks at once; 0: unlimited. Default: keep the stored value (0)."),
     ] = None,
     durable: Annotated[
         Optional[bool],
-        typer.Option("--durable/--no-durable", help="fsync every change (default on). Default: keep the stored value."),
+        typer.Option("--durable/--no-durable",
+                     help="fsync every change before it returns. Default: keep the stored value (durable)."),
     ] = None,
     max_input_bytes: Annotated[
-        Optional[int], typer.Option(help="Largest task input in bytes (default 64 MiB). Default: keep the stored value.")
+        Optional[int],
+        typer.Option(metavar="N",
+                     help="Largest task input in bytes. Default: keep the stored value (64 MiB)."),
     ] = None,
+    json_out: JsonFlag = False,
 ) -> None:
-    """Create the spool layout, or check an existing one, and store its settings.
+    """Create or check the spool; store its settings.
 
-    Idempotent: settings not given keep their stored value. Prints the spool's path.
+    Prints the spool's path. Idempotent: settings not given keep their stored value. Missing parent
+    directories are created, as by mkdir -p, with mode 0755 (never writable
+    by others); the spool's own directories get mode 2770.
     """
     spool = Spool.init(_run.root, max_queue=max_queue, durable=durable, max_input_bytes=max_input_bytes)
-    print(spool.root)
+    if json_out:
+        _print_json({"root": spool.root, "max_queue": spool.max_queue, "durable": spool.durable,
+                     "max_input_bytes": spool.max_input_bytes})
+    else:
+        print(spool.root)
 
 
-@app.command()
+@_command(examples=["spoolq register SequenceSum spoolq.demo.sequence_sum",
+                    "spoolq register Thumbnail myapp.tasks.thumbnail --timeout 600 --retention 86400 --max-restarts 1"])
 def register(
     type_name: Annotated[str, typer.Argument(metavar="TYPE", help="Task type name.")],
-    handler: Annotated[str, typer.Argument(help="Dotted import path of the handler, e.g. pkg.module.func.")],
-    timeout: Annotated[float, typer.Option(help="Seconds a task may take from its claim before it is re-enqueued.")] = 3600,
-    retention: Annotated[float, typer.Option(help="Seconds a finished task is kept; <= 0 keeps it forever.")] = -1,
-    max_restarts: Annotated[int, typer.Option(help="Re-enqueues of a timed-out or abandoned task before it FAILS.")] = 2,
+    handler: Annotated[str, typer.Argument(metavar="HANDLER",
+                                           help="Dotted import path of the handler function, e.g. pkg.module.func.")],
+    timeout: Annotated[float, typer.Option(
+        metavar="SECONDS",
+        help="How long a task may be held, counted from its claim, before it is re-enqueued "
+             "(FAILED once its restarts are used up); 0 or less: no limit.")] = 3600,
+    retention: Annotated[float, typer.Option(
+        metavar="SECONDS", help="How long a FINISHED or FAILED task is kept; 0 or less: forever.")] = -1,
+    max_restarts: Annotated[int, typer.Option(
+        metavar="N", help="How often a timed-out or abandoned task goes back to the queue before it FAILS.")] = 2,
+    json_out: JsonFlag = False,
 ) -> None:
-    """Register a task type, or update it: which handler runs its tasks, and their limits.
+    """Register or update a task type.
 
-    A handler is called as handler(task_status, input) in a worker's child process.
+    Which handler runs its tasks, and their limits. A handler is called as handler(task_status, input) in a worker's child
+    process. Prints nothing (with --json: the type's settings).
     """
-    _spool().register_type(type_name, handler, timeout=timeout, retention=retention, max_restarts=max_restarts)
+    ttype = _spool().register_type(type_name, handler, timeout=timeout, retention=retention,
+                                   max_restarts=max_restarts)
+    if json_out:
+        _print_json(ttype.to_json())
 
 
-@app.command("types")
-def types_(json_out: Annotated[bool, typer.Option("--json", help="Print a JSON array.")] = False) -> None:
-    """List the registered task types with their handler and limits."""
+@_command(examples=["spoolq unregister Thumbnail", "spoolq unregister Thumbnail --force"])
+def unregister(
+    type_name: Annotated[str, typer.Argument(metavar="TYPE", help="Registered task type.")],
+    force: Annotated[bool, typer.Option("--force", help="Delete the type's tasks too, whatever their state.")] = False,
+    json_out: JsonFlag = False,
+) -> None:
+    """Remove a task type.
+
+    Refused while tasks of the type exist, unless --force, which deletes
+    them first. Prints one line per task --force deleted (with --json: an object with
+    "type" and "deleted", the ids).
+    """
+    removed = _spool().unregister_type(type_name, force=force)
+    if json_out:
+        _print_json({"type": type_name, "deleted": [a.id for a in removed]})
+        return
+    for action in removed:
+        print(f"deleted {action.type}/{action.id}")
+
+
+@_command("types", examples=["spoolq types", "spoolq types --json"])
+def types_(json_out: JsonFlag = False) -> None:
+    """List the registered task types.
+
+    One a line: TYPE, HANDLER, TIMEOUT, RETENTION, MAX RESTARTS. With --json,
+    an array of the type documents (as types/TYPE.json holds them)."""
     types = _spool().types()
     if json_out:
         _print_json([t.to_json() for t in types])
@@ -171,18 +253,23 @@ def types_(json_out: Annotated[bool, typer.Option("--json", help="Print a JSON a
 # --------------------------------------------------------------------------- one task
 
 
-@app.command()
+@_command(examples=["spoolq enqueue SequenceSum Task001 input.pkl",
+                    "python -c 'import pickle, sys; sys.stdout.buffer.write(pickle.dumps((1, 2)))' "
+                    "| spoolq enqueue SequenceSum Task002 -",
+                    "echo '[1, 2, 3]' | spoolq enqueue SequenceSum Task003 - --json"])
 def enqueue(
-    type_name: Annotated[str, typer.Argument(metavar="TYPE", help="Registered task type.")],
-    task_id: Annotated[str, typer.Argument(metavar="ID", help="Task id, unique within its type.")],
-    input_path: Annotated[str, typer.Argument(metavar="INPUT", help="File holding the input; '-' reads stdin.")],
-    json_in: Annotated[bool, typer.Option("--json", help="INPUT holds JSON instead of a pickle.")] = False,
+    type_name: TypeArg,
+    task_id: IdArg,
+    input_path: Annotated[str, typer.Argument(metavar="INPUT", help="File holding the input; - reads stdin.")],
+    json_in: Annotated[bool, typer.Option(
+        "--json", help="INPUT holds JSON instead of a pickle; print the new task as JSON.")] = False,
 ) -> None:
-    """Enqueue task (TYPE, ID) with the input read from INPUT.
+    """Enqueue task (TYPE, ID) with its input.
 
-    INPUT holds one pickle (checked, not run) or, with --json, a JSON document.
-    The task appears whole or not at all. Exits 75 when the queue is full, so
-    a script can retry later.
+    INPUT holds one pickle (checked, not run) or, with --json, one JSON
+    document. The task appears whole or not at all. Prints nothing (with
+    --json: "type", "id", "state" and "path" of the new task). Exits 75 when
+    the queue is full, so a script can retry later.
     """
     task_name(type_name, task_id)  # refuse bad names before reading stdin
     spool = _spool()
@@ -196,73 +283,84 @@ def enqueue(
         finally:
             os.close(fd)
     if json_in:
-        spool.enqueue_json(type_name, task_id, payload)
+        _print_json(_task_json(spool.enqueue_json(type_name, task_id, payload)))
     else:
         spool.enqueue_pickled(type_name, task_id, payload)
 
 
-@app.command()
-def status(
-    type_name: Annotated[str, typer.Argument(metavar="TYPE")],
-    task_id: Annotated[str, typer.Argument(metavar="ID")],
-    json_out: Annotated[bool, typer.Option("--json", help="Print the whole status document.")] = False,
-) -> None:
-    """Print the task's state: ENQUEUED, SCHEDULED, RUNNING, PAUSED, FINISHED or FAILED.
+@_command(examples=["spoolq status SequenceSum Task001",
+                    "spoolq status SequenceSum Task001 --json",
+                    "spoolq status SequenceSum Task001 --root /srv/spool"])
+def status(type_name: TypeArg, task_id: IdArg, json_out: JsonFlag = False) -> None:
+    """Print the task's state.
 
-    With --json, the whole status document, with "state" and "path" (its directory).
+    One of ENQUEUED, SCHEDULED, RUNNING, PAUSED, FINISHED or FAILED. With --json, the whole status document, with "state", "code" and "path" (its directory).
     """
-    info = _spool().status(type_name, task_id)
+    spool = _spool()
+    info = _one_task(spool, type_name, lambda: spool.status(type_name, task_id))
     if json_out:
         _print_json(info.as_json())
     else:
         print(info.state.name)
 
 
-@app.command("log")
-def log_(
-    type_name: Annotated[str, typer.Argument(metavar="TYPE")],
-    task_id: Annotated[str, typer.Argument(metavar="ID")],
-) -> None:
-    """Print the task's log, oldest first: one record a line (UTC time, state, message)."""
-    for line in format_log(_spool().log_records(type_name, task_id)):
+@_command("log", examples=["spoolq log SequenceSum Task001", "spoolq log SequenceSum Task001 --json"])
+def log_(type_name: TypeArg, task_id: IdArg, json_out: JsonFlag = False) -> None:
+    """Print the task's log, oldest first.
+
+    One record a line: UTC time, state, message. With --json, an array of objects with "time", "state" and "message".
+    """
+    spool = _spool()
+    records = _one_task(spool, type_name, lambda: spool.log_records(type_name, task_id))
+    if json_out:
+        _print_json([{"time": r.time.isoformat(), "state": r.state.name, "message": r.message} for r in records])
+        return
+    for line in format_log(records):
         print(line)
 
 
-@app.command()
-def result(
-    type_name: Annotated[str, typer.Argument(metavar="TYPE")],
-    task_id: Annotated[str, typer.Argument(metavar="ID")],
-) -> None:
-    """Write the task's stored response to stdout, raw bytes as stored.
+@_command(examples=["spoolq result SequenceSum Task001", "spoolq result Thumbnail img7 > img7.png"])
+def result(type_name: TypeArg, task_id: IdArg) -> None:
+    """Write the task's response to stdout.
 
-    (The MIME type is in `spoolq status --json` as "response_mime".)
+    Raw bytes, as the handler stored them. (Its MIME type is "response_mime" in `spoolq status --json`.)
     """
-    data, _mime = _spool().response(type_name, task_id)
+    spool = _spool()
+    data, _mime = _one_task(spool, type_name, lambda: spool.response(type_name, task_id))
     sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()
 
 
-@app.command()
-def delete(
-    type_name: Annotated[str, typer.Argument(metavar="TYPE")],
-    task_id: Annotated[str, typer.Argument(metavar="ID")],
-) -> None:
-    """Remove the task, whatever its state. A running handler's later writes are refused."""
-    _spool().delete(type_name, task_id)
+@_command(examples=["spoolq delete SequenceSum Task001"])
+def delete(type_name: TypeArg, task_id: IdArg) -> None:
+    """Remove a task, whatever its state.
+
+    A handler still running it can no longer write to it."""
+    spool = _spool()
+    _one_task(spool, type_name, lambda: spool.delete(type_name, task_id))
 
 
-@app.command("list")
+@_command("list", examples=["spoolq list", "spoolq list --state failed --type SequenceSum",
+                            "spoolq list --state enqueued --json"])
 def list_(
     state: Annotated[
-        Optional[StateName], typer.Option(case_sensitive=False, help="Only tasks in this state.")
+        Optional[StateName], typer.Option(case_sensitive=False, metavar="STATE", help="Only tasks in this state.")
     ] = None,
     type_name: Annotated[Optional[str], typer.Option("--type", metavar="TYPE", help="Only tasks of this type.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON array of status documents.")] = False,
 ) -> None:
-    """List tasks, one a line (or a JSON array), by state directory: waiting, claimed, running, done."""
+    """List tasks, one a line.
+
+    Columns TYPE, ID, STATE, SERVER, STARTS, UPDATED, MESSAGE, in the order
+    of the state directories: waiting, claimed, running, done. With --json,
+    an array of the documents `spoolq status --json` prints. A --type that
+    is not registered is an error."""
     if type_name is not None:
         check_type(type_name)
-    infos = _spool().list_tasks(state=State[state.value] if state else None, type_name=type_name)
+    spool = _spool()
+    infos = spool.list_tasks(state=State[state.value] if state else None, type_name=type_name)
+    if type_name is not None and not infos:
+        spool.get_type(type_name)  # an unknown type is an error, not an empty list
     if json_out:
         _print_json([i.as_json() for i in infos])
         return
@@ -279,70 +377,89 @@ def list_(
 # --------------------------------------------------------------------------- wait
 
 
-@app.command()
+@_command(examples=["spoolq wait SequenceSum Task001 && spoolq result SequenceSum Task001",
+                    "spoolq wait SequenceSum Task001 --timeout 60 --json"])
 def wait(
-    type_name: Annotated[str, typer.Argument(metavar="TYPE")],
-    task_id: Annotated[str, typer.Argument(metavar="ID")],
+    type_name: TypeArg,
+    task_id: IdArg,
     timeout: Annotated[
-        Optional[float], typer.Option(help="Give up after this many seconds (exit 124). Default: wait forever.")
+        Optional[float],
+        typer.Option(metavar="SECONDS", help="Give up after this many seconds (exit 124). Default: wait forever."),
     ] = None,
-) -> None:
-    """Block until the task is FINISHED (exit 0) or FAILED (exit 1); print that state.
+    json_out: Annotated[bool, typer.Option("--json", help="Print the final status document.")] = False,
+) -> int:
+    """Wait until the task is FINISHED or FAILED.
 
-    Woken by file events, not a sleep loop. Exits 124 on timeout and 2 on any
-    other error (unknown task, task deleted while waiting, ...).
+    Prints that state; exits 0 when FINISHED, 1 when FAILED. Woken by file events, not a sleep loop. Exits 124 on timeout and 2 on any
+    other error (unknown task, task deleted while waiting, ...). With --json,
+    the final status document, as `spoolq status --json` prints it.
     """
+    spool = _spool()
     try:
-        info = _spool().wait(type_name, task_id, timeout)
+        info = _one_task(spool, type_name, lambda: spool.wait(type_name, task_id, timeout))
     except KeyboardInterrupt:
-        raise typer.Exit(130) from None  # not 1: that means FAILED
+        return EX_INTERRUPTED  # not 1: that means FAILED
     if info is None:
         _fail(f"timed out after {timeout:g} s waiting for {type_name}/{task_id}", EX_TIMEOUT)
-    print(info.state.name)
-    raise typer.Exit(0 if info.state == State.FINISHED else EX_FAILED)
+    if json_out:
+        _print_json(info.as_json())
+    else:
+        print(info.state.name)
+    return 0 if info.state == State.FINISHED else EX_FAILED
 
 
 # --------------------------------------------------------------------------- worker and maintenance
 
 
-@app.command()
+@_command(examples=["spoolq worker server1", "spoolq worker server1 --concurrency 4",
+                    "spoolq worker server1 --drain"])
 def worker(
-    server: Annotated[str, typer.Argument(metavar="SERVER", help="Server id: names this worker (systemd unit spoolq@SERVER).")],
-    concurrency: Annotated[int, typer.Option(min=1, help="Handlers run at once, each in a handler process.")] = 1,
-    drain: Annotated[bool, typer.Option("--drain", help="Claim nothing new; finish what this server holds, then exit.")] = False,
-    grace: Annotated[float, typer.Option(min=0, help="Seconds SIGTERM waits for running handlers.")] = 30,
-    poll: Annotated[bool, typer.Option("--poll", help="Rescan the queue periodically instead of watching file events.")] = False,
+    server: Annotated[str, typer.Argument(metavar="SERVER",
+                                          help="Server id: names this worker (systemd unit spoolq@SERVER).")],
+    concurrency: Annotated[int, typer.Option(min=1, metavar="N",
+                                             help="Handlers run at once, each in a handler process.")] = 1,
+    drain: Annotated[bool, typer.Option("--drain",
+                                        help="Claim nothing new; finish what this server holds, then exit.")] = False,
+    grace: Annotated[float, typer.Option(min=0, metavar="SECONDS",
+                                         help="How long SIGTERM waits for running handlers.")] = 30,
+    poll: Annotated[bool, typer.Option("--poll",
+                                       help="Rescan the queue every second instead of watching file events.")] = False,
     max_tasks_per_child: Annotated[
-        int, typer.Option(min=0, help="Tasks a handler process runs before a fresh one replaces it; 0: never replace.")
+        int, typer.Option(min=0, metavar="N",
+                          help="Tasks a handler process runs before a fresh one replaces it; 0: never replace.")
     ] = 1000,
-) -> None:
-    """Run the worker daemon for SERVER in the foreground (what systemd runs).
+) -> int:
+    """Run the worker daemon for SERVER.
 
-    Claims waiting tasks and runs their handlers; on SIGTERM it stops
+    In the foreground: this is what systemd runs. Claims waiting tasks and runs their handlers; on SIGTERM it stops
     claiming, hands back what it did not start and exits 0. Exits 78 when it
     cannot start (bad server id, missing or unsafe spool, server already running).
     --drain while SERVER already runs asks that process to drain, and waits for it.
     """
     from .worker import run_worker  # a SpoolqError from here on is a configuration error: exit 78
 
-    raise typer.Exit(
-        run_worker(
-            _run.root, server, concurrency=concurrency, drain=drain, grace=grace, poll=poll,
-            max_tasks_per_child=max_tasks_per_child,
-        )
+    return run_worker(
+        _run.root, server, concurrency=concurrency, drain=drain, grace=grace, poll=poll,
+        max_tasks_per_child=max_tasks_per_child,
     )
 
 
-@app.command()
-def sweep() -> None:
-    """One maintenance pass: re-enqueue (or fail) zombie and timed-out tasks,
-    remove finished tasks past their retention, clear stale staging leftovers.
+@_command(examples=["spoolq sweep", "spoolq sweep --json"])
+def sweep(json_out: JsonFlag = False) -> None:
+    """Run one maintenance pass.
 
-    Says what it did, one line per action. Workers do this periodically too.
+    Re-enqueues (or fails) zombie and timed-out tasks, removes finished tasks
+    past their retention, clears stale staging leftovers. Says what it did, one line per action (ACTION TYPE/ID: REASON). With
+    --json, an object with "actions" (each "action", "type", "id", "reason")
+    and "removed" (leftovers removed from tmp/). Workers do this periodically too.
     """
     from .sweeps import sweep as sweep_once
 
     actions, removed = sweep_once(_spool())
+    if json_out:
+        _print_json({"actions": [{"action": str(a.action), "type": a.type, "id": a.id, "reason": a.reason}
+                                 for a in actions], "removed": removed})
+        return
     for a in actions:
         print(f"{a.action} {a.type}/{a.id}: {a.reason}")
     if removed:
@@ -351,23 +468,46 @@ def sweep() -> None:
         print("nothing to do")
 
 
-@app.command()
+@_command(examples=["spoolq fsck", "spoolq fsck --repair", "spoolq fsck --json"])
 def fsck(
     repair: Annotated[
         bool,
         typer.Option("--repair", help="Quarantine what cannot be trusted, re-enqueue orphans of dead servers, "
                      "complete interrupted moves. Never deletes task data."),
     ] = False,
-) -> None:
-    """Check the spool's consistency (like Postfix's postsuper -s).
+    json_out: JsonFlag = False,
+) -> int:
+    """Check the spool's consistency.
 
-    One line per problem (KIND: PATH: MESSAGE [-> ACTION]), then a summary.
+    Like Postfix's postsuper -s. One line per problem (KIND: PATH: MESSAGE [-> ACTION]), then a summary.
     Exits 0 when the spool is consistent (after --repair), 1 when problems
     were found (or remain after --repair: permissions are only reported).
+    With --json, an object with "root", "repair", "ok", "findings" and
+    "remaining" (each "kind", "path", "message", "action") and "counts".
     """
-    from .fsck import run_fsck
+    from . import fsck as checker
 
-    raise typer.Exit(run_fsck(_run.root, repair))
+    if not json_out:
+        return checker.run_fsck(_run.root, repair)
+    try:
+        report = checker.check(Spool(_run.root), repair=repair)
+        findings, remaining = report.findings, report.remaining
+        tasks, quarantined = report.tasks, report.quarantined
+    except SpoolqError as exc:  # the spool cannot be opened: its layout is what is wrong
+        findings = remaining = checker.layout_findings(_run.root) or [checker.Finding("spool", ".", str(exc))]
+        tasks = quarantined = 0
+
+    def doc(f: Any) -> dict[str, Any]:
+        return {"kind": f.kind, "path": f.path, "message": f.message, "action": f.action}
+
+    repaired = sum(1 for f in findings if f.action is not None)
+    _print_json({
+        "root": _run.root, "repair": repair, "ok": not remaining,
+        "findings": [doc(f) for f in findings], "remaining": [doc(f) for f in remaining],
+        "counts": {"tasks": tasks, "problems": len(findings), "repaired": repaired,
+                   "remaining": len(remaining), "quarantined": quarantined},
+    })
+    return 0 if not remaining else EX_FAILED
 
 
 def _prometheus(census: Census) -> str:
@@ -391,16 +531,21 @@ def _prometheus(census: Census) -> str:
     return "\n".join(lines) + "\n"
 
 
-@app.command()
+@_command(examples=["spoolq stats", "spoolq stats --json",
+                    "spoolq stats --prometheus > /var/lib/node_exporter/textfile/spoolq.prom"])
 def stats(
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON object.")] = False,
     prometheus: Annotated[bool, typer.Option("--prometheus", help="Print the node_exporter textfile format.")] = False,
 ) -> None:
-    """Counts per state and per type, the oldest waiting task's age, restarts.
+    """Count tasks per state and type.
 
-    --prometheus prints metrics for node_exporter's textfile collector:
+    Also the oldest waiting task's age and the restarts of the tasks in
+    running/ and done/. --prometheus prints metrics for node_exporter's textfile collector:
     spoolq_tasks{state,type}, spoolq_oldest_waiting_seconds, spoolq_task_restarts{type}.
+    --json and --prometheus exclude each other.
     """
+    if json_out and prometheus:
+        raise UsageError("--json and --prometheus exclude each other: give one")
     census = _spool().census()
     if json_out:
         _print_json(census.as_json())
@@ -416,21 +561,192 @@ def stats(
     print(f"oldest waiting: {'none' if oldest is None else f'{oldest:.1f} s'}")
 
 
-@app.command()
-def demo() -> None:
-    """Run the seed's SequenceSum example end to end in a temporary spool,
-    with a real worker process; prints a short transcript. Ignores --root."""
+@_command(examples=["spoolq demo"])
+def demo() -> int:
+    """Run the seed's SequenceSum example end to end.
+
+    In a temporary spool, with a real worker process; prints a short
+    transcript. Ignores --root."""
     from .demo import run_demo
 
-    raise typer.Exit(run_demo())
+    return run_demo()
 
 
-# --------------------------------------------------------------------------- errors
+# --------------------------------------------------------------------------- typer
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"spoolq {__version__}")
+        raise typer.Exit()
+
+
+def _global(
+    ctx: typer.Context,
+    root: Annotated[
+        str, typer.Option("--root", envvar=ROOT_ENV, metavar="PATH", show_envvar=False, show_default=False,
+                          help=ROOT_HELP)
+    ] = DEFAULT_ROOT,
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
+) -> None:
+    """A crash-safe task queue in a directory tree, worked by a systemd-supervised daemon.
+
+    Producers enqueue tasks of registered types; `spoolq worker SERVER` (one
+    per systemd unit spoolq@SERVER) claims and runs them. Every error is one
+    line on stderr. Try `spoolq demo`; `spoolq COMMAND --help` explains a
+    command and shows examples.
+    """
+    _use_root(root, ctx.invoked_subcommand)
+
+
+def build_app() -> typer.Typer:
+    """The typer app of every command declared with :func:`_command`. Imports
+    typer (only now: the annotations above name it)."""
+    global typer, JsonFlag, TypeArg, IdArg
+    import typer
+    import typer.core
+
+    JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+    TypeArg = Annotated[str, typer.Argument(metavar="TYPE", help="The task's type.")]
+    IdArg = Annotated[str, typer.Argument(metavar="ID", help="The task's id (unique within its type).")]
+
+    class Command(typer.core.TyperCommand):
+        """Help as the contract wants it: ``TYPE ID`` in the usage line,
+        arguments without a type tag, ``--root`` listed, examples verbatim."""
+
+        def collect_usage_pieces(self, ctx: Any) -> list[str]:
+            return [p[1:-1] if p.startswith("{") and p.endswith("}") else p
+                    for p in super().collect_usage_pieces(ctx)]
+
+        def format_options(self, ctx: Any, formatter: Any) -> None:
+            arguments = [(p.metavar or (p.name or "").upper(), getattr(p, "help", None) or "")
+                         for p in self.get_params(ctx) if p.param_type_name == "argument"]
+            options = [r for p in self.get_params(ctx) if p.param_type_name == "option"
+                       for r in [p.get_help_record(ctx)] if r is not None]
+            options.insert(len(options) - 1, ("--root PATH", ROOT_HELP))  # before --help
+            for title, rows in (("Arguments", arguments), ("Options", options)):
+                if rows:
+                    with formatter.section(title):
+                        formatter.write_dl(rows)
+
+        def format_epilog(self, ctx: Any, formatter: Any) -> None:
+            if self.epilog:
+                with formatter.section("Examples"):
+                    for line in self.epilog.splitlines():
+                        formatter.write(f"{'':>{formatter.current_indent}}{line}\n")
+
+    app = typer.Typer(
+        name="spoolq",
+        add_completion=True,
+        no_args_is_help=True,
+        rich_markup_mode=None,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    app.callback()(_global)
+    for func, settings in _COMMANDS:
+        app.command(cls=Command, **settings)(func)
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":  # spoolq.cli.app: the typer app (built on first use)
+        return build_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# --------------------------------------------------------------------------- the quick path
+
+
+# Commands main() runs without typer: (positional parameters, {flag: parameter}).
+_QUICK: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
+    "status": (("type_name", "task_id"), {"--json": "json_out"}),
+    "enqueue": (("type_name", "task_id", "input_path"), {"--json": "json_in"}),
+    "log": (("type_name", "task_id"), {"--json": "json_out"}),
+    "result": (("type_name", "task_id"), {}),
+    "delete": (("type_name", "task_id"), {}),
+}
+_FUNCTIONS = {settings["name"] or func.__name__: func for func, settings in _COMMANDS}
+# Global options that take a value (for finding the command word).
+_GLOBAL_VALUE_OPTIONS = ("--root",)
+
+
+def _hoist_root(args: list[str]) -> list[str]:
+    """``--root PATH`` given after the command, moved before it (where the
+    global option is parsed); the last one given wins. Nothing after ``--``
+    moves."""
+    i = 0
+    while i < len(args) and args[i].startswith("-") and args[i] != "--":
+        i += 2 if args[i] in _GLOBAL_VALUE_OPTIONS else 1
+    if i >= len(args) or args[i] == "--":
+        return args
+    head, command, rest = args[:i], args[i], args[i + 1:]
+    moved: list[str] = []
+    kept: list[str] = []
+    j = 0
+    while j < len(rest):
+        arg = rest[j]
+        if arg == "--":
+            kept += rest[j:]
+            break
+        if arg == "--root":
+            if j + 1 >= len(rest):
+                raise UsageError("option '--root' requires an argument")
+            moved += [arg, rest[j + 1]]
+            j += 2
+            continue
+        if arg.startswith("--root="):
+            moved.append(arg)
+        else:
+            kept.append(arg)
+        j += 1
+    return head + moved + [command] + kept
+
+
+def _quick(args: list[str]) -> tuple[str | None, str, dict[str, Any]] | None:
+    """(root, command, keyword arguments) of a plain call of a quick command,
+    or None: typer takes every other call."""
+    root = None
+    i = 0
+    while i < len(args) and (args[i] == "--root" or args[i].startswith("--root=")):
+        if args[i] == "--root":
+            if i + 1 >= len(args):
+                return None
+            root, i = args[i + 1], i + 2
+        else:
+            root, i = args[i][len("--root="):], i + 1
+    if i >= len(args) or args[i] not in _QUICK:
+        return None
+    command = args[i]
+    positional, flags = _QUICK[command]
+    values: list[str] = []
+    kwargs: dict[str, Any] = {}
+    for arg in args[i + 1:]:
+        if arg.startswith("-") and arg != "-":
+            if arg not in flags:
+                return None  # --help, --, an unknown option: typer says what to say
+            kwargs[flags[arg]] = True
+        else:
+            values.append(arg)
+    if len(values) != len(positional):
+        return None
+    kwargs.update(zip(positional, values))
+    return root, command, kwargs
+
+
+def _completing() -> bool:
+    """A shell asks for completions (click's _SPOOLQ_COMPLETE protocol)."""
+    return any(k.startswith("_") and k.endswith("_COMPLETE") for k in os.environ)
+
+
+# --------------------------------------------------------------------------- errors and main
 
 
 def _fail(message: str, code: int) -> NoReturn:
     print(f"spoolq: {message}", file=sys.stderr)
-    raise typer.Exit(code)
+    sys.exit(code)
 
 
 def _error_text(exc: BaseException) -> str:
@@ -443,6 +759,11 @@ def _error_text(exc: BaseException) -> str:
         return f"{what}: run 'spoolq init' (or set --root / SPOOLQ_ROOT)"
     if isinstance(exc, InvalidInput) and exc.limit is not None:
         return f"{exc} (spoolq init --max-input-bytes): pass large data by path instead"
+    if isinstance(exc, UnknownType):
+        return f"unknown task type {exc.type!r}: 'spoolq types' lists the registered ones"
+    if isinstance(exc, TypeInUse):
+        return (f"task type {exc.type!r} still has {exc.count} task(s): "
+                f"'spoolq unregister {exc.type} --force' deletes them with it")
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
@@ -453,33 +774,57 @@ def _exit_code(exc: BaseException) -> int:
         return EX_TEMPFAIL
     if _run.command == "worker" and isinstance(exc, SpoolqError):
         return EX_CONFIG
-    return 1
+    return EX_FAILED
 
 
-def main() -> None:
-    """Entry point of the ``spoolq`` script and ``python -m spoolq``.
+def _usage(message: str) -> NoReturn:
+    where = f"spoolq {_run.command} --help" if _run.command else "spoolq --help"
+    _fail(f"{message} (see '{where}')", EX_USAGE)
 
-    Runs typer outside its standalone mode so that usage errors, like every
-    other error, are one line on stderr (click would print a usage block).
-    typer's exceptions are caught through its public base class
-    ``typer.TyperException``; the attributes used are click's.
-    """
+
+def _with_typer(args: list[str]) -> Any:
+    """Run *args* through typer; its usage errors become one line too."""
+    app = build_app()
     try:
-        result = app(standalone_mode=False)
+        return app(args=args, prog_name="spoolq", standalone_mode=False)
     except typer.Abort:
-        print("spoolq: interrupted", file=sys.stderr)
-        sys.exit(130)
+        _fail("interrupted", EX_INTERRUPTED)
     except typer.TyperException as exc:
         ctx = getattr(exc, "ctx", None)
         if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
-            print(ctx.get_help(), file=sys.stderr)
-            sys.exit(2)
+            print(ctx.get_help(), file=sys.stderr)  # bare `spoolq`: the help, once; a usage error
+            sys.exit(EX_USAGE)
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         where = f"spoolq {ctx.info_name} --help" if ctx is not None and ctx.parent is not None else "spoolq --help"
-        print(f"spoolq: {message} (see '{where}')", file=sys.stderr)
-        sys.exit(getattr(exc, "exit_code", 2))
-    except (SpoolqError, OSError) as exc:
-        print(f"spoolq: {_error_text(exc)}", file=sys.stderr)
-        sys.exit(_exit_code(exc))
-    sys.exit(result if isinstance(result, int) else 0)
+        _fail(f"{message} (see '{where}')", getattr(exc, "exit_code", EX_USAGE))
 
+
+def main(argv: list[str] | None = None, *, quick: bool = True) -> NoReturn:
+    """Entry point of the ``spoolq`` script and ``python -m spoolq``.
+
+    A plain call of a quick command (:data:`_QUICK`) runs here without
+    typer; *quick* False sends every call through typer (the tests compare
+    the two). typer runs outside its standalone mode so that usage errors,
+    like every other error, are one line on stderr (click would print a
+    usage block).
+    """
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = _hoist_root(args)
+        plain = _quick(args) if quick and not _completing() else None
+        if args == ["--version"] and quick:
+            print(f"spoolq {__version__}")
+            sys.exit(0)
+        if plain is not None:
+            root, command, kwargs = plain
+            _use_root(root, command)
+            result = _FUNCTIONS[command](**kwargs)
+        else:
+            result = _with_typer(args)
+    except UsageError as exc:
+        _usage(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted", EX_INTERRUPTED)
+    except (SpoolqError, OSError) as exc:
+        _fail(_error_text(exc), _exit_code(exc))
+    sys.exit(result if isinstance(result, int) else 0)

@@ -30,8 +30,6 @@ import errno
 import json
 import logging
 import os
-import pickle
-import secrets
 import shutil
 import stat
 import time
@@ -239,6 +237,8 @@ class Spool:
 
     def enqueue(self, type_name: str, task_id: str, input: Any = None, *, message: str = "") -> TaskInfo:
         """Enqueue task (type, id) with *input* pickled. See :meth:`enqueue_pickled`."""
+        import pickle  # here, not at the top: `spoolq status` need not load it (contract §12.7)
+
         try:
             payload = pickle.dumps(input, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
@@ -314,7 +314,7 @@ class Spool:
             "response_mime": None,
             "message": message,
         }
-        stage = self.layout.path("tmp", f"{name}.{os.getpid()}.{secrets.token_hex(6)}")
+        stage = self.layout.path("tmp", f"{name}.{os.getpid()}.{os.urandom(6).hex()}")
         os.mkdir(stage, 0o770)
         try:
             sync = self.durable
@@ -573,6 +573,8 @@ class Spool:
             task.move(self._path(Place.RUNNING, claim.name))
             task.write(State.RUNNING, "", starts=int(task.doc.get("starts", 0)) + 1, started_at=codec.iso(self.clock()))
             crashpoint("start.running")
+            import pickle  # see enqueue()
+
             try:
                 value = json.loads(raw) if input_name == INPUT_JSON else pickle.loads(raw)
             except (Exception, SystemExit) as exc:

@@ -12,6 +12,7 @@ limit is a spool setting (``spoolq init --max-queue``) and exact.
 
 from __future__ import annotations
 
+import sys
 from datetime import datetime
 from typing import Any
 
@@ -23,7 +24,7 @@ from .store.layout import resolve_root
 from .task import TaskContext
 
 __all__ = [
-    "QueueException", "QueueFull", "QueueEmpty", "TaskStatus",
+    "QueueException", "QueueFull", "QueueEmpty", "TaskStatus", "STATUS2TEXT", "TEXT2STATUS",
     # spoolq's own conditions, for ATP code that wants to catch them
     "SpoolqError", "StaleClaim", "TaskNotFound", "UnknownType", "DoesNotExist",
     "registerTaskType", "unregisterTaskType", "enqueueTask", "dequeueTask", "startTask",
@@ -35,6 +36,13 @@ __all__ = [
 ]
 
 _spool: Spool | None = None
+
+# ATP's status tables (EOxServer's ``processes.models``): code -> name and
+# name -> code. Code 0 (UNDEFINED) is ATP's and never used by spoolq. Code 1
+# is ENQUEUED, the name every spoolq call returns (``getTaskStatus`` ->
+# ``(1, "ENQUEUED")``); ATP called it ACCEPTED, and TEXT2STATUS takes both.
+STATUS2TEXT: dict[int, str] = {0: "UNDEFINED", **{int(s): s.name for s in State}}
+TEXT2STATUS: dict[str, int] = {**{name: code for code, name in STATUS2TEXT.items()}, "ACCEPTED": int(State.ENQUEUED)}
 
 
 def _get_spool() -> Spool:
@@ -80,7 +88,10 @@ def getQueueSize() -> int:
 
 
 def getMaxQueueSize() -> int:
-    return _get_spool().max_queue
+    """The queue limit; ``sys.maxsize`` when the spool has none (``max_queue``
+    0), so ATP's ``while getQueueSize() < getMaxQueueSize(): enqueueTask(…)``
+    keeps working (ATP's limit was a fixed 64)."""
+    return _get_spool().max_queue or sys.maxsize
 
 
 # --- consumer ----------------------------------------------------------------
@@ -195,7 +206,20 @@ def dummyHandler(taskStatus: TaskStatus, input: Any) -> None:
 class TaskStatus(TaskContext):
     """What handlers receive, constructible the ATP way: ``TaskStatus(task_id)``
     works on the tracker's spool. ``dbLock`` is accepted and ignored (the
-    filesystem arbitrates). The camelCase methods come from TaskContext."""
+    filesystem arbitrates). The camelCase methods come from TaskContext.
+
+    ATP's status codes are class constants (``TaskStatus.FINISHED == 5``),
+    with ACCEPTED and ENQUEUED both 1 (ATP's ``TaskStatus.ACCEPTED``)."""
+
+    # Plain ints, as in ATP (print(TaskStatus.FINISHED) shows 5).
+    UNDEFINED = 0
+    ACCEPTED = int(State.ENQUEUED)
+    ENQUEUED = int(State.ENQUEUED)
+    SCHEDULED = int(State.SCHEDULED)
+    RUNNING = int(State.RUNNING)
+    PAUSED = int(State.PAUSED)
+    FINISHED = int(State.FINISHED)
+    FAILED = int(State.FAILED)
 
     def __init__(self, task_id: str | Claim, dbLock: Any = None, *, spool: Spool | None = None) -> None:
         super().__init__(spool or _get_spool(), task_id)

@@ -18,6 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "spoolq"
 # each other unless listed in SAME_LAYER_ORDER (the first may be imported by
 # the later ones).
 LAYERS: dict[str, int] = {
+    "spoolq._version": 0,
     "spoolq.errors": 0, "spoolq.names": 0, "spoolq.faults": 0, "spoolq.systemd": 0, "spoolq.watch": 0,
     "spoolq.lifecycle": 1,
     "spoolq.store": 2, "spoolq.store.fsutil": 2, "spoolq.store.codec": 2, "spoolq.store.layout": 2,
@@ -29,7 +30,7 @@ LAYERS: dict[str, int] = {
     "spoolq.fsck": 6, "spoolq.tracker": 6,
     "spoolq.demo": 7,
     "spoolq.cli": 8,
-    "spoolq": 9, "spoolq.__main__": 9,
+    "spoolq": 9, "spoolq.__main__": 9, "spoolq._manpage": 9,
 }
 SAME_LAYER_ORDER = [
     ["spoolq.store.fsutil", "spoolq.store.layout", "spoolq.store.codec", "spoolq.store.taskdir",
@@ -38,7 +39,7 @@ SAME_LAYER_ORDER = [
     ["spoolq.sweeps", "spoolq.fsck"],
 ]
 # Layer 0 modules that others at layer 0 may use.
-LOW_ORDER = ["spoolq.errors", "spoolq.names", "spoolq.faults", "spoolq.systemd", "spoolq.watch"]
+LOW_ORDER = ["spoolq._version", "spoolq.errors", "spoolq.names", "spoolq.faults", "spoolq.systemd", "spoolq.watch"]
 
 
 def module_name(path: Path) -> str:

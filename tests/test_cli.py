@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import re
+import stat
 import subprocess
 import sys
 import textwrap
@@ -473,8 +474,8 @@ def test_sequence_sum_handler() -> None:
 # --------------------------------------------------------------------------- the command line itself
 
 
-COMMANDS = ["init", "register", "types", "enqueue", "status", "log", "result", "delete", "list", "wait",
-            "worker", "sweep", "stats", "fsck", "demo"]
+COMMANDS = ["init", "register", "unregister", "types", "enqueue", "status", "log", "result", "delete", "list",
+            "wait", "worker", "sweep", "stats", "fsck", "demo"]
 
 
 def test_every_command_has_help() -> None:
@@ -514,3 +515,216 @@ def test_usage_errors_are_one_line_too(root: Path) -> None:
     for args, expected in cases:
         message = assert_one_line_error(spoolq(*args, root=root), 2)
         assert expected in message, message
+
+
+
+# --------------------------------------------------------------------------- first use (issue 11)
+
+
+def test_init_creates_missing_parents_writable_by_their_owner_only(tmp_path: Path) -> None:
+    """The tour's first command: the spool's parents do not exist yet. They
+    are created as by mkdir -p, but never group- or world-writable, whatever
+    the umask (a writable parent would let others swap the spool)."""
+    path = tmp_path / "x" / "y" / "spool"
+    proc = subprocess.run([sys.executable, "-m", "spoolq", "init"], capture_output=True, timeout=60, umask=0,
+                          env={**os.environ, "SPOOLQ_ROOT": str(path)})
+    assert (proc.returncode, out(proc), proc.stderr) == (0, f"{path}\n", b"")
+    for parent in (tmp_path / "x", tmp_path / "x" / "y"):
+        assert stat.S_IMODE(parent.stat().st_mode) == 0o755, parent
+    assert stat.S_IMODE(path.stat().st_mode) == 0o2770
+    assert Spool(path).max_queue == 0
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    err = assert_one_line_error(spoolq("init", root=blocked / "spool"), 1)
+    assert "Not a directory" in err and str(blocked) in err
+
+
+ROOT_AFTER_THE_COMMAND = [
+    ("types",), ("status", TYPE, "t"), ("log", TYPE, "t"), ("list",), ("stats",), ("sweep",), ("fsck",),
+    ("register", "Other", "pkg.mod.func"), ("init",), ("wait", TYPE, "done", "--timeout", "5"),
+    ("result", TYPE, "done"), ("enqueue", TYPE, "new", "-", "--json"), ("delete", TYPE, "t"),
+    ("unregister", "Spare"), ("worker", "w1", "--drain"),
+]
+
+
+@pytest.mark.parametrize("args", ROOT_AFTER_THE_COMMAND, ids=lambda a: a[0])
+@pytest.mark.parametrize("form", ["--root PATH", "--root=PATH"])
+def test_root_is_taken_after_the_command_too(root: Path, spool: Spool, tmp_path: Path, args: tuple[str, ...],
+                                             form: str) -> None:
+    spool.register_type("Spare", HANDLER)
+    spool.enqueue(TYPE, "t", (1, 2))
+    spool.enqueue(TYPE, "done", (1,))
+    spool.claim("tester")  # "t" first (FIFO), then "done"
+    claim = spool.claim("tester")
+    spool.start(claim)
+    spool.store_response(claim, b"3", "text/plain")
+    spool.set_state(claim, State.FINISHED)
+    after = [f"--root={root}"] if form == "--root=PATH" else ["--root", str(root)]
+    stdin = b"[1]" if args[0] == "enqueue" else None
+    # SPOOLQ_ROOT and a global --root name other places: the option after the command wins.
+    env = {"SPOOLQ_ROOT": str(tmp_path / "elsewhere")}
+    proc = spoolq("--root", tmp_path / "nowhere", *args, *after, env=env, stdin=stdin)
+    assert proc.returncode == 0, (args, proc.stderr.decode())
+    assert b"Traceback" not in proc.stderr
+    assert not (tmp_path / "nowhere").exists() and not (tmp_path / "elsewhere").exists()
+
+
+def test_root_values_and_errors(root: Path, spool: Spool, tmp_path: Path) -> None:
+    spool.enqueue(TYPE, "t", None)
+    assert out(spoolq("status", TYPE, "t", env={"SPOOLQ_ROOT": str(root)})) == "ENQUEUED\n"
+    assert out(spoolq("--root", root, "status", TYPE, "t")) == "ENQUEUED\n"
+    # The last --root given wins, wherever it stands.
+    assert out(spoolq("status", "--root", tmp_path / "no", TYPE, "--root", root, "t")) == "ENQUEUED\n"
+    err = assert_one_line_error(spoolq("status", TYPE, "t", "--root"), 2)
+    assert "--root" in err
+    # After `--` nothing is an option: "--root" is then a (bad) task id.
+    assert_one_line_error(spoolq("status", TYPE, "--", "--root", root=root), 1)
+
+
+def test_bare_spoolq_prints_the_help_once_as_a_usage_error() -> None:
+    proc = spoolq()
+    assert proc.returncode == 2
+    assert proc.stdout == b""
+    err = proc.stderr.decode()
+    assert err.count("Usage: spoolq") == 1 and err.count("Commands:") == 1, err
+    assert "Traceback" not in err
+
+
+def _help(*command: str) -> str:
+    proc = spoolq(*command, "--help")
+    assert proc.returncode == 0, (command, proc.stderr)
+    return out(proc)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_commands_help_has_examples_and_plain_usage(command: str) -> None:
+    text = _help(command)
+    usage = text.splitlines()[0]
+    assert usage.startswith(f"Usage: spoolq {command} [OPTIONS]"), usage
+    assert "{" not in usage and "<" not in usage, usage  # TYPE ID, not {TYPE} {ID}
+    assert "<bool>" not in text and "<str>" not in text, text
+    examples = [line.strip() for line in text.split("\nExamples:\n", 1)[1].splitlines() if line.strip()]
+    assert examples and all("spoolq " in line for line in examples), examples
+    assert any(re.search(rf"spoolq (--root \S+ )?{command}\b", line) for line in examples), examples
+    assert "--root PATH" in text and "-h, --help" in text
+
+
+def test_help_texts_say_what_the_values_mean() -> None:
+    assert "Usage: spoolq status [OPTIONS] TYPE ID\n" in _help("status")
+    assert "Usage: spoolq enqueue [OPTIONS] TYPE ID INPUT\n" in _help("enqueue")
+    assert "Usage: spoolq register [OPTIONS] TYPE HANDLER\n" in _help("register")
+    register = " ".join(_help("register").split())
+    assert "--timeout SECONDS" in register and "0 or less: no limit" in register
+    init = " ".join(_help("init").split())
+    assert "--durable / --no-durable fsync" in init  # a flag, no value shown
+    top = _help()
+    assert "--version" in top and "--install-completion" in top and "--root PATH" in top
+
+
+@pytest.mark.parametrize("args", [("status", "Nope", "x"), ("log", "Nope", "x"), ("result", "Nope", "x"),
+                                  ("delete", "Nope", "x"), ("wait", "Nope", "x"), ("list", "--type", "Nope"),
+                                  ("unregister", "Nope")], ids=lambda a: a[0])
+def test_an_unknown_type_is_named_as_such(root: Path, args: tuple[str, ...]) -> None:
+    err = assert_one_line_error(spoolq(*args, root=root), 2 if args[0] == "wait" else 1)
+    assert err.startswith("spoolq: unknown task type 'Nope'"), err
+    assert "no task" not in err
+
+
+def test_an_unknown_task_of_a_known_type_is_still_no_task(root: Path) -> None:
+    err = assert_one_line_error(spoolq("status", TYPE, "nope", root=root), 1)
+    assert err == f"spoolq: no task {TYPE}/nope\n"
+
+
+def test_stats_json_and_prometheus_exclude_each_other(root: Path) -> None:
+    err = assert_one_line_error(spoolq("stats", "--json", "--prometheus", root=root), 2)
+    assert "--json" in err and "--prometheus" in err
+
+
+def test_unregister_refuses_a_type_with_tasks_unless_forced(root: Path, spool: Spool) -> None:
+    spool.register_type("Empty", HANDLER)
+    assert (spoolq("unregister", "Empty", root=root).returncode, out(spoolq("types", root=root)).count("Empty")) == (0, 0)
+    spool.enqueue(TYPE, "a", None)
+    spool.enqueue(TYPE, "b", None)
+    finish(spool, "a")
+    err = assert_one_line_error(spoolq("unregister", TYPE, root=root), 1)
+    assert "2 task(s)" in err and f"spoolq unregister {TYPE} --force" in err, err
+    assert {i.id for i in spool.list_tasks()} == {"a", "b"}  # nothing deleted
+    proc = spoolq("unregister", TYPE, "--force", root=root)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(out(proc).splitlines()) == [f"deleted {TYPE}/a", f"deleted {TYPE}/b"]
+    assert spool.list_tasks() == [] and spool.types() == []
+    assert_one_line_error(spoolq("unregister", "../x", root=root), 1)
+    assert_one_line_error(spoolq("unregister", root=root), 2)
+    assert_one_line_error(spoolq("unregister", TYPE, "--forse", root=root), 2)
+
+
+def test_version(tmp_path: Path) -> None:
+    import spoolq as package
+
+    proc = spoolq("--version")
+    assert (proc.returncode, out(proc), proc.stderr) == (0, f"spoolq {package.__version__}\n", b"")
+    assert re.fullmatch(r"\d+\.\d+\.\d+", package.__version__)
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert 'version = { attr = "spoolq._version.__version__" }' in pyproject  # one place for the version
+    assert out(typer_path("--version")) == out(proc)
+
+
+def test_shell_completion(tmp_path: Path) -> None:
+    script = spoolq("--show-completion", "bash")
+    assert script.returncode == 0 and "_SPOOLQ_COMPLETE=complete_bash" in out(script), script.stderr
+    proc = spoolq(env={"_SPOOLQ_COMPLETE": "complete_bash", "COMP_WORDS": "spoolq sta", "COMP_CWORD": "1"})
+    assert proc.returncode == 0 and out(proc).split() == ["status", "stats"], (out(proc), proc.stderr)
+    proc = spoolq(env={"_SPOOLQ_COMPLETE": "complete_bash", "COMP_WORDS": "spoolq status T x --j",
+                       "COMP_CWORD": "4"})
+    assert out(proc).split() == ["--json"], proc.stderr  # the quick path leaves completion to typer
+    home = tmp_path / "home"
+    home.mkdir()
+    proc = spoolq("--install-completion", "bash", env={"HOME": str(home)})
+    assert proc.returncode == 0, proc.stderr
+    assert "spoolq" in (home / ".bashrc").read_text()
+
+
+# --------------------------------------------------------------------------- the quick path
+
+
+def typer_path(*args: str | Path, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    """The same call with every argument parsed by typer (no quick path)."""
+    code = "import sys; from spoolq.cli import main; main(sys.argv[1:], quick=False)"
+    env = {k: v for k, v in os.environ.items() if k != "SPOOLQ_ROOT"}
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], input=stdin, capture_output=True,
+                          env=env, timeout=60)
+
+
+QUICK_CALLS = [
+    ("status", TYPE, "t"), ("status", TYPE, "t", "--json"), ("status", "--json", TYPE, "t"),
+    ("status", TYPE, "nope"), ("status", "Nope", "t"), ("status", TYPE, "../x"), ("status", TYPE),
+    ("status", TYPE, "t", "extra"), ("status", TYPE, "t", "--jsn"), ("status", "-h"),
+    ("log", TYPE, "t"), ("log", TYPE, "t", "--json"), ("log", TYPE, "nope"),
+    ("result", TYPE, "t"), ("result", TYPE, "w"), ("result", TYPE, "t", "--json"),
+    ("delete", TYPE, "nope"), ("delete", TYPE, "w"),
+    ("enqueue", TYPE, "n1", "-"), ("enqueue", TYPE, "n2", "-", "--json"), ("enqueue", TYPE, "t", "-"),
+    ("enqueue", "Nope", "n3", "-"), ("enqueue", TYPE, "n4"), ("enqueue", TYPE, "n5", "/no/such/file"),
+    ("enqueue", TYPE, "-x", "-"),
+]
+
+
+def test_the_quick_path_answers_as_typer_does(tmp_path: Path) -> None:
+    """status, enqueue, log, result and delete run without typer when the call
+    is plain; every answer (exit status, stdout, stderr) is typer's own."""
+    import shutil
+
+    quick_root, typer_root = tmp_path / "a", tmp_path / "b"
+    sp = Spool.init(quick_root, durable=False)
+    sp.register_type(TYPE, HANDLER)
+    sp.enqueue(TYPE, "t", None)
+    sp.enqueue(TYPE, "w", None)
+    finish(sp, "t", response=b"\x00\xffbytes")
+    shutil.copytree(quick_root, typer_root, symlinks=True)
+    for args in QUICK_CALLS:
+        stdin = b"[1, 2]" if "--json" in args else pickle.dumps((1, 2))
+        fast = spoolq(*args, "--root", quick_root, stdin=stdin)
+        slow = typer_path("--root", typer_root, *args, stdin=stdin)
+        same = [fast.returncode, fast.stdout.replace(bytes(quick_root), b"ROOT"), fast.stderr.replace(bytes(quick_root), b"ROOT")]
+        assert same == [slow.returncode, slow.stdout.replace(bytes(typer_root), b"ROOT"),
+                        slow.stderr.replace(bytes(typer_root), b"ROOT")], args
+    assert sorted(i.id for i in Spool(quick_root).list_tasks()) == sorted(i.id for i in Spool(typer_root).list_tasks())

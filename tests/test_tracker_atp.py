@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -380,3 +382,106 @@ def test_task_status_snake_case_and_free_text_log(atp_root: Path) -> None:  # co
     assert status.getInfo() == ("T", "a", 5, "FINISHED")
     assert getTaskInfo(task_id) == ("T", "a", 5, "FINISHED")  # noqa: F405
     assert status.info().state == State.FINISHED
+
+
+# ============================================================================= ATP names moved over (issue 11)
+
+
+def test_status_constants_and_tables_are_atps() -> None:
+    """ATP's TaskStatus constants and its STATUS2TEXT / TEXT2STATUS tables
+    (EOxServer's processes.models): codes 1..6, code 1 named ENQUEUED by
+    spoolq and ACCEPTED by ATP."""
+    assert (TaskStatus.ACCEPTED, TaskStatus.ENQUEUED, TaskStatus.SCHEDULED, TaskStatus.RUNNING,  # noqa: F405
+            TaskStatus.PAUSED, TaskStatus.FINISHED, TaskStatus.FAILED) == (1, 1, 2, 3, 4, 5, 6)  # noqa: F405
+    assert type(TaskStatus.FINISHED) is int and str(TaskStatus.FINISHED) == "5"  # noqa: F405 - plain ints, as in ATP
+    assert STATUS2TEXT == {0: "UNDEFINED", 1: "ENQUEUED", 2: "SCHEDULED", 3: "RUNNING", 4: "PAUSED",  # noqa: F405
+                           5: "FINISHED", 6: "FAILED"}
+    assert TEXT2STATUS["ACCEPTED"] == TEXT2STATUS["ENQUEUED"] == 1  # noqa: F405
+    assert all(TEXT2STATUS[name] == code for code, name in STATUS2TEXT.items())  # noqa: F405
+    assert all(STATUS2TEXT[int(s)] == s.name for s in State)  # noqa: F405 - what getTaskStatus returns
+
+
+def test_max_queue_size_keeps_the_atp_idiom_right(make_spool, spool_root, monkeypatch) -> None:
+    """Unlimited is sys.maxsize, not 0: `while getQueueSize() < getMaxQueueSize()` enqueues."""
+    make_spool(register=False)
+    monkeypatch.setenv("SPOOLQ_ROOT", str(spool_root))
+    tracker._spool = None
+    try:
+        assert getMaxQueueSize() == sys.maxsize  # noqa: F405
+        registerTaskType("T", "atp_demo.handler")  # noqa: F405
+        enqueued = 0
+        while getQueueSize() < getMaxQueueSize() and enqueued < 3:  # noqa: F405
+            enqueueTask("T", f"t{enqueued}", enqueued)  # noqa: F405
+            enqueued += 1
+        assert getQueueSize() == 3  # noqa: F405
+        Spool.init(spool_root, max_queue=3)
+        tracker._spool = None
+        assert getMaxQueueSize() == 3 == getQueueSize()  # noqa: F405 - a limit is itself
+    finally:
+        if tracker._spool is not None:
+            tracker._spool.close()
+        tracker._spool = None
+
+
+# An ATP program as it was written for EOxServer, with only its import line
+# changed: a producer that waits while the queue is full, then polls each task
+# and compares codes with TaskStatus constants and names with STATUS2TEXT.
+ATP_PROGRAM = r'''
+import sys, time
+from spoolq.tracker import *    # was: from eoxserver.resources.processes.tracker import *
+
+registerTaskType("SequenceSum", "atp_demo.handler", 60, 600, 3)
+deadline = time.time() + float(sys.argv[1])
+tasks = {"Task%03d" % i: (1, 2, i) for i in range(6)}
+tasks["TaskBad"] = ("x",)
+waited = 0
+for ident, inputs in tasks.items():
+    while getQueueSize() >= getMaxQueueSize():     # ATP's back-pressure idiom
+        waited += 1
+        assert time.time() < deadline, "the queue never drained"
+        time.sleep(0.02)
+    enqueueTask("SequenceSum", ident, inputs)
+done = {}
+while len(done) < len(tasks):
+    assert time.time() < deadline, "not finished: %r" % sorted(set(tasks) - set(done))
+    for ident in tasks:
+        code, name = getTaskStatusByIdentifier("SequenceSum", ident)
+        assert STATUS2TEXT[code] == name and TEXT2STATUS[name] == code
+        if code in (TaskStatus.FINISHED, TaskStatus.FAILED):
+            done[ident] = code
+    time.sleep(0.02)
+for ident, code in sorted(done.items()):
+    if code == TaskStatus.FINISHED:
+        print(ident, STATUS2TEXT[code], getTaskResponse("SequenceSum", ident)[0].decode())
+    else:
+        print(ident, STATUS2TEXT[code], getTaskLog("SequenceSum", ident)[-1][2])
+print("waited" if waited else "never waited")
+'''
+
+
+@pytest.mark.parametrize("max_queue", [None, 2])
+def test_an_atp_program_runs_against_a_real_worker(make_spool, spool_root: Path, tmp_path: Path,
+                                                    max_queue: int | None) -> None:
+    make_spool(register=False, max_queue=max_queue)
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, SPOOLQ_ROOT=str(spool_root),
+               PYTHONPATH=os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")]))
+    program = tmp_path / "atp_program.py"
+    program.write_text(ATP_PROGRAM)
+    worker = subprocess.Popen([sys.executable, "-m", "spoolq", "--root", str(spool_root), "worker", "w1"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        proc = subprocess.run([sys.executable, str(program), "60"], env=env, capture_output=True, timeout=120)
+        worker.terminate()
+        _, worker_err = worker.communicate(timeout=60)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert worker.returncode == 0, worker_err.decode()
+    lines = proc.stdout.decode().splitlines()
+    assert lines[:-1] == [f"Task{i:03d} FINISHED {3 + i:.1f}" for i in range(6)] + [
+        "TaskBad FAILED Input must be a sequence of numbers!"]
+    if max_queue is None:
+        assert lines[-1] == "never waited"  # unlimited: the idiom never blocks

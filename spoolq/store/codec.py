@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import pickletools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -114,6 +113,8 @@ def parse_log(raw: bytes) -> Iterator[LogRecord]:
 def check_pickle(payload: bytes) -> None:
     """Refuse bytes that are not one well-formed pickle, without unpickling
     them (unpickling runs code; parsing the opcodes does not)."""
+    import pickletools  # here, not at the top: `spoolq status` need not load it (contract §12.7)
+
     try:
         for _ in pickletools.genops(payload):
             pass

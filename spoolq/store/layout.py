@@ -24,7 +24,6 @@ import errno
 import json
 import logging
 import os
-import secrets
 import stat
 import struct
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ SETTINGS = "spool.json"
 SPOOL_FORMAT = 1
 DEFAULT_MAX_INPUT = 64 << 20
 DIR_MODE = 0o2770  # group members produce; others get nothing; setgid keeps the spool's group
+PARENT_MODE = 0o755  # missing parents `init` creates: only their owner writes them
 
 
 def resolve_root(root: str | os.PathLike[str] | None = None) -> str:
@@ -319,7 +319,22 @@ class Layout:
     def create(self) -> None:
         """Create the tree (idempotent). New directories get :data:`DIR_MODE`
         whatever the umask (the group shares the spool, as the docs promise);
-        an existing directory keeps the mode its operator gave it."""
+        an existing directory keeps the mode its operator gave it.
+
+        Missing parents of the root are created first, as ``mkdir -p`` does,
+        but with mode :data:`PARENT_MODE` (less the umask) whatever the umask:
+        only their owner may write them, so nobody else can rename the spool
+        away and put a directory of their own in its place."""
+        missing = []
+        parent = os.path.dirname(self.root)
+        while not os.path.lexists(parent):
+            missing.append(parent)
+            parent = os.path.dirname(parent)
+        for directory in reversed(missing):
+            try:
+                os.mkdir(directory, PARENT_MODE)
+            except FileExistsError:
+                continue
         for sub in ("", *STATE_DIRS, os.path.join("locks", "servers")):
             directory = self.path(sub) if sub else self.root
             try:
@@ -358,7 +373,7 @@ class Layout:
         Returns the new path, or None if *path* was gone."""
         base = os.path.basename(path)[:200]  # room for the suffixes within NAME_MAX
         stamp = datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%dT%H%M%S")
-        dest = self.path("quarantine", f"{base}.{stamp}.{secrets.token_hex(3)}")
+        dest = self.path("quarantine", f"{base}.{stamp}.{os.urandom(3).hex()}")
         try:
             os.rename(path, dest)
         except FileNotFoundError:
@@ -374,4 +389,4 @@ class Layout:
     def trash_path(self, name: str) -> str:
         """A fresh name in ``tmp/`` to rename something into before removing
         it (so it vanishes from its place at once)."""
-        return self.path("tmp", f".trash.{name}.{secrets.token_hex(6)}")
+        return self.path("tmp", f".trash.{name}.{os.urandom(6).hex()}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,7 +78,7 @@ class TypeRegistry:
         check_handler(ttype.handler)
         dfd = fsutil.open_dir(self.layout.types)
         try:
-            tmp = f".{ttype.name}.json.{os.getpid()}.{secrets.token_hex(4)}"
+            tmp = f".{ttype.name}.json.{os.getpid()}.{os.urandom(4).hex()}"
             fsutil.write_new(dfd, tmp, json.dumps(ttype.to_json(), indent=1).encode() + b"\n", sync=self.durable)
             os.rename(tmp, f"{ttype.name}.json", src_dir_fd=dfd, dst_dir_fd=dfd)
             if self.durable:
