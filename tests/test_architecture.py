@@ -19,6 +19,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "spoolq"
 # the later ones).
 LAYERS: dict[str, int] = {
     "spoolq.errors": 0, "spoolq.names": 0, "spoolq.faults": 0, "spoolq.systemd": 0, "spoolq.watch": 0,
+    "spoolq.units": 0,
     "spoolq.lifecycle": 1,
     "spoolq.store": 2, "spoolq.store.fsutil": 2, "spoolq.store.codec": 2, "spoolq.store.layout": 2,
     "spoolq.store.taskdir": 2, "spoolq.store.registry": 2, "spoolq.store.servers": 2, "spoolq.store.queue": 2,
