@@ -33,6 +33,8 @@ from .names import check_type, task_name
 from .queries import Census, format_log
 from .spool import Spool
 from .store.layout import DEFAULT_ROOT, ROOT_ENV, resolve_root
+from .store.registry import EXECUTORS
+from .units import parse_duration, parse_size
 
 EX_FAILED = 1
 EX_WAIT_ERROR = 2
@@ -62,6 +64,30 @@ _run = _Invocation()
 
 # The --state choices: the state names, matched case-insensitively.
 StateName = Enum("StateName", {s.name: s.name for s in State}, type=str)  # type: ignore[misc]
+# The --executor choices.
+ExecutorName = Enum("ExecutorName", {e: e for e in EXECUTORS}, type=str)  # type: ignore[misc]
+
+
+def _size_option(text: str) -> int:
+    """--memory-max: bytes, or a number with K, M or G (powers of 1024)."""
+    try:
+        size = parse_size(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if size <= 0:
+        raise typer.BadParameter(f"{text!r}: the size must be positive")
+    return size
+
+
+def _duration_option(text: str) -> float:
+    """--cpu-time: seconds, or a number with s, m, h or d."""
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if seconds <= 0:
+        raise typer.BadParameter(f"{text!r}: the duration must be positive")
+    return seconds
 
 
 @app.callback()
@@ -147,12 +173,31 @@ def register(
     timeout: Annotated[float, typer.Option(help="Seconds a task may take from its claim before it is re-enqueued.")] = 3600,
     retention: Annotated[float, typer.Option(help="Seconds a finished task is kept; <= 0 keeps it forever.")] = -1,
     max_restarts: Annotated[int, typer.Option(help="Re-enqueues of a timed-out or abandoned task before it FAILS.")] = 2,
+    executor: Annotated[
+        ExecutorName, typer.Option(case_sensitive=False, help="Where handlers run: fork (the worker's child processes) or dask.")
+    ] = ExecutorName.fork,  # type: ignore[attr-defined]
+    memory_max: Annotated[
+        Optional[int],
+        typer.Option(metavar="SIZE", parser=_size_option, help="Address space a handler may add: bytes or 512K, 64M, 2G."),
+    ] = None,
+    cpu_time: Annotated[
+        Optional[float],
+        typer.Option(metavar="S", parser=_duration_option, help="CPU time a handler may use: seconds or 30s, 5m, 2h."),
+    ] = None,
+    nice: Annotated[Optional[int], typer.Option(min=0, max=19, help="Niceness of the handler process, 0-19.")] = None,
+    max_open_files: Annotated[Optional[int], typer.Option(min=1, help="Open files a handler process may hold.")] = None,
 ) -> None:
     """Register a task type, or update it: which handler runs its tasks, and their limits.
 
-    A handler is called as handler(task_status, input) in a worker's child process.
+    A handler is called as handler(task_status, input) in a worker's child
+    process, or on a Dask worker with --executor dask (the worker needs
+    --dask-scheduler). A handler that goes over a limit fails, with the limit
+    named in its message.
     """
-    _spool().register_type(type_name, handler, timeout=timeout, retention=retention, max_restarts=max_restarts)
+    _spool().register_type(
+        type_name, handler, timeout=timeout, retention=retention, max_restarts=max_restarts,
+        executor=executor.value, memory_max=memory_max, cpu_time=cpu_time, nice=nice, max_open_files=max_open_files,
+    )
 
 
 @app.command("types")

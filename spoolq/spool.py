@@ -67,7 +67,15 @@ from .store import codec, fsutil
 from .store.codec import INPUT_JSON, INPUT_NAMES, INPUT_PICKLE, RESPONSE, STATUS, LogRecord
 from .store.layout import Layout, Settings
 from .store.queue import WaitingIndex
-from .store.registry import DEFAULT_MAX_RESTARTS, DEFAULT_RETENTION, DEFAULT_TIMEOUT, TaskType, TypeRegistry
+from .store.registry import (
+    DEFAULT_EXECUTOR,
+    DEFAULT_MAX_RESTARTS,
+    DEFAULT_RETENTION,
+    DEFAULT_TIMEOUT,
+    TaskType,
+    TypeRegistry,
+    check_settings,
+)
 from .store.servers import ServerLocks
 from .store.taskdir import Moved, TaskDir, peek_status, read_status, run_alive, run_lock_holders
 from .store.taskdir import hold_run_lock as hold_run_lock_fd
@@ -193,19 +201,33 @@ class Spool:
         timeout: float = DEFAULT_TIMEOUT,
         retention: float = DEFAULT_RETENTION,
         max_restarts: int = DEFAULT_MAX_RESTARTS,
+        executor: str = DEFAULT_EXECUTOR,
+        memory_max: int | None = None,
+        cpu_time: float | None = None,
+        nice: int | None = None,
+        max_open_files: int | None = None,
     ) -> TaskType:
         """Create or update a task type; atomic (tmp + rename).
 
         As in ATP, a negative timeout becomes 0 (no limit), any retention
         <= 0 means keep forever (-1) and a negative max_restarts becomes 0.
+        *executor* (``fork`` or ``dask``) says where its handlers run; the
+        limits (None: none) are applied in the handler's process (contract
+        §13). A setting out of range raises SpoolError, nothing written.
         """
         check_type(name)
+        check_settings(executor, memory_max, cpu_time, nice, max_open_files)
         return self.registry.put(TaskType(
             name=name,
             handler=handler,
             timeout=max(0.0, float(timeout)),
             retention=float(retention) if retention > 0 else -1.0,
             max_restarts=max(0, int(max_restarts)),
+            executor=executor,
+            memory_max=None if memory_max is None else int(memory_max),
+            cpu_time=None if cpu_time is None else float(cpu_time),
+            nice=None if nice is None else int(nice),
+            max_open_files=None if max_open_files is None else int(max_open_files),
         ))
 
     def get_type(self, name: str) -> TaskType:
