@@ -68,26 +68,26 @@ StateName = Enum("StateName", {s.name: s.name for s in State}, type=str)  # type
 ExecutorName = Enum("ExecutorName", {e: e for e in EXECUTORS}, type=str)  # type: ignore[misc]
 
 
-def _size_option(text: str) -> int:
-    """--memory-max: bytes, or a number with K, M or G (powers of 1024)."""
+def _positive(parse: Any, text: str) -> Any:
+    """*text* parsed by *parse* (a spoolq.units function); a bad or
+    non-positive value is a usage error naming the text."""
     try:
-        size = parse_size(text)
+        value = parse(text)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    if size <= 0:
-        raise typer.BadParameter(f"{text!r}: the size must be positive")
-    return size
+    if value <= 0:
+        raise typer.BadParameter(f"{text!r}: the value must be positive")
+    return value
+
+
+def _size_option(text: str) -> int:
+    """--memory-max: bytes, or a number with K, M or G (powers of 1024)."""
+    return _positive(parse_size, text)
 
 
 def _duration_option(text: str) -> float:
     """--cpu-time: seconds, or a number with s, m, h or d."""
-    try:
-        seconds = parse_duration(text)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    if seconds <= 0:
-        raise typer.BadParameter(f"{text!r}: the duration must be positive")
-    return seconds
+    return _positive(parse_duration, text)
 
 
 @app.callback()

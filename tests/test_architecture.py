@@ -26,7 +26,8 @@ LAYERS: dict[str, int] = {
     "spoolq.queries": 3,
     "spoolq.spool": 4,
     "spoolq.task": 5, "spoolq.sweeps": 5,
-    "spoolq.worker": 6, "spoolq.worker.proctree": 6, "spoolq.worker.runner": 6, "spoolq.worker.executor": 6, "spoolq.worker.loop": 6,
+    "spoolq.worker": 6, "spoolq.worker.proctree": 6, "spoolq.worker.limits": 6, "spoolq.worker.runner": 6,
+    "spoolq.worker.executor": 6, "spoolq.worker.loop": 6,
     "spoolq.fsck": 6, "spoolq.tracker": 6,
     "spoolq.demo": 7,
     "spoolq.cli": 8,
@@ -35,7 +36,8 @@ LAYERS: dict[str, int] = {
 SAME_LAYER_ORDER = [
     ["spoolq.store.fsutil", "spoolq.store.layout", "spoolq.store.codec", "spoolq.store.taskdir",
      "spoolq.store.registry", "spoolq.store.servers", "spoolq.store.queue", "spoolq.store"],
-    ["spoolq.worker.proctree", "spoolq.worker.runner", "spoolq.worker.executor", "spoolq.worker.loop", "spoolq.worker"],
+    ["spoolq.worker.proctree", "spoolq.worker.limits", "spoolq.worker.runner", "spoolq.worker.executor",
+     "spoolq.worker.loop", "spoolq.worker"],
     ["spoolq.sweeps", "spoolq.fsck"],
 ]
 # Layer 0 modules that others at layer 0 may use.

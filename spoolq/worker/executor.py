@@ -49,6 +49,7 @@ from .. import faults
 from ..lifecycle import Claim, Outcome
 from ..spool import Spool
 from . import proctree
+from .limits import Limits
 from .runner import run_claim
 
 log = logging.getLogger("spoolq.executor")
@@ -56,6 +57,7 @@ log = logging.getLogger("spoolq.executor")
 # How long past its deadline a handler process waits for the worker to kill
 # it before it kills itself (the worker may be stopped, e.g. SIGSTOP).
 SELF_KILL_MARGIN = 2.0
+RETIRING = "retiring"  # a slot's answer ends with this word when it exits after the task
 
 
 @dataclass(frozen=True)
@@ -293,13 +295,14 @@ class ForkExecutor:
         while b"\n" in slot.buffer:
             line, slot.buffer = slot.buffer.split(b"\n", 1)
             claim, slot.claim = slot.claim, None
+            word, _, flag = line.decode(errors="replace").strip().partition(" ")
             if claim is not None:
                 try:
-                    outcome = Outcome(line.decode(errors="replace").strip())
+                    outcome = Outcome(word)
                 except ValueError:
                     outcome = Outcome.GONE
                 ended.append(Ended(claim, outcome))
-            if self.max_tasks_per_child and slot.tasks >= self.max_tasks_per_child:
+            if flag == RETIRING or (self.max_tasks_per_child and slot.tasks >= self.max_tasks_per_child):
                 self._retire(slot)
         return ended
 
@@ -339,7 +342,8 @@ class ForkExecutor:
             claim = slot.claim
             slot.close()
             if claim is not None:
-                self._dying.append(Ended(claim, None, _death(status)))
+                limits = Limits.for_type(self.spool, claim.type)
+                self._dying.append(Ended(claim, None, limits.explain_death(status) or _death(status)))
         if self._dying:
             # Orphans of the dead slots: every child that is not a slot.
             if proctree.kill_children(keep=frozenset(self.slots)):
@@ -397,7 +401,13 @@ def _slot_main(spool: Spool, commands: int, results: int) -> int:
         text, _, due = line.decode().partition(" ")
         claim = Claim.parse(text)
         deadline.set(float(due or "inf"))
+        limited = bool(Limits.for_type(spool, claim.type))
         outcome = run_claim(spool, claim)
         deadline.set(math.inf)
         proctree.kill_descendants()
+        if limited:
+            # Limits cannot all be lifted (niceness): this process ran its
+            # last task; the worker replaces it (docs: spoolq.worker.limits).
+            os.write(results, f"{outcome.value} {RETIRING}\n".encode())
+            return 0
         os.write(results, f"{outcome.value}\n".encode())
