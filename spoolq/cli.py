@@ -360,6 +360,14 @@ def worker(
     max_tasks_per_child: Annotated[
         int, typer.Option(min=0, help="Tasks a handler process runs before a fresh one replaces it; 0: never replace.")
     ] = 1000,
+    dask_scheduler: Annotated[
+        Optional[str],
+        typer.Option(envvar="SPOOLQ_DASK_SCHEDULER", metavar="ADDR",
+                     help="Dask scheduler for types registered with --executor dask, e.g. tcp://host:8786."),
+    ] = None,
+    dask_concurrency: Annotated[
+        int, typer.Option(min=0, help="Most dask runs at once; 0: as many as the Dask cluster has threads.")
+    ] = 0,
 ) -> None:
     """Run the worker daemon for SERVER in the foreground (what systemd runs).
 
@@ -373,7 +381,8 @@ def worker(
     raise typer.Exit(
         run_worker(
             _run.root, server, concurrency=concurrency, drain=drain, grace=grace, poll=poll,
-            max_tasks_per_child=max_tasks_per_child,
+            max_tasks_per_child=max_tasks_per_child, dask_scheduler=dask_scheduler or None,
+            dask_concurrency=dask_concurrency,
         )
     )
 

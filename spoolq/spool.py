@@ -93,6 +93,9 @@ class StartedTask:
     handler: str
     input: Any
     run_lock: int | None = None
+    # The input's file (input.pkl or input.json); with start(load=False)
+    # *input* holds that file's bytes, not loaded.
+    input_file: str = INPUT_PICKLE
 
 
 @dataclass(frozen=True)
@@ -553,7 +556,7 @@ class Spool:
             raise StaleClaim(f"claim {claim} no longer owns task {claim.type}/{claim.id} (now {state.name})")
         raise StaleClaim(f"claim {claim} no longer owns task {claim.type}/{claim.id} (it was moved or deleted)")
 
-    def start(self, claim: Claim | str, *, hold_run_lock: bool = False) -> StartedTask:
+    def start(self, claim: Claim | str, *, hold_run_lock: bool = False, load: bool = True) -> StartedTask:
         """Move a claimed task to ``running/``, count the start and load its
         input: (type, id, handler path, input).
 
@@ -562,6 +565,11 @@ class Spool:
         runs, so nobody takes the task away from a live run (the daemon's
         handler processes do this; an ATP program that runs handlers itself
         does not, and its timeouts work as in ATP).
+
+        ``load=False`` returns the input file's bytes instead, unloaded, for
+        an executor that ships them to the process that runs the handler (the
+        worker itself never unpickles input, contract §7.2).
+
 
         If the input cannot be loaded the task is FAILED (with the reason in
         its log) and CorruptTask is raised; a task directory whose input file
@@ -593,6 +601,9 @@ class Spool:
             task.move(self._path(Place.RUNNING, claim.name))
             task.write(State.RUNNING, "", starts=int(task.doc.get("starts", 0)) + 1, started_at=codec.iso(self.clock()))
             crashpoint("start.running")
+            if not load:
+                run_lock = hold_run_lock_fd(task.fd) if hold_run_lock else None
+                return StartedTask(claim.type, claim.id, ttype.handler, raw, run_lock, input_name)
             try:
                 value = json.loads(raw) if input_name == INPUT_JSON else pickle.loads(raw)
             except (Exception, SystemExit) as exc:
@@ -600,7 +611,7 @@ class Spool:
                 self._finish_locked(task, State.FAILED, reason)
                 raise CorruptTask(task.path, f"task {claim.type}/{claim.id}: {reason}") from None
             run_lock = hold_run_lock_fd(task.fd) if hold_run_lock else None
-            return StartedTask(claim.type, claim.id, ttype.handler, value, run_lock)
+            return StartedTask(claim.type, claim.id, ttype.handler, value, run_lock, input_name)
         finally:
             task.close()
 

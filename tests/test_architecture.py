@@ -27,7 +27,7 @@ LAYERS: dict[str, int] = {
     "spoolq.spool": 4,
     "spoolq.task": 5, "spoolq.sweeps": 5,
     "spoolq.worker": 6, "spoolq.worker.proctree": 6, "spoolq.worker.limits": 6, "spoolq.worker.runner": 6,
-    "spoolq.worker.executor": 6, "spoolq.worker.loop": 6,
+    "spoolq.worker.remote": 6, "spoolq.worker.dask_executor": 6, "spoolq.worker.executor": 6, "spoolq.worker.loop": 6,
     "spoolq.fsck": 6, "spoolq.tracker": 6,
     "spoolq.demo": 7,
     "spoolq.cli": 8,
@@ -37,7 +37,7 @@ SAME_LAYER_ORDER = [
     ["spoolq.store.fsutil", "spoolq.store.layout", "spoolq.store.codec", "spoolq.store.taskdir",
      "spoolq.store.registry", "spoolq.store.servers", "spoolq.store.queue", "spoolq.store"],
     ["spoolq.worker.proctree", "spoolq.worker.limits", "spoolq.worker.runner", "spoolq.worker.executor",
-     "spoolq.worker.loop", "spoolq.worker"],
+     "spoolq.worker.remote", "spoolq.worker.dask_executor", "spoolq.worker.loop", "spoolq.worker"],
     ["spoolq.sweeps", "spoolq.fsck"],
 ]
 # Layer 0 modules that others at layer 0 may use.

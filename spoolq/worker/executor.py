@@ -16,7 +16,15 @@ through :class:`Executor`:
   the reason its process died without one (``outcome`` None);
 * ``kill(claim)`` stops a run at once, with everything its handler started;
   its :class:`Ended` follows once that is done (never before);
-* ``close()`` stops idle processes and waits for them.
+* ``close()`` stops idle processes and waits for them;
+* ``available()`` says whether it can take a run now (False: the loop claims
+  no task of its types, logs why once, and claims again once it is True);
+* ``capacity()`` is how many runs it takes at once (None: ``--concurrency``).
+
+An :class:`Ended` with ``lost=True`` says the run ended because the host
+that ran it was lost (a Dask worker died): the loop takes the task away and
+charges a restart, as for a dead server. The loop routes each claim to the
+executor its type names (``fork``, ``dask``: :mod:`.dask_executor`).
 
 What an executor must guarantee (the loop's safety rests on it):
 
@@ -63,11 +71,15 @@ RETIRING = "retiring"  # a slot's answer ends with this word when it exits after
 @dataclass(frozen=True)
 class Ended:
     """A run that ended: its *outcome* as the runner reported it, or None
-    when its process died first (*reason* says how)."""
+    when its process died first (*reason* says how). *lost*: the run ended
+    because the host that ran it was lost (a remote executor's worker died);
+    the loop then takes the task away and charges a restart, as for a dead
+    server, instead of failing it."""
 
     claim: Claim
     outcome: Outcome | None
     reason: str = ""
+    lost: bool = False
 
 
 class Executor(Protocol):
@@ -92,6 +104,13 @@ class Executor(Protocol):
 
     def close(self) -> None:
         """Stop idle handler processes and wait for them."""
+
+    def available(self) -> bool:
+        """Whether it can take a run now (a remote executor: whether its
+        cluster is reachable). The loop claims no task of its types while not."""
+
+    def capacity(self) -> int | None:
+        """How many runs it takes at once; None: the worker's --concurrency."""
 
 
 class _Slot:
@@ -183,6 +202,12 @@ class ForkExecutor:
     def pid(self, claim: Claim) -> int | None:
         slot = self._slot_of(claim)
         return slot.pid if slot else None
+
+    def available(self) -> bool:
+        return True
+
+    def capacity(self) -> int | None:
+        return None  # the worker's --concurrency
 
     def fds(self) -> list[int]:
         return [slot.results for slot in self.slots.values() if slot.results >= 0]
