@@ -2,13 +2,15 @@
 here, with real worker daemons on real spools (contract §13.2, docs/scale-out.md).
 
 One cluster (2 workers, 1 thread each) serves the module; the test that kills
-a Dask worker runs after the others that use it (the nanny replaces it).
+a Dask worker runs after the others that use it (the nanny replaces it). The
+cluster runs in a process of its own (tests/dask_cluster.py): Dask's threads
+in the pytest process would race CPython 3.11's ast module (the architecture
+test's ast.parse failed with "AST constructor recursion depth mismatch").
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import signal
@@ -21,31 +23,47 @@ from pathlib import Path
 
 import pytest
 
-distributed = pytest.importorskip("distributed")
+pytest.importorskip("distributed")
 
 from spoolq import Spool, State  # noqa: E402
-from test_daemon import Workers, stderr_of, stop, wait_until  # noqa: E402
+from test_daemon import HERE, env, stderr_of, stop, wait_until  # noqa: E402,F401 (env: the daemon tests' fixture)
 
 FINAL = (State.FINISHED, State.FAILED)
 
 
+class Cluster:
+    """A LocalCluster in a process of its own (tests/dask_cluster.py)."""
+
+    def __init__(self, workers: int, port: int = 0) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "dask_cluster.py"), str(workers), str(port)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        if not line:
+            raise RuntimeError(f"the Dask cluster did not start (exit {self.proc.wait(30)})")
+        self.scheduler_address = json.loads(line)["address"]
+
+    def ask(self, command: str):
+        self.proc.stdin.write(command + "\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+        return json.loads(self.proc.stdout.readline())  # type: ignore[union-attr]
+
+    def worker_pids(self) -> dict[str, int]:
+        return self.ask("pids")
+
+    def close(self) -> None:
+        self.proc.stdin.close()  # type: ignore[union-attr]
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
 @pytest.fixture(scope="module")
 def cluster():
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                       dashboard_address=None, silence_logs=logging.ERROR)
-    client = distributed.Client(cluster)
-    yield cluster, client
-    client.close()
+    cluster = Cluster(2)
+    yield cluster
     cluster.close()
-
-
-@pytest.fixture
-def env(tmp_path):
-    root = tmp_path / "spool"
-    spool = Spool.init(root, durable=False)
-    workers = Workers(root)
-    yield spool, workers, tmp_path
-    workers.stop_all()
 
 
 def final(spool, type_name, ids):
@@ -63,20 +81,15 @@ def gone(pid: int) -> bool:
         return True
 
 
-def worker_pids(client) -> dict[str, int]:
-    return client.run(os.getpid)
-
-
 def test_200_sequence_sums_give_the_same_responses_and_logs_as_fork_and_ran_on_dask_workers(env, cluster):
     spool, workers, _ = env
-    _, client = cluster
     spool.register_type("SeqFork", "atp_demo.handler", timeout=60, retention=600, max_restarts=3)
     spool.register_type("SeqDask", "atp_demo.handler", timeout=60, retention=600, max_restarts=3, executor="dask")
     ids = [f"Task{i:03d}" for i in range(200)]
     for i, task_id in enumerate(ids):
         spool.enqueue("SeqFork", task_id, (1, 2, 3, 4, i))
         spool.enqueue("SeqDask", task_id, (1, 2, 3, 4, i))
-    proc = workers.start(concurrency=2, dask_scheduler=cluster[0].scheduler_address)
+    proc = workers.start(concurrency=2, dask_scheduler=cluster.scheduler_address)
     wait_until(lambda: final(spool, "SeqFork", ids) and final(spool, "SeqDask", ids), timeout=120,
                what="400 tasks final")
     for task_id in ids:
@@ -89,7 +102,7 @@ def test_200_sequence_sums_give_the_same_responses_and_logs_as_fork_and_ran_on_d
     # Where they ran: the daemon names the Dask worker and its pid for each run.
     ran = re.findall(r"running SeqDask:(\S+) on dask worker (\S+) \(worker pid (\d+), handler pid (\d+)\)",
                      stderr_of(proc))
-    pids = worker_pids(client)
+    pids = cluster.worker_pids()
     assert sorted(r[0] for r in ran) == ids
     assert {r[1] for r in ran} == set(pids), "both Dask workers should have run some"
     assert all(int(r[2]) == pids[r[1]] for r in ran)
@@ -102,7 +115,7 @@ def test_a_remote_handler_past_its_timeout_is_killed_with_its_children(env, clus
     spool.register_type("Hang", "dask_handlers.hang", timeout=1, max_restarts=0, executor="dask")
     pidfile = tmp / "pids"
     spool.enqueue("Hang", "t1", {"pidfile": str(pidfile)})
-    workers.start(dask_scheduler=cluster[0].scheduler_address)
+    workers.start(dask_scheduler=cluster.scheduler_address)
     handler, grandchild = map(int, wait_until(lambda: pidfile.exists() and pidfile.read_text().split(),
                                               what="handler started"))
     assert not gone(handler) and not gone(grandchild)
@@ -120,11 +133,11 @@ def test_limits_apply_in_the_remote_handler_process(env, cluster):
     spool.register_type("Nice", "limit_handlers.report", nice=10, executor="dask")
     spool.enqueue("Mem", "t1", {"bytes": 512 * 1024**2})
     spool.enqueue("Nice", "t1", None)
-    workers.start(dask_scheduler=cluster[0].scheduler_address)
+    workers.start(dask_scheduler=cluster.scheduler_address)
     wait_until(lambda: final(spool, "Mem", ["t1"]) and final(spool, "Nice", ["t1"]), timeout=30, what="final")
     assert spool.status("Mem", "t1").doc["message"] == "memory limit 64M exceeded (MemoryError)"
     report = json.loads(spool.response("Nice", "t1")[0])
-    assert report["nice"] == 10 and report["ppid"] in worker_pids(cluster[1]).values()
+    assert report["nice"] == 10 and report["ppid"] in cluster.worker_pids().values()
 
 
 def test_the_daemon_killed_with_10_remote_runs_in_flight_then_restarted(env, cluster):
@@ -136,7 +149,7 @@ def test_the_daemon_killed_with_10_remote_runs_in_flight_then_restarted(env, clu
     ids = [f"t{i}" for i in range(10)]
     for task_id in ids:
         spool.enqueue("Ten", task_id, {"record": str(rec), "seconds": 0.6})
-    options = {"dask_scheduler": cluster[0].scheduler_address, "dask_concurrency": 10}
+    options = {"dask_scheduler": cluster.scheduler_address, "dask_concurrency": 10}
     first = workers.start(**options)
     wait_until(lambda: spool.counts()["RUNNING"] == 10 and records(rec), what="10 runs in flight")
     first.send_signal(signal.SIGSTOP)  # it can no longer read what the runs report
@@ -156,7 +169,8 @@ def test_the_daemon_killed_with_10_remote_runs_in_flight_then_restarted(env, clu
         states = [r.state for r in spool.log_records("Ten", task_id)]
         assert states.count(State.FINISHED) == 1 and states[-1] == State.FINISHED, states
         assert spool.response("Ten", task_id)[0] == f"done {task_id}".encode()
-    assert len(os.listdir(spool.root + "/done")) == 10
+    # (a final status is written just before the move into done/)
+    wait_until(lambda: len(os.listdir(spool.root + "/done")) == 10, what="all 10 in done/")
     refused = re.findall(r"refused a late message from lost claim (\S+) \((\w+)\)", stderr_of(second))
     # Each run that finished while its daemon was dead sent its response and
     # FINISHED (and a log record); all of it arrives late and is refused.
@@ -171,10 +185,10 @@ def test_a_dask_worker_killed_mid_task_costs_one_restart_and_the_task_finishes(e
     spool.register_type("Slow", "dask_handlers.timed", max_restarts=2, executor="dask")
     rec = tmp / "runs"
     spool.enqueue("Slow", "t1", {"record": str(rec), "seconds": 3})
-    proc = workers.start(dask_scheduler=cluster[0].scheduler_address)
+    proc = workers.start(dask_scheduler=cluster.scheduler_address)
     start = wait_until(lambda: [r for r in records(rec) if r[0] == "start"], what="first run started")[0]
     handler, dask_worker = int(start[2]), int(start[3])
-    assert dask_worker in worker_pids(cluster[1]).values()
+    assert dask_worker in cluster.worker_pids().values()
     os.kill(dask_worker, signal.SIGKILL)
     wait_until(lambda: gone(handler), timeout=10, what="the handler died with its Dask worker")
     wait_until(lambda: spool.status("Slow", "t1").state in FINAL, timeout=60, what="finished after the loss")
@@ -183,7 +197,7 @@ def test_a_dask_worker_killed_mid_task_costs_one_restart_and_the_task_finishes(e
     assert any("was lost while it ran the task" in r.message for r in spool.log_records("Slow", "t1"))
     assert not [r for r in records(rec) if r[0] == "overlap"], records(rec)
     assert stop(proc)[0] == 0
-    cluster[1].wait_for_workers(2, timeout=60)  # the nanny replaced it
+    assert cluster.ask("wait 2") == "ok"  # the nanny replaced it
 
 
 def free_port() -> int:
@@ -203,8 +217,7 @@ def test_an_unreachable_scheduler_pauses_dask_types_only_and_the_server_resumes_
     wait_until(lambda: spool.status("F", "f1").state == State.FINISHED, what="fork task done")
     wait_until(lambda: "not claiming dask tasks: dask scheduler" in stderr_of(proc), timeout=30, what="says so")
     assert spool.status("D", "d1").state == State.ENQUEUED
-    late = distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, scheduler_port=port,
-                                    dashboard_address=":0", silence_logs=logging.ERROR)
+    late = Cluster(1, port)
     try:
         wait_until(lambda: spool.status("D", "d1").state == State.FINISHED, timeout=60, what="resumed")
         assert "claiming dask tasks again" in stderr_of(proc)

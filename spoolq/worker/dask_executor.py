@@ -125,7 +125,8 @@ class DaskExecutor:
         self._queue: Any = None
         self._connected = False
         self._why = ""  # empty until the first try to connect has an answer
-        self._workers: set[str] | None = None
+        self._workers: set[str] = set()
+        self._gone: set[str] = set()  # workers seen in the cluster and then no more
         self._nthreads = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -260,6 +261,8 @@ class DaskExecutor:
             outcome = outcome_name(args[0])
             if outcome is not None:
                 return [Ended(claim, outcome_of(self.spool, claim))]
+            if run.lost is not None and not run.killing:  # killed because it was taken for lost
+                return [Ended(claim, None, run.lost, lost=True)]
             return [Ended(claim, None, args[1])]
         self._refuse_or_apply(claim, kind, args, late=False)
         return []
@@ -314,8 +317,7 @@ class DaskExecutor:
         started; ones whose end never came."""
         ended = []
         for run in list(self.runs.values()):
-            workers = self._workers
-            if run.lost is None and run.worker and workers is not None and run.worker not in workers:
+            if run.lost is None and run.worker in self._gone:
                 self._lose(run, f"dask worker {run.worker} left the cluster while it ran the task", now)
             if run.lost is None and run.future_done_at is not None:
                 if run.killing and run.attempt is None and now - run.future_done_at >= QUIET:
@@ -410,6 +412,7 @@ class DaskExecutor:
             return
         workers = info.get("workers", {})
         self._nthreads = sum(int(w.get("nthreads", 0)) for w in workers.values())
+        self._gone |= self._workers - set(workers)
         self._workers = set(workers)
 
     def _receive(self) -> None:
