@@ -41,6 +41,8 @@ from .names import check_type, task_name
 from .queries import Census, TaskInfo, format_log
 from .spool import Spool
 from .store.layout import DEFAULT_ROOT, ROOT_ENV, resolve_root
+from .store.registry import EXECUTORS
+from .units import parse_duration, parse_size
 
 if TYPE_CHECKING:
     import typer
@@ -73,6 +75,30 @@ class UsageError(Exception):
 
 # The --state choices: the state names, matched case-insensitively.
 StateName = Enum("StateName", {s.name: s.name for s in State}, type=str)  # type: ignore[misc]
+# The --executor choices.
+ExecutorName = Enum("ExecutorName", {e: e for e in EXECUTORS}, type=str)  # type: ignore[misc]
+
+
+def _positive(parse: Any, text: str) -> Any:
+    """*text* parsed by *parse* (a spoolq.units function); a bad or
+    non-positive value is a usage error naming the text."""
+    try:
+        value = parse(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if value <= 0:
+        raise typer.BadParameter(f"{text!r}: the value must be positive")
+    return value
+
+
+def _size_option(text: str) -> int:
+    """--memory-max: bytes, or a number with K, M or G (powers of 1024)."""
+    return _positive(parse_size, text)
+
+
+def _duration_option(text: str) -> float:
+    """--cpu-time: seconds, or a number with s, m, h or d."""
+    return _positive(parse_duration, text)
 
 # (function, typer settings) of every command, in the order of `spoolq --help`.
 _COMMANDS: list[tuple[Callable[..., Any], dict[str, Any]]] = []
@@ -201,15 +227,31 @@ def register(
         metavar="SECONDS", help="How long a FINISHED or FAILED task is kept; 0 or less: forever.")] = -1,
     max_restarts: Annotated[int, typer.Option(
         metavar="N", help="How often a timed-out or abandoned task goes back to the queue before it FAILS.")] = 2,
+    executor: Annotated[
+        ExecutorName, typer.Option(case_sensitive=False, help="Where handlers run: fork (the worker's child processes) or dask.")
+    ] = ExecutorName.fork,  # type: ignore[attr-defined]
+    memory_max: Annotated[
+        Optional[int],
+        typer.Option(metavar="SIZE", parser=_size_option, help="Address space a handler may add: bytes or 512K, 64M, 2G."),
+    ] = None,
+    cpu_time: Annotated[
+        Optional[float],
+        typer.Option(metavar="S", parser=_duration_option, help="CPU time a handler may use: seconds or 30s, 5m, 2h."),
+    ] = None,
+    nice: Annotated[Optional[int], typer.Option(min=0, max=19, help="Niceness of the handler process, 0-19.")] = None,
+    max_open_files: Annotated[Optional[int], typer.Option(min=1, metavar="N", help="Open files a handler process may hold.")] = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Register or update a task type.
 
-    Which handler runs its tasks, and their limits. A handler is called as handler(task_status, input) in a worker's child
-    process. Prints nothing (with --json: the type's settings).
+    Which handler runs its tasks, and their limits. A handler is called as handler(task_status, input) in a worker's
+    handler process, or on a Dask worker with --executor dask (the worker needs --dask-scheduler). A handler that goes
+    over a limit fails, with the limit named in its message. Prints nothing (with --json: the type's settings).
     """
-    ttype = _spool().register_type(type_name, handler, timeout=timeout, retention=retention,
-                                   max_restarts=max_restarts)
+    ttype = _spool().register_type(
+        type_name, handler, timeout=timeout, retention=retention, max_restarts=max_restarts,
+        executor=executor.value, memory_max=memory_max, cpu_time=cpu_time, nice=nice, max_open_files=max_open_files,
+    )
     if json_out:
         _print_json(ttype.to_json())
 
@@ -428,6 +470,15 @@ def worker(
         int, typer.Option(min=0, metavar="N",
                           help="Tasks a handler process runs before a fresh one replaces it; 0: never replace.")
     ] = 1000,
+    dask_scheduler: Annotated[
+        Optional[str],
+        typer.Option(envvar="SPOOLQ_DASK_SCHEDULER", metavar="ADDR",
+                     help="Dask scheduler for types registered with --executor dask, e.g. tcp://host:8786."),
+    ] = None,
+    dask_concurrency: Annotated[
+        int, typer.Option(min=0, metavar="N",
+                          help="Most dask runs at once; 0: as many as the Dask cluster has threads.")
+    ] = 0,
 ) -> int:
     """Run the worker daemon for SERVER.
 
@@ -440,7 +491,8 @@ def worker(
 
     return run_worker(
         _run.root, server, concurrency=concurrency, drain=drain, grace=grace, poll=poll,
-        max_tasks_per_child=max_tasks_per_child,
+        max_tasks_per_child=max_tasks_per_child, dask_scheduler=dask_scheduler or None,
+        dask_concurrency=dask_concurrency,
     )
 
 

@@ -65,7 +65,15 @@ from .store import codec, fsutil
 from .store.codec import INPUT_JSON, INPUT_NAMES, INPUT_PICKLE, RESPONSE, STATUS, LogRecord
 from .store.layout import Layout, Settings
 from .store.queue import WaitingIndex
-from .store.registry import DEFAULT_MAX_RESTARTS, DEFAULT_RETENTION, DEFAULT_TIMEOUT, TaskType, TypeRegistry
+from .store.registry import (
+    DEFAULT_EXECUTOR,
+    DEFAULT_MAX_RESTARTS,
+    DEFAULT_RETENTION,
+    DEFAULT_TIMEOUT,
+    TaskType,
+    TypeRegistry,
+    check_settings,
+)
 from .store.servers import ServerLocks
 from .store.taskdir import LockBusy, Moved, TaskDir, peek_status, read_status, run_alive, run_lock_holders
 from .store.taskdir import hold_run_lock as hold_run_lock_fd
@@ -85,6 +93,9 @@ class StartedTask:
     handler: str
     input: Any
     run_lock: int | None = None
+    # The input's file (input.pkl or input.json); with start(load=False)
+    # *input* holds that file's bytes, not loaded.
+    input_file: str = INPUT_PICKLE
 
 
 @dataclass(frozen=True)
@@ -193,19 +204,33 @@ class Spool:
         timeout: float = DEFAULT_TIMEOUT,
         retention: float = DEFAULT_RETENTION,
         max_restarts: int = DEFAULT_MAX_RESTARTS,
+        executor: str = DEFAULT_EXECUTOR,
+        memory_max: int | None = None,
+        cpu_time: float | None = None,
+        nice: int | None = None,
+        max_open_files: int | None = None,
     ) -> TaskType:
         """Create or update a task type; atomic (tmp + rename).
 
         As in ATP, a negative timeout becomes 0 (no limit), any retention
         <= 0 means keep forever (-1) and a negative max_restarts becomes 0.
+        *executor* (``fork`` or ``dask``) says where its handlers run; the
+        limits (None: none) are applied in the handler's process (contract
+        §13). A setting out of range raises SpoolError, nothing written.
         """
         check_type(name)
+        check_settings(executor, memory_max, cpu_time, nice, max_open_files)
         return self.registry.put(TaskType(
             name=name,
             handler=handler,
             timeout=max(0.0, float(timeout)),
             retention=float(retention) if retention > 0 else -1.0,
             max_restarts=max(0, int(max_restarts)),
+            executor=executor,
+            memory_max=None if memory_max is None else int(memory_max),
+            cpu_time=None if cpu_time is None else float(cpu_time),
+            nice=None if nice is None else int(nice),
+            max_open_files=None if max_open_files is None else int(max_open_files),
         ))
 
     def get_type(self, name: str) -> TaskType:
@@ -533,7 +558,7 @@ class Spool:
             raise StaleClaim(f"claim {claim} no longer owns task {claim.type}/{claim.id} (now {state.name})")
         raise StaleClaim(f"claim {claim} no longer owns task {claim.type}/{claim.id} (it was moved or deleted)")
 
-    def start(self, claim: Claim | str, *, hold_run_lock: bool = False) -> StartedTask:
+    def start(self, claim: Claim | str, *, hold_run_lock: bool = False, load: bool = True) -> StartedTask:
         """Move a claimed task to ``running/``, count the start and load its
         input: (type, id, handler path, input).
 
@@ -542,6 +567,11 @@ class Spool:
         runs, so nobody takes the task away from a live run (the daemon's
         handler processes do this; an ATP program that runs handlers itself
         does not, and its timeouts work as in ATP).
+
+        ``load=False`` returns the input file's bytes instead, unloaded, for
+        an executor that ships them to the process that runs the handler (the
+        worker itself never unpickles input, contract §7.2).
+
 
         If the input cannot be loaded the task is FAILED (with the reason in
         its log) and CorruptTask is raised; a task directory whose input file
@@ -573,6 +603,9 @@ class Spool:
             task.move(self._path(Place.RUNNING, claim.name))
             task.write(State.RUNNING, "", starts=int(task.doc.get("starts", 0)) + 1, started_at=codec.iso(self.clock()))
             crashpoint("start.running")
+            if not load:
+                run_lock = hold_run_lock_fd(task.fd) if hold_run_lock else None
+                return StartedTask(claim.type, claim.id, ttype.handler, raw, run_lock, input_name)
             import pickle  # see enqueue()
 
             try:
@@ -582,7 +615,7 @@ class Spool:
                 self._finish_locked(task, State.FAILED, reason)
                 raise CorruptTask(task.path, f"task {claim.type}/{claim.id}: {reason}") from None
             run_lock = hold_run_lock_fd(task.fd) if hold_run_lock else None
-            return StartedTask(claim.type, claim.id, ttype.handler, value, run_lock)
+            return StartedTask(claim.type, claim.id, ttype.handler, value, run_lock, input_name)
         finally:
             task.close()
 

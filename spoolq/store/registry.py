@@ -20,6 +20,9 @@ from .layout import Layout
 DEFAULT_TIMEOUT = 3600.0
 DEFAULT_RETENTION = -1.0
 DEFAULT_MAX_RESTARTS = 2
+DEFAULT_EXECUTOR = "fork"
+EXECUTORS = ("fork", "dask")  # where handlers may run (contract §13.1)
+NICE_RANGE = (0, 19)
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,13 @@ class TaskType:
     timeout: float = DEFAULT_TIMEOUT  # seconds from the claim; <= 0: no limit
     retention: float = DEFAULT_RETENTION  # seconds kept in done/; <= 0: forever
     max_restarts: int = DEFAULT_MAX_RESTARTS
+    # Second edition (contract §13): where handlers run, and their limits
+    # (None: no limit). Files without these keys read as the defaults.
+    executor: str = DEFAULT_EXECUTOR
+    memory_max: int | None = None  # bytes of address space the handler may add
+    cpu_time: float | None = None  # seconds of CPU
+    nice: int | None = None  # 0-19
+    max_open_files: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -39,7 +49,17 @@ class TaskType:
             "timeout": self.timeout,
             "retention": self.retention,
             "max_restarts": self.max_restarts,
+            "executor": self.executor,
+            "memory_max": self.memory_max,
+            "cpu_time": self.cpu_time,
+            "nice": self.nice,
+            "max_open_files": self.max_open_files,
         }
+
+    @property
+    def limited(self) -> bool:
+        """Whether any resource limit is set."""
+        return any(v is not None for v in (self.memory_max, self.cpu_time, self.nice, self.max_open_files))
 
     @classmethod
     def from_json(cls, name: str, raw: dict[str, Any]) -> TaskType:
@@ -51,7 +71,32 @@ class TaskType:
             timeout=float(raw.get("timeout", DEFAULT_TIMEOUT)),
             retention=float(raw.get("retention", DEFAULT_RETENTION)),
             max_restarts=int(raw.get("max_restarts", DEFAULT_MAX_RESTARTS)),
+            executor=str(raw.get("executor") or DEFAULT_EXECUTOR),
+            memory_max=_optional(int, raw.get("memory_max")),
+            cpu_time=_optional(float, raw.get("cpu_time")),
+            nice=_optional(int, raw.get("nice")),
+            max_open_files=_optional(int, raw.get("max_open_files")),
         )
+
+
+def _optional(kind: type, value: Any) -> Any:
+    return None if value is None else kind(value)
+
+
+def check_settings(
+    executor: str, memory_max: int | None, cpu_time: float | None, nice: int | None, max_open_files: int | None
+) -> None:
+    """SpoolError naming the first setting out of its range (contract §13)."""
+    if executor not in EXECUTORS:
+        raise SpoolError(f"unknown executor {executor!r}: choose {' or '.join(EXECUTORS)}")
+    if memory_max is not None and memory_max <= 0:
+        raise SpoolError(f"memory_max must be a positive number of bytes, not {memory_max!r}")
+    if cpu_time is not None and not cpu_time > 0:
+        raise SpoolError(f"cpu_time must be a positive number of seconds, not {cpu_time!r}")
+    if nice is not None and not NICE_RANGE[0] <= nice <= NICE_RANGE[1]:
+        raise SpoolError(f"nice must be from {NICE_RANGE[0]} to {NICE_RANGE[1]}, not {nice!r}")
+    if max_open_files is not None and max_open_files <= 0:
+        raise SpoolError(f"max_open_files must be positive, not {max_open_files!r}")
 
 
 def check_handler(handler: object) -> str:

@@ -16,7 +16,15 @@ through :class:`Executor`:
   the reason its process died without one (``outcome`` None);
 * ``kill(claim)`` stops a run at once, with everything its handler started;
   its :class:`Ended` follows once that is done (never before);
-* ``close()`` stops idle processes and waits for them.
+* ``close()`` stops idle processes and waits for them;
+* ``available()`` says whether it can take a run now (False: the loop claims
+  no task of its types, logs why once, and claims again once it is True);
+* ``capacity()`` is how many runs it takes at once (None: ``--concurrency``).
+
+An :class:`Ended` with ``lost=True`` says the run ended because the host
+that ran it was lost (a Dask worker died): the loop takes the task away and
+charges a restart, as for a dead server. The loop routes each claim to the
+executor its type names (``fork``, ``dask``: :mod:`.dask_executor`).
 
 What an executor must guarantee (the loop's safety rests on it):
 
@@ -49,6 +57,7 @@ from .. import faults
 from ..lifecycle import Claim, Outcome
 from ..spool import Spool
 from . import proctree
+from .limits import Limits
 from .runner import run_claim
 
 log = logging.getLogger("spoolq.executor")
@@ -56,16 +65,21 @@ log = logging.getLogger("spoolq.executor")
 # How long past its deadline a handler process waits for the worker to kill
 # it before it kills itself (the worker may be stopped, e.g. SIGSTOP).
 SELF_KILL_MARGIN = 2.0
+RETIRING = "retiring"  # a slot's answer ends with this word when it exits after the task
 
 
 @dataclass(frozen=True)
 class Ended:
     """A run that ended: its *outcome* as the runner reported it, or None
-    when its process died first (*reason* says how)."""
+    when its process died first (*reason* says how). *lost*: the run ended
+    because the host that ran it was lost (a remote executor's worker died);
+    the loop then takes the task away and charges a restart, as for a dead
+    server, instead of failing it."""
 
     claim: Claim
     outcome: Outcome | None
     reason: str = ""
+    lost: bool = False
 
 
 class Executor(Protocol):
@@ -90,6 +104,13 @@ class Executor(Protocol):
 
     def close(self) -> None:
         """Stop idle handler processes and wait for them."""
+
+    def available(self) -> bool:
+        """Whether it can take a run now (a remote executor: whether its
+        cluster is reachable). The loop claims no task of its types while not."""
+
+    def capacity(self) -> int | None:
+        """How many runs it takes at once; None: the worker's --concurrency."""
 
 
 class _Slot:
@@ -181,6 +202,12 @@ class ForkExecutor:
     def pid(self, claim: Claim) -> int | None:
         slot = self._slot_of(claim)
         return slot.pid if slot else None
+
+    def available(self) -> bool:
+        return True
+
+    def capacity(self) -> int | None:
+        return None  # the worker's --concurrency
 
     def fds(self) -> list[int]:
         return [slot.results for slot in self.slots.values() if slot.results >= 0]
@@ -293,13 +320,14 @@ class ForkExecutor:
         while b"\n" in slot.buffer:
             line, slot.buffer = slot.buffer.split(b"\n", 1)
             claim, slot.claim = slot.claim, None
+            word, _, flag = line.decode(errors="replace").strip().partition(" ")
             if claim is not None:
                 try:
-                    outcome = Outcome(line.decode(errors="replace").strip())
+                    outcome = Outcome(word)
                 except ValueError:
                     outcome = Outcome.GONE
                 ended.append(Ended(claim, outcome))
-            if self.max_tasks_per_child and slot.tasks >= self.max_tasks_per_child:
+            if flag == RETIRING or (self.max_tasks_per_child and slot.tasks >= self.max_tasks_per_child):
                 self._retire(slot)
         return ended
 
@@ -339,7 +367,8 @@ class ForkExecutor:
             claim = slot.claim
             slot.close()
             if claim is not None:
-                self._dying.append(Ended(claim, None, _death(status)))
+                limits = Limits.for_type(self.spool, claim.type)
+                self._dying.append(Ended(claim, None, limits.explain_death(status) or _death(status)))
         if self._dying:
             # Orphans of the dead slots: every child that is not a slot.
             if proctree.kill_children(keep=frozenset(self.slots)):
@@ -397,7 +426,13 @@ def _slot_main(spool: Spool, commands: int, results: int) -> int:
         text, _, due = line.decode().partition(" ")
         claim = Claim.parse(text)
         deadline.set(float(due or "inf"))
+        limited = bool(Limits.for_type(spool, claim.type))
         outcome = run_claim(spool, claim)
         deadline.set(math.inf)
         proctree.kill_descendants()
+        if limited:
+            # Limits cannot all be lifted (niceness): this process ran its
+            # last task; the worker replaces it (docs: spoolq.worker.limits).
+            os.write(results, f"{outcome.value} {RETIRING}\n".encode())
+            return 0
         os.write(results, f"{outcome.value}\n".encode())

@@ -89,6 +89,7 @@ class _Job:
     charge: bool = True
     killed_at: float | None = None  # monotonic
     unsettled_since: float | None = None  # monotonic: ended, but its leftovers still hold the task
+    executor: str = "fork"  # the name of the executor that runs it
 
     @property
     def label(self) -> str:
@@ -103,7 +104,9 @@ class Worker:
     SIGTERM waits for running handlers), ``poll`` (no inotify: rescan every
     ``rescan_interval``), ``heartbeat_interval``, ``sweep_interval``,
     ``max_tasks_per_child`` (for the fork executor; 0: never recycle a
-    handler process), ``executor`` (default: a :class:`ForkExecutor`).
+    handler process), ``executor`` (default: a :class:`ForkExecutor`),
+    ``dask_scheduler`` (the address for types whose executor is ``dask``)
+    and ``dask_concurrency`` (most dask runs at once; 0: the cluster's threads).
     """
 
     def __init__(
@@ -120,6 +123,8 @@ class Worker:
         sweep_interval: float = 15.0,
         max_tasks_per_child: int = 1000,
         executor: Executor | None = None,
+        dask_scheduler: str | None = None,
+        dask_concurrency: int = 0,
     ) -> None:
         self.spool = spool
         self.server = check_server(server)
@@ -133,6 +138,15 @@ class Worker:
         self.executor: Executor = executor or ForkExecutor(
             spool, max_tasks_per_child=max_tasks_per_child, close_in_child=self._close_in_child
         )
+        self.executors: dict[str, Executor] = {"fork": self.executor}
+        if dask_scheduler:
+            from .dask_executor import DaskExecutor  # imports distributed: only when asked for
+
+            self.executors["dask"] = DaskExecutor(spool, self.server, dask_scheduler, concurrency=dask_concurrency)
+        self._parked: dict[str, list[str]] = {}  # executor -> waiting names it had no room for
+        self._unavailable: set[str] = set()
+        self._said_unavailable: set[str] = set()
+        self._told_missing: set[str] = set()
         self.notifier = Notifier()
         self.jobs: dict[Claim, _Job] = {}
         self.unsettled: list[tuple[_Job, Ended]] = []  # ended runs whose task cannot be settled yet
@@ -179,7 +193,8 @@ class Worker:
             log.error("%s; stopping", exc)
             code = 1
         finally:
-            self.executor.close()
+            for executor in self.executors.values():
+                executor.close()
             for watcher in (self._watcher, self._departures):
                 if watcher is not None:
                     watcher.close()
@@ -282,8 +297,9 @@ class Worker:
     def _turn(self) -> bool:
         """One turn of the loop; True when the worker should stop."""
         self._handle_signals()
-        for ended in self.executor.events():
-            self._guard(f"settling {ended.claim}", lambda e=ended: self._settle(e))
+        for executor in self.executors.values():
+            for ended in executor.events():
+                self._guard(f"settling {ended.claim}", lambda e=ended: self._settle(e))
         self._retry_unsettled()
         now = time.monotonic()
         self._enforce_limits(now)
@@ -333,7 +349,7 @@ class Worker:
         return max(0.0, timeout)
 
     def _wait(self, timeout: float) -> None:
-        fds = [self._sig_r, *self.executor.fds()]
+        fds = [self._sig_r, *(fd for executor in self.executors.values() for fd in executor.fds())]
         if self._departures is not None and self.jobs:
             fds.append(self._departures.fileno())
         if self._watcher is not None and not self.stopping and not self.draining:
@@ -390,10 +406,15 @@ class Worker:
     def _fill_slots(self) -> None:
         if time.monotonic() < self._claims_paused_until:
             return
-        while len(self.jobs) + len(self.unsettled) < self.concurrency:
+        self._check_executors()
+        while self._room_anywhere():
             name = self.waiting.pop()
             if name is None:
                 return
+            route = self._route(name)
+            if route is not None and self._room(route) <= 0:
+                self._parked.setdefault(route, []).append(name)  # waits for room there
+                continue
             try:
                 claim = self.spool.claim(self.server, names=[name])
             except SpoolqError as exc:
@@ -410,6 +431,60 @@ class Worker:
                 log.info("claimed %s:%s (claim %d)", claim.type, claim.id, claim.number)
                 self._guard(f"starting {claim}", lambda c=claim: self._launch(c))
 
+    # ------------------------------------------------------------------ executors
+
+    def _executor_of(self, type_name: str) -> str:
+        ttype = self.spool.registry.find(type_name)
+        return ttype.executor if ttype is not None else "fork"
+
+    def _route(self, name: str) -> str | None:
+        """The executor a waiting task would run on; None when its type
+        cannot be read (claimed anyway: the launch fails it with the reason)."""
+        parts = split_task_name(name)
+        if not parts or self.spool.registry.find(parts[0]) is None:
+            return None
+        route = self._executor_of(parts[0])
+        if route not in self.executors and route not in self._told_missing:
+            self._told_missing.add(route)
+            log.warning("type %s runs on executor %s, which server %s does not have (--dask-scheduler or "
+                        "SPOOLQ_DASK_SCHEDULER); leaving such tasks to other servers", parts[0], route, self.server)
+        return route
+
+    def _room(self, route: str) -> int:
+        executor = self.executors.get(route)
+        if executor is None or route in self._unavailable:
+            return 0
+        limit = executor.capacity()
+        if limit is None:
+            limit = self.concurrency
+        held = [job for job in self.jobs.values() if job.executor == route]
+        held += [job for job, _ in self.unsettled if job.executor == route]
+        return limit - len(held)
+
+    def _room_anywhere(self) -> bool:
+        return any(self._room(route) > 0 for route in self.executors)
+
+    def _check_executors(self) -> None:
+        """Log each executor that becomes unavailable or available again (once
+        each time), and give parked tasks back to the index where there is room."""
+        for route, executor in self.executors.items():
+            if executor.available():
+                self._unavailable.discard(route)
+                if route in self._said_unavailable:
+                    self._said_unavailable.discard(route)
+                    log.info("claiming %s tasks again: the %s executor is available", route, route)
+                continue
+            self._unavailable.add(route)
+            why = getattr(executor, "unavailable_reason", lambda: "unavailable")()
+            if why and route not in self._said_unavailable:  # nothing while it makes its first connection
+                self._said_unavailable.add(route)
+                log.warning("not claiming %s tasks: %s", route, why)
+                self.notifier.status(f"{route} executor unavailable")
+        for route in list(self._parked):
+            if self._room(route) > 0:
+                for name in self._parked.pop(route):
+                    self.waiting.add(name)
+
     def _launch(self, claim: Claim) -> None:
         """Hand *claim* to the executor, with its deadline."""
         try:
@@ -422,10 +497,15 @@ class Worker:
                 pass
             return
         now = time.monotonic()
+        route = self._executor_of(claim.type)
+        executor = self.executors.get(route)
+        if executor is None:  # a recovered claim of a type this server cannot run
+            self.spool.hand_back(claim, f"server {self.server} has no {route} executor")
+            return
         # A timeout <= 0 means no time limit (the type's own rule).
-        job = _Job(claim, now, now + timeout if timeout > 0 else math.inf)
+        job = _Job(claim, now, now + timeout if timeout > 0 else math.inf, executor=route)
         try:
-            self.executor.submit(claim, job.deadline)
+            executor.submit(claim, job.deadline)
         except OSError as exc:
             # No handler process for it (it died between tasks, or none can
             # be started: out of descriptors or processes): the unstarted
@@ -438,7 +518,7 @@ class Worker:
             self._claims_paused_until = time.monotonic() + CLAIM_RETRY
             return
         self.jobs[claim] = job
-        log.info("started %s in pid %s", job.label, self.executor.pid(claim))
+        log.info("started %s in pid %s", job.label, executor.pid(claim))
 
     # ------------------------------------------------------------------ ends
 
@@ -450,20 +530,22 @@ class Worker:
         if ended.outcome is not None:
             self._report(job, ended.outcome)
             return
-        if job.kill_reason is None and time.monotonic() >= job.deadline:
+        if job.kill_reason is None and not ended.lost and time.monotonic() >= job.deadline:
             # Past its deadline before this loop could enforce it (the worker
             # was stopped): the handler process killed itself. A timeout.
             job.kill_reason, job.charge = self._timeout_reason(job), True
-        if job.kill_reason is not None:
+        if job.kill_reason is not None or ended.lost:
             faults.crashpoint("daemon.handback")  # killed, not handed back yet
-            result = self.spool.abandon(job.claim, job.kill_reason, charge=job.charge)
+            reason = job.kill_reason if job.kill_reason is not None else ended.reason
+            charge = job.charge if job.kill_reason is not None else True
+            result = self.spool.abandon(job.claim, reason, charge=charge)
             if result is Action.BUSY:
                 self._unsettle(job, ended)
             elif result is Action.FAILED:
                 self.failed += 1
-                log.error("failed %s: %s (no restarts left)", job.label, job.kill_reason)
+                log.error("failed %s: %s (no restarts left)", job.label, reason)
             elif result is Action.REENQUEUED:
-                log.warning("re-enqueued %s: %s", job.label, job.kill_reason)
+                log.warning("re-enqueued %s: %s", job.label, reason)
             return
         try:
             self.spool.set_state(job.claim, State.FAILED, ended.reason)
@@ -526,13 +608,14 @@ class Worker:
                 # Killed but not ended for a while: stuck in the kernel (D
                 # state); the task stays claimed until its run ends.
                 job.killed_at = now
-                log.warning("pid %s (%s) does not die; still waiting", self.executor.pid(job.claim), job.claim)
+                pid = self.executors[job.executor].pid(job.claim)
+                log.warning("pid %s (%s) does not die; still waiting", pid, job.claim)
 
     def _kill(self, job: _Job, reason: str, *, charge: bool) -> None:
         job.kill_reason = reason
         job.charge = charge
         job.killed_at = time.monotonic()
-        self.executor.kill(job.claim)
+        self.executors[job.executor].kill(job.claim)
 
     def _kill_all(self, reason: str) -> None:
         for job in list(self.jobs.values()):
@@ -615,6 +698,8 @@ def run_worker(
     grace: float = 30.0,
     poll: bool = False,
     max_tasks_per_child: int = 1000,
+    dask_scheduler: str | None = None,
+    dask_concurrency: int = 0,
 ) -> int:
     """Entry point of ``spoolq worker``. Configuration errors (bad spool,
     bad server id, server already running) raise SpoolqError; the command
@@ -627,7 +712,7 @@ def run_worker(
         return drain_running(spool, server)
     worker = Worker(
         spool, server, concurrency=concurrency, drain=drain, grace=grace, poll=poll,
-        max_tasks_per_child=max_tasks_per_child,
+        max_tasks_per_child=max_tasks_per_child, dask_scheduler=dask_scheduler, dask_concurrency=dask_concurrency,
     )
     return worker.run()
 

@@ -13,6 +13,9 @@ names too). The outcome says how the run ended:
 
 The run lock (docs/design.md, "The run lock") is held from the start until
 the run ends, so no sweeper takes the task from a run that is still alive.
+
+The type's resource limits (:mod:`.limits`) are applied right before the
+handler is called, and a failure they cause names the limit.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from ..errors import CorruptTask, SpoolqError, StaleClaim, TaskNotFound, safe_te
 from ..lifecycle import Claim, Outcome, State
 from ..spool import Spool
 from ..task import TaskContext
+from .limits import Limits
 
 log = logging.getLogger("spoolq.runner")
 
@@ -69,15 +73,24 @@ def _run_started(spool: Spool, claim: Claim, handler_path: str, value: Any) -> O
         except Exception as exc:
             fail(spool, claim, f"cannot import handler {handler_path!r}: {type(exc).__name__}: {safe_text(exc)}", exc)
             return Outcome.FAILED
+        limits = Limits.for_type(spool, claim.type)
+        try:
+            lift = limits.apply()
+        except OSError as exc:
+            fail(spool, claim, str(exc.strerror or exc), exc)
+            return Outcome.FAILED
         try:
             handler(context, value)
         except SystemExit as exc:
             if exc.code not in (None, 0):
+                lift()
                 return _failed(spool, claim, f"handler called sys.exit({exc.code!r})", None)
         except StaleClaim:
             raise  # the handler's own status call found its task taken away
         except BaseException as exc:  # noqa: BLE001 - every failure becomes FAILED
-            return _failed(spool, claim, f"{type(exc).__name__}: {safe_text(exc)}", exc)
+            lift()
+            return _failed(spool, claim, limits.explain(exc) or f"{type(exc).__name__}: {safe_text(exc)}", exc)
+        lift()
         if spool.finish_if_not_finished(claim):
             return Outcome.FINISHED
     except StaleClaim as exc:
