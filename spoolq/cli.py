@@ -252,8 +252,27 @@ def register(
         type_name, handler, timeout=timeout, retention=retention, max_restarts=max_restarts,
         executor=executor.value, memory_max=memory_max, cpu_time=cpu_time, nice=nice, max_open_files=max_open_files,
     )
+    _warn_if_not_importable(handler)
     if json_out:
         _print_json(ttype.to_json())
+
+
+def _warn_if_not_importable(handler: str) -> None:
+    """A warning (the type is registered all the same) when the handler's
+    module cannot be found from here: the worker will likely not find it
+    either. Found, not imported: importing would run the module's code."""
+    import importlib.util
+
+    module = handler.rpartition(".")[0]
+    try:
+        found = importlib.util.find_spec(module) is not None
+        why = "no such module"
+    except (ImportError, ValueError) as exc:
+        found, why = False, f"{type(exc).__name__}: {exc}"
+    if not found:
+        print(f"spoolq: warning: handler module {module!r} cannot be imported here ({why}); the worker must be "
+              "able to import it: install it in the worker's environment or use worker --pythonpath DIR",
+              file=sys.stderr)
 
 
 @_command(examples=["spoolq unregister Thumbnail", "spoolq unregister Thumbnail --force"])
@@ -454,7 +473,7 @@ def wait(
 
 
 @_command(examples=["spoolq worker server1", "spoolq worker server1 --concurrency 4",
-                    "spoolq worker server1 --drain"])
+                    "spoolq worker server1 --pythonpath /srv/myapp", "spoolq worker server1 --drain"])
 def worker(
     server: Annotated[str, typer.Argument(metavar="SERVER",
                                           help="Server id: names this worker (systemd unit spoolq@SERVER).")],
@@ -479,6 +498,11 @@ def worker(
         int, typer.Option(min=0, metavar="N",
                           help="Most dask runs at once; 0: as many as the Dask cluster has threads.")
     ] = 0,
+    pythonpath: Annotated[
+        Optional[list[str]],
+        typer.Option("--pythonpath", metavar="DIR",
+                     help="A directory to import handler modules from, ahead of the rest (repeatable).")
+    ] = None,
 ) -> int:
     """Run the worker daemon for SERVER.
 
@@ -492,7 +516,7 @@ def worker(
     return run_worker(
         _run.root, server, concurrency=concurrency, drain=drain, grace=grace, poll=poll,
         max_tasks_per_child=max_tasks_per_child, dask_scheduler=dask_scheduler or None,
-        dask_concurrency=dask_concurrency,
+        dask_concurrency=dask_concurrency, pythonpath=pythonpath,
     )
 
 

@@ -140,6 +140,7 @@ class Outcome(enum.Enum):
     FINISHED = "FINISHED"
     FAILED = "FAILED"
     GONE = "GONE"  # the task was taken away or deleted while it ran
+    NO_HANDLER = "NO_HANDLER"  # never started: its handler cannot be imported where it was to run
 
 
 class Action(str, enum.Enum):

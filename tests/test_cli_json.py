@@ -40,7 +40,7 @@ def test_init_and_register(tmp_path: Path) -> None:
     path = tmp_path / "new"
     doc = spoolq_json("init", "--json", "--max-queue", "5", "--no-durable", root=path)
     assert doc == {"root": str(path), "max_queue": 5, "durable": False, "max_input_bytes": 64 << 20}
-    doc = spoolq_json("register", "T", "pkg.mod.func", "--timeout", "-3", "--json", root=path)
+    doc = spoolq_json("register", "T", "pkg.mod.func", "--timeout", "-3", "--json", root=path, quiet=False)  # warns: no pkg
     assert doc == {"name": "T", "handler": "pkg.mod.func", "timeout": 0.0, "retention": -1.0, "max_restarts": 2,
                    "executor": "fork", "memory_max": None, "cpu_time": None, "nice": None, "max_open_files": None}
     (listed,) = spoolq_json("types", "--json", root=path)

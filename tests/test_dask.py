@@ -23,7 +23,11 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("distributed")
+try:
+    import distributed  # noqa: F401  (part of the test extra: CI installs it; never skip silently)
+except ImportError:  # pragma: no cover
+    pytest.fail("distributed is missing: pip install '.[test]' (the dask executor's tests need it)",
+                allow_module_level=True)
 
 from spoolq import Spool, State  # noqa: E402
 from test_daemon import HERE, env, stderr_of, stop, wait_until  # noqa: E402,F401 (env: the daemon tests' fixture)
@@ -35,8 +39,13 @@ class Cluster:
     """A LocalCluster in a process of its own (tests/dask_cluster.py)."""
 
     def __init__(self, workers: int, port: int = 0) -> None:
+        # The checkout and tests/ first on the path of the cluster and its
+        # worker processes: they run this tree's spoolq and the test handlers,
+        # whatever copy of spoolq is installed.
+        path = os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")])
         self.proc = subprocess.Popen([sys.executable, str(HERE / "dask_cluster.py"), str(workers), str(port)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=dict(os.environ, PYTHONPATH=path))
         line = self.proc.stdout.readline()  # type: ignore[union-attr]
         if not line:
             raise RuntimeError(f"the Dask cluster did not start (exit {self.proc.wait(30)})")

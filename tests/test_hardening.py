@@ -426,3 +426,65 @@ def test_a_queue_stamp_in_the_future_does_not_starve_the_task(env):
     assert spool.waiting() == ["T:before", "T:early"]  # seen now: its stamp is set to now, once
     spool.enqueue("T", "after", [3])
     assert spool.waiting() == ["T:before", "T:early", "T:after"]  # and stays put
+
+
+# --------------------------------------------------------------------------- first use (issue 11): handlers
+
+
+def test_a_handler_that_does_not_import_makes_its_tasks_wait_not_fail(env):
+    """A deployment error: the server says so once, claims no more tasks of
+    the type, retries the import with backoff, and runs the tasks once the
+    module appears (in a --pythonpath directory)."""
+    spool, root, workers, tmp = env
+    code = tmp / "code"
+    code.mkdir()
+    spool.register_type("M", "late_module.handler")
+    spool.register_type("T", "daemon_handlers.add")
+    for i in range(3):
+        spool.enqueue("M", f"m{i}", i)
+    log = tmp / "worker.log"
+    env_vars = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]))
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "spoolq", "--root", str(root), "worker", "w1",
+                                 "--pythonpath", str(code)], env=env_vars, stderr=fh)
+    try:
+        wait_until(lambda: "cannot be imported" in log.read_text(), what="the import error, said")
+        spool.enqueue("T", "other", [1, 2])  # other types go on meanwhile
+        wait_until(lambda: spool.status("T", "other").state == State.FINISHED, what="another type's task")
+        assert all(spool.status("M", f"m{i}").state == State.ENQUEUED for i in range(3))
+        assert log.read_text().count("cannot be imported") == 1, log.read_text()
+        (code / "late_module.py").write_text("def handler(ts, inp):\n    ts.store_response(str(inp), 'text/plain')\n")
+        wait_until(lambda: all(spool.status("M", f"m{i}").state == State.FINISHED for i in range(3)),
+                   timeout=60, what="the tasks, once the module is there")
+        assert all(spool.status("M", f"m{i}").doc["starts"] == 1 for i in range(3))  # never started before
+        assert "imports again" in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
+
+
+def test_register_warns_about_a_handler_it_cannot_find_and_worker_refuses_a_bad_pythonpath(env):
+    spool, root, workers, tmp = env
+    done = spoolq_cli("register", "N", "no_such_module_here.func", root=root)
+    assert done.returncode == 0 and "warning: handler module 'no_such_module_here' cannot be imported" in done.stderr
+    assert spool.get_type("N").handler == "no_such_module_here.func"
+    quiet = spoolq_cli("register", "D", "spoolq.demo.sequence_sum", root=root)
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    bad = spoolq_cli("worker", "w1", "--pythonpath", str(tmp / "nowhere"), root=root)
+    assert bad.returncode == 78 and "not a directory" in one_line_error(bad)
+
+
+def test_deleting_a_running_task_stops_its_handler_within_a_second(env):
+    """Seen through the watch on running/, not the heartbeat (30 s here)."""
+    spool, root, workers, tmp = env
+    register(spool, "F", "tick_first_time", timeout=600)
+    rec, marker = tmp / "rec", tmp / "marker"
+    spool.enqueue("F", "t", {"record": str(rec), "marker": str(marker)})
+    workers.start("w1", heartbeat_interval=30)
+    wait_until(lambda: any(e == "tick" for e, _, _ in notes(rec)), what="ticking")
+    pid = next(p for e, p, _ in notes(rec) if e == "start")
+    spool.delete("F", "t")
+    deleted = time.time()
+    wait_until(lambda: not alive(pid), timeout=5, what="the handler to stop")
+    last_tick = max(t for e, p, t in notes(rec) if e == "tick")
+    assert last_tick - deleted < 1.0, f"the handler ran {last_tick - deleted:.2f} s past the delete"

@@ -101,6 +101,7 @@ class _Run:
     lost_at: float | None = None
     killing: bool = False
     killed_at: float | None = None
+    run_lock: int | None = None  # held here for the remote run: no sweeper takes the task meanwhile
 
 
 class DaskExecutor:
@@ -151,7 +152,7 @@ class DaskExecutor:
         if client is None or not self._connected:
             raise OSError(f"dask scheduler {self.address} is not connected")
         try:
-            started = self.spool.start(claim, load=False)
+            started = self.spool.start(claim, load=False, hold_run_lock=True)
         except (StaleClaim, TaskNotFound):
             self._early.append(Ended(claim, Outcome.GONE))
             self._poke()
@@ -167,7 +168,7 @@ class DaskExecutor:
             "payload": started.input, "type": self.spool.get_type(claim.type).to_json(), "doc": info.doc,
             "path": info.path, "queue": self.queue_name,
         }
-        run = _Run(claim, None)
+        run = _Run(claim, None, run_lock=started.run_lock)
         self.runs[claim] = run
         try:
             run.future = client.submit(run_remote, spec, key=f"spoolq:{claim}", pure=False, retries=0)
@@ -257,7 +258,7 @@ class DaskExecutor:
                 self._refuse_or_apply(claim, kind, args, late=True)
             return []
         if kind == "end":
-            del self.runs[claim]
+            self._drop(run)
             outcome = outcome_name(args[0])
             if outcome is not None:
                 return [Ended(claim, outcome_of(self.spool, claim))]
@@ -266,6 +267,14 @@ class DaskExecutor:
             return [Ended(claim, None, args[1])]
         self._refuse_or_apply(claim, kind, args, late=False)
         return []
+
+    def _drop(self, run: _Run) -> None:
+        """The run is over for this host: forget it and let its run lock go
+        (the remote side has confirmed its end, or it is taken for lost)."""
+        self.runs.pop(run.claim, None)
+        if run.run_lock is not None:
+            os.close(run.run_lock)
+            run.run_lock = None
 
     def _refuse_or_apply(self, claim: Claim, kind: str, args: list[Any], *, late: bool) -> None:
         """One write through the claim; StaleClaim means refused (counted)."""
@@ -327,7 +336,7 @@ class DaskExecutor:
             if run.lost is None and run.killing and run.killed_at is not None and now - run.killed_at > KILL_CONFIRM:
                 self._lose(run, f"no confirmation of its end {KILL_CONFIRM:g} s after it was killed", now - QUIET)
             if run.lost is not None and not run.others and run.lost_at is not None and now - run.lost_at >= QUIET:
-                del self.runs[run.claim]
+                self._drop(run)
                 ended.append(Ended(run.claim, None, run.lost, lost=True))
         return ended
 

@@ -58,7 +58,7 @@ from ..lifecycle import Claim, Outcome
 from ..spool import Spool
 from . import proctree
 from .limits import Limits
-from .runner import run_claim
+from .runner import HandlerUnavailable, run_claim
 
 log = logging.getLogger("spoolq.executor")
 
@@ -320,13 +320,14 @@ class ForkExecutor:
         while b"\n" in slot.buffer:
             line, slot.buffer = slot.buffer.split(b"\n", 1)
             claim, slot.claim = slot.claim, None
-            word, _, flag = line.decode(errors="replace").strip().partition(" ")
+            word, _, rest = line.decode(errors="replace").partition("\t")
+            flag, _, note = rest.partition("\t")
             if claim is not None:
                 try:
                     outcome = Outcome(word)
                 except ValueError:
                     outcome = Outcome.GONE
-                ended.append(Ended(claim, outcome))
+                ended.append(Ended(claim, outcome, note))
             if flag == RETIRING or (self.max_tasks_per_child and slot.tasks >= self.max_tasks_per_child):
                 self._retire(slot)
         return ended
@@ -427,12 +428,16 @@ def _slot_main(spool: Spool, commands: int, results: int) -> int:
         claim = Claim.parse(text)
         deadline.set(float(due or "inf"))
         limited = bool(Limits.for_type(spool, claim.type))
-        outcome = run_claim(spool, claim)
+        note = ""
+        try:
+            outcome = run_claim(spool, claim)
+        except HandlerUnavailable as exc:
+            outcome, note = Outcome.NO_HANDLER, " ".join(str(exc).split())
         deadline.set(math.inf)
         proctree.kill_descendants()
+        # Limits cannot all be lifted (niceness): after a limited task this
+        # process retires; the worker replaces it (docs: spoolq.worker.limits).
+        flag = RETIRING if limited else ""
+        os.write(results, f"{outcome.value}\t{flag}\t{note}\n".encode())
         if limited:
-            # Limits cannot all be lifted (niceness): this process ran its
-            # last task; the worker replaces it (docs: spoolq.worker.limits).
-            os.write(results, f"{outcome.value} {RETIRING}\n".encode())
             return 0
-        os.write(results, f"{outcome.value}\n".encode())

@@ -40,12 +40,13 @@ import os
 import resource
 import select
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .. import faults, sweeps
-from ..errors import CorruptTask, ServerBusy, SpoolqError, StaleClaim
+from ..errors import CorruptTask, ServerBusy, SpoolError, SpoolqError, StaleClaim
 from ..lifecycle import Action, Claim, Outcome, Place, State
 from ..names import check_server, split_task_name
 from ..spool import Spool
@@ -60,6 +61,7 @@ log = logging.getLogger("spoolq.daemon")
 EX_CONFIG = 78
 CLAIM_RETRY = 1.0  # seconds claiming pauses after a claim failed with an OSError (disk full)
 KILL_PATIENCE = 5.0  # seconds between complaints about a killed run that does not end
+HANDLER_RETRY_MAX = 300.0  # seconds: the longest wait between tries of a handler that does not import
 SETTLE_RETRY = 0.2  # seconds between tries to settle a run whose leftovers still hold it
 FDS_PER_SLOT = 4  # descriptors a handler process costs the worker (two pipes), with room to spare
 FDS_RESERVED = 32  # the worker's own: spool, locks, inotify, signals, logging, a sweep
@@ -78,6 +80,18 @@ def fd_budget() -> int:
     if soft == resource.RLIM_INFINITY:
         return 1 << 20
     return max(0, (soft - FDS_RESERVED) // FDS_PER_SLOT)
+
+
+@dataclass
+class _Backoff:
+    """A retry schedule: 1 s after the first failure, doubling up to 5 min."""
+
+    delay: float = 0.5
+    until: float = 0.0  # monotonic
+
+    def fail(self) -> None:
+        self.delay = min(HANDLER_RETRY_MAX, self.delay * 2)
+        self.until = time.monotonic() + self.delay
 
 
 @dataclass
@@ -143,7 +157,10 @@ class Worker:
             from .dask_executor import DaskExecutor  # imports distributed: only when asked for
 
             self.executors["dask"] = DaskExecutor(spool, self.server, dask_scheduler, concurrency=dask_concurrency)
-        self._parked: dict[str, list[str]] = {}  # executor -> waiting names it had no room for
+        # Waiting names that cannot be claimed now, by why (a gate, see _gate):
+        # they go back to the index when their gate opens.
+        self._parked: dict[str, list[str]] = {}
+        self._no_handler: dict[str, _Backoff] = {}  # type -> its handler does not import here
         self._unavailable: set[str] = set()
         self._said_unavailable: set[str] = set()
         self._told_missing: set[str] = set()
@@ -342,6 +359,7 @@ class Worker:
             marks.append(now + 0.05)  # a killed run is about to end
         if self.unsettled:
             marks.append(now + SETTLE_RETRY)
+        marks += [block.until for block in self._no_handler.values() if block.until > now]
         timeout = min(marks) - now
         ping = self.notifier.next_watchdog_in()
         if ping is not None:
@@ -411,9 +429,9 @@ class Worker:
             name = self.waiting.pop()
             if name is None:
                 return
-            route = self._route(name)
-            if route is not None and self._room(route) <= 0:
-                self._parked.setdefault(route, []).append(name)  # waits for room there
+            gate = self._gate(name)
+            if gate is not None:
+                self._parked.setdefault(gate, []).append(name)  # waits for its gate to open
                 continue
             try:
                 claim = self.spool.claim(self.server, names=[name])
@@ -480,10 +498,48 @@ class Worker:
                 self._said_unavailable.add(route)
                 log.warning("not claiming %s tasks: %s", route, why)
                 self.notifier.status(f"{route} executor unavailable")
-        for route in list(self._parked):
-            if self._room(route) > 0:
-                for name in self._parked.pop(route):
+        for gate in list(self._parked):
+            if self._gate_open(gate):
+                for name in self._parked.pop(gate):
                     self.waiting.add(name)
+
+    # ------------------------------------------------------------------ gates
+
+    def _gate(self, name: str) -> str | None:
+        """Why waiting task *name* cannot be claimed by this server now, as
+        the key of the gate it waits at; None when it can."""
+        parts = split_task_name(name)
+        if parts is not None and parts[0] in self._no_handler:
+            if time.monotonic() < self._no_handler[parts[0]].until:
+                return f"handler:{parts[0]}"
+        route = self._route(name)
+        if route is not None and self._room(route) <= 0:
+            return f"room:{route}"
+        return None
+
+    def _gate_open(self, gate: str) -> bool:
+        kind, _, what = gate.partition(":")
+        if kind == "handler":
+            block = self._no_handler.get(what)
+            return block is None or time.monotonic() >= block.until
+        return self._room(what) > 0
+
+    def _handler_missing(self, claim: Claim, why: str) -> None:
+        """The type's handler does not import here: a deployment error, not
+        the task's. Its claim goes back (uncharged, never started) and this
+        server claims no task of the type until a retry, with backoff, finds
+        the import working. Said once, and once more when it works again."""
+        self.spool.hand_back(claim, f"not started on server {self.server}: {why}")
+        block = self._no_handler.get(claim.type)
+        if block is None:
+            block = self._no_handler[claim.type] = _Backoff()
+            log.error("server %s: %s; not claiming %s tasks until it imports (they wait; trying again with "
+                      "backoff; see worker --pythonpath)", self.server, why, claim.type)
+        block.fail()
+
+    def _handler_found(self, type_name: str) -> None:
+        if self._no_handler.pop(type_name, None) is not None:
+            log.info("server %s: the handler of %s imports again; claiming its tasks", self.server, type_name)
 
     def _launch(self, claim: Claim) -> None:
         """Hand *claim* to the executor, with its deadline."""
@@ -527,7 +583,11 @@ class Worker:
         job = self.jobs.pop(ended.claim, None)
         if job is None:
             return
+        if ended.outcome is Outcome.NO_HANDLER:
+            self._handler_missing(job.claim, ended.reason)
+            return
         if ended.outcome is not None:
+            self._handler_found(job.claim.type)
             self._report(job, ended.outcome)
             return
         if job.kill_reason is None and not ended.lost and time.monotonic() >= job.deadline:
@@ -700,13 +760,22 @@ def run_worker(
     max_tasks_per_child: int = 1000,
     dask_scheduler: str | None = None,
     dask_concurrency: int = 0,
+    pythonpath: list[str] | None = None,
 ) -> int:
     """Entry point of ``spoolq worker``. Configuration errors (bad spool,
-    bad server id, server already running) raise SpoolqError; the command
-    line turns them into exit status 78 (EX_CONFIG), which the systemd unit
-    does not restart on."""
+    bad server id, server already running, a *pythonpath* entry that is not
+    a directory) raise SpoolqError; the command line turns them into exit
+    status 78 (EX_CONFIG), which the systemd unit does not restart on.
+
+    *pythonpath*: directories put first on the import path, where handler
+    modules are found (handler processes inherit it)."""
     setup_logging()
     check_server(server)
+    for directory in reversed(pythonpath or []):
+        path = os.path.abspath(directory)
+        if not os.path.isdir(path):
+            raise SpoolError(f"--pythonpath {directory}: not a directory")
+        sys.path.insert(0, path)
     spool = Spool(root)
     if drain and spool.server_alive(server):
         return drain_running(spool, server)

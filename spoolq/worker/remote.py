@@ -184,7 +184,7 @@ def slot_main(commands: int, results: int, parent: int) -> int:
             return 0
         spool = RemoteSpool(spec, lambda *message: write_frame(results, ("msg", *message)))
         limited = bool(Limits.of(spool.ttype))
-        outcome = run_claim(spool, spool.claim)  # type: ignore[arg-type]
+        outcome = run_claim(spool, spool.claim, import_first=False)  # type: ignore[arg-type]
         write_frame(results, ("end", outcome.value, limited))
         if limited:
             return 0

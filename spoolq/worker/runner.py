@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -41,6 +42,8 @@ def load_handler(path: str) -> Callable[..., Any]:
     module_name, _, attr = path.rpartition(".")
     if not module_name:
         raise ImportError(f"handler {path!r} is not a dotted path")
+    if module_name not in sys.modules:
+        importlib.invalidate_caches()  # a module installed since the last try is found
     module = importlib.import_module(module_name)
     try:
         return getattr(module, attr)
@@ -48,9 +51,29 @@ def load_handler(path: str) -> Callable[..., Any]:
         raise ImportError(f"module {module_name!r} has no attribute {attr!r}") from None
 
 
-def run_claim(spool: Spool, claim: Claim) -> Outcome:
+class HandlerUnavailable(Exception):
+    """The type's handler cannot be imported here: a deployment error, not a
+    failure of the task. The claim is left as it was (not started)."""
+
+
+def run_claim(spool: Spool, claim: Claim, *, import_first: bool = True) -> Outcome:
     """Run one claimed task to a final state in this process, holding its
-    run lock throughout."""
+    run lock throughout. With *import_first*, the handler is imported before
+    the task is started: HandlerUnavailable when it cannot be, with the
+    task untouched (the worker hands it back and stops claiming its type
+    until the import works)."""
+    if import_first:
+        try:
+            handler_path = spool.get_type(claim.type).handler
+        except SpoolqError:
+            handler_path = None  # start() below reports the type's trouble
+        if handler_path is not None:
+            try:
+                load_handler(handler_path)  # cached in sys.modules for the run
+            except Exception as exc:  # noqa: BLE001 - whatever the import raises
+                raise HandlerUnavailable(
+                    f"handler {handler_path!r} cannot be imported: {type(exc).__name__}: {safe_text(exc)}"
+                ) from None
     try:
         started = spool.start(claim, hold_run_lock=True)
     except (StaleClaim, TaskNotFound, BlockingIOError):
