@@ -7,7 +7,7 @@ imports :mod:`spoolq.spool` then, not before), so that ``import spoolq``
 and a short ``spoolq`` command stay quick (docs/contract.md §12.7).
 """
 
-from ._version import __version__
+from ._version import __version__ as __version__
 
 # name -> the module that defines it
 _EXPORTS = {

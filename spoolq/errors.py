@@ -162,3 +162,15 @@ def safe_text(exc: BaseException) -> str:
             return repr(exc)
         except Exception:  # noqa: BLE001
             return f"<{type(exc).__name__} whose str() fails>"
+
+
+class WrongState(SpoolqError):
+    """Task (``type``, ``id``) is in ``state``, where the asked action does
+    not apply (cancel a final task, requeue one that is not FAILED). Nothing
+    was changed."""
+
+    def __init__(self, type_name: str, task_id: str, state: str, problem: str) -> None:
+        self.type = type_name
+        self.id = task_id
+        self.state = state
+        super().__init__(f"task {type_name}/{task_id} is {state}: {problem}")

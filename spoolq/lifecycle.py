@@ -12,7 +12,7 @@ that changes changes here, once, and the table-driven tests in
 * :func:`judge`: the consistency verdict for a task found in a place, used by
   the zombie sweep and by fsck alike.
 * :func:`timed_out`, :func:`gives_up`, :func:`retired`: timeouts, restart
-  charging and retention.
+  charging and retention; :func:`retry_delay`: the backoff between retries.
 * :func:`wait_order_key`: the order in which waiting tasks are claimed.
 """
 
@@ -140,7 +140,9 @@ class Outcome(enum.Enum):
     FINISHED = "FINISHED"
     FAILED = "FAILED"
     GONE = "GONE"  # the task was taken away or deleted while it ran
+    RETRY = "RETRY"  # the handler failed (or asked for a retry): back to the queue, due later
     NO_HANDLER = "NO_HANDLER"  # never started: its handler cannot be imported where it was to run
+    NO_ROOM = "NO_ROOM"  # never started: its type's concurrency limit was reached meanwhile
 
 
 class Action(str, enum.Enum):
@@ -169,6 +171,7 @@ class Verdict(enum.Enum):
     OK = "ok"
     FINISH_MOVE = "finish move"  # terminal, not in done/: a finish was interrupted before its move
     TAKE_AWAY = "take away"  # back to the queue (or FAILED, if charged and out of restarts)
+    CANCEL = "cancel"  # a dead server's task whose cancel was asked for: FAILED, cancelled
     UNTRUSTED = "untrusted"  # a state no crash can leave in this place: quarantine
 
 
@@ -200,10 +203,13 @@ def judge(
     server: object,
     server_dir: str | None,
     alive: Callable[[str], bool],
+    *,
+    cancel_asked: bool = False,
 ) -> Judgement:
     """The verdict on a task in *place* whose status says *state* and
     *server*; *server_dir* is the ``<server>`` of ``scheduled/<server>/``.
-    *alive(server)* tells whether a server's lock is held.
+    *alive(server)* tells whether a server's lock is held; *cancel_asked*
+    whether a cancel of the (running) task was asked for.
 
     Every state change writes the status and moves the directory in an order
     chosen so that a crash between the two leaves a state this function
@@ -230,6 +236,9 @@ def judge(
             return Judgement(Verdict.UNTRUSTED, f"status says {state.name} (server {server!r}) but it is in running/")
         if alive(str(server)):
             return _OK
+        if cancel_asked and state.started:
+            # Its server died before it could carry the cancel out.
+            return Judgement(Verdict.CANCEL, f"server {server} is gone")
         # SCHEDULED here: a start moved it and died before its status write.
         return Judgement(Verdict.TAKE_AWAY, f"abandoned: server {server} is gone", charge=state.started)
     # scheduled/<server_dir>/
@@ -266,6 +275,14 @@ def gives_up(restarts: int, max_restarts: int) -> bool:
     return restarts >= max_restarts
 
 
+def retry_delay(attempt: int, backoff: float, backoff_max: float, jitter: float) -> float:
+    """Seconds before retry number *attempt* (1, 2, …): ``d = min(backoff_max,
+    backoff * 2**(attempt-1))``, spread over ``[d/2, d]`` by *jitter* in
+    [0, 1] (so that tasks that failed together do not come back together)."""
+    d = min(backoff_max, backoff * 2 ** (attempt - 1))
+    return d / 2 + min(1.0, max(0.0, jitter)) * d / 2
+
+
 def retired(now: float, finished_at: float, retention: float) -> bool:
     """A task in done/ since *finished_at* is past its type's retention.
     A retention <= 0 keeps tasks forever."""
@@ -275,18 +292,26 @@ def retired(now: float, finished_at: float, retention: float) -> bool:
 # --------------------------------------------------------------------------- waiting order
 
 
-WaitKey = tuple[int, str]
+WaitKey = tuple[int, int, int, str]
 
 
-def wait_order_key(queued_ns: int, name: str) -> WaitKey:
-    """The claim order of waiting tasks: oldest first by the time they were
-    (re-)enqueued, in nanoseconds, ties broken by name. Every index of
-    ``enqueued/`` sorts by this key and nothing else."""
-    return (queued_ns, name)
+def wait_order_key(queued_ns: int, name: str, *, priority: int = 0, due_ns: int | None = None) -> WaitKey:
+    """The claim order of waiting tasks: the highest *priority* first; within
+    one priority FIFO by due time (*due_ns*, for a task enqueued to run
+    later or retried after a backoff; otherwise the time it was queued),
+    then by the time it was (re-)enqueued, in nanoseconds, then by name.
+    Every index of ``enqueued/`` sorts by this key and nothing else; a
+    task is claimable once its due time has come (:func:`due`)."""
+    return (-priority, queued_ns if due_ns is None else due_ns, queued_ns, name)
+
+
+def due(key: WaitKey, now_ns: int) -> bool:
+    """Whether a waiting task with *key* may be claimed at *now_ns*."""
+    return key[1] <= now_ns
 
 
 __all__ = [
     "Action", "Claim", "HELD_STATES", "HOLDER_MOVES", "Judgement", "Outcome", "PLACE_OF", "PLACE_ORDER",
-    "Place", "State", "Verdict", "WaitKey", "charges_restart", "gives_up", "judge", "retired",
-    "sources_of", "timed_out", "wait_order_key",
+    "Place", "State", "Verdict", "WaitKey", "charges_restart", "due", "gives_up", "judge", "retired",
+    "retry_delay", "sources_of", "timed_out", "wait_order_key",
 ]

@@ -283,8 +283,8 @@ class Queries:
             row(t)[info.state.name] += 1
             restarts[t] = restarts.get(t, 0) + int(info.doc.get("restarts", 0))
         totals = {s.name: sum(r[s.name] for r in per_type.values()) for s in State}
-        first = next(iter(queue.scan(self.layout)), None)
-        oldest = None if first is None else max(0.0, self.clock() - first[0][0] / 1e9)
+        stamps = [key[2] for key, _ in queue.scan(self.layout)]  # queue stamps (not claim order: priorities)
+        oldest = max(0.0, self.clock() - min(stamps) / 1e9) if stamps else None
         return Census(totals, dict(sorted(per_type.items())), dict(sorted(restarts.items())), oldest)
 
     def counts(self) -> dict[str, int]:

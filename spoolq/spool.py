@@ -26,26 +26,28 @@ Crash-safety rules this module relies on, each applied where it matters:
 
 from __future__ import annotations
 
-import errno
+import contextlib
+import dataclasses
 import json
 import logging
 import os
+import random
 import shutil
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import (
     CorruptTask,
     InvalidInput,
-    QueueFull,
     SpoolError,
     StaleClaim,
-    TaskExists,
     TaskNotFound,
     TypeInUse,
+    WrongState,
     safe_text,
 )
 from .faults import crashpoint
@@ -57,24 +59,19 @@ from .lifecycle import (
     State,
     charges_restart,
     gives_up,
+    retry_delay,
     sources_of,
 )
-from .names import check_type, split_task_name, task_name
+from .names import check_type, split_task_name
+from .producer import BatchResult, Item, Producer, StampClock, due_time
 from .queries import Census, Queries, TaskInfo
 from .store import codec, fsutil
-from .store.codec import INPUT_JSON, INPUT_NAMES, INPUT_PICKLE, RESPONSE, STATUS, LogRecord
+from .store.codec import INPUT_JSON, INPUT_NAMES, INPUT_PICKLE, RESPONSE, LogRecord
 from .store.layout import Layout, Settings
 from .store.queue import WaitingIndex
-from .store.registry import (
-    DEFAULT_EXECUTOR,
-    DEFAULT_MAX_RESTARTS,
-    DEFAULT_RETENTION,
-    DEFAULT_TIMEOUT,
-    TaskType,
-    TypeRegistry,
-    check_settings,
-)
+from .store.registry import DEFAULT_MAX_RESTARTS, DEFAULT_RETENTION, DEFAULT_TIMEOUT, TaskType, TypeRegistry
 from .store.servers import ServerLocks
+from .store.slots import TypeSlots
 from .store.taskdir import LockBusy, Moved, TaskDir, peek_status, read_status, run_alive, run_lock_holders
 from .store.taskdir import hold_run_lock as hold_run_lock_fd
 
@@ -106,18 +103,6 @@ class SweepAction:
     id: str
     action: Action
     reason: str
-
-
-class _StampClock:
-    """Strictly increasing nanosecond stamps within a process: the queue stamp."""
-
-    def __init__(self) -> None:
-        self._last = 0
-
-    def next(self, now: float) -> int:
-        stamp = max(int(now * 1e9), self._last + 1)
-        self._last = stamp
-        return stamp
 
 
 def _remove(path: str) -> None:
@@ -154,8 +139,13 @@ class Spool:
         self.registry = TypeRegistry(self.layout, durable=self.durable)
         self.server_locks = ServerLocks(self.layout, self.layout.enqueue_lock, durable=self.durable)
         self.queries = Queries(self.layout, self.registry, clock=clock)
-        self._stamps = _StampClock()
+        self._stamps = StampClock()
+        self.producer = Producer(
+            self.layout, self.registry, self.queries, clock=clock, durable=self.durable,
+            max_queue=self.max_queue, max_input_bytes=self.max_input_bytes, stamps=self._stamps,
+        )
         self._waiting = WaitingIndex(self.layout)
+        self.slots = TypeSlots(self.layout)
 
     @classmethod
     def init(
@@ -204,34 +194,43 @@ class Spool:
         timeout: float = DEFAULT_TIMEOUT,
         retention: float = DEFAULT_RETENTION,
         max_restarts: int = DEFAULT_MAX_RESTARTS,
-        executor: str = DEFAULT_EXECUTOR,
-        memory_max: int | None = None,
-        cpu_time: float | None = None,
-        nice: int | None = None,
-        max_open_files: int | None = None,
+        **settings: Any,
     ) -> TaskType:
         """Create or update a task type; atomic (tmp + rename).
 
         As in ATP, a negative timeout becomes 0 (no limit), any retention
         <= 0 means keep forever (-1) and a negative max_restarts becomes 0.
-        *executor* (``fork`` or ``dask``) says where its handlers run; the
-        limits (None: none) are applied in the handler's process (contract
-        §13). A setting out of range raises SpoolError, nothing written.
+        *settings* are the other fields of :class:`TaskType`: ``executor``
+        (``fork`` or ``dask``) and the limits (contract §13), ``retries``,
+        ``retry_backoff``, ``retry_backoff_max``, ``priority``,
+        ``concurrency`` (contract §11). A setting out of range raises
+        SpoolError, nothing written. An update keeps the type held or
+        released as it was.
         """
         check_type(name)
-        check_settings(executor, memory_max, cpu_time, nice, max_open_files)
+        unknown = set(settings) - {f.name for f in dataclasses.fields(TaskType)} - {"name", "handler", "held"}
+        if unknown or "held" in settings:
+            raise TypeError(f"register_type() got unexpected settings: {', '.join(sorted(unknown or {'held'}))}")
+        current = self.registry.find(name)
         return self.registry.put(TaskType(
             name=name,
             handler=handler,
             timeout=max(0.0, float(timeout)),
             retention=float(retention) if retention > 0 else -1.0,
             max_restarts=max(0, int(max_restarts)),
-            executor=executor,
-            memory_max=None if memory_max is None else int(memory_max),
-            cpu_time=None if cpu_time is None else float(cpu_time),
-            nice=None if nice is None else int(nice),
-            max_open_files=None if max_open_files is None else int(max_open_files),
+            held=current.held if current is not None else False,
+            **{k: v for k, v in settings.items() if v is not None},
         ))
+
+    def hold(self, name: str) -> TaskType:
+        """Stop every server from claiming tasks of type *name* (enqueues
+        still work; started tasks go on). Atomic; every server obeys within
+        a second (they watch ``types/``)."""
+        return self.registry.put(dataclasses.replace(self.registry.get(name), held=True))
+
+    def release(self, name: str) -> TaskType:
+        """Undo :meth:`hold`."""
+        return self.registry.put(dataclasses.replace(self.registry.get(name), held=False))
 
     def get_type(self, name: str) -> TaskType:
         """The registered type *name*; UnknownType if there is none."""
@@ -258,124 +257,53 @@ class Spool:
         self.registry.remove(name)
         return removed
 
-    # ------------------------------------------------------------------ enqueue
+    # ------------------------------------------------------------------ enqueue (spoolq.producer)
 
-    def enqueue(self, type_name: str, task_id: str, input: Any = None, *, message: str = "") -> TaskInfo:
+    def enqueue(
+        self, type_name: str, task_id: str, input: Any = None, *, message: str = "", priority: int | None = None,
+        not_before: datetime | float | None = None, delay: float | None = None,
+    ) -> TaskInfo:
         """Enqueue task (type, id) with *input* pickled. See :meth:`enqueue_pickled`."""
-        import pickle  # here, not at the top: `spoolq status` need not load it (contract §12.7)
+        return self.producer.enqueue(type_name, task_id, INPUT_PICKLE, self.producer.pickled(input), message=message,
+                                     priority=priority, not_before=not_before, delay=delay)
 
-        try:
-            payload = pickle.dumps(input, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as exc:
-            raise InvalidInput(f"input cannot be pickled: {type(exc).__name__}: {exc}") from None
-        return self._enqueue(type_name, task_id, INPUT_PICKLE, payload, message)
-
-    def enqueue_pickled(self, type_name: str, task_id: str, payload: bytes, *, message: str = "") -> TaskInfo:
+    def enqueue_pickled(
+        self, type_name: str, task_id: str, payload: bytes, *, message: str = "", priority: int | None = None,
+        not_before: datetime | float | None = None, delay: float | None = None,
+    ) -> TaskInfo:
         """Enqueue task (type, id) whose input is already-pickled bytes.
 
         The bytes are checked to be one well-formed pickle (without running
         it). The task appears in ``enqueued/`` whole or not at all. Raises
         InvalidName, UnknownType, InvalidInput, TaskExists or QueueFull, and
         in each case leaves nothing behind.
+
+        *priority* (-100 to 100, higher first; default: the type's),
+        *not_before* (a datetime; naive is local time) or *delay* (seconds):
+        the task is claimed by priority, then due time, then enqueue time,
+        and never before its due time (contract §11.2, §11.3).
         """
-        if not isinstance(payload, (bytes, bytearray, memoryview)):
-            raise InvalidInput("pickled input must be bytes")
-        payload = bytes(payload)
-        codec.check_pickle(payload)
-        return self._enqueue(type_name, task_id, INPUT_PICKLE, payload, message)
+        return self.producer.enqueue(type_name, task_id, INPUT_PICKLE, self.producer.checked_pickle(payload),
+                                     message=message, priority=priority, not_before=not_before, delay=delay)
+
+    def enqueue_json(
+        self, type_name: str, task_id: str, value: Any, *, message: str = "", priority: int | None = None,
+        not_before: datetime | float | None = None, delay: float | None = None,
+    ) -> TaskInfo:
+        """Enqueue task (type, id) whose input is stored as JSON (``input.json``)."""
+        return self.producer.enqueue(type_name, task_id, INPUT_JSON, self.producer.as_json(value), message=message,
+                                     priority=priority, not_before=not_before, delay=delay)
+
+    def enqueue_many(self, type_name: str, items: Iterable[Item | dict[str, Any]]) -> list[BatchResult]:
+        """Enqueue many tasks of one type (JSON inputs) with one durable
+        barrier (group commit). *items*: :class:`Item` or dicts with "id",
+        "input" and optionally "priority", "not_before"/"delay". One result
+        per item, in order; a bad item is reported there and skipped."""
+        return list(self.producer.enqueue_many(type_name, (it if isinstance(it, Item) else Item(**it) for it in items)))
 
     def read_input(self, fd: int) -> bytes:
-        """Read a task input from *fd*, stopping at the spool's input limit:
-        InvalidInput as soon as more arrives (a pipe or device that never
-        ends is not read whole)."""
-        try:
-            return fsutil.read_limited(fd, self.max_input_bytes)
-        except OSError as exc:
-            if exc.errno != errno.EFBIG:
-                raise
-        raise InvalidInput(
-            f"input is over the spool's limit of {self.max_input_bytes} bytes", limit=self.max_input_bytes
-        )
-
-    def enqueue_json(self, type_name: str, task_id: str, value: Any, *, message: str = "") -> TaskInfo:
-        """Enqueue task (type, id) whose input is stored as JSON (``input.json``)."""
-        if isinstance(value, (bytes, bytearray)):
-            try:
-                value = json.loads(value)
-            except ValueError as exc:
-                raise InvalidInput(f"input is not valid JSON: {exc}") from None
-        try:
-            payload = json.dumps(value).encode()
-        except (TypeError, ValueError) as exc:
-            raise InvalidInput(f"input cannot be stored as JSON: {exc}") from None
-        return self._enqueue(type_name, task_id, INPUT_JSON, payload, message)
-
-    def _enqueue(self, type_name: str, task_id: str, input_name: str, payload: bytes, message: str) -> TaskInfo:
-        name = task_name(type_name, task_id)
-        self.registry.get(type_name)
-        if len(payload) > self.max_input_bytes:
-            raise InvalidInput(
-                f"input is {len(payload)} bytes, over the spool's limit of {self.max_input_bytes}",
-                limit=self.max_input_bytes,
-            )
-        now = self.clock()
-        doc = {
-            "type": type_name,
-            "id": task_id,
-            "state": State.ENQUEUED.name,
-            "input": input_name,
-            "server": None,
-            # The claim counter starts at the enqueue time in microseconds, so
-            # claim numbers never repeat across lives of one (type, id): a
-            # handler of a deleted task cannot write into its successor.
-            "claim": time.time_ns() // 1000,
-            "starts": 0,
-            "restarts": 0,
-            "enqueued_at": codec.iso(now),
-            "claimed_at": None,
-            "started_at": None,
-            "finished_at": None,
-            "updated_at": codec.iso(now),
-            "response_mime": None,
-            "message": message,
-        }
-        stage = self.layout.path("tmp", f"{name}.{os.getpid()}.{os.urandom(6).hex()}")
-        os.mkdir(stage, 0o770)
-        try:
-            sync = self.durable
-            dfd = fsutil.open_dir(stage)
-            try:
-                fsutil.share_with_group(dfd, directory=True)  # the worker writes into it
-                fsutil.write_new(dfd, input_name, payload, sync=sync)
-                fsutil.write_new(dfd, STATUS, codec.encode_status(doc), sync=sync)
-                fsutil.write_new(dfd, codec.LOG, codec.log_line(now, State.ENQUEUED, message), sync=sync)
-                # The queue stamp; set after the last write to the directory.
-                fsutil.set_mtime(dfd, self._stamps.next(now))
-                if sync:
-                    os.fsync(dfd)
-            finally:
-                os.close(dfd)
-            crashpoint("enqueue.staged")
-            dest = self._path(Place.ENQUEUED, name)
-            with self.layout.enqueue_lock:
-                if self.queries.exists(type_name, task_id):
-                    raise TaskExists(type_name, task_id)
-                if self.max_queue and self.count_enqueued() >= self.max_queue:
-                    raise QueueFull(self.max_queue)
-                try:
-                    fsutil.rename_noreplace(stage, dest)
-                except OSError as exc:
-                    if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                        raise TaskExists(type_name, task_id) from None
-                    raise
-            crashpoint("enqueue.published")
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
-        if self.durable:
-            fsutil.fsync_dir(self.layout.enqueued)
-            fsutil.fsync_dir(self.layout.tmp)
-        return TaskInfo(type_name, task_id, State.ENQUEUED, dest, doc)
+        """Read a task input from *fd*, stopping at the spool's input limit."""
+        return self.producer.read_input(fd)
 
     # ------------------------------------------------------------------ the read side (spoolq.queries)
 
@@ -450,7 +378,9 @@ class Spool:
     # ------------------------------------------------------------------ claim & start
 
     def claim(self, server: str, *, names: list[str] | None = None, message: str = "") -> Claim | None:
-        """Claim the first waiting task for *server*; None if none is left.
+        """Claim the first waiting task for *server* (by priority, then due
+        time, then enqueue time; never one not due yet, nor one of a held
+        type); None if none is left.
 
         The claim is the rename ``enqueued/X`` → ``scheduled/SERVER/X``: of
         any number of racing claimers exactly one rename succeeds, the others
@@ -467,13 +397,15 @@ class Spool:
                 if claim is not None:
                     return claim
             return None
-        for _ in range(3):
-            if not len(self._waiting):
-                self._waiting.rescan()
+        for _ in range(2):  # what the index holds, then a fresh scan
             while (name := self._waiting.pop()) is not None:
+                ttype = self.registry.find(name.partition(":")[0])
+                if ttype is not None and ttype.held:
+                    continue  # held: left waiting (a later scan sees it again)
                 claim = self._claim_one(server, name, message)
                 if claim is not None:
                     return claim
+            self._waiting.rescan()
         return None
 
     def _claim_one(self, server: str, name: str, message: str) -> Claim | None:
@@ -503,8 +435,11 @@ class Spool:
             with self._task(dest) as task:
                 if task.state != State.ENQUEUED:
                     raise CorruptTask(dest, f"{name} was waiting but its status says {task.state.name}")
-                number = int(task.doc["claim"]) + 1
-                task.write(State.SCHEDULED, message, server=server, claim=number, claimed_at=codec.iso(self.clock()))
+                not_now = self._not_claimable(parts[0], task.doc)
+                if not not_now:
+                    number = int(task.doc["claim"]) + 1
+                    task.write(State.SCHEDULED, message, server=server, claim=number,
+                               claimed_at=codec.iso(self.clock()))
         except CorruptTask as exc:
             self.quarantine(dest, str(exc))
             return None
@@ -526,7 +461,23 @@ class Spool:
             except OSError:
                 pass  # left for recover_server
             raise
+        if not_now:
+            # Not due yet, or its type is held: it was never ours. Back it
+            # goes, still ENQUEUED (a move backwards: under the enqueue lock).
+            with self.layout.enqueue_lock:
+                fsutil.rename_noreplace(dest, src)
+            return None
         return Claim(parts[0], parts[1], number, server)
+
+    def _not_claimable(self, type_name: str, doc: dict[str, Any]) -> bool:
+        """A waiting task that no claim may take now: due later, or of a
+        held type. (Claimers' indexes skip these; this is the rule itself,
+        checked under the task's lock.)"""
+        not_before = doc.get("not_before")
+        if isinstance(not_before, str) and codec.from_iso(not_before) > time.time():
+            return True
+        ttype = self.registry.find(type_name)
+        return ttype is not None and ttype.held
 
     def _claimed(self, claim: Claim, allowed: frozenset[State]) -> TaskDir:
         """Open and lock the task of *claim*, checking the claim still owns it.
@@ -621,12 +572,16 @@ class Spool:
 
     # ------------------------------------------------------------------ changes by the claim holder
 
-    def set_state(self, claim: Claim | str, state: State, message: str = "") -> None:
+    def set_state(self, claim: Claim | str, state: State, message: str = "") -> State:
         """Change the task's state through its claim and append one log
-        record. FINISHED/FAILED also move it to ``done/``. Raises StaleClaim
-        (and changes nothing) if the claim lost the task or it is final."""
+        record. FINISHED/FAILED also move it to ``done/``; FAILED becomes a
+        retry while the type's retries last (see :meth:`retry`). Returns the
+        state the task is in now. Raises StaleClaim (and changes nothing) if
+        the claim lost the task or it is final."""
         claim = Claim.parse(claim)
         state = State(state)
+        if state is State.FAILED:
+            return self._fail(claim, message, delay=None)
         allowed = sources_of(state)
         if not allowed:
             raise SpoolError(f"a handler cannot set state {state.name}")
@@ -635,6 +590,43 @@ class Spool:
                 self._finish_locked(task, state, message)
             else:
                 task.write(state, message)
+        return state
+
+    def retry(self, claim: Claim | str, delay: float | None = None, message: str = "") -> State:
+        """The handler asks to be run again: back to the queue, due after
+        *delay* seconds (None: the type's backoff), using up a retry; FAILED
+        with *message* when none is left. Returns the state it is in now
+        (ENQUEUED or FAILED)."""
+        if delay is not None and (isinstance(delay, bool) or not isinstance(delay, (int, float)) or delay < 0):
+            raise InvalidInput(f"a retry delay is a number of seconds >= 0, not {delay!r}")
+        return self._fail(Claim.parse(claim), message or "retry asked for by the handler", delay=delay)
+
+    def _fail(self, claim: Claim, message: str, *, delay: float | None) -> State:
+        """A handler failure (it raised, set FAILED, died, or asked for a
+        retry): back to the queue while the type's retries last, else FAILED.
+        A task whose cancel was asked for is never retried."""
+        ttype = self.registry.find(claim.type)
+        retries = ttype.retries if ttype is not None else 0
+        # Back to the queue is a move backwards: under the enqueue lock, taken first.
+        with self.layout.enqueue_lock if retries else contextlib.nullcontext():
+            with self._claimed(claim, sources_of(State.FAILED)) as task:
+                used = int(task.doc.get("retries") or 0)
+                if ttype is not None and used < retries and task.doc.get("cancel") is None:
+                    self._retry_locked(task, ttype, used + 1, message, delay)
+                    return State.ENQUEUED
+                self._finish_locked(task, State.FAILED, message)
+                return State.FAILED
+
+    def _retry_locked(self, task: TaskDir, ttype: TaskType, attempt: int, message: str, delay: float | None) -> None:
+        now = self.clock()
+        if delay is None:
+            delay = retry_delay(attempt, ttype.retry_backoff, ttype.retry_backoff_max, random.random())
+        task.write(
+            State.ENQUEUED, f"retry {attempt}/{ttype.retries} in {delay:.3g} s: {message}",
+            server=None, claimed_at=None, retries=attempt, not_before=codec.iso(now + delay),
+        )
+        task.move(self._path(Place.ENQUEUED, task.name), mtime_ns=self._stamps.next(now))
+        crashpoint("retry.moved")
 
     def finish_if_not_finished(self, claim: Claim | str, message: str = "") -> bool:
         """Set FINISHED unless the task is already final; True if it changed
@@ -698,9 +690,9 @@ class Spool:
         finally:
             os.close(dfd)
 
-    def _finish_locked(self, task: TaskDir, state: State, message: str) -> None:
+    def _finish_locked(self, task: TaskDir, state: State, message: str, **changes: Any) -> None:
         now = self.clock()
-        task.write(state, message, finished_at=codec.iso(now))
+        task.write(state, message, finished_at=codec.iso(now), **changes)
         crashpoint("finish.status_written")
         task.move(self._path(Place.DONE, task.name), mtime_ns=int(now * 1e9))
         crashpoint("finish.moved")
@@ -793,6 +785,118 @@ class Spool:
         task.write(State.ENQUEUED, reason, server=None, claimed_at=None)
         task.move(self._path(Place.ENQUEUED, task.name), mtime_ns=self._stamps.next(self.clock()))
         crashpoint("requeue.moved")
+
+    # ------------------------------------------------------------------ user actions: cancel, requeue
+
+    def cancel(self, type_name: str, task_id: str, reason: str | None = None) -> TaskInfo:
+        """Cancel task (type, id): it ends FAILED with the message
+        ``cancelled: <reason>`` and ``"cancelled": true``, keeping its
+        directory, log and response. A task not started yet ends so at once
+        (no daemon needed). For a started one the request is recorded in its
+        status (``"cancel"``); the daemon that runs it stops its handler
+        within a second and then ends it (or, when its server is gone, this
+        call does). WrongState for a task already final. Returns its status
+        after the call (FAILED, or RUNNING/PAUSED with the request in)."""
+        reason = (reason or "").strip() or "no reason given"
+        for _ in range(5):
+            path = self.locate(type_name, task_id)
+            try:
+                with self._task(path) as task:
+                    state = task.state
+                    if state.terminal:
+                        raise WrongState(type_name, task_id, state.name, "there is nothing to cancel")
+                    if not state.started:
+                        crashpoint("cancel.unstarted")
+                        self._finish_locked(task, State.FAILED, f"cancelled: {reason}", cancelled=True)
+                        return TaskInfo(type_name, task_id, State.FAILED, task.path, task.doc)
+                    task.write(state, task.doc.get("message", ""), record=False, cancel=reason)
+                    crashpoint("cancel.asked")
+                    server, claim = task.doc.get("server"), int(task.doc["claim"])
+                    path = task.path
+            except (FileNotFoundError, Moved):
+                continue  # it moved on: look again
+            if isinstance(server, str) and not self.server_alive(server):
+                self.finish_cancel(path, expect_claim=claim)  # nobody else will
+            return self.status(type_name, task_id)
+        raise TaskNotFound(type_name, task_id)
+
+    def finish_cancel(self, path: str, *, expect_claim: int | None = None) -> Action:
+        """End the started task at *path* whose cancel was asked for, once no
+        process of its run is alive: FAILED, cancelled. BUSY while its run
+        lives, GONE if it changed meanwhile (finished, taken away)."""
+        task = self._task(path, wait=TAKE_AWAY_LOCK_WAIT)
+        try:
+            task.open()
+        except (FileNotFoundError, NotADirectoryError, Moved):
+            return Action.GONE
+        except LockBusy:
+            return Action.BUSY
+        try:
+            reason = task.doc.get("cancel")
+            if reason is None or not task.state.started or (
+                    expect_claim is not None and task.doc.get("claim") != expect_claim):
+                return Action.GONE
+            if run_alive(task.fd):
+                return Action.BUSY
+            self._finish_locked(task, State.FAILED, f"cancelled: {reason}", cancelled=True)
+            crashpoint("cancel.finished")
+            return Action.FAILED
+        finally:
+            task.close()
+
+    def cancel_asked(self, claim: Claim | str) -> str | None:
+        """The reason of a cancel asked for the started task of *claim*, or
+        None (no request, or the claim does not hold it). An unlocked read:
+        the request is only ever written whole."""
+        claim = Claim.parse(claim)
+        try:
+            doc = peek_status(self._path(Place.RUNNING, claim.name))
+        except (OSError, CorruptTask):
+            return None
+        reason = doc.get("cancel")
+        return reason if claim.owns(doc) and isinstance(reason, str) else None
+
+    def requeue(
+        self, type_name: str, task_id: str, *, not_before: datetime | float | None = None, delay: float | None = None,
+    ) -> TaskInfo:
+        """Send a FAILED task round again: back to ENQUEUED (due now, at
+        *not_before* or after *delay* seconds) with its retries and restarts
+        reset to 0; its log keeps its history plus a ``requeued`` record,
+        its old response is dropped. WrongState for a task not FAILED."""
+        with self.layout.enqueue_lock:  # a move backwards
+            path = self.locate(type_name, task_id)
+            with self._task(path) as task:
+                if task.state is not State.FAILED:
+                    raise WrongState(type_name, task_id, task.state.name, "only a FAILED task can be requeued")
+                now = self.clock()
+                due = due_time(not_before, delay, now)
+                try:
+                    os.unlink(RESPONSE, dir_fd=task.fd)
+                except FileNotFoundError:
+                    pass
+                for key in ("cancelled", "cancel"):
+                    task.doc.pop(key, None)
+                task.write(
+                    State.ENQUEUED, "requeued", server=None, retries=0, restarts=0, response_mime=None,
+                    claimed_at=None, started_at=None, finished_at=None,
+                    not_before=None if due is None else codec.iso(due),
+                )
+                task.move(self._path(Place.ENQUEUED, task.name), mtime_ns=self._stamps.next(now))
+                crashpoint("requeue.moved")
+                return TaskInfo(type_name, task_id, State.ENQUEUED, task.path, task.doc)
+
+    def requeue_failed(self, type_name: str | None = None) -> int:
+        """Requeue every FAILED task (of *type_name*); how many."""
+        if type_name is not None:
+            self.registry.get(type_name)
+        count = 0
+        for info in self.list_tasks(state=State.FAILED, type_name=type_name):
+            try:
+                self.requeue(info.type, info.id)
+                count += 1
+            except (WrongState, TaskNotFound):
+                continue  # changed meanwhile
+        return count
 
     def delete(self, type_name: str, task_id: str) -> None:
         """Remove the task in whatever state. Atomic: it is renamed into

@@ -14,6 +14,17 @@ from .queries import TaskInfo
 from .spool import Spool
 
 
+class Retry(Exception):
+    """Raised by a handler to be run again: ``raise spoolq.Retry(delay=60,
+    message="the service is down")``. Uses up one of the type's retries (the
+    task FAILS when none is left); *delay* in seconds replaces the backoff."""
+
+    def __init__(self, delay: float | None = None, message: str = "") -> None:
+        self.delay = delay
+        self.message = message
+        super().__init__(message or "retry")
+
+
 class TaskContext:
     """Status calls for one claim of one task."""
 
@@ -44,6 +55,13 @@ class TaskContext:
     def set_running(self, msg: str = "") -> None:
         """RUNNING again (after PAUSED), or a progress record while running."""
         self.spool.set_state(self.claim, State.RUNNING, msg)
+
+    def retry(self, delay: float | None = None, message: str = "") -> State:
+        """Ask to be run again (see :class:`Retry`): the task goes back to
+        the queue, due after *delay* seconds or the type's backoff; FAILED
+        when its retries are used up. Return from the handler after it: the
+        claim no longer holds the task. The state the task is in now."""
+        return self.spool.retry(self.claim, delay, message)
 
     def log(self, message: str) -> None:
         """A free-text log record; the state does not change."""

@@ -52,8 +52,10 @@ try:
     _inotify_init1.argtypes = [ctypes.c_int]
     _inotify_add_watch = _libc.inotify_add_watch
     _inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+    _inotify_rm_watch = _libc.inotify_rm_watch
+    _inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
 except (OSError, AttributeError):  # pragma: no cover - not Linux/glibc
-    _inotify_init1 = _inotify_add_watch = None
+    _inotify_init1 = _inotify_add_watch = _inotify_rm_watch = None
 
 
 ARRIVALS = IN_CREATE | IN_MOVED_TO
@@ -148,3 +150,72 @@ class DirWatcher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class TaskWatches:
+    """Watches on a changing set of task directories through one inotify
+    descriptor: each watched directory's replaced files (``IN_MOVED_TO``:
+    ``status.json`` is replaced by a rename). A watch follows its directory
+    across renames (inotify watches the inode), so a task that moves from
+    ``running/`` to ``done/`` stays watched until :meth:`remove`.
+    ``fileno()`` is always a descriptor to wait on (one that never becomes
+    readable when there is no inotify)."""
+
+    def __init__(self, *, poll: bool = False) -> None:
+        self._fd = -1 if poll or _inotify_init1 is None else _inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        self._idle = os.pipe2(os.O_CLOEXEC) if self._fd < 0 else None
+        self._keys: dict[int, object] = {}  # watch descriptor -> the caller's key
+
+    @property
+    def watching(self) -> bool:
+        return self._fd >= 0
+
+    def fileno(self) -> int:
+        return self._fd if self._fd >= 0 else self._idle[0]  # type: ignore[index]
+
+    def add(self, path: str, key: object) -> bool:
+        """Watch the directory *path* for *key*; False when it cannot be."""
+        if self._fd < 0:
+            return False
+        wd = _inotify_add_watch(self._fd, os.fsencode(path), IN_MOVED_TO | IN_ONLYDIR | IN_DONT_FOLLOW)
+        if wd < 0:
+            return False
+        self._keys[wd] = key
+        return True
+
+    def remove(self, key: object) -> None:
+        for wd in [w for w, k in self._keys.items() if k == key]:
+            del self._keys[wd]
+            if _inotify_rm_watch is not None:
+                _inotify_rm_watch(self._fd, wd)
+
+    def drain(self) -> list[tuple[object, str]]:
+        """(key, file name) of each file replaced in a watched directory
+        since the last call."""
+        out: list[tuple[object, str]] = []
+        if self._fd < 0:
+            return out
+        while True:
+            try:
+                data = os.read(self._fd, 65536)
+            except BlockingIOError:
+                return out
+            offset = 0
+            while offset + _HEADER.size <= len(data):
+                wd, mask, _, length = _HEADER.unpack_from(data, offset)
+                raw = data[offset + _HEADER.size: offset + _HEADER.size + length]
+                offset += _HEADER.size + length
+                if mask & IN_IGNORED:
+                    self._keys.pop(wd, None)
+                elif raw and wd in self._keys:
+                    out.append((self._keys[wd], os.fsdecode(raw.rstrip(b"\0"))))
+
+    def close(self) -> None:
+        for fd in [self._fd] if self._fd >= 0 else list(self._idle or ()):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fd = -1
+        self._idle = None
+        self._keys.clear()

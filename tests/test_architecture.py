@@ -24,11 +24,13 @@ LAYERS: dict[str, int] = {
     "spoolq.lifecycle": 1,
     "spoolq.store": 2, "spoolq.store.fsutil": 2, "spoolq.store.codec": 2, "spoolq.store.layout": 2,
     "spoolq.store.taskdir": 2, "spoolq.store.registry": 2, "spoolq.store.servers": 2, "spoolq.store.queue": 2,
+    "spoolq.store.slots": 2,
     "spoolq.queries": 3,
-    "spoolq.spool": 4,
+    "spoolq.producer": 4, "spoolq.spool": 4,
     "spoolq.task": 5, "spoolq.sweeps": 5,
     "spoolq.worker": 6, "spoolq.worker.proctree": 6, "spoolq.worker.limits": 6, "spoolq.worker.runner": 6,
     "spoolq.worker.remote": 6, "spoolq.worker.dask_executor": 6, "spoolq.worker.executor": 6, "spoolq.worker.loop": 6,
+    "spoolq.worker.gates": 6,
     "spoolq.fsck": 6, "spoolq.tracker": 6,
     "spoolq.demo": 7,
     "spoolq.cli": 8,
@@ -36,9 +38,11 @@ LAYERS: dict[str, int] = {
 }
 SAME_LAYER_ORDER = [
     ["spoolq.store.fsutil", "spoolq.store.layout", "spoolq.store.codec", "spoolq.store.taskdir",
-     "spoolq.store.registry", "spoolq.store.servers", "spoolq.store.queue", "spoolq.store"],
+     "spoolq.store.registry", "spoolq.store.servers", "spoolq.store.slots", "spoolq.store.queue", "spoolq.store"],
+    ["spoolq.producer", "spoolq.spool"],
     ["spoolq.worker.proctree", "spoolq.worker.limits", "spoolq.worker.runner", "spoolq.worker.executor",
-     "spoolq.worker.remote", "spoolq.worker.dask_executor", "spoolq.worker.loop", "spoolq.worker"],
+     "spoolq.worker.remote", "spoolq.worker.dask_executor", "spoolq.worker.gates", "spoolq.worker.loop",
+     "spoolq.worker"],
     ["spoolq.sweeps", "spoolq.fsck"],
 ]
 # Layer 0 modules that others at layer 0 may use.

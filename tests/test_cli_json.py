@@ -21,7 +21,7 @@ from spoolq import Spool, State
 from test_cli import HANDLER, TYPE, finish, root, spool  # noqa: F401 - the fixtures, shared
 
 TYPE_FIELDS = {"name", "handler", "timeout", "retention", "max_restarts", "executor", "memory_max", "cpu_time", "nice",
-               "max_open_files"}
+               "max_open_files", "retries", "retry_backoff", "retry_backoff_max", "priority", "concurrency", "held"}
 TASK_FIELDS = {"type", "id", "state", "path"}
 STATUS_FIELDS = TASK_FIELDS | {"code", "message", "starts", "updated_at"}
 FINDING_FIELDS = {"kind", "path", "message", "action"}
@@ -42,7 +42,8 @@ def test_init_and_register(tmp_path: Path) -> None:
     assert doc == {"root": str(path), "max_queue": 5, "durable": False, "max_input_bytes": 64 << 20}
     doc = spoolq_json("register", "T", "pkg.mod.func", "--timeout", "-3", "--json", root=path, quiet=False)  # warns: no pkg
     assert doc == {"name": "T", "handler": "pkg.mod.func", "timeout": 0.0, "retention": -1.0, "max_restarts": 2,
-                   "executor": "fork", "memory_max": None, "cpu_time": None, "nice": None, "max_open_files": None}
+                   "executor": "fork", "memory_max": None, "cpu_time": None, "nice": None, "max_open_files": None,
+                   "retries": 0, "retry_backoff": 10.0, "retry_backoff_max": 3600.0, "priority": 0, "concurrency": 0, "held": False}
     (listed,) = spoolq_json("types", "--json", root=path)
     assert listed == doc and set(listed) == TYPE_FIELDS
 

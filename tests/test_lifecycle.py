@@ -25,7 +25,9 @@ from spoolq.lifecycle import (
     retired,
     sources_of,
     timed_out,
+    retry_delay,
     wait_order_key,
+    due,
 )
 
 E, S, R, P, F, X = State.ENQUEUED, State.SCHEDULED, State.RUNNING, State.PAUSED, State.FINISHED, State.FAILED
@@ -163,9 +165,30 @@ def test_retired(age, retention, out):
     assert retired(1000.0 + age, 1000.0, retention) is out
 
 
-def test_wait_order_is_by_stamp_then_name():
-    keys = [wait_order_key(2, "b"), wait_order_key(1, "z"), wait_order_key(2, "a")]
-    assert sorted(keys) == [wait_order_key(1, "z"), wait_order_key(2, "a"), wait_order_key(2, "b")]
+def test_wait_order_is_priority_then_due_then_stamp_then_name():
+    k = wait_order_key
+    keys = {
+        "hi-late": k(50, "a", priority=5, due_ns=900),
+        "hi": k(60, "b", priority=5),
+        "lo-first": k(10, "c", priority=-1),
+        "mid-b": k(20, "e"),
+        "mid-a": k(20, "d"),
+        "mid-due-early": k(30, "f", due_ns=15),  # a retry or a delayed task due earlier than it was queued
+    }
+    order = sorted(keys, key=keys.get)
+    assert order == ["hi", "hi-late", "mid-due-early", "mid-a", "mid-b", "lo-first"]
+
+
+def test_a_task_is_due_once_its_due_time_has_come():
+    assert due(wait_order_key(10, "a"), 10)
+    assert not due(wait_order_key(10, "a", due_ns=20), 19) and due(wait_order_key(10, "a", due_ns=20), 20)
+
+
+@pytest.mark.parametrize(("attempt", "low", "high"), [(1, 5, 10), (2, 10, 20), (3, 20, 40), (10, 50, 100)])
+def test_retry_delay_doubles_up_to_its_cap_with_jitter(attempt, low, high):
+    assert retry_delay(attempt, 10, 100, 0.0) == low
+    assert retry_delay(attempt, 10, 100, 1.0) == high
+    assert low <= retry_delay(attempt, 10, 100, 0.37) <= high
 
 
 def test_states_print_as_their_names():

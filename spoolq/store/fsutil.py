@@ -79,6 +79,27 @@ def set_mtime(fd: int, ns: int | None) -> None:
         os.utime(fd)
 
 
+try:
+    _syncfs = _libc.syncfs
+    _syncfs.argtypes = [ctypes.c_int]
+    _syncfs.restype = ctypes.c_int
+except (NameError, AttributeError):  # pragma: no cover - non-glibc
+    _syncfs = None
+
+
+def syncfs(path: str) -> bool:
+    """Make everything written to the filesystem holding *path* durable, in
+    one call (the group-commit barrier). False where syncfs(2) is missing
+    or failed: the caller then syncs file by file."""
+    if _syncfs is None:
+        return False
+    fd = os.open(path, _O_DIR)
+    try:
+        return _syncfs(fd) == 0
+    finally:
+        os.close(fd)
+
+
 def open_dir(path: str, *, dir_fd: int | None = None) -> int:
     """Open a directory (never a symlink to one) and return its descriptor."""
     return os.open(path, _O_DIR, dir_fd=dir_fd)

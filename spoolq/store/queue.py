@@ -1,11 +1,16 @@
 """The order of ``enqueued/``: one index of waiting tasks, used by every claimer.
 
 A waiting task's place in the queue is :func:`spoolq.lifecycle.wait_order_key`
-of what :func:`wait_key` reads from the disk. :class:`WaitingIndex` keeps
-those keys in a heap: the daemon feeds it with file events and rescans,
-``Spool.claim`` with rescans alone. Keys are hints that can go stale (a task
-claimed by another server, or re-enqueued to the back): :meth:`WaitingIndex.pop`
-checks each key against the disk before handing a name out.
+of what :func:`read_key` finds on the disk: its priority and due time from
+``status.json``, and its queue stamp, the directory's mtime (set when the
+task was (re-)enqueued; nothing writes into a waiting task, so it stays put).
+
+:class:`WaitingIndex` keeps those keys in two heaps: the tasks that are due
+(by key) and the ones due later (by due time). The daemon feeds it with file
+events and rescans, ``Spool.claim`` with rescans alone. Keys are hints that
+can go stale (a task claimed by another server, or re-enqueued):
+:meth:`WaitingIndex.pop` checks each against the disk before handing a name
+out, and the claim itself checks the due time again under the task's lock.
 """
 
 from __future__ import annotations
@@ -13,18 +18,20 @@ from __future__ import annotations
 import heapq
 import os
 import time
+from collections.abc import Callable
 
-from ..lifecycle import WaitKey, wait_order_key
+from ..errors import CorruptTask
+from ..lifecycle import WaitKey, due, wait_order_key
+from .codec import from_iso
 from .layout import Layout
-
+from .taskdir import peek_status
 
 FUTURE_SLACK_NS = 60 * 10**9  # how far in the future a stamp may be before the clock is suspected
 
 
 def _stamp(mtime_ns: int) -> int:
-    """The queue stamp of a waiting task: the directory's mtime, set when the
-    task was (re-)enqueued (nothing writes into a waiting task, so it stays
-    put) -- but never later than now."""
+    """The queue stamp of a waiting task: its directory's mtime, but never
+    later than now."""
     return min(mtime_ns, time.time_ns())
 
 
@@ -52,15 +59,30 @@ def _settle_future(path: str, mtime: int) -> int:
         return now
 
 
-def wait_key(directory: str, name: str) -> WaitKey | None:
-    """The wait-order key of entry *name* of ``enqueued/`` (*directory*), or
-    None when it is gone."""
-    mtime = _mtime(directory, name)
-    return None if mtime is None else wait_order_key(_stamp(mtime), name)
+def read_key(directory: str, name: str, mtime: int) -> WaitKey:
+    """The wait-order key of entry *name* of ``enqueued/`` whose mtime is
+    *mtime*. An entry whose status cannot be read is keyed as a plain task,
+    so that a claim meets it and quarantines it."""
+    try:
+        doc = peek_status(os.path.join(directory, name))
+    except (OSError, CorruptTask):
+        return wait_order_key(_stamp(mtime), name)
+    priority = doc.get("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        priority = 0
+    due_ns = None
+    not_before = doc.get("not_before")
+    if isinstance(not_before, str):
+        try:
+            due_ns = int(from_iso(not_before) * 1e9)
+        except ValueError:
+            due_ns = None
+    return wait_order_key(_stamp(mtime), name, priority=priority, due_ns=due_ns)
 
 
 def scan(layout: Layout) -> list[tuple[WaitKey, int]]:
-    """(key, mtime) of every entry of ``enqueued/``, first to be claimed first."""
+    """(key, mtime) of every entry of ``enqueued/``, first to be claimed
+    first (due or not)."""
     keyed = []
     with os.scandir(layout.enqueued) as it:
         for entry in it:
@@ -68,20 +90,24 @@ def scan(layout: Layout) -> list[tuple[WaitKey, int]]:
                 mtime = _settle_future(entry.path, entry.stat(follow_symlinks=False).st_mtime_ns)
             except FileNotFoundError:
                 continue
-            keyed.append((wait_order_key(_stamp(mtime), entry.name), mtime))
+            keyed.append((read_key(layout.enqueued, entry.name, mtime), mtime))
     keyed.sort()
     return keyed
 
 
 class WaitingIndex:
-    """A heap of the waiting tasks by wait-order key: O(log n) per arrival
-    and per claim; memory one key per waiting task."""
+    """The waiting tasks in claim order: O(log n) per arrival and per claim,
+    memory one key per waiting task, a status read per new or changed entry.
 
-    def __init__(self, layout: Layout) -> None:
+    *accept(name)*, when given, keeps other names out (a worker's lanes).
+    """
+
+    def __init__(self, layout: Layout, *, accept: Callable[[str], bool] | None = None) -> None:
         self.layout = layout
-        self._heap: list[WaitKey] = []
-        # name -> (its current key in the heap, the mtime it was read from)
-        self._keys: dict[str, tuple[WaitKey, int]] = {}
+        self.accept = accept
+        self._ready: list[WaitKey] = []  # due: by key
+        self._later: list[tuple[int, WaitKey]] = []  # due later: by due time
+        self._keys: dict[str, tuple[WaitKey, int]] = {}  # name -> (its current key, the mtime read with it)
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -90,32 +116,65 @@ class WaitingIndex:
         return name in self._keys
 
     def add(self, name: str) -> None:
-        """Index entry *name* (an arrival); nothing if it is gone or known
-        as it is."""
+        """Index entry *name* (an arrival); nothing if it is gone, not
+        accepted, or known as it is."""
+        if self.accept is not None and not self.accept(name):
+            return
         mtime = _mtime(self.layout.enqueued, name)
         if mtime is None:
             return
         known = self._keys.get(name)
         if known is None or known[1] != mtime:
-            self._push(wait_order_key(_stamp(mtime), name), mtime)
+            self._push(read_key(self.layout.enqueued, name, mtime), mtime)
 
     def _push(self, key: WaitKey, mtime: int) -> None:
         self._keys[key[-1]] = (key, mtime)
-        heapq.heappush(self._heap, key)
+        if due(key, time.time_ns()):
+            heapq.heappush(self._ready, key)
+        else:
+            heapq.heappush(self._later, (key[1], key))
 
     def rescan(self) -> None:
-        """Rebuild from the directory itself: the safety net for lost events."""
-        found = scan(self.layout)
-        self._heap = [key for key, _ in found]  # sorted, so already a heap
-        self._keys = {key[-1]: (key, mtime) for key, mtime in found}
+        """Rebuild from the directory itself: the safety net for lost events.
+        An entry known with the same mtime keeps its key (no status read)."""
+        known, self._keys = self._keys, {}
+        self._ready, self._later = [], []
+        with os.scandir(self.layout.enqueued) as it:
+            for entry in it:
+                if self.accept is not None and not self.accept(entry.name):
+                    continue
+                try:
+                    mtime = _settle_future(entry.path, entry.stat(follow_symlinks=False).st_mtime_ns)
+                except FileNotFoundError:
+                    continue
+                old = known.get(entry.name)
+                key = old[0] if old is not None and old[1] == mtime else read_key(
+                    self.layout.enqueued, entry.name, mtime)
+                self._push(key, mtime)
+
+    def _mature(self) -> None:
+        """Move the tasks whose due time has come to the ready heap."""
+        now = time.time_ns()
+        while self._later and self._later[0][0] <= now:
+            _, key = heapq.heappop(self._later)
+            if self._keys.get(key[-1], (None,))[0] == key:
+                heapq.heappush(self._ready, key)
+
+    def next_due(self) -> float | None:
+        """Seconds since the epoch when the next task that is not due yet
+        will be (None: there is none): the daemon sleeps until then."""
+        while self._later and self._keys.get(self._later[0][1][-1], (None,))[0] != self._later[0][1]:
+            heapq.heappop(self._later)  # superseded
+        return self._later[0][0] / 1e9 if self._later else None
 
     def pop(self) -> str | None:
-        """The name of the first waiting task, removed from the index; None
-        when the index is empty. A name whose entry is gone is skipped; one
+        """The name of the first waiting task that is due, removed from the
+        index; None when none is. A name whose entry is gone is skipped; one
         re-enqueued since it was indexed (a new mtime) goes back in at its
         new place."""
-        while self._heap:
-            key = heapq.heappop(self._heap)
+        self._mature()
+        while self._ready:
+            key = heapq.heappop(self._ready)
             name = key[-1]
             known = self._keys.get(name)
             if known is None or known[0] != key:
@@ -125,7 +184,7 @@ class WaitingIndex:
             if mtime is None:
                 continue
             if mtime != known[1]:
-                self._push(wait_order_key(_stamp(mtime), name), mtime)
+                self._push(read_key(self.layout.enqueued, name, mtime), mtime)
                 continue
             return name
         return None

@@ -7,6 +7,7 @@ times and size, so a re-registration is seen at once.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -23,38 +24,37 @@ DEFAULT_MAX_RESTARTS = 2
 DEFAULT_EXECUTOR = "fork"
 EXECUTORS = ("fork", "dask")  # where handlers may run (contract §13.1)
 NICE_RANGE = (0, 19)
+PRIORITY_RANGE = (-100, 100)
 
 
 @dataclass(frozen=True)
 class TaskType:
-    """A registered task type (``types/<name>.json``)."""
+    """A registered task type (``types/<name>.json``). Every field is a
+    setting of ``spoolq register`` (and a keyword of ``register_type``),
+    except ``held`` (``spoolq hold``/``release``); a file without a field
+    reads as its default, so files of older versions stay readable."""
 
     name: str
     handler: str
     timeout: float = DEFAULT_TIMEOUT  # seconds from the claim; <= 0: no limit
     retention: float = DEFAULT_RETENTION  # seconds kept in done/; <= 0: forever
     max_restarts: int = DEFAULT_MAX_RESTARTS
-    # Second edition (contract §13): where handlers run, and their limits
-    # (None: no limit). Files without these keys read as the defaults.
+    # Where handlers run, and their limits (None: no limit), contract §13.
     executor: str = DEFAULT_EXECUTOR
     memory_max: int | None = None  # bytes of address space the handler may add
     cpu_time: float | None = None  # seconds of CPU
     nice: int | None = None  # 0-19
     max_open_files: int | None = None
+    # Scheduling, contract §11.
+    retries: int = 0  # re-runs after a handler failure
+    retry_backoff: float = 10.0  # seconds before the first retry (doubling)
+    retry_backoff_max: float = 3600.0
+    priority: int = 0  # of its tasks, unless enqueued with one
+    concurrency: int = 0  # most RUNNING/PAUSED at once over every server; 0: no limit
+    held: bool = False  # no server claims its tasks
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "handler": self.handler,
-            "timeout": self.timeout,
-            "retention": self.retention,
-            "max_restarts": self.max_restarts,
-            "executor": self.executor,
-            "memory_max": self.memory_max,
-            "cpu_time": self.cpu_time,
-            "nice": self.nice,
-            "max_open_files": self.max_open_files,
-        }
+        return dataclasses.asdict(self)
 
     @property
     def limited(self) -> bool:
@@ -63,40 +63,67 @@ class TaskType:
 
     @classmethod
     def from_json(cls, name: str, raw: dict[str, Any]) -> TaskType:
-        """Settings missing from the file take their defaults (files written
-        by older versions stay readable)."""
-        return cls(
-            name=name,
-            handler=str(raw["handler"]),
-            timeout=float(raw.get("timeout", DEFAULT_TIMEOUT)),
-            retention=float(raw.get("retention", DEFAULT_RETENTION)),
-            max_restarts=int(raw.get("max_restarts", DEFAULT_MAX_RESTARTS)),
-            executor=str(raw.get("executor") or DEFAULT_EXECUTOR),
-            memory_max=_optional(int, raw.get("memory_max")),
-            cpu_time=_optional(float, raw.get("cpu_time")),
-            nice=_optional(int, raw.get("nice")),
-            max_open_files=_optional(int, raw.get("max_open_files")),
-        )
+        """The type in a file's JSON; ValueError/TypeError/KeyError if a
+        value is not what it must be."""
+        values: dict[str, Any] = {"name": name, "handler": str(raw["handler"])}
+        for field in dataclasses.fields(cls)[2:]:
+            if field.name in raw and raw[field.name] is not None:
+                values[field.name] = _COERCE[field.name](raw[field.name])
+        ttype = cls(**values)
+        check_settings(ttype)
+        return ttype
 
 
-def _optional(kind: type, value: Any) -> Any:
-    return None if value is None else kind(value)
+def _number(kind: type) -> Any:
+    def coerce(value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"not a number: {value!r}")
+        return kind(value)
+    return coerce
 
 
-def check_settings(
-    executor: str, memory_max: int | None, cpu_time: float | None, nice: int | None, max_open_files: int | None
-) -> None:
-    """SpoolError naming the first setting out of its range (contract §13)."""
-    if executor not in EXECUTORS:
-        raise SpoolError(f"unknown executor {executor!r}: choose {' or '.join(EXECUTORS)}")
-    if memory_max is not None and memory_max <= 0:
-        raise SpoolError(f"memory_max must be a positive number of bytes, not {memory_max!r}")
-    if cpu_time is not None and not cpu_time > 0:
-        raise SpoolError(f"cpu_time must be a positive number of seconds, not {cpu_time!r}")
-    if nice is not None and not NICE_RANGE[0] <= nice <= NICE_RANGE[1]:
-        raise SpoolError(f"nice must be from {NICE_RANGE[0]} to {NICE_RANGE[1]}, not {nice!r}")
-    if max_open_files is not None and max_open_files <= 0:
-        raise SpoolError(f"max_open_files must be positive, not {max_open_files!r}")
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"not true or false: {value!r}")
+    return value
+
+
+_COERCE: dict[str, Any] = {
+    "timeout": _number(float), "retention": _number(float), "max_restarts": _number(int), "executor": str,
+    "memory_max": _number(int), "cpu_time": _number(float), "nice": _number(int), "max_open_files": _number(int),
+    "retries": _number(int), "retry_backoff": _number(float), "retry_backoff_max": _number(float),
+    "priority": _number(int), "concurrency": _number(int), "held": _flag,
+}
+
+
+def check_priority(priority: Any) -> int:
+    """*priority* if it is a whole number from -100 to 100, else SpoolError."""
+    if isinstance(priority, bool) or not isinstance(priority, int) or not (
+            PRIORITY_RANGE[0] <= priority <= PRIORITY_RANGE[1]):
+        raise SpoolError(f"priority must be a whole number from {PRIORITY_RANGE[0]} to {PRIORITY_RANGE[1]}, "
+                         f"not {priority!r}")
+    return priority
+
+
+def check_settings(ttype: TaskType) -> None:
+    """SpoolError naming the first setting out of its range (contract §11, §13)."""
+    if ttype.executor not in EXECUTORS:
+        raise SpoolError(f"unknown executor {ttype.executor!r}: choose {' or '.join(EXECUTORS)}")
+    if ttype.memory_max is not None and ttype.memory_max <= 0:
+        raise SpoolError(f"memory_max must be a positive number of bytes, not {ttype.memory_max!r}")
+    if ttype.cpu_time is not None and not ttype.cpu_time > 0:
+        raise SpoolError(f"cpu_time must be a positive number of seconds, not {ttype.cpu_time!r}")
+    if ttype.nice is not None and not NICE_RANGE[0] <= ttype.nice <= NICE_RANGE[1]:
+        raise SpoolError(f"nice must be from {NICE_RANGE[0]} to {NICE_RANGE[1]}, not {ttype.nice!r}")
+    if ttype.max_open_files is not None and ttype.max_open_files <= 0:
+        raise SpoolError(f"max_open_files must be positive, not {ttype.max_open_files!r}")
+    if ttype.retries < 0:
+        raise SpoolError(f"retries must be 0 or more, not {ttype.retries!r}")
+    if not ttype.retry_backoff > 0 or not ttype.retry_backoff_max > 0:
+        raise SpoolError("retry_backoff and retry_backoff_max must be positive numbers of seconds")
+    check_priority(ttype.priority)
+    if ttype.concurrency < 0:
+        raise SpoolError(f"concurrency must be 0 (no limit) or more, not {ttype.concurrency!r}")
 
 
 def check_handler(handler: object) -> str:
@@ -121,6 +148,7 @@ class TypeRegistry:
         """Create or replace the type's file; atomic (tmp + rename)."""
         check_type(ttype.name)
         check_handler(ttype.handler)
+        check_settings(ttype)
         dfd = fsutil.open_dir(self.layout.types)
         try:
             tmp = f".{ttype.name}.json.{os.getpid()}.{os.urandom(4).hex()}"
@@ -154,7 +182,7 @@ class TypeRegistry:
             ttype = TaskType.from_json(name, json.loads(fsutil.read_file(dfd, f"{name}.json")))
         except FileNotFoundError:
             raise UnknownType(name) from None
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, OverflowError, SpoolError) as exc:
             raise SpoolError(f"{path} is corrupt ({exc}): register the type again") from None
         finally:
             os.close(dfd)

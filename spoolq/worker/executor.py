@@ -58,7 +58,7 @@ from ..lifecycle import Claim, Outcome
 from ..spool import Spool
 from . import proctree
 from .limits import Limits
-from .runner import HandlerUnavailable, run_claim
+from .runner import HandlerUnavailable, NoRoom, run_claim
 
 log = logging.getLogger("spoolq.executor")
 
@@ -433,6 +433,8 @@ def _slot_main(spool: Spool, commands: int, results: int) -> int:
             outcome = run_claim(spool, claim)
         except HandlerUnavailable as exc:
             outcome, note = Outcome.NO_HANDLER, " ".join(str(exc).split())
+        except NoRoom as exc:
+            outcome, note = Outcome.NO_ROOM, str(exc)
         deadline.set(math.inf)
         proctree.kill_descendants()
         # Limits cannot all be lifted (niceness): after a limited task this

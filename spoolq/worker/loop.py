@@ -48,12 +48,13 @@ from dataclasses import dataclass
 from .. import faults, sweeps
 from ..errors import CorruptTask, ServerBusy, SpoolError, SpoolqError, StaleClaim
 from ..lifecycle import Action, Claim, Outcome, Place, State
-from ..names import check_server, split_task_name
+from ..names import check_server, check_type, split_task_name
 from ..spool import Spool
 from ..store.queue import WaitingIndex
 from ..systemd import Notifier, setup_logging
-from ..watch import DEPARTURES, DirWatcher
+from ..watch import ARRIVALS, DEPARTURES, DirWatcher, TaskWatches
 from .executor import Ended, Executor, ForkExecutor
+from .gates import Gates
 from .runner import outcome_of
 
 log = logging.getLogger("spoolq.daemon")
@@ -61,7 +62,6 @@ log = logging.getLogger("spoolq.daemon")
 EX_CONFIG = 78
 CLAIM_RETRY = 1.0  # seconds claiming pauses after a claim failed with an OSError (disk full)
 KILL_PATIENCE = 5.0  # seconds between complaints about a killed run that does not end
-HANDLER_RETRY_MAX = 300.0  # seconds: the longest wait between tries of a handler that does not import
 SETTLE_RETRY = 0.2  # seconds between tries to settle a run whose leftovers still hold it
 FDS_PER_SLOT = 4  # descriptors a handler process costs the worker (two pipes), with room to spare
 FDS_RESERVED = 32  # the worker's own: spool, locks, inotify, signals, logging, a sweep
@@ -83,18 +83,6 @@ def fd_budget() -> int:
 
 
 @dataclass
-class _Backoff:
-    """A retry schedule: 1 s after the first failure, doubling up to 5 min."""
-
-    delay: float = 0.5
-    until: float = 0.0  # monotonic
-
-    def fail(self) -> None:
-        self.delay = min(HANDLER_RETRY_MAX, self.delay * 2)
-        self.until = time.monotonic() + self.delay
-
-
-@dataclass
 class _Job:
     claim: Claim
     claimed: float  # monotonic
@@ -104,6 +92,8 @@ class _Job:
     killed_at: float | None = None  # monotonic
     unsettled_since: float | None = None  # monotonic: ended, but its leftovers still hold the task
     executor: str = "fork"  # the name of the executor that runs it
+    cancel: bool = False  # killed because its cancel was asked for
+    watched: bool = False  # its task directory is watched for a cancel request
 
     @property
     def label(self) -> str:
@@ -119,8 +109,10 @@ class Worker:
     ``rescan_interval``), ``heartbeat_interval``, ``sweep_interval``,
     ``max_tasks_per_child`` (for the fork executor; 0: never recycle a
     handler process), ``executor`` (default: a :class:`ForkExecutor`),
-    ``dask_scheduler`` (the address for types whose executor is ``dask``)
-    and ``dask_concurrency`` (most dask runs at once; 0: the cluster's threads).
+    ``dask_scheduler`` (the address for types whose executor is ``dask``),
+    ``dask_concurrency`` (most dask runs at once; 0: the cluster's threads)
+    and ``types`` (lanes: claim tasks of these types only; recovery and
+    sweeps still cover everything).
     """
 
     def __init__(
@@ -139,6 +131,7 @@ class Worker:
         executor: Executor | None = None,
         dask_scheduler: str | None = None,
         dask_concurrency: int = 0,
+        types: list[str] | None = None,
     ) -> None:
         self.spool = spool
         self.server = check_server(server)
@@ -157,23 +150,20 @@ class Worker:
             from .dask_executor import DaskExecutor  # imports distributed: only when asked for
 
             self.executors["dask"] = DaskExecutor(spool, self.server, dask_scheduler, concurrency=dask_concurrency)
-        # Waiting names that cannot be claimed now, by why (a gate, see _gate):
-        # they go back to the index when their gate opens.
-        self._parked: dict[str, list[str]] = {}
-        self._no_handler: dict[str, _Backoff] = {}  # type -> its handler does not import here
-        self._unavailable: set[str] = set()
-        self._said_unavailable: set[str] = set()
-        self._told_missing: set[str] = set()
+        self.gates = Gates(spool, self.server, self.executors, self._room)
         self.notifier = Notifier()
         self.jobs: dict[Claim, _Job] = {}
         self.unsettled: list[tuple[_Job, Ended]] = []  # ended runs whose task cannot be settled yet
         self.stopping = False
         self.stop_deadline: float | None = None
-        self.waiting = WaitingIndex(spool.layout)
+        self.lanes = frozenset(check_type(t) for t in types) if types else None
+        self.waiting = WaitingIndex(spool.layout, accept=self._in_lanes if self.lanes else None)
         self._signals: list[int] = []
         self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._watcher: DirWatcher | None = None
         self._departures: DirWatcher | None = None
+        self._types_watch: DirWatcher | None = None  # holds and releases
+        self._task_watches: TaskWatches | None = None  # cancel requests of our running tasks
         self._next_heartbeat = 0.0
         self._next_sweep = 0.0
         self._next_rescan = 0.0
@@ -193,7 +183,9 @@ class Worker:
         self._fit_concurrency()
         self.spool.hold_server(self.server)  # ServerBusy if another process is this server
         held = self._recover()
-        self._departures = DirWatcher(self.spool.layout.running, poll=self.poll, events=DEPARTURES)
+        self._departures = DirWatcher(self.spool.layout.running, poll=self.poll, events=ARRIVALS | DEPARTURES)
+        self._task_watches = TaskWatches(poll=self.poll)
+        self._types_watch = DirWatcher(self.spool.layout.types, poll=self.poll)
         if not self.draining:
             self._watcher = DirWatcher(self.spool.layout.enqueued, poll=self.poll)
             self._rescan()
@@ -212,9 +204,8 @@ class Worker:
         finally:
             for executor in self.executors.values():
                 executor.close()
-            for watcher in (self._watcher, self._departures):
-                if watcher is not None:
-                    watcher.close()
+            for watcher in self._watchers():
+                watcher.close()
             self.spool.release_server(self.server)
         log.info("server %s stopped: %d finished, %d failed", self.server, self.finished, self.failed)
         return code
@@ -240,9 +231,14 @@ class Worker:
                 os.close(fd)
             except OSError:
                 pass
-        for watcher in (self._watcher, self._departures):
-            if watcher is not None:
-                watcher.close()
+        for watcher in self._watchers():
+            watcher.close()
+
+    def _watchers(self) -> list[DirWatcher | TaskWatches]:
+        return [w for w in (self._watcher, self._departures, self._types_watch, self._task_watches) if w is not None]
+
+    def _in_lanes(self, name: str) -> bool:
+        return self.lanes is None or name.partition(":")[0] in self.lanes
 
     def _install_signals(self) -> None:
         signal.set_wakeup_fd(self._sig_w, warn_on_full_buffer=False)
@@ -330,8 +326,9 @@ class Worker:
             self.stopping = True
             self.notifier.stopping("drained")
             return True
-        self._take_departures()
+        self._take_task_events()
         if not self.stopping and not self.draining:
+            self._take_type_changes()
             self._take_arrivals()
             if now >= self._next_rescan:
                 self._guard("rescanning enqueued/", self._rescan)
@@ -359,7 +356,9 @@ class Worker:
             marks.append(now + 0.05)  # a killed run is about to end
         if self.unsettled:
             marks.append(now + SETTLE_RETRY)
-        marks += [block.until for block in self._no_handler.values() if block.until > now]
+        look = self.gates.next_look()
+        if look is not None and not self.stopping and not self.draining:
+            marks.append(max(look, now))
         timeout = min(marks) - now
         ping = self.notifier.next_watchdog_in()
         if ping is not None:
@@ -368,8 +367,10 @@ class Worker:
 
     def _wait(self, timeout: float) -> None:
         fds = [self._sig_r, *(fd for executor in self.executors.values() for fd in executor.fds())]
-        if self._departures is not None and self.jobs:
-            fds.append(self._departures.fileno())
+        if self.jobs:
+            fds += [w.fileno() for w in (self._departures, self._task_watches) if w is not None]
+        if self._types_watch is not None and self.gates.parked:
+            fds.append(self._types_watch.fileno())
         if self._watcher is not None and not self.stopping and not self.draining:
             fds.append(self._watcher.fileno())
         try:
@@ -424,14 +425,15 @@ class Worker:
     def _fill_slots(self) -> None:
         if time.monotonic() < self._claims_paused_until:
             return
-        self._check_executors()
-        while self._room_anywhere():
+        self.gates.check_executors(self.notifier.status)
+        self.gates.reopen(self.waiting)
+        while self.gates.room_anywhere():
             name = self.waiting.pop()
             if name is None:
                 return
-            gate = self._gate(name)
+            gate = self.gates.gate(name)
             if gate is not None:
-                self._parked.setdefault(gate, []).append(name)  # waits for its gate to open
+                self.gates.park(gate, name)  # back in the index when the gate opens
                 continue
             try:
                 claim = self.spool.claim(self.server, names=[name])
@@ -451,26 +453,10 @@ class Worker:
 
     # ------------------------------------------------------------------ executors
 
-    def _executor_of(self, type_name: str) -> str:
-        ttype = self.spool.registry.find(type_name)
-        return ttype.executor if ttype is not None else "fork"
-
-    def _route(self, name: str) -> str | None:
-        """The executor a waiting task would run on; None when its type
-        cannot be read (claimed anyway: the launch fails it with the reason)."""
-        parts = split_task_name(name)
-        if not parts or self.spool.registry.find(parts[0]) is None:
-            return None
-        route = self._executor_of(parts[0])
-        if route not in self.executors and route not in self._told_missing:
-            self._told_missing.add(route)
-            log.warning("type %s runs on executor %s, which server %s does not have (--dask-scheduler or "
-                        "SPOOLQ_DASK_SCHEDULER); leaving such tasks to other servers", parts[0], route, self.server)
-        return route
-
     def _room(self, route: str) -> int:
+        """How many more runs executor *route* may take now."""
         executor = self.executors.get(route)
-        if executor is None or route in self._unavailable:
+        if executor is None or self.gates.unavailable(route):
             return 0
         limit = executor.capacity()
         if limit is None:
@@ -478,68 +464,6 @@ class Worker:
         held = [job for job in self.jobs.values() if job.executor == route]
         held += [job for job, _ in self.unsettled if job.executor == route]
         return limit - len(held)
-
-    def _room_anywhere(self) -> bool:
-        return any(self._room(route) > 0 for route in self.executors)
-
-    def _check_executors(self) -> None:
-        """Log each executor that becomes unavailable or available again (once
-        each time), and give parked tasks back to the index where there is room."""
-        for route, executor in self.executors.items():
-            if executor.available():
-                self._unavailable.discard(route)
-                if route in self._said_unavailable:
-                    self._said_unavailable.discard(route)
-                    log.info("claiming %s tasks again: the %s executor is available", route, route)
-                continue
-            self._unavailable.add(route)
-            why = getattr(executor, "unavailable_reason", lambda: "unavailable")()
-            if why and route not in self._said_unavailable:  # nothing while it makes its first connection
-                self._said_unavailable.add(route)
-                log.warning("not claiming %s tasks: %s", route, why)
-                self.notifier.status(f"{route} executor unavailable")
-        for gate in list(self._parked):
-            if self._gate_open(gate):
-                for name in self._parked.pop(gate):
-                    self.waiting.add(name)
-
-    # ------------------------------------------------------------------ gates
-
-    def _gate(self, name: str) -> str | None:
-        """Why waiting task *name* cannot be claimed by this server now, as
-        the key of the gate it waits at; None when it can."""
-        parts = split_task_name(name)
-        if parts is not None and parts[0] in self._no_handler:
-            if time.monotonic() < self._no_handler[parts[0]].until:
-                return f"handler:{parts[0]}"
-        route = self._route(name)
-        if route is not None and self._room(route) <= 0:
-            return f"room:{route}"
-        return None
-
-    def _gate_open(self, gate: str) -> bool:
-        kind, _, what = gate.partition(":")
-        if kind == "handler":
-            block = self._no_handler.get(what)
-            return block is None or time.monotonic() >= block.until
-        return self._room(what) > 0
-
-    def _handler_missing(self, claim: Claim, why: str) -> None:
-        """The type's handler does not import here: a deployment error, not
-        the task's. Its claim goes back (uncharged, never started) and this
-        server claims no task of the type until a retry, with backoff, finds
-        the import working. Said once, and once more when it works again."""
-        self.spool.hand_back(claim, f"not started on server {self.server}: {why}")
-        block = self._no_handler.get(claim.type)
-        if block is None:
-            block = self._no_handler[claim.type] = _Backoff()
-            log.error("server %s: %s; not claiming %s tasks until it imports (they wait; trying again with "
-                      "backoff; see worker --pythonpath)", self.server, why, claim.type)
-        block.fail()
-
-    def _handler_found(self, type_name: str) -> None:
-        if self._no_handler.pop(type_name, None) is not None:
-            log.info("server %s: the handler of %s imports again; claiming its tasks", self.server, type_name)
 
     def _launch(self, claim: Claim) -> None:
         """Hand *claim* to the executor, with its deadline."""
@@ -553,7 +477,7 @@ class Worker:
                 pass
             return
         now = time.monotonic()
-        route = self._executor_of(claim.type)
+        route = self.gates.executor_of(claim.type)
         executor = self.executors.get(route)
         if executor is None:  # a recovered claim of a type this server cannot run
             self.spool.hand_back(claim, f"server {self.server} has no {route} executor")
@@ -583,12 +507,22 @@ class Worker:
         job = self.jobs.pop(ended.claim, None)
         if job is None:
             return
+        self._unwatch(job)
         if ended.outcome is Outcome.NO_HANDLER:
-            self._handler_missing(job.claim, ended.reason)
+            self.gates.handler_missing(job.claim, ended.reason)
             return
-        if ended.outcome is not None:
-            self._handler_found(job.claim.type)
+        if ended.outcome is Outcome.NO_ROOM:
+            # Its type's concurrency limit filled up between our look and the
+            # start: back it goes, never started; the gate holds the rest.
+            self.spool.hand_back(job.claim, f"not started on server {self.server}: {ended.reason}")
+            return
+        self.gates.reopen(self.waiting, only="slots")  # a run ended: a slot of its type may be free
+        if ended.outcome is not None:  # it reached its end (even if a kill was on its way)
+            self.gates.handler_found(job.claim.type)
             self._report(job, ended.outcome)
+            return
+        if job.cancel:
+            self._finish_cancel(job)
             return
         if job.kill_reason is None and not ended.lost and time.monotonic() >= job.deadline:
             # Past its deadline before this loop could enforce it (the worker
@@ -608,9 +542,8 @@ class Worker:
                 log.warning("re-enqueued %s: %s", job.label, reason)
             return
         try:
-            self.spool.set_state(job.claim, State.FAILED, ended.reason)
-            self.failed += 1
-            log.error("failed %s: %s", job.label, ended.reason)
+            now = self.spool.set_state(job.claim, State.FAILED, ended.reason)
+            self._report(job, Outcome.RETRY if now is State.ENQUEUED else Outcome.FAILED)
         except StaleClaim:
             # It reached a final state (or was taken away) before dying.
             self._report(job, outcome_of(self.spool, job.claim))
@@ -618,6 +551,19 @@ class Worker:
             # Disk full, or the task directory was tampered with: it stays
             # as it is until its timeout re-enqueues it; the daemon goes on.
             log.error("cannot record the end of %s (%s): %s", job.label, ended.reason, exc)
+
+    def _finish_cancel(self, job: _Job) -> None:
+        """A run stopped for its cancel: the task ends FAILED, cancelled
+        (unless it reached its end first, or leftovers still hold it)."""
+        result = self.spool.finish_cancel(self.spool.layout.task_path(Place.RUNNING, job.claim.name),
+                                          expect_claim=job.claim.number)
+        if result is Action.BUSY:
+            self._unsettle(job, Ended(job.claim, None, "cancelled"))
+        elif result is Action.FAILED:
+            self.failed += 1
+            log.warning("cancelled %s", job.label)
+        else:
+            self._report(job, outcome_of(self.spool, job.claim))
 
     def _unsettle(self, job: _Job, ended: Ended) -> None:
         """The run ended, but processes it started (and the executor could
@@ -646,13 +592,16 @@ class Worker:
         if outcome is Outcome.FINISHED:
             self.finished += 1
             log.info("finished %s in %.3f s", job.label, time.monotonic() - job.claimed)
-        elif outcome is Outcome.FAILED:
-            self.failed += 1
+        elif outcome in (Outcome.FAILED, Outcome.RETRY):
             try:
                 message = self.spool.status(job.claim.type, job.claim.id).doc.get("message", "")
             except SpoolqError:
                 message = ""
-            log.error("failed %s: %s", job.label, message)
+            if outcome is Outcome.RETRY:
+                log.warning("%s: %s", job.label, message)  # "retry k/N in X s: why"
+            else:
+                self.failed += 1
+                log.error("failed %s: %s", job.label, message)
         else:
             log.info("%s was taken away or deleted while it ran", job.label)
 
@@ -685,37 +634,68 @@ class Worker:
 
     # ------------------------------------------------------------------ housekeeping
 
-    def _take_departures(self) -> None:
-        """A task of ours that left running/ without our doing (deleted,
-        taken away): look at it now, not at the next heartbeat."""
-        if self._departures is None:
-            return
-        names = set(self._departures.drain())
+    def _take_task_events(self) -> None:
+        """A task of ours that arrived in running/ (started: watch it for a
+        cancel request), left it without our doing (deleted, taken away), or
+        had its status replaced (a cancel asked for): look at it now, not at
+        the next heartbeat."""
+        names: set[str] = set()
+        if self._departures is not None:
+            names |= set(self._departures.drain())
+        if self._task_watches is not None:
+            names |= {str(key) for key, file in self._task_watches.drain() if file == "status.json"}
         if not names:
             return
         for job in list(self.jobs.values()):
             if job.claim.name in names:
                 self._guard(f"checking {job.claim}", lambda j=job: self._check_job(j))
 
+    def _take_type_changes(self) -> None:
+        """A type file replaced (held, released, registered again): tasks
+        parked behind a hold that was lifted go back to the index."""
+        if self._types_watch is not None and self._types_watch.drain():
+            self.gates.reopen(self.waiting, only="held")
+
+    def _unwatch(self, job: _Job) -> None:
+        if job.watched and self._task_watches is not None:
+            self._task_watches.remove(job.claim.name)
+            job.watched = False
+
     def _heartbeat(self) -> None:
         self._next_heartbeat = time.monotonic() + self.heartbeat_interval
         for job in list(self.jobs.values()):
-            self._guard(f"heartbeat of {job.claim}", lambda j=job: self._check_job(j))
+            self._guard(f"heartbeat of {job.claim}", lambda j=job: self._check_job(j, heartbeat=True))
 
-    def _check_job(self, job: _Job) -> None:
-        """Touch the job's task; kill its run if the task is no longer ours."""
-        if job.kill_reason is None and not self.spool.touch(job.claim):
-            # Not in running/: not started yet, or taken away / deleted.
-            try:
-                info = self.spool.status(job.claim.type, job.claim.id)
-                # Still ours when not started yet, or when it just reached a
-                # final state whose outcome is on its way to us.
-                ours = job.claim.owns(info.doc)
-            except SpoolqError:
-                ours = False
-            if not ours:
-                log.warning("%s was deleted or taken away; stopping its handler", job.claim)
-                self._kill(job, "task taken away", charge=False)
+    def _check_job(self, job: _Job, *, heartbeat: bool = False) -> None:
+        """Look at the job's task: watch it for a cancel request once it is
+        started; kill its run if its cancel was asked for, or if the task is
+        no longer ours. The heartbeat also touches it."""
+        if job.kill_reason is not None:
+            return
+        path = self.spool.layout.task_path(Place.RUNNING, job.claim.name)
+        there = os.path.isdir(path)
+        if there and not job.watched and self._task_watches is not None:
+            job.watched = self._task_watches.add(path, job.claim.name)
+        cancel = self.spool.cancel_asked(job.claim) if there else None
+        if cancel is not None:
+            log.warning("%s: cancel asked for (%s); stopping its handler", job.claim, cancel)
+            job.cancel = True
+            self._kill(job, f"cancelled: {cancel}", charge=False)
+            return
+        if there and (not heartbeat or self.spool.touch(job.claim)):
+            return
+        # Not in running/ (or the touch found it is not ours there): not
+        # started yet, or taken away / deleted.
+        try:
+            info = self.spool.status(job.claim.type, job.claim.id)
+            # Still ours when not started yet, or when it just reached a
+            # final state whose outcome is on its way to us.
+            ours = job.claim.owns(info.doc)
+        except SpoolqError:
+            ours = False
+        if not ours:
+            log.warning("%s was deleted or taken away; stopping its handler", job.claim)
+            self._kill(job, "task taken away", charge=False)
 
     def _sweep(self) -> None:
         self._next_sweep = time.monotonic() + self.sweep_interval

@@ -47,7 +47,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 from typing import Any
 
 from ..errors import CorruptTask, InvalidInput, SpoolError, StaleClaim

@@ -31,7 +31,7 @@ from typing import Any
 from ..errors import CorruptTask, SpoolqError, StaleClaim, TaskNotFound, safe_text
 from ..lifecycle import Claim, Outcome, State
 from ..spool import Spool
-from ..task import TaskContext
+from ..task import Retry, TaskContext
 from .limits import Limits
 
 log = logging.getLogger("spoolq.runner")
@@ -56,36 +56,48 @@ class HandlerUnavailable(Exception):
     failure of the task. The claim is left as it was (not started)."""
 
 
+class NoRoom(Exception):
+    """Every slot of the type's concurrency limit is taken (by runs on any
+    server): the claim is left as it was (not started)."""
+
+
 def run_claim(spool: Spool, claim: Claim, *, import_first: bool = True) -> Outcome:
     """Run one claimed task to a final state in this process, holding its
     run lock throughout. With *import_first*, the handler is imported before
     the task is started: HandlerUnavailable when it cannot be, with the
     task untouched (the worker hands it back and stops claiming its type
     until the import works)."""
-    if import_first:
+    ttype = spool.registry.find(claim.type)  # None: start() below reports the type's trouble
+    if import_first and ttype is not None:
         try:
-            handler_path = spool.get_type(claim.type).handler
-        except SpoolqError:
-            handler_path = None  # start() below reports the type's trouble
-        if handler_path is not None:
-            try:
-                load_handler(handler_path)  # cached in sys.modules for the run
-            except Exception as exc:  # noqa: BLE001 - whatever the import raises
-                raise HandlerUnavailable(
-                    f"handler {handler_path!r} cannot be imported: {type(exc).__name__}: {safe_text(exc)}"
-                ) from None
+            load_handler(ttype.handler)  # cached in sys.modules for the run
+        except Exception as exc:  # noqa: BLE001 - whatever the import raises
+            raise HandlerUnavailable(
+                f"handler {ttype.handler!r} cannot be imported: {type(exc).__name__}: {safe_text(exc)}"
+            ) from None
+    slot = None
+    if ttype is not None and ttype.concurrency:
+        # Held for the run by this process (and what it forks): the kernel
+        # gives it back when the last of them is gone (spoolq.store.slots).
+        slot = spool.slots.acquire(claim.type, ttype.concurrency)
+        if slot is None:
+            raise NoRoom(f"all {ttype.concurrency} slots of {claim.type} are taken")
     try:
-        started = spool.start(claim, hold_run_lock=True)
-    except (StaleClaim, TaskNotFound, BlockingIOError):
-        return Outcome.GONE  # taken away before it started: nothing to do
-    except CorruptTask as exc:
-        log.error("%s: %s", claim, exc)
-        return outcome_of(spool, claim)  # start() already failed or quarantined it
-    try:
-        return _run_started(spool, claim, started.handler, started.input)
+        try:
+            started = spool.start(claim, hold_run_lock=True)
+        except (StaleClaim, TaskNotFound, BlockingIOError):
+            return Outcome.GONE  # taken away before it started: nothing to do
+        except CorruptTask as exc:
+            log.error("%s: %s", claim, exc)
+            return outcome_of(spool, claim)  # start() already failed or quarantined it
+        try:
+            return _run_started(spool, claim, started.handler, started.input)
+        finally:
+            if started.run_lock is not None:
+                os.close(started.run_lock)
     finally:
-        if started.run_lock is not None:
-            os.close(started.run_lock)
+        if slot is not None:
+            os.close(slot)
 
 
 def _run_started(spool: Spool, claim: Claim, handler_path: str, value: Any) -> Outcome:
@@ -94,16 +106,18 @@ def _run_started(spool: Spool, claim: Claim, handler_path: str, value: Any) -> O
         try:
             handler = load_handler(handler_path)
         except Exception as exc:
-            fail(spool, claim, f"cannot import handler {handler_path!r}: {type(exc).__name__}: {safe_text(exc)}", exc)
-            return Outcome.FAILED
+            return _outcome_for(fail(
+                spool, claim, f"cannot import handler {handler_path!r}: {type(exc).__name__}: {safe_text(exc)}", exc))
         limits = Limits.for_type(spool, claim.type)
         try:
             lift = limits.apply()
         except OSError as exc:
-            fail(spool, claim, str(exc.strerror or exc), exc)
-            return Outcome.FAILED
+            return _outcome_for(fail(spool, claim, str(exc.strerror or exc), exc))
         try:
             handler(context, value)
+        except Retry as asked:
+            lift()
+            return _outcome_for(spool.retry(claim, asked.delay, asked.message))
         except SystemExit as exc:
             if exc.code not in (None, 0):
                 lift()
@@ -131,10 +145,13 @@ def _failed(spool: Spool, claim: Claim, message: str, exc: BaseException | None)
         log.warning("%s: the handler failed after the task was already %s: %s", claim, done.value, message)
         return done
     if exc is None:
-        spool.set_state(claim, State.FAILED, message)
-    else:
-        fail(spool, claim, message, exc)
-    return Outcome.FAILED
+        return _outcome_for(spool.set_state(claim, State.FAILED, message))
+    return _outcome_for(fail(spool, claim, message, exc))
+
+
+def _outcome_for(state: State) -> Outcome:
+    """The outcome of a run whose failure left the task in *state*."""
+    return Outcome.RETRY if state is State.ENQUEUED else Outcome.FAILED
 
 
 def outcome_of(spool: Spool, claim: Claim) -> Outcome:
@@ -149,14 +166,15 @@ def outcome_of(spool: Spool, claim: Claim) -> Outcome:
     return Outcome(info.state.name)
 
 
-def fail(spool: Spool, claim: Claim, message: str, exc: BaseException) -> None:
-    """FAILED with a one-line message; the traceback goes in the log first."""
+def fail(spool: Spool, claim: Claim, message: str, exc: BaseException) -> State:
+    """FAILED (or a retry, while the type's retries last) with a one-line
+    message; the traceback goes in the log first. The state it is in now."""
     try:
         trace = "".join(traceback.format_exception(exc)).rstrip()
     except Exception:  # noqa: BLE001 - an exception whose str() fails
         trace = "".join(traceback.format_tb(exc.__traceback__)).rstrip() + f"\n{type(exc).__name__}: {safe_text(exc)}"
     try:
         spool.log_message(claim, trace)
-        spool.set_state(claim, State.FAILED, message)
+        return spool.set_state(claim, State.FAILED, message)
     except StaleClaim:
-        pass
+        return State.FAILED

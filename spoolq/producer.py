@@ -1,0 +1,336 @@
+"""Putting tasks into the spool: one at a time, or many with one durable
+barrier (group commit).
+
+A task is built in ``tmp/`` (its input, ``status.json`` and ``log``) and
+renamed into ``enqueued/`` only when whole, under the enqueue lock that also
+guards the uniqueness check and the queue limit: a crash leaves no task or a
+complete one, never half of one (crash points ``enqueue.staged``,
+``enqueue.published``).
+
+Durability. One enqueue fsyncs its files, its directory, then (after the
+publishing rename) ``enqueued/`` and ``tmp/``. A batch
+(:meth:`Producer.enqueue_many`) writes every task's files without a sync,
+then makes them all durable with one barrier (``syncfs`` of the spool's
+filesystem, or an fsync per file where that is missing), publishes them all
+under one acquisition of the enqueue lock, and fsyncs ``enqueued/`` and
+``tmp/`` once. Every task still appears whole (its files were durable before
+its rename) or not at all; none is acknowledged before the barrier that
+covers it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from .errors import InvalidInput, QueueFull, SpoolqError, TaskExists
+from .faults import crashpoint
+from .lifecycle import Place, State
+from .names import task_name
+from .queries import Queries, TaskInfo
+from .store import codec, fsutil
+from .store.codec import INPUT_JSON, STATUS
+from .store.layout import Layout
+from .store.registry import TaskType, TypeRegistry, check_priority
+
+
+class StampClock:
+    """Strictly increasing nanosecond stamps within a process: the queue stamp."""
+
+    def __init__(self) -> None:
+        self._last = 0
+
+    def next(self, now: float) -> int:
+        stamp = max(int(now * 1e9), self._last + 1)
+        self._last = stamp
+        return stamp
+
+
+def due_time(not_before: datetime | float | None, delay: float | None, now: float) -> float | None:
+    """The due time (seconds since the epoch) of a task enqueued with
+    *not_before* (a datetime; naive means local time) or *delay* (seconds
+    from *now*), or None for "now". InvalidInput when both are given, or
+    *delay* is negative or not a number."""
+    if not_before is not None and delay is not None:
+        raise InvalidInput("give a due time or a delay, not both")
+    if delay is not None:
+        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not delay >= 0:
+            raise InvalidInput(f"a delay is a number of seconds >= 0, not {delay!r}")
+        return now + float(delay)
+    if not_before is None:
+        return None
+    if isinstance(not_before, datetime):
+        return not_before.timestamp()  # naive: local time, as datetime does
+    if isinstance(not_before, (int, float)) and not isinstance(not_before, bool):
+        return float(not_before)
+    raise InvalidInput(f"not_before must be a datetime, not {type(not_before).__name__}")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One task of a batch: its id, its input (JSON), its priority and due
+    time (None: the type's priority; now)."""
+
+    id: str
+    input: Any
+    priority: int | None = None
+    not_before: datetime | float | None = None
+    delay: float | None = None
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What became of item number *index* (0-based) of a batch: *error* is
+    None when it was enqueued."""
+
+    index: int
+    id: str | None
+    error: SpoolqError | None = None
+
+
+@dataclass
+class _Stage:
+    type: str
+    id: str
+    name: str
+    path: str
+    doc: dict[str, Any]
+
+
+class Producer:
+    """The enqueue side of one spool (used through :class:`spoolq.Spool`)."""
+
+    def __init__(
+        self, layout: Layout, registry: TypeRegistry, queries: Queries, *, clock: Callable[[], float],
+        durable: bool, max_queue: int, max_input_bytes: int, stamps: StampClock,
+    ) -> None:
+        self.layout = layout
+        self.registry = registry
+        self.queries = queries
+        self.clock = clock
+        self.durable = durable
+        self.max_queue = max_queue
+        self.max_input_bytes = max_input_bytes
+        self.stamps = stamps
+
+    # ------------------------------------------------------------------ inputs
+
+    def pickled(self, value: Any) -> bytes:
+        import pickle  # here, not at the top: `spoolq status` need not load it (contract §12.7)
+
+        try:
+            return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            raise InvalidInput(f"input cannot be pickled: {type(exc).__name__}: {exc}") from None
+
+    def checked_pickle(self, payload: Any) -> bytes:
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise InvalidInput("pickled input must be bytes")
+        payload = bytes(payload)
+        codec.check_pickle(payload)
+        return payload
+
+    @staticmethod
+    def as_json(value: Any) -> bytes:
+        if isinstance(value, (bytes, bytearray)):
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise InvalidInput(f"input is not valid JSON: {exc}") from None
+        try:
+            return json.dumps(value).encode()
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"input cannot be stored as JSON: {exc}") from None
+
+    def read_input(self, fd: int) -> bytes:
+        """Read a task input from *fd*, stopping at the spool's input limit:
+        InvalidInput as soon as more arrives (a pipe or device that never
+        ends is not read whole)."""
+        try:
+            return fsutil.read_limited(fd, self.max_input_bytes)
+        except OSError as exc:
+            if exc.errno != errno.EFBIG:
+                raise
+        raise InvalidInput(
+            f"input is over the spool's limit of {self.max_input_bytes} bytes", limit=self.max_input_bytes
+        )
+
+    # ------------------------------------------------------------------ one task
+
+    def enqueue(
+        self, type_name: str, task_id: str, input_name: str, payload: bytes, *, message: str = "",
+        priority: int | None = None, not_before: datetime | float | None = None, delay: float | None = None,
+    ) -> TaskInfo:
+        """Enqueue one task; whole or not at all. Raises InvalidName,
+        UnknownType, InvalidInput, TaskExists or QueueFull, and in each case
+        leaves nothing behind."""
+        stage = self._stage(type_name, task_id, input_name, payload, message, priority, not_before, delay,
+                            sync=self.durable)
+        try:
+            with self.layout.enqueue_lock:
+                self._publish(stage, self.max_queue and self.queries.count_enqueued())
+        except BaseException:
+            shutil.rmtree(stage.path, ignore_errors=True)
+            raise
+        if self.durable:
+            fsutil.fsync_dir(self.layout.enqueued)
+            fsutil.fsync_dir(self.layout.tmp)
+        return TaskInfo(stage.type, stage.id, State.ENQUEUED, stage.path, stage.doc)
+
+    def _stage(
+        self, type_name: str, task_id: str, input_name: str, payload: bytes, message: str,
+        priority: int | None, not_before: datetime | float | None, delay: float | None, *, sync: bool,
+    ) -> _Stage:
+        """Build the task in ``tmp/``: its files written (fsynced with *sync*)."""
+        name = task_name(type_name, task_id)
+        ttype = self.registry.get(type_name)
+        if len(payload) > self.max_input_bytes:
+            raise InvalidInput(
+                f"input is {len(payload)} bytes, over the spool's limit of {self.max_input_bytes}",
+                limit=self.max_input_bytes,
+            )
+        now = self.clock()
+        doc = self._status(ttype, task_id, input_name, message, now, priority, due_time(not_before, delay, now))
+        path = self.layout.path("tmp", f"{name}.{os.getpid()}.{os.urandom(6).hex()}")
+        os.mkdir(path, 0o770)
+        try:
+            dfd = fsutil.open_dir(path)
+            try:
+                fsutil.share_with_group(dfd, directory=True)  # the worker writes into it
+                fsutil.write_new(dfd, input_name, payload, sync=sync)
+                fsutil.write_new(dfd, STATUS, codec.encode_status(doc), sync=sync)
+                fsutil.write_new(dfd, codec.LOG, codec.log_line(now, State.ENQUEUED, message), sync=sync)
+                # The queue stamp; set after the last write to the directory.
+                fsutil.set_mtime(dfd, self.stamps.next(now))
+                if sync:
+                    os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        crashpoint("enqueue.staged")
+        return _Stage(type_name, task_id, name, path, doc)
+
+    @staticmethod
+    def _status(
+        ttype: TaskType, task_id: str, input_name: str, message: str, now: float, priority: int | None,
+        due: float | None,
+    ) -> dict[str, Any]:
+        return {
+            "type": ttype.name,
+            "id": task_id,
+            "state": State.ENQUEUED.name,
+            "input": input_name,
+            "server": None,
+            # The claim counter starts at the enqueue time in microseconds, so
+            # claim numbers never repeat across lives of one (type, id): a
+            # handler of a deleted task cannot write into its successor.
+            "claim": time.time_ns() // 1000,
+            "starts": 0,
+            "restarts": 0,
+            "retries": 0,
+            "priority": check_priority(ttype.priority if priority is None else priority),
+            "not_before": None if due is None else codec.iso(due),
+            "enqueued_at": codec.iso(now),
+            "claimed_at": None,
+            "started_at": None,
+            "finished_at": None,
+            "updated_at": codec.iso(now),
+            "response_mime": None,
+            "message": message,
+        }
+
+    def _publish(self, stage: _Stage, waiting: int) -> None:
+        """Rename a complete stage into ``enqueued/`` (caller holds the
+        enqueue lock; *waiting* is how many tasks wait, when there is a limit)."""
+        if self.queries.exists(stage.type, stage.id):
+            raise TaskExists(stage.type, stage.id)
+        if self.max_queue and waiting >= self.max_queue:
+            raise QueueFull(self.max_queue)
+        dest = self.layout.task_path(Place.ENQUEUED, stage.name)
+        try:
+            fsutil.rename_noreplace(stage.path, dest)
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise TaskExists(stage.type, stage.id) from None
+            raise
+        stage.path = dest
+        crashpoint("enqueue.published")
+
+    # ------------------------------------------------------------------ many tasks
+
+    def enqueue_many(self, type_name: str, items: Iterable[Item]) -> Iterator[BatchResult]:
+        """Enqueue a batch of tasks (JSON inputs) of one type with one
+        durable barrier; yields one :class:`BatchResult` per item, in order,
+        once the whole batch is published. A bad item (a bad id, input,
+        priority or due time, an id that exists or comes twice) is reported
+        and skipped; the others are enqueued."""
+        self.registry.get(type_name)
+        stages: list[tuple[int, _Stage]] = []
+        results: dict[int, BatchResult] = {}
+        seen: set[str] = set()
+        try:
+            for index, item in enumerate(items):
+                try:
+                    if item.id in seen:
+                        raise TaskExists(type_name, item.id)
+                    stage = self._stage(type_name, item.id, INPUT_JSON, self.as_json(item.input), "",
+                                        item.priority, item.not_before, item.delay, sync=False)
+                except SpoolqError as exc:
+                    results[index] = BatchResult(index, item.id if isinstance(item.id, str) else None, exc)
+                    continue
+                seen.add(item.id)
+                stages.append((index, stage))
+            if self.durable:
+                self._barrier([stage for _, stage in stages])
+            crashpoint("enqueue.batch_synced")
+            with self.layout.enqueue_lock:
+                waiting = self.max_queue and self.queries.count_enqueued()
+                for index, stage in stages:
+                    try:
+                        self._publish(stage, waiting)
+                        waiting += 1
+                        results[index] = BatchResult(index, stage.id)
+                    except SpoolqError as exc:
+                        shutil.rmtree(stage.path, ignore_errors=True)
+                        results[index] = BatchResult(index, stage.id, exc)
+        except BaseException:
+            for _, stage in stages:
+                if os.path.dirname(stage.path) == self.layout.tmp:
+                    shutil.rmtree(stage.path, ignore_errors=True)
+            raise
+        if self.durable and stages:
+            fsutil.fsync_dir(self.layout.enqueued)
+            fsutil.fsync_dir(self.layout.tmp)
+        for index in sorted(results):
+            yield results[index]
+
+    def _barrier(self, stages: list[_Stage]) -> None:
+        """Make every staged file and directory durable at once."""
+        if not stages:
+            return
+        if fsutil.syncfs(self.layout.tmp):
+            return
+        for stage in stages:  # no syncfs here: one fsync per file, as a single enqueue does
+            dfd = fsutil.open_dir(stage.path)
+            try:
+                for entry in os.listdir(dfd):
+                    fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
+
+__all__ = ["BatchResult", "Item", "Producer", "StampClock", "due_time"]
