@@ -100,6 +100,37 @@ def _duration_option(text: str) -> float:
     """--cpu-time: seconds, or a number with s, m, h or d."""
     return _positive(parse_duration, text)
 
+
+def _signed_duration(text: str) -> float:
+    """--timeout, --retention: a duration where 0 or less has a meaning (none, forever)."""
+    try:
+        return parse_duration(text, allow_negative=True)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _delay_option(text: str) -> float:
+    """--in: a duration from now, 0 or more."""
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _time_option(text: str) -> float:
+    """--at: an ISO 8601 time (without an offset: local time), not in the past."""
+    from datetime import datetime
+    import time
+
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not an ISO 8601 time such as 2026-12-24T18:00 or "
+                                 "2026-12-24T18:00:00+01:00") from None
+    if when < time.time() - 1:
+        raise typer.BadParameter(f"{text!r} is in the past")
+    return when
+
 # (function, typer settings) of every command, in the order of `spoolq --help`.
 _COMMANDS: list[tuple[Callable[..., Any], dict[str, Any]]] = []
 
@@ -214,17 +245,20 @@ def init(
 
 
 @_command(examples=["spoolq register SequenceSum spoolq.demo.sequence_sum",
-                    "spoolq register Thumbnail myapp.tasks.thumbnail --timeout 600 --retention 86400 --max-restarts 1"])
+                    "spoolq register Thumbnail myapp.tasks.thumbnail --timeout 10m --retention 1d --max-restarts 1",
+                    "spoolq register Report myapp.tasks.report --retries 3 --retry-backoff 30s --priority 10",
+                    "spoolq register Encode myapp.tasks.encode --concurrency 2"])
 def register(
     type_name: Annotated[str, typer.Argument(metavar="TYPE", help="Task type name.")],
     handler: Annotated[str, typer.Argument(metavar="HANDLER",
                                            help="Dotted import path of the handler function, e.g. pkg.module.func.")],
     timeout: Annotated[float, typer.Option(
-        metavar="SECONDS",
+        metavar="DURATION", parser=_signed_duration,
         help="How long a task may be held, counted from its claim, before it is re-enqueued "
-             "(FAILED once its restarts are used up); 0 or less: no limit.")] = 3600,
+             "(FAILED once its restarts are used up): seconds or 30s, 5m, 2h, 1d; 0 or less: no limit.")] = 3600,
     retention: Annotated[float, typer.Option(
-        metavar="SECONDS", help="How long a FINISHED or FAILED task is kept; 0 or less: forever.")] = -1,
+        metavar="DURATION", parser=_signed_duration,
+        help="How long a FINISHED or FAILED task is kept; 0 or less: forever.")] = -1,
     max_restarts: Annotated[int, typer.Option(
         metavar="N", help="How often a timed-out or abandoned task goes back to the queue before it FAILS.")] = 2,
     executor: Annotated[
@@ -240,6 +274,17 @@ def register(
     ] = None,
     nice: Annotated[Optional[int], typer.Option(min=0, max=19, help="Niceness of the handler process, 0-19.")] = None,
     max_open_files: Annotated[Optional[int], typer.Option(min=1, metavar="N", help="Open files a handler process may hold.")] = None,
+    retries: Annotated[int, typer.Option(
+        min=0, metavar="N", help="Runs again after a handler failure (raised, set FAILED, died); 0: a failure is final.")] = 0,
+    retry_backoff: Annotated[float, typer.Option(
+        metavar="DURATION", parser=_duration_option,
+        help="Wait before the first retry, doubling each time (jittered into its upper half).")] = 10.0,
+    retry_backoff_max: Annotated[float, typer.Option(
+        metavar="DURATION", parser=_duration_option, help="The longest wait between retries.")] = 3600.0,
+    priority: Annotated[int, typer.Option(
+        min=-100, max=100, metavar="P", help="Priority of its tasks (-100 to 100, higher first) unless enqueued with one.")] = 0,
+    concurrency: Annotated[int, typer.Option(
+        min=0, metavar="N", help="Most of its tasks RUNNING or PAUSED at once, over every server; 0: no limit.")] = 0,
     json_out: JsonFlag = False,
 ) -> None:
     """Register or update a task type.
@@ -251,6 +296,8 @@ def register(
     ttype = _spool().register_type(
         type_name, handler, timeout=timeout, retention=retention, max_restarts=max_restarts,
         executor=executor.value, memory_max=memory_max, cpu_time=cpu_time, nice=nice, max_open_files=max_open_files,
+        retries=retries, retry_backoff=retry_backoff, retry_backoff_max=retry_backoff_max, priority=priority,
+        concurrency=concurrency,
     )
     _warn_if_not_importable(handler)
     if json_out:
@@ -299,22 +346,49 @@ def unregister(
 def types_(json_out: JsonFlag = False) -> None:
     """List the registered task types.
 
-    One a line: TYPE, HANDLER, TIMEOUT, RETENTION, MAX RESTARTS. With --json,
-    an array of the type documents (as types/TYPE.json holds them)."""
+    One a line: TYPE, HANDLER, TIMEOUT, RETENTION, MAX RESTARTS, RETRIES,
+    PRIORITY, CONCURRENCY, HELD. With --json, an array of the type documents
+    (as types/TYPE.json holds them: every setting, and "held")."""
     types = _spool().types()
     if json_out:
         _print_json([t.to_json() for t in types])
         return
     _table(
-        ["TYPE", "HANDLER", "TIMEOUT (s)", "RETENTION (s)", "MAX RESTARTS"],
-        [[t.name, t.handler, _seconds(t.timeout), _seconds(t.retention), t.max_restarts] for t in types],
+        ["TYPE", "HANDLER", "TIMEOUT (s)", "RETENTION (s)", "MAX RESTARTS", "RETRIES", "PRIORITY", "CONCURRENCY",
+         "HELD"],
+        [[t.name, t.handler, _seconds(t.timeout), _seconds(t.retention), t.max_restarts, t.retries, t.priority,
+          t.concurrency or "", "held" if t.held else ""] for t in types],
     )
+
+
+@_command(examples=["spoolq hold Import", "spoolq hold Import --json"])
+def hold(type_name: TypeArg, json_out: JsonFlag = False) -> None:
+    """Stop every server from claiming tasks of TYPE.
+
+    Enqueues still work and started tasks go on; every worker obeys within a
+    second. Undo with `spoolq release TYPE`. Prints nothing (with --json:
+    the type's settings)."""
+    ttype = _spool().hold(type_name)
+    if json_out:
+        _print_json(ttype.to_json())
+
+
+@_command(examples=["spoolq release Import"])
+def release(type_name: TypeArg, json_out: JsonFlag = False) -> None:
+    """Let servers claim tasks of TYPE again (after `spoolq hold`).
+
+    Prints nothing (with --json: the type's settings)."""
+    ttype = _spool().release(type_name)
+    if json_out:
+        _print_json(ttype.to_json())
 
 
 # --------------------------------------------------------------------------- one task
 
 
 @_command(examples=["spoolq enqueue SequenceSum Task001 input.pkl",
+                    "spoolq enqueue Report daily-0101 input.pkl --at 2026-01-01T06:00 --priority 10",
+                    "spoolq enqueue Thumbnail img7 input.pkl --in 5m",
                     "python -c 'import pickle, sys; sys.stdout.buffer.write(pickle.dumps((1, 2)))' "
                     "| spoolq enqueue SequenceSum Task002 -",
                     "echo '[1, 2, 3]' | spoolq enqueue SequenceSum Task003 - --json"])
@@ -324,14 +398,26 @@ def enqueue(
     input_path: Annotated[str, typer.Argument(metavar="INPUT", help="File holding the input; - reads stdin.")],
     json_in: Annotated[bool, typer.Option(
         "--json", help="INPUT holds JSON instead of a pickle; print the new task as JSON.")] = False,
+    at: Annotated[Optional[float], typer.Option(
+        "--at", metavar="TIME", parser=_time_option,
+        help="Run it no earlier than TIME: ISO 8601, local time unless it has an offset.")] = None,
+    in_: Annotated[Optional[float], typer.Option(
+        "--in", metavar="DURATION", parser=_delay_option,
+        help="Run it no earlier than DURATION from now: seconds or 30s, 5m, 2h, 1d.")] = None,
+    priority: Annotated[Optional[int], typer.Option(
+        min=-100, max=100, metavar="P", help="-100 to 100, higher first. Default: the type's priority.")] = None,
 ) -> None:
     """Enqueue task (TYPE, ID) with its input.
 
     INPUT holds one pickle (checked, not run) or, with --json, one JSON
     document. The task appears whole or not at all. Prints nothing (with
     --json: "type", "id", "state" and "path" of the new task). Exits 75 when
-    the queue is full, so a script can retry later.
+    the queue is full, so a script can retry later. A task enqueued --at or
+    --in waits in enqueued/ (it counts toward the queue limit) and is never
+    claimed before its time.
     """
+    if at is not None and in_ is not None:
+        raise UsageError("give --at or --in, not both")
     task_name(type_name, task_id)  # refuse bad names before reading stdin
     spool = _spool()
     spool.get_type(type_name)  # and an unknown type
@@ -343,10 +429,11 @@ def enqueue(
             payload = spool.read_input(fd)
         finally:
             os.close(fd)
+    when = {"priority": priority, "not_before": at, "delay": in_}
     if json_in:
-        _print_json(_task_json(spool.enqueue_json(type_name, task_id, payload)))
+        _print_json(_task_json(spool.enqueue_json(type_name, task_id, payload, **when)))
     else:
-        spool.enqueue_pickled(type_name, task_id, payload)
+        spool.enqueue_pickled(type_name, task_id, payload, **when)
 
 
 @_command(examples=["spoolq status SequenceSum Task001",
@@ -401,6 +488,156 @@ def delete(type_name: TypeArg, task_id: IdArg) -> None:
     _one_task(spool, type_name, lambda: spool.delete(type_name, task_id))
 
 
+@_command(examples=["spoolq cancel Report daily-0101", "spoolq cancel Encode v7 --reason 'wrong file' --json",
+                    "spoolq cancel Encode v8 --no-wait"])
+def cancel(
+    type_name: TypeArg,
+    task_id: IdArg,
+    reason: Annotated[Optional[str], typer.Option(metavar="TEXT", help="Why; the task's message says it.")] = None,
+    no_wait: Annotated[bool, typer.Option(
+        "--no-wait", help="Return once the cancel is recorded; a worker carries it out within seconds.")] = False,
+    json_out: JsonFlag = False,
+) -> int:
+    """Cancel a task that is not FINISHED or FAILED yet.
+
+    A task not started yet ends FAILED at once; a running one's handler is
+    stopped (with everything it started) and the task ends FAILED. Its
+    message is "cancelled: REASON" and its status has "cancelled": true; its
+    directory, log and response stay. Returns once it is FAILED (--no-wait:
+    once the request is recorded). Exits 1, changing nothing, for a task
+    already FINISHED or FAILED, or one that finishes before the cancel takes
+    effect. With --json, the task's status document."""
+    spool = _spool()
+    info = _one_task(spool, type_name, lambda: spool.cancel(type_name, task_id, reason))
+    if not no_wait and not info.state.terminal:
+        info = spool.wait(type_name, task_id) or info
+    if json_out:
+        _print_json(info.as_json())
+    else:
+        print(info.state.name)
+    if info.state.terminal and not info.doc.get("cancelled"):
+        _fail(f"task {type_name}/{task_id} ended {info.state.name} before the cancel took effect", EX_FAILED)
+    return 0
+
+
+@_command(examples=["spoolq requeue Report daily-0101", "spoolq requeue Report daily-0101 --in 1h",
+                    "spoolq requeue --failed --type Report", "spoolq requeue --failed --json"])
+def requeue(
+    type_name: Annotated[Optional[str], typer.Argument(metavar="TYPE", help="The task's type.")] = None,
+    task_id: Annotated[Optional[str], typer.Argument(metavar="ID", help="The task's id.")] = None,
+    failed: Annotated[bool, typer.Option("--failed", help="Every FAILED task (of --type).")] = False,
+    only_type: Annotated[Optional[str], typer.Option("--type", metavar="TYPE", help="With --failed: of this type only.")] = None,
+    at: Annotated[Optional[float], typer.Option(
+        "--at", metavar="TIME", parser=_time_option, help="Due at TIME (ISO 8601).")] = None,
+    in_: Annotated[Optional[float], typer.Option(
+        "--in", metavar="DURATION", parser=_delay_option, help="Due DURATION from now.")] = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """Send a FAILED task round again.
+
+    Back to ENQUEUED (now, --at or --in) with its retries and restarts reset;
+    its log keeps its history plus a "requeued" record; its old response is
+    dropped. --failed requeues every FAILED task (of --type) and prints how
+    many. Exits 1, changing nothing, for a task that is not FAILED. With
+    --json: the task's status document (--failed: {"requeued": N})."""
+    spool = _spool()
+    if failed:
+        if type_name is not None or task_id is not None or at is not None or in_ is not None:
+            raise UsageError("--failed takes no TYPE, ID, --at or --in (use --type)")
+        count = spool.requeue_failed(only_type)
+        if json_out:
+            _print_json({"requeued": count})
+        else:
+            print(count)
+        return
+    if type_name is None or task_id is None:
+        raise UsageError("give TYPE and ID, or --failed")
+    if only_type is not None or (at is not None and in_ is not None):
+        raise UsageError("--type goes with --failed; give --at or --in, not both")
+    info = _one_task(spool, type_name, lambda: spool.requeue(type_name, task_id, not_before=at, delay=in_))
+    if json_out:
+        _print_json(info.as_json())
+
+
+@_command("enqueue-many", examples=["spoolq enqueue-many Thumbnail tasks.jsonl",
+                                    "find /srv/in -name '*.jpg' | jq -Rc '{id: (.|@base32|.[0:100]), input: .}' "
+                                    "| spoolq enqueue-many Thumbnail -"])
+def enqueue_many(
+    type_name: TypeArg,
+    input_path: Annotated[str, typer.Argument(metavar="FILE", help="JSON Lines; - reads stdin.")],
+    json_out: JsonFlag = False,
+) -> int:
+    """Enqueue many tasks of TYPE from JSON Lines, with one durable barrier.
+
+    One task a line: {"id": ..., "input": <any JSON>} with optional
+    "priority", "at" (ISO 8601) and "in" (seconds, or a duration such as
+    "2h"). Every task appears whole or not at all. A bad line, or an id that
+    exists or comes twice, is reported ("line N: ..." on stderr) and skipped;
+    the others are enqueued. Prints how many were enqueued; exits 0 when all
+    were, 1 otherwise. With --json: {"enqueued": N, "errors": [{"line", "id",
+    "error"}]}."""
+    from .producer import Item
+
+    spool = _spool()
+    spool.get_type(type_name)
+    stream = sys.stdin if input_path == "-" else open(input_path, encoding="utf-8", errors="replace")
+    errors: list[dict[str, Any]] = []
+    items: list[Item] = []
+    lines: list[int] = []
+    with stream:
+        for number, line in enumerate(stream, 1):
+            if not line.strip():
+                continue
+            try:
+                items.append(_batch_item(line))
+                lines.append(number)
+            except ValueError as exc:
+                errors.append({"line": number, "id": None, "error": str(exc)})
+    results = spool.enqueue_many(type_name, items)
+    errors += [{"line": lines[r.index], "id": r.id, "error": str(r.error)} for r in results if r.error is not None]
+    errors.sort(key=lambda e: e["line"])
+    enqueued = sum(1 for r in results if r.error is None)
+    if json_out:
+        _print_json({"enqueued": enqueued, "errors": errors})
+    else:
+        for error in errors:
+            print(f"spoolq: line {error['line']}: {error['error']}", file=sys.stderr)
+        print(enqueued)
+    return 0 if not errors else EX_FAILED
+
+
+def _batch_item(line: str) -> Any:
+    """One line of `enqueue-many`: an Item; ValueError saying what is wrong."""
+    from .producer import Item
+
+    try:
+        doc = json.loads(line)
+    except ValueError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(doc, dict) or "id" not in doc or "input" not in doc:
+        raise ValueError('each line must be an object with "id" and "input"')
+    unknown = set(doc) - {"id", "input", "priority", "at", "in"}
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(sorted(unknown))}")
+    if not isinstance(doc["id"], str):
+        raise ValueError('"id" must be a string')
+    at = doc.get("at")
+    if at is not None:
+        from datetime import datetime
+
+        try:
+            at = datetime.fromisoformat(str(at).replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f'"at": {at!r} is not an ISO 8601 time') from None
+    delay = doc.get("in")
+    if delay is not None:
+        delay = parse_duration(delay)
+    priority = doc.get("priority")
+    if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
+        raise ValueError('"priority" must be a whole number')
+    return Item(doc["id"], doc["input"], priority=priority, not_before=at, delay=delay)
+
+
 @_command("list", examples=["spoolq list", "spoolq list --state failed --type SequenceSum",
                             "spoolq list --state enqueued --json"])
 def list_(
@@ -412,7 +649,8 @@ def list_(
 ) -> None:
     """List tasks, one a line.
 
-    Columns TYPE, ID, STATE, SERVER, STARTS, UPDATED, MESSAGE, in the order
+    Columns TYPE, ID, STATE, PRIORITY, SERVER, STARTS, UPDATED, MESSAGE (for
+    a task waiting for its time: when it is due), in the order
     of the state directories: waiting, claimed, running, done. With --json,
     an array of the documents `spoolq status --json` prints. A --type that
     is not registered is an error."""
@@ -426,13 +664,21 @@ def list_(
         _print_json([i.as_json() for i in infos])
         return
     _table(
-        ["TYPE", "ID", "STATE", "SERVER", "STARTS", "UPDATED", "MESSAGE"],
+        ["TYPE", "ID", "STATE", "PRIORITY", "SERVER", "STARTS", "UPDATED", "MESSAGE"],
         [
-            [i.type, i.id, i.state.name, i.doc.get("server") or "", i.doc.get("starts", 0),
-             _short_time(i.doc.get("updated_at")), i.doc.get("message", "")]
+            [i.type, i.id, i.state.name, i.doc.get("priority", 0), i.doc.get("server") or "",
+             i.doc.get("starts", 0), _short_time(i.doc.get("updated_at")), _list_message(i)]
             for i in infos
         ],
     )
+
+
+def _list_message(info: TaskInfo) -> str:
+    """The MESSAGE column: a waiting task's due time, else its last message."""
+    not_before = info.doc.get("not_before")
+    if info.state is State.ENQUEUED and not_before:
+        return f"due {_short_time(not_before)}" + (f"; {info.doc['message']}" if info.doc.get("message") else "")
+    return str(info.doc.get("message", ""))
 
 
 # --------------------------------------------------------------------------- wait
@@ -473,7 +719,8 @@ def wait(
 
 
 @_command(examples=["spoolq worker server1", "spoolq worker server1 --concurrency 4",
-                    "spoolq worker server1 --pythonpath /srv/myapp", "spoolq worker server1 --drain"])
+                    "spoolq worker gpu1 --types Render,Encode", "spoolq worker server1 --pythonpath /srv/myapp",
+                    "spoolq worker server1 --drain"])
 def worker(
     server: Annotated[str, typer.Argument(metavar="SERVER",
                                           help="Server id: names this worker (systemd unit spoolq@SERVER).")],
@@ -503,6 +750,8 @@ def worker(
         typer.Option("--pythonpath", metavar="DIR",
                      help="A directory to import handler modules from, ahead of the rest (repeatable).")
     ] = None,
+    types: Annotated[Optional[str], typer.Option(
+        "--types", metavar="A,B", help="Claim tasks of these types only (a lane); recovery and sweeps cover all.")] = None,
 ) -> int:
     """Run the worker daemon for SERVER.
 
@@ -517,6 +766,7 @@ def worker(
         _run.root, server, concurrency=concurrency, drain=drain, grace=grace, poll=poll,
         max_tasks_per_child=max_tasks_per_child, dask_scheduler=dask_scheduler or None,
         dask_concurrency=dask_concurrency, pythonpath=pythonpath,
+        types=[t.strip() for t in types.split(",") if t.strip()] if types is not None else None,
     )
 
 

@@ -515,11 +515,18 @@ class _Checker:
                 f"a {state.name} task of unregistered type {place.type}: it fails when claimed; "
                 f"fix with: spoolq register {place.type} HANDLER",
             )
-        verdict = judge(Place(place.where), state, doc.get("server"), place.server_dir, self.alive)
+        verdict = judge(Place(place.where), state, doc.get("server"), place.server_dir, self.alive,
+                        cancel_asked=doc.get("cancel") is not None)
         if verdict.verdict is Verdict.OK:
             return
         if verdict.verdict is Verdict.UNTRUSTED:
             self._untrusted(place, verdict.reason)
+        elif verdict.verdict is Verdict.CANCEL:
+            finding = self.add("orphan", place.path, f"{state.name}: cancel asked for, but server "
+                               f"{doc.get('server')} is gone before it could carry it out")
+            if self.repair:
+                result = sweeps.finish_cancel(self.spool, place.path, expect_claim=_int(doc.get("claim")))
+                finding.action = "FAILED: cancelled" if result is Action.FAILED else _ACTION_TEXT.get(result, str(result))
         elif verdict.verdict is Verdict.FINISH_MOVE:
             self._take(place, "wrong-state", f"{state.name} but still in {self.rel(os.path.dirname(place.path))}/: "
                        "a finish was interrupted before its move", verdict)

@@ -882,7 +882,7 @@ class Spool:
                     not_before=None if due is None else codec.iso(due),
                 )
                 task.move(self._path(Place.ENQUEUED, task.name), mtime_ns=self._stamps.next(now))
-                crashpoint("requeue.moved")
+                crashpoint("requeue.failed_moved")
                 return TaskInfo(type_name, task_id, State.ENQUEUED, task.path, task.doc)
 
     def requeue_failed(self, type_name: str | None = None) -> int:

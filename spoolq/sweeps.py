@@ -46,7 +46,8 @@ def verdict_for(
 ) -> Judgement:
     """:func:`~spoolq.lifecycle.judge` plus the timeout rule: the one verdict
     on a task in scheduled/ or running/ (used under the lock again)."""
-    verdict = judge(place, codec.state_of(doc), doc.get("server"), server_dir, alive)
+    verdict = judge(place, codec.state_of(doc), doc.get("server"), server_dir, alive,
+                    cancel_asked=doc.get("cancel") is not None)
     if not verdict.ok:
         return verdict
     ttype = spool.registry.find(str(doc.get("type")))
@@ -141,6 +142,9 @@ def _sweep_one(
     if verdict.verdict is Verdict.UNTRUSTED:
         spool.quarantine(path, verdict.reason)
         return SweepAction(parts[0], parts[1], Action.QUARANTINED, verdict.reason)
+    if verdict.verdict is Verdict.CANCEL:
+        result = finish_cancel(spool, path, expect_claim=int(doc["claim"]))
+        return SweepAction(parts[0], parts[1], result, f"cancelled: {doc.get('cancel')}") if result is Action.FAILED else None
     server = doc.get("server")
     server_dead = isinstance(server, str) and not alive(server)
     result = take_from_run(spool, path, verdict.reason, expect_claim=int(doc["claim"]), confirm=confirm,
@@ -149,6 +153,29 @@ def _sweep_one(
     if result in (Action.GONE, Action.BUSY):
         return None
     return SweepAction(parts[0], parts[1], result, message or verdict.reason)
+
+
+def finish_cancel(spool: Spool, path: str, *, expect_claim: int) -> Action:
+    """End a dead server's task whose cancel was asked for: FAILED,
+    cancelled, once the leftovers of its run (if any) are killed."""
+    result = spool.finish_cancel(path, expect_claim=expect_claim)
+    if result is Action.BUSY:
+        _kill_leftovers(spool, path)
+        deadline = time.monotonic() + LEFTOVER_WAIT
+        while result is Action.BUSY and time.monotonic() < deadline:
+            time.sleep(0.02)
+            result = spool.finish_cancel(path, expect_claim=expect_claim)
+    return result
+
+
+def _kill_leftovers(spool: Spool, path: str) -> None:
+    pids = spool.run_holders(path)
+    log.warning("%s: killing what is left of its run (pids %s) before taking it back", path, pids or "none visible")
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def take_from_run(
@@ -162,13 +189,7 @@ def take_from_run(
     result = spool.take_away(path, reason, charge=True, expect_claim=expect_claim, confirm=confirm)
     if result is not Action.BUSY or not kill_leftovers:
         return result
-    pids = spool.run_holders(path)
-    log.warning("%s: killing what is left of its run (pids %s) before taking it back", path, pids or "none visible")
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+    _kill_leftovers(spool, path)
     deadline = time.monotonic() + LEFTOVER_WAIT
     while result is Action.BUSY and time.monotonic() < deadline:
         time.sleep(0.02)

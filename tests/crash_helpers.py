@@ -204,12 +204,13 @@ def _next_states():
 
     # state -> states that may follow it in a log (free-text records repeat the state)
     return {
-        State.ENQUEUED: {State.ENQUEUED, State.SCHEDULED},  # ENQUEUED again: a claim was interrupted
+        # ENQUEUED again: a claim was interrupted; FAILED: cancelled while waiting
+        State.ENQUEUED: {State.ENQUEUED, State.SCHEDULED, State.FAILED},
         State.SCHEDULED: {State.RUNNING, State.ENQUEUED, State.FAILED},
         State.RUNNING: {State.RUNNING, State.PAUSED, State.FINISHED, State.FAILED, State.ENQUEUED},
         State.PAUSED: {State.RUNNING, State.PAUSED, State.FINISHED, State.FAILED, State.ENQUEUED},
         State.FINISHED: set(),
-        State.FAILED: set(),
+        State.FAILED: {State.ENQUEUED},  # only by `requeue`: its record says so (check_task)
     }
 
 
@@ -241,8 +242,10 @@ def check_task(spool, t: str, i: str, runs: list[list[str]]):
     assert states and states[0] == State.ENQUEUED, label
     assert states[-1] == info.state, label
     allowed = _next_states()
-    for before, after in zip(states, states[1:]):
-        assert after in allowed[before], label
+    for before, after in zip(records, records[1:]):
+        assert after.state in allowed[before.state], label
+        if before.state == State.FAILED:
+            assert after.message == "requeued", label
     starts = sum(1 for a, b in zip(states, states[1:]) if a == State.SCHEDULED and b == State.RUNNING)
     assert starts == info.doc["starts"], label
     requeued = sum(1 for a, b in zip(states, states[1:]) if a in (State.RUNNING, State.PAUSED) and b == State.ENQUEUED)
@@ -269,12 +272,16 @@ def check_task(spool, t: str, i: str, runs: list[list[str]]):
 
 
 def produce(root: str, acks: str, tasks: list, spread: float = 0.0) -> int:
-    """Enqueue *tasks*, evenly over *spread* seconds (0: at once)."""
+    """Enqueue *tasks*, evenly over *spread* seconds (0: at once). Tasks
+    whose input says ``"batch": true`` go in one ``enqueue_many`` at the end
+    (JSON inputs), acknowledged once it returned."""
     from spoolq import Spool
     from spoolq.errors import QueueFull, TaskExists
 
     spool = Spool(root)
     began = time.monotonic()
+    batch = [t for t in tasks if isinstance(t[2], dict) and t[2].get("batch")]
+    tasks = [t for t in tasks if t not in batch]
     for n, (type_name, task_id, inp) in enumerate(tasks):
         if spread > 0:
             time.sleep(max(0.0, began + n * spread / len(tasks) - time.monotonic()))
@@ -288,6 +295,36 @@ def produce(root: str, acks: str, tasks: list, spread: float = 0.0) -> int:
                 time.sleep(0.01)
                 continue
             break
+    if batch:
+        results = spool.enqueue_many(batch[0][0], [{"id": i, "input": inp} for _, i, inp in batch])
+        for result in results:
+            exists = isinstance(result.error, TaskExists)
+            assert result.error is None or exists, result.error
+            _append(acks, f"{'exists ' if exists else ''}{batch[0][0]}:{result.id}\n")
+    return 0
+
+
+def requeue(root: str, type_name: str, task_id: str) -> int:
+    """Requeue a FAILED task (once more after a crash: one not FAILED is fine then)."""
+    from spoolq import Spool
+    from spoolq.errors import WrongState
+
+    try:
+        Spool(root).requeue(type_name, task_id)
+    except WrongState:
+        pass
+    return 0
+
+
+def cancel(root: str, type_name: str, task_id: str) -> int:
+    """Cancel a task (once more after a crash: a final task is fine then)."""
+    from spoolq import Spool
+    from spoolq.errors import WrongState
+
+    try:
+        Spool(root).cancel(type_name, task_id, "crash test")
+    except WrongState:
+        pass
     return 0
 
 
@@ -316,6 +353,10 @@ if __name__ == "__main__":
     command = sys.argv[1]
     if command == "worker":
         sys.exit(worker(sys.argv[2], sys.argv[3], json.loads(sys.argv[4])))
+    elif command == "requeue":
+        sys.exit(requeue(sys.argv[2], sys.argv[3], sys.argv[4]))
+    elif command == "cancel":
+        sys.exit(cancel(sys.argv[2], sys.argv[3], sys.argv[4]))
     elif command == "produce":
         with open(sys.argv[4], encoding="utf-8") as fh:
             spread = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0

@@ -615,7 +615,7 @@ def test_help_texts_say_what_the_values_mean() -> None:
     assert "Usage: spoolq enqueue [OPTIONS] TYPE ID INPUT\n" in _help("enqueue")
     assert "Usage: spoolq register [OPTIONS] TYPE HANDLER\n" in _help("register")
     register = " ".join(_help("register").split())
-    assert "--timeout SECONDS" in register and "0 or less: no limit" in register
+    assert "--timeout DURATION" in register and "0 or less: no limit" in register
     init = " ".join(_help("init").split())
     assert "--durable / --no-durable fsync" in init  # a flag, no value shown
     top = _help()

@@ -93,6 +93,7 @@ class Case:
     nth: int = 1
     sigterm: bool = False  # SIGTERM the worker while a long handler runs
     orphan: bool = False  # the worker finds a claim of its own to recover at start
+    cancel: str | None = None  # "waiting" or "running": a canceller process cancels such a task
 
     @property
     def spec(self) -> str:
@@ -119,6 +120,15 @@ CASES_FOR = {
     "daemon.handback": [Case("daemon.handback", sigterm=True)],
     # Only reached when a server restarts with a claim of its own left over.
     "recover.taken_away": [Case("recover.taken_away", orphan=True)],
+    # Only the producer enqueues a batch.
+    "enqueue.batch_synced": [Case("enqueue.batch_synced", role="producer")],
+    # Cancels: the canceller ends a task not started itself, and records the
+    # request for a running one, which the daemon carries out.
+    "cancel.unstarted": [Case("cancel.unstarted", role="canceller", cancel="waiting")],
+    "cancel.asked": [Case("cancel.asked", role="canceller", cancel="running")],
+    "cancel.finished": [Case("cancel.finished", cancel="running")],
+    # A user requeues a task that FAILED.
+    "requeue.failed_moved": [Case("requeue.failed_moved", role="requeuer")],
 }
 
 
@@ -130,8 +140,8 @@ def _params():
             # "frozen": the daemon hangs at the point (as if SIGSTOPped there) while
             # another server works the spool; then it is killed, as systemd's watchdog does.
             restarts = {"worker": ("same", "other", "frozen"), "slot": ("live", "same"),
-                        "producer": ("producer",)}[case.role]
-            if case.sigterm or case.orphan:
+                        "producer": ("producer",), "canceller": ("canceller",), "requeuer": ("requeuer",)}[case.role]
+            if case.sigterm or case.orphan or case.cancel:
                 restarts = tuple(r for r in restarts if r != "frozen")
             for restart in restarts:
                 out.append(pytest.param(case, restart, id=f"{case.spec}-{case.role}-{restart}"))
@@ -179,16 +189,17 @@ class Scenario:
         self.logs: dict[int, Path] = {}
         self.tasks: list[list] = []
         self.planted: set[tuple[str, str]] = set()
+        self.cancelled = False  # a canceller was run on the planted target
         self.retired: set[tuple[str, str]] = set()
         sp = self.spool
         sp.register_type("N", "crash_helpers.ok", timeout=30, max_restarts=2)
-        sp.register_type("F", "crash_helpers.fail", timeout=30, max_restarts=2)
+        sp.register_type("F", "crash_helpers.fail", timeout=30, max_restarts=2, retries=1, retry_backoff=0.1)
         sp.register_type("R", "crash_helpers.ok", timeout=30, retention=60, max_restarts=2)
         sp.register_type("S", "crash_helpers.slow_first", timeout=60, max_restarts=2)
 
     # -- setup
 
-    def plant(self, *, orphan: bool, slow: bool) -> None:
+    def plant(self, *, orphan: bool, slow: bool, cancel: str | None = None) -> None:
         """What a sweep and a recovery find: a started claim of server
         "ghost" (dead: its lock is free), a task finished an hour ago whose
         type keeps tasks 60 s, and optionally a started claim of "w1" itself."""
@@ -210,12 +221,17 @@ class Scenario:
             sp.start(sp.claim("w1", names=[task_name("N", "orphan")]))
             sp.release_server("w1")
             self.planted.add(("N", "orphan"))
-        if slow:
+        if slow or cancel == "running":
             sp.enqueue("S", "s0", {"record": self.record, "seconds": 30})
             self.planted.add(("S", "s0"))
+        if cancel == "waiting":
+            sp.enqueue("N", "later", inp, delay=3600)  # waits: the canceller ends it
+            self.planted.add(("N", "later"))
+        batch = {"record": self.record, "batch": True}
         self.tasks = [
             ["N", "t0", inp], ["F", "f0", inp], ["N", "t1", inp], ["N", "t2", inp],
             ["F", "f1", inp], ["N", "t3", inp], ["N", "t4", inp], ["N", "t5", inp],
+            ["N", "b0", batch], ["N", "b1", batch], ["N", "b2", batch],
         ]
 
     # -- processes
@@ -226,6 +242,13 @@ class Scenario:
         self.procs.append(proc)
         self.logs[proc.pid] = log_path
         return proc
+
+    def requeuer(self, target: tuple[str, str], env: dict | None = None) -> subprocess.Popen:
+        return self._spawn("requeuer", ["requeue", str(self.root), *target], env)
+
+    def canceller(self, target: tuple[str, str], env: dict | None = None) -> subprocess.Popen:
+        self.cancelled = True
+        return self._spawn("canceller", ["cancel", str(self.root), *target], env)
 
     def producer(self, env: dict | None = None) -> subprocess.Popen:
         tasks = self.tmp / "tasks.json"
@@ -297,10 +320,14 @@ def verify(sc: Scenario, crashed_pid: int | None) -> None:
         assert info.doc["message"] or info.state == State.FINISHED, info.doc
         if t == "F":
             assert info.state == State.FAILED, info.doc
+            # Retried once (type F has one retry), unless a crash took the run away first.
+            assert info.doc.get("retries") == 1 or "gave up" in info.doc["message"], info.doc
         if t in ("N", "S") and info.state == State.FAILED:
             assert "ValueError" not in info.doc["message"], info.doc
         if t == "N" and info.state == State.FINISHED:
             assert sp.response(t, i) == (f"done {i}".encode(), "text/plain")
+        if (t, i) in (("S", "s0"), ("N", "later")) and sc.cancelled:
+            assert info.state == State.FAILED and info.doc.get("cancelled") is True, info.doc
     # tmp/: only what a crashed producer was staging (or trash), then nothing.
     for entry in os.listdir(sc.root / "tmp"):
         parts = entry.rsplit(".", 2)
@@ -346,9 +373,31 @@ def _wait_for_hit(sc: Scenario, case: Case, proc: subprocess.Popen) -> list[str]
 
 
 def _run(sc: Scenario, case: Case, restart: str) -> None:
-    sc.plant(orphan=case.orphan, slow=case.sigterm)
+    sc.plant(orphan=case.orphan, slow=case.sigterm, cancel=case.cancel)
     crash = {"SPOOLQ_CRASH_AT": case.spec, "SPOOLQ_CRASH_LOG": str(sc.hits_path), "CRASH_ROLE": case.role}
-    if case.role == "producer":
+    target = ("S", "s0") if case.cancel == "running" else ("N", "later")
+    if case.role == "requeuer":
+        worker = sc.worker("w1")
+        producer = sc.producer()
+        assert producer.wait(DEADLINE) == 0, sc.stderr(producer)
+        wait_until(lambda: sc.spool.status("F", "f0").state == State.FAILED, what="F:f0 FAILED")
+        requeuer = sc.requeuer(("F", "f0"), crash)
+        hit = _wait_for_hit(sc, case, requeuer)
+        assert requeuer.wait(10) == -signal.SIGKILL
+        assert sc.requeuer(("F", "f0")).wait(DEADLINE) == 0
+    elif case.role == "canceller":
+        worker = sc.worker("w1")
+        producer = sc.producer()
+        if case.cancel == "running":
+            wait_until(lambda: any(r[0] == "start" and r[1] == "S:s0" for r in read_records(sc.record)),
+                       what="the long handler to start")
+        canceller = sc.canceller(target, crash)
+        hit = _wait_for_hit(sc, case, canceller)
+        assert canceller.wait(10) == -signal.SIGKILL
+        again = sc.canceller(target)
+        assert again.wait(DEADLINE) == 0, sc.stderr(again)
+        assert producer.wait(DEADLINE) == 0, sc.stderr(producer)
+    elif case.role == "producer":
         worker = sc.worker("w1")
         producer = sc.producer(crash)
         hit = _wait_for_hit(sc, case, producer)
@@ -362,6 +411,10 @@ def _run(sc: Scenario, case: Case, restart: str) -> None:
         if restart == "frozen":
             crash["SPOOLQ_HANG_AT"] = crash.pop("SPOOLQ_CRASH_AT")
         worker = sc.worker("w1", crash, grace=0.3 if case.sigterm else 5.0)
+        if case.cancel:
+            wait_until(lambda: any(r[0] == "start" and r[1] == "S:s0" for r in read_records(sc.record)),
+                       what="the long handler to start")
+            assert sc.canceller(target).wait(DEADLINE) == 0
         if case.sigterm:
             wait_until(lambda: any(r[0] == "start" and r[1] == "S:s0" for r in read_records(sc.record)),
                        what="the long handler to start")
@@ -393,6 +446,9 @@ def _run(sc: Scenario, case: Case, restart: str) -> None:
     wait_until(sc.settled, what="every task to reach FINISHED or FAILED")
     if restart in ("other", "frozen"):
         assert not sc.spool.server_alive("w1")
+    # A worker restarted just now may still be starting (before its signal
+    # handlers, SIGTERM would kill it): stop it once it is ready.
+    wait_until(lambda: "ready" in sc.stderr(worker), what="the worker ready")
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(DEADLINE) == 0, sc.stderr(worker)
     assert "Traceback" not in sc.stderr(worker), sc.stderr(worker)

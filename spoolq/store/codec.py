@@ -76,14 +76,42 @@ def encode_status(doc: dict[str, Any]) -> bytes:
     return ("{\n " + body[1:-1] + "\n}\n").encode()
 
 
+def _whole(value: Any, low: int, high: int | None = None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+
+
+def _time_or_none(value: Any) -> bool:
+    if value is None:
+        return True
+    if not isinstance(value, str):
+        return False
+    from_iso(value)  # ValueError if it is not a time
+    return True
+
+
+# The fields of the second edition (contract §11): absent in a status of the
+# first edition, which means their defaults; present, they must be right.
+_FIELD_CHECKS: dict[str, Any] = {
+    "priority": lambda v: _whole(v, -100, 100),
+    "retries": lambda v: _whole(v, 0),
+    "not_before": _time_or_none,
+    "cancel": lambda v: isinstance(v, str),
+    "cancelled": lambda v: isinstance(v, bool),
+}
+
+
 def decode_status(raw: bytes, path: str) -> dict[str, Any]:
     """The status document in *raw* (read from *path*); CorruptTask unless it
-    names a known state and has an integer claim number."""
+    names a known state, has an integer claim number, and every field of the
+    second edition it has is of its kind."""
     try:
         doc = json.loads(raw)
         State[doc["state"]]
         if not isinstance(doc.get("claim"), int):
             raise ValueError("claim is not a number")
+        for key, check in _FIELD_CHECKS.items():
+            if key in doc and not check(doc[key]):
+                raise ValueError(f"{key} is {str(doc[key])[:40]!r}")
         return dict(doc)
     except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: "[[[[…" nested too deep
         raise CorruptTask(path, f"{path}/status.json is corrupt: {exc}") from None

@@ -102,6 +102,7 @@ class _Run:
     killing: bool = False
     killed_at: float | None = None
     run_lock: int | None = None  # held here for the remote run: no sweeper takes the task meanwhile
+    slot: int | None = None  # a slot of its type's concurrency limit, held here for the remote run
 
 
 class DaskExecutor:
@@ -151,15 +152,21 @@ class DaskExecutor:
         client = self._client
         if client is None or not self._connected:
             raise OSError(f"dask scheduler {self.address} is not connected")
-        try:
-            started = self.spool.start(claim, load=False, hold_run_lock=True)
-        except (StaleClaim, TaskNotFound):
-            self._early.append(Ended(claim, Outcome.GONE))
+        ttype = self.spool.get_type(claim.type)
+        slot = self.spool.slots.acquire(claim.type, ttype.concurrency) if ttype.concurrency else None
+        if ttype.concurrency and slot is None:
+            self._early.append(Ended(claim, Outcome.NO_ROOM, f"all {ttype.concurrency} slots of {claim.type} are taken"))
             self._poke()
             return
-        except CorruptTask as exc:
-            log.error("%s: %s", claim, exc)
-            self._early.append(Ended(claim, outcome_of(self.spool, claim)))
+        try:
+            started = self.spool.start(claim, load=False, hold_run_lock=True)
+        except (StaleClaim, TaskNotFound, CorruptTask) as exc:
+            if slot is not None:
+                os.close(slot)
+            if isinstance(exc, CorruptTask):
+                log.error("%s: %s", claim, exc)
+            self._early.append(Ended(claim, outcome_of(self.spool, claim) if isinstance(exc, CorruptTask)
+                                     else Outcome.GONE))
             self._poke()
             return
         info = self.spool.status(claim.type, claim.id)
@@ -168,7 +175,7 @@ class DaskExecutor:
             "payload": started.input, "type": self.spool.get_type(claim.type).to_json(), "doc": info.doc,
             "path": info.path, "queue": self.queue_name,
         }
-        run = _Run(claim, None, run_lock=started.run_lock)
+        run = _Run(claim, None, run_lock=started.run_lock, slot=slot)
         self.runs[claim] = run
         try:
             run.future = client.submit(run_remote, spec, key=f"spoolq:{claim}", pure=False, retries=0)
@@ -247,14 +254,14 @@ class DaskExecutor:
             # losing a worker): never applied, its claim is still valid.
             if kind == "end":
                 run.others.discard(attempt)
-            elif kind in ("state", "log", "response"):
+            elif kind in ("state", "retry", "log", "response"):
                 self.refused += 1
                 log.info("refused a %s of %s from a second dask attempt (%d refused so far)", kind, claim, self.refused)
             return []
         if run is None:
             # A run this process does not hold: a lost claim (this daemon was
             # restarted, or the run was settled as lost). Through the fence.
-            if kind in ("state", "log", "response"):
+            if kind in ("state", "retry", "log", "response"):
                 self._refuse_or_apply(claim, kind, args, late=True)
             return []
         if kind == "end":
@@ -272,15 +279,18 @@ class DaskExecutor:
         """The run is over for this host: forget it and let its run lock go
         (the remote side has confirmed its end, or it is taken for lost)."""
         self.runs.pop(run.claim, None)
-        if run.run_lock is not None:
-            os.close(run.run_lock)
-            run.run_lock = None
+        for fd in (run.run_lock, run.slot):
+            if fd is not None:
+                os.close(fd)
+        run.run_lock = run.slot = None
 
     def _refuse_or_apply(self, claim: Claim, kind: str, args: list[Any], *, late: bool) -> None:
         """One write through the claim; StaleClaim means refused (counted)."""
         try:
             if kind == "state":
                 self.spool.set_state(claim, State[args[0]], args[1])
+            elif kind == "retry":
+                self.spool.retry(claim, args[0], args[1])
             elif kind == "log":
                 self.spool.log_message(claim, args[0])
             else:

@@ -46,7 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .. import faults, sweeps
-from ..errors import CorruptTask, ServerBusy, SpoolError, SpoolqError, StaleClaim
+from ..errors import CorruptTask, ServerBusy, SpoolError, SpoolqError, StaleClaim, TaskNotFound
 from ..lifecycle import Action, Claim, Outcome, Place, State
 from ..names import check_server, check_type, split_task_name
 from ..spool import Spool
@@ -359,6 +359,9 @@ class Worker:
         look = self.gates.next_look()
         if look is not None and not self.stopping and not self.draining:
             marks.append(max(look, now))
+        due = self.waiting.next_due()  # a task enqueued for later, or a retry after its backoff
+        if due is not None and not self.stopping and not self.draining:
+            marks.append(now + max(0.0, due - time.time()))
         timeout = min(marks) - now
         ping = self.notifier.next_watchdog_in()
         if ping is not None:
@@ -684,18 +687,15 @@ class Worker:
             return
         if there and (not heartbeat or self.spool.touch(job.claim)):
             return
-        # Not in running/ (or the touch found it is not ours there): not
-        # started yet, or taken away / deleted.
+        # Not in running/, or not ours there: not started yet, finished or
+        # sent back for a retry by its own handler (whose answer is on its
+        # way), or deleted. Only a delete (or a quarantine) needs the run
+        # stopped: nobody else takes a task from a run that holds its run lock.
         try:
-            info = self.spool.status(job.claim.type, job.claim.id)
-            # Still ours when not started yet, or when it just reached a
-            # final state whose outcome is on its way to us.
-            ours = job.claim.owns(info.doc)
-        except SpoolqError:
-            ours = False
-        if not ours:
-            log.warning("%s was deleted or taken away; stopping its handler", job.claim)
-            self._kill(job, "task taken away", charge=False)
+            self.spool.locate(job.claim.type, job.claim.id)
+        except TaskNotFound:
+            log.warning("%s was deleted; stopping its handler", job.claim)
+            self._kill(job, "task deleted", charge=False)
 
     def _sweep(self) -> None:
         self._next_sweep = time.monotonic() + self.sweep_interval
@@ -741,6 +741,7 @@ def run_worker(
     dask_scheduler: str | None = None,
     dask_concurrency: int = 0,
     pythonpath: list[str] | None = None,
+    types: list[str] | None = None,
 ) -> int:
     """Entry point of ``spoolq worker``. Configuration errors (bad spool,
     bad server id, server already running, a *pythonpath* entry that is not
@@ -759,9 +760,12 @@ def run_worker(
     spool = Spool(root)
     if drain and spool.server_alive(server):
         return drain_running(spool, server)
+    if types is not None and not types:
+        raise SpoolError("--types needs at least one type name")
     worker = Worker(
         spool, server, concurrency=concurrency, drain=drain, grace=grace, poll=poll,
         max_tasks_per_child=max_tasks_per_child, dask_scheduler=dask_scheduler, dask_concurrency=dask_concurrency,
+        types=types,
     )
     return worker.run()
 

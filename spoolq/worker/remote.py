@@ -135,7 +135,7 @@ class RemoteSpool:
             raise CorruptTask(self.spec["path"], f"task {claim.type}/{claim.id}: {reason}") from None
         return StartedTask(claim.type, claim.id, self.spec["handler"], value, input_file=input_file)
 
-    def set_state(self, claim: Claim | str, state: State, message: str = "") -> None:
+    def set_state(self, claim: Claim | str, state: State, message: str = "") -> State:
         state = State(state)
         if not sources_of(state):
             raise SpoolError(f"a handler cannot set state {state.name}")
@@ -143,6 +143,14 @@ class RemoteSpool:
         self.state = state
         self.doc.update(state=state.name, message=message)
         self.report("state", state.name, message)
+        return state  # FAILED may become a retry on the spool host, which decides
+
+    def retry(self, claim: Claim | str, delay: float | None = None, message: str = "") -> State:
+        """A retry asked for by the handler: the spool host applies it."""
+        self._check(claim, HELD_STATES)
+        self.state = State.FAILED  # this run is over either way
+        self.report("retry", delay, message)
+        return State.ENQUEUED
 
     def finish_if_not_finished(self, claim: Claim | str, message: str = "") -> bool:
         if Claim.parse(claim) == self.claim and self.state.terminal:
@@ -183,7 +191,7 @@ def slot_main(commands: int, results: int, parent: int) -> int:
             return 0
         spool = RemoteSpool(spec, lambda *message: write_frame(results, ("msg", *message)))
         limited = bool(Limits.of(spool.ttype))
-        outcome = run_claim(spool, spool.claim, import_first=False)  # type: ignore[arg-type]
+        outcome = run_claim(spool, spool.claim, import_first=False, take_slot=False)  # type: ignore[arg-type]
         write_frame(results, ("end", outcome.value, limited))
         if limited:
             return 0

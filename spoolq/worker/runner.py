@@ -31,6 +31,7 @@ from typing import Any
 from ..errors import CorruptTask, SpoolqError, StaleClaim, TaskNotFound, safe_text
 from ..lifecycle import Claim, Outcome, State
 from ..spool import Spool
+from ..store.registry import TaskType
 from ..task import Retry, TaskContext
 from .limits import Limits
 
@@ -61,13 +62,18 @@ class NoRoom(Exception):
     server): the claim is left as it was (not started)."""
 
 
-def run_claim(spool: Spool, claim: Claim, *, import_first: bool = True) -> Outcome:
+def run_claim(spool: Spool, claim: Claim, *, import_first: bool = True, take_slot: bool = True) -> Outcome:
     """Run one claimed task to a final state in this process, holding its
     run lock throughout. With *import_first*, the handler is imported before
     the task is started: HandlerUnavailable when it cannot be, with the
     task untouched (the worker hands it back and stops claiming its type
-    until the import works)."""
-    ttype = spool.registry.find(claim.type)  # None: start() below reports the type's trouble
+    until the import works). With *take_slot*, a slot of the type's
+    concurrency limit is taken for the run (NoRoom when none is free).
+    (The dask executor's remote side does neither: the spool host does.)"""
+    try:
+        ttype: TaskType | None = spool.get_type(claim.type)
+    except SpoolqError:
+        ttype = None  # start() below reports the type's trouble
     if import_first and ttype is not None:
         try:
             load_handler(ttype.handler)  # cached in sys.modules for the run
@@ -76,7 +82,7 @@ def run_claim(spool: Spool, claim: Claim, *, import_first: bool = True) -> Outco
                 f"handler {ttype.handler!r} cannot be imported: {type(exc).__name__}: {safe_text(exc)}"
             ) from None
     slot = None
-    if ttype is not None and ttype.concurrency:
+    if take_slot and ttype is not None and ttype.concurrency:
         # Held for the run by this process (and what it forks): the kernel
         # gives it back when the last of them is gone (spoolq.store.slots).
         slot = spool.slots.acquire(claim.type, ttype.concurrency)
