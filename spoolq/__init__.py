@@ -14,14 +14,15 @@ _EXPORTS = {
     **dict.fromkeys(
         ["CorruptTask", "CrossDevice", "InvalidInput", "InvalidName", "NoResponse", "NoSpool", "QueueEmpty",
          "QueueException", "QueueFull", "ServerBusy", "SpoolError", "SpoolqError", "StaleClaim", "TaskExists",
-         "TaskNotFound", "TypeInUse", "UnknownType", "UnsafeSpool"],
+         "TaskNotFound", "TypeInUse", "UnknownType", "UnsafeSpool", "WrongState"],
         "errors"),
     **dict.fromkeys(["Action", "Claim", "Outcome", "State"], "lifecycle"),
     **dict.fromkeys(["Census", "TaskInfo"], "queries"),
     **dict.fromkeys(["Spool", "StartedTask", "SweepAction"], "spool"),
     "LogRecord": "store.codec",
     "TaskType": "store.registry",
-    "TaskContext": "task",
+    **dict.fromkeys(["Retry", "TaskContext"], "task"),
+    **dict.fromkeys(["BatchResult", "Item"], "producer"),
 }
 
 __all__ = sorted(_EXPORTS)

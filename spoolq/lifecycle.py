@@ -217,10 +217,12 @@ def judge(
     Claims of live servers are left alone: timeouts are a separate rule
     (:func:`timed_out`)."""
     if place is Place.ENQUEUED:
-        # A move back writes ENQUEUED first; a claim moves first. Nothing else
-        # leaves a task here.
+        # A move back writes ENQUEUED first; a claim moves first; a cancel of
+        # a waiting task writes FAILED first. Nothing else leaves a task here.
         if state is State.ENQUEUED:
             return _OK
+        if state.terminal:
+            return Judgement(Verdict.FINISH_MOVE, "completing an interrupted cancel")
         return Judgement(Verdict.UNTRUSTED, f"status says {state.name} but it waits in enqueued/")
     if place is Place.DONE:
         if state.terminal:

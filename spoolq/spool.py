@@ -433,6 +433,11 @@ class Spool:
             fsutil.fsync_dir(self.layout.server_dir(server))
         try:
             with self._task(dest) as task:
+                if task.state.terminal:
+                    # Cancelled while it waited (its cancel was interrupted
+                    # before its move): complete the move; nothing to claim.
+                    task.move(self._path(Place.DONE, name), mtime_ns=int(self.clock() * 1e9))
+                    return None
                 if task.state != State.ENQUEUED:
                     raise CorruptTask(dest, f"{name} was waiting but its status says {task.state.name}")
                 not_now = self._not_claimable(parts[0], task.doc)
@@ -804,10 +809,12 @@ class Spool:
                 with self._task(path) as task:
                     state = task.state
                     if state.terminal:
+                        if os.path.dirname(task.path) == self.layout.enqueued:
+                            # An earlier cancel stopped before its move.
+                            task.move(self._path(Place.DONE, task.name), mtime_ns=int(self.clock() * 1e9))
                         raise WrongState(type_name, task_id, state.name, "there is nothing to cancel")
                     if not state.started:
-                        crashpoint("cancel.unstarted")
-                        self._finish_locked(task, State.FAILED, f"cancelled: {reason}", cancelled=True)
+                        self._cancel_unstarted(task, reason)
                         return TaskInfo(type_name, task_id, State.FAILED, task.path, task.doc)
                     task.write(state, task.doc.get("message", ""), record=False, cancel=reason)
                     crashpoint("cancel.asked")
@@ -819,6 +826,37 @@ class Spool:
                 self.finish_cancel(path, expect_claim=claim)  # nobody else will
             return self.status(type_name, task_id)
         raise TaskNotFound(type_name, task_id)
+
+    def _cancel_unstarted(self, task: TaskDir, reason: str) -> None:
+        """FAILED, cancelled, and on to done/. A waiting task can be claimed
+        while it is locked here (a claim is a rename and takes no lock): then
+        it is found in the claimer's scheduled/ by its inode, and the claimer,
+        waiting for its lock, finds it gone. (A crash between the status and
+        the move leaves a FAILED task where it was; whoever meets it next
+        completes the move: a claim, the sweep, fsck.)"""
+        now = self.clock()
+        task.write(State.FAILED, f"cancelled: {reason}", finished_at=codec.iso(now), cancelled=True)
+        crashpoint("cancel.unstarted")
+        dest = self._path(Place.DONE, task.name)
+        try:
+            task.move(dest, mtime_ns=int(now * 1e9))
+        except FileNotFoundError:
+            task.path = self._find_by_inode(task.fd, task.name)
+            task.move(dest, mtime_ns=int(now * 1e9))
+
+    def _find_by_inode(self, fd: int, name: str) -> str:
+        """Where the task directory open as *fd* is now, when a claim moved
+        it to scheduled/<server>/ while this process held its lock."""
+        st = os.fstat(fd)
+        for server in self.servers():
+            path = self._path(Place.SCHEDULED, name, server)
+            try:
+                here = os.lstat(path)
+            except OSError:
+                continue
+            if (here.st_dev, here.st_ino) == (st.st_dev, st.st_ino):
+                return path
+        raise FileNotFoundError(f"task directory {name} moved where no claim puts it")
 
     def finish_cancel(self, path: str, *, expect_claim: int | None = None) -> Action:
         """End the started task at *path* whose cancel was asked for, once no

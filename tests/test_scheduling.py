@@ -1,0 +1,468 @@
+"""Scheduling (contract §11): retries, delayed tasks, cancel, requeue,
+priorities, lanes, per-type concurrency, hold/release, bulk enqueue. Real
+worker processes on real spools; handlers record what they do
+(tests/sched_handlers.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from spoolq import Spool, State, sweeps
+from spoolq.errors import InvalidInput, QueueFull, WrongState
+from test_daemon import Workers, stderr_of, wait_until
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture
+def env(tmp_path):
+    root = tmp_path / "spool"
+    spool = Spool.init(root, durable=False)
+    workers = Workers(root)
+    yield spool, root, workers, tmp_path
+    workers.stop_all()
+
+
+def register(spool: Spool, name: str, handler: str, **kw) -> None:
+    spool.register_type(name, f"sched_handlers.{handler}", **kw)
+
+
+def events(path: Path) -> list[tuple[str, str, str, int, float]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        event, task, server, pid, at = line.split()
+        out.append((event, task, server, int(pid), float(at)))
+    return out
+
+
+def cli(root: Path, *args, stdin: bytes | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]))
+    return subprocess.run([sys.executable, "-m", "spoolq", "--root", str(root), *map(str, args)], input=stdin,
+                          capture_output=True, timeout=timeout, env=env)
+
+
+def one_line(proc: subprocess.CompletedProcess, code: int) -> str:
+    err = proc.stderr.decode()
+    assert proc.returncode == code, (proc.returncode, err)
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def final(spool: Spool, t: str, i: str) -> bool:
+    return spool.status(t, i).state.terminal
+
+
+# --------------------------------------------------------------------------- retries
+
+
+def test_a_handler_that_fails_twice_then_succeeds_runs_three_times(env):
+    spool, root, workers, tmp = env
+    register(spool, "R", "fail_until", retries=3, retry_backoff=1.0)
+    rec = tmp / "rec"
+    spool.enqueue("R", "t", {"record": str(rec), "counter": str(tmp / "n"), "succeed_on": 3})
+    workers.start("w1")
+    wait_until(lambda: final(spool, "R", "t"), timeout=60, what="the task final")
+    info = spool.status("R", "t")
+    assert info.state == State.FINISHED and info.doc["retries"] == 2 and info.doc["restarts"] == 0
+    starts = [at for event, *_, at in events(rec) if event == "start"]
+    assert len(starts) == 3
+    messages = [r.message for r in spool.log_records("R", "t") if r.state == State.ENQUEUED]
+    assert messages[1].startswith("retry 1/3 in ") and "attempt 1 fails" in messages[1]
+    assert messages[2].startswith("retry 2/3 in ") and "attempt 2 fails" in messages[2]
+    failures = [r.time.timestamp() for r in spool.log_records("R", "t") if r.message.startswith("retry")]
+    # backoff 1 s, jittered into [0.5, 1]: never before half of it
+    assert starts[1] >= failures[0] + 0.5 and starts[2] >= failures[1] + 1.0
+
+
+def test_a_handler_may_ask_for_a_retry_and_retries_end_in_failed(env):
+    spool, root, workers, tmp = env
+    register(spool, "A", "ask_retry", retries=1)
+    register(spool, "F", "fail_until", retries=1, retry_backoff=0.1)
+    rec = tmp / "rec"
+    spool.enqueue("A", "t", {"record": str(rec), "marker": str(tmp / "m"), "delay": 0.3})
+    spool.enqueue("F", "t", {"record": str(rec), "counter": str(tmp / "n"), "succeed_on": 99})
+    workers.start("w1")
+    wait_until(lambda: final(spool, "A", "t") and final(spool, "F", "t"), timeout=60, what="both final")
+    assert spool.status("A", "t").state == State.FINISHED
+    assert "retry 1/1 in 0.3 s: come back later" in [r.message for r in spool.log_records("A", "t")]
+    failed = spool.status("F", "t")
+    assert failed.state == State.FAILED and failed.doc["retries"] == 1 and "attempt 2 fails" in failed.doc["message"]
+
+
+def test_a_retrys_due_time_survives_a_daemon_sigkill(env):
+    spool, root, workers, tmp = env
+    register(spool, "R", "fail_until", retries=1, retry_backoff=6.0)
+    rec = tmp / "rec"
+    spool.enqueue("R", "t", {"record": str(rec), "counter": str(tmp / "n"), "succeed_on": 2})
+    w1 = workers.start("w1")
+    wait_until(lambda: spool.status("R", "t").doc.get("retries") == 1, what="the retry scheduled")
+    due = spool.status("R", "t").doc["not_before"]
+    w1.kill()
+    w1.wait(10)
+    workers.start("w1")
+    wait_until(lambda: final(spool, "R", "t"), timeout=60, what="the retried task final")
+    second = [at for event, *_, at in events(rec) if event == "start"][1]
+    from datetime import datetime
+    assert second >= datetime.fromisoformat(due).timestamp()
+
+
+# --------------------------------------------------------------------------- delayed tasks
+
+
+def test_delayed_tasks_wait_for_their_time_with_two_servers_and_a_restart(env):
+    spool, root, workers, tmp = env
+    register(spool, "D", "run")
+    rec = tmp / "rec"
+    now = time.time()
+    spool.enqueue("D", "late", {"record": str(rec)}, delay=3.0)
+    spool.enqueue("D", "early", {"record": str(rec)}, delay=1.5)  # enqueued later, due earlier: runs first
+    spool.enqueue("D", "now", {"record": str(rec)})
+    assert [t.id for t in spool.list_tasks(state=State.ENQUEUED)] and os.listdir(root / "enqueued")  # ls shows them
+    w1 = workers.start("w1")
+    workers.start("w2")
+    wait_until(lambda: spool.status("D", "now").state == State.FINISHED, what="the task due now")
+    w1.kill()  # a restart in between
+    w1.wait(10)
+    workers.start("w1")
+    wait_until(lambda: all(final(spool, "D", i) for i in ("late", "early")), timeout=30, what="the delayed ones")
+    starts = {task: at for event, task, _, _, at in events(rec) if event == "start"}
+    assert starts["D:early"] >= now + 1.5 and starts["D:late"] >= now + 3.0
+    assert starts["D:early"] < starts["D:late"]
+    assert starts["D:late"] - (now + 3.0) < 2.0  # promptly after (generous: a busy machine)
+
+
+def test_the_queue_limit_counts_delayed_tasks_and_bad_times_are_refused(env):
+    spool, root, workers, tmp = env
+    Spool.init(root, max_queue=2)
+    spool = Spool(root)
+    register(spool, "D", "run")
+    spool.enqueue("D", "a", {}, delay=3600)
+    spool.enqueue("D", "b", {}, delay=3600)
+    with pytest.raises(QueueFull):
+        spool.enqueue("D", "c", {})
+    with pytest.raises(InvalidInput):
+        spool.enqueue("D", "d", {}, delay=-5)
+    for args, code in ((["--in", "-5"], 2), (["--at", "yesterday"], 2), (["--at", "2001-01-01T00:00"], 2),
+                       (["--at", "not-a-time"], 2), (["--in", "5x"], 2), (["--at", "2099-01-01", "--in", "5"], 2),
+                       (["--priority", "101"], 2), (["--priority", "-101"], 2)):
+        proc = cli(root, "enqueue", "D", "x", "-", "--json", *args, stdin=b"{}")
+        one_line(proc, code)
+    assert sorted(t.id for t in spool.list_tasks()) == ["a", "b"]
+
+
+# --------------------------------------------------------------------------- cancel and requeue
+
+
+def test_cancel_before_the_start_and_while_running(env):
+    spool, root, workers, tmp = env
+    register(spool, "C", "run")
+    rec = tmp / "rec"
+    spool.enqueue("C", "waiting", {"record": str(rec)}, delay=3600)
+    proc = cli(root, "cancel", "C", "waiting", "--reason", "not needed", "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["state"] == "FAILED" and doc["cancelled"] is True and doc["message"] == "cancelled: not needed"
+    spool.enqueue("C", "long", {"record": str(rec), "seconds": 60})
+    workers.start("w1", heartbeat_interval=30)
+    wait_until(lambda: any(e == "start" and t == "C:long" for e, t, *_ in events(rec)), what="running")
+    pid = next(p for e, t, _, p, _ in events(rec) if t == "C:long")
+    began = time.monotonic()
+    proc = cli(root, "cancel", "C", "long")
+    assert proc.returncode == 0 and proc.stdout == b"FAILED\n", proc.stderr
+    assert time.monotonic() - began < 5
+    wait_until(lambda: not _alive(pid), timeout=5, what="the handler stopped")
+    info = spool.status("C", "long")
+    assert info.doc["cancelled"] is True and Path(info.path).parent.name == "done"
+    assert [r.state for r in spool.log_records("C", "long")][-1] == State.FAILED
+    # Final tasks: a one-line error, nothing changed.
+    one_line(cli(root, "cancel", "C", "long"), 1)
+    one_line(cli(root, "requeue", "C", "nope"), 1)
+    # Requeue: history kept, counters reset, runs again.
+    spool.register_type("C", "sched_handlers.run")
+    proc = cli(root, "requeue", "C", "waiting")
+    assert proc.returncode == 0, proc.stderr
+    assert spool.status("C", "waiting").doc.get("cancelled") is None
+    wait_until(lambda: spool.status("C", "waiting").state == State.FINISHED, what="the requeued task")
+    log = [r.message for r in spool.log_records("C", "waiting")]
+    assert "cancelled: not needed" in log and "requeued" in log
+    one_line(cli(root, "requeue", "C", "waiting"), 1)  # FINISHED: not requeued
+
+
+def test_a_cancel_request_survives_its_daemons_death(env):
+    spool, root, workers, tmp = env
+    register(spool, "C", "run")
+    rec = tmp / "rec"
+    spool.enqueue("C", "long", {"record": str(rec), "seconds": 60})
+    w1 = workers.start("w1")
+    wait_until(lambda: any(e == "start" for e, *_ in events(rec)), what="running")
+    os.kill(w1.pid, signal.SIGSTOP)  # it cannot act on the request...
+    try:
+        proc = cli(root, "cancel", "C", "long", "--no-wait")
+        assert proc.returncode == 0 and proc.stdout == b"RUNNING\n", proc.stderr
+    finally:
+        os.kill(w1.pid, signal.SIGKILL)  # ...and dies with it pending
+    w1.wait(10)
+    assert spool.status("C", "long").doc["cancel"] == "no reason given"
+    wait_until(lambda: not spool.server_alive("w1"), what="w1 dead")
+    actions = sweeps.reenqueue_zombies(spool)  # whoever finds the server dead carries it out
+    assert [(a.id, a.action) for a in actions] == [("long", "failed")]
+    info = spool.status("C", "long")
+    assert info.state == State.FAILED and info.doc["cancelled"] is True
+
+
+def test_cancel_racing_the_handlers_own_finish_has_one_outcome(env):
+    """200 races: the handler returns after ~10 ms while a cancel arrives at
+    a random moment. Always one final record, and no handler left alive."""
+    spool, root, workers, tmp = env
+    register(spool, "X", "short")
+    rec = tmp / "rec"
+    workers.start("w1", concurrency=2)
+    outcomes: Counter = Counter()
+    import random
+
+    rng = random.Random(7)
+    for n in range(200):
+        task = f"r{n}"
+        spool.enqueue("X", task, {"record": str(rec), "seconds": 0.01})
+        time.sleep(rng.uniform(0, 0.03))
+        try:
+            spool.cancel("X", task, "race")
+        except WrongState:
+            pass  # finished first
+        wait_until(lambda t=task: final(spool, "X", t), what=f"{task} final")
+    for n in range(200):
+        info = spool.status("X", f"r{n}")
+        records = spool.log_records("X", f"r{n}")
+        assert sum(1 for r in records if r.state.terminal) == 1, [(r.state.name, r.message) for r in records]
+        outcomes["cancelled" if info.doc.get("cancelled") else info.state.name] += 1
+    assert set(outcomes) <= {"cancelled", "FINISHED"} and outcomes["cancelled"] > 0
+    pids = {p for _, _, _, p, _ in events(rec)}
+    wait_until(lambda: not any(_alive(p) and p not in _slots(root) for p in pids), timeout=5,
+               what="no handler of a cancelled run alive")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _slots(root: Path) -> set[int]:
+    """The worker's live handler processes (idle ones are fine)."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"worker_runner.py" in cmdline and str(root).encode() in cmdline:
+                out.add(int(entry))
+    return out
+
+
+def test_requeue_failed_of_a_type(env):
+    spool, root, workers, tmp = env
+    register(spool, "F", "fail_until")
+    register(spool, "G", "fail_until")
+    rec = tmp / "rec"
+    for t in ("F", "G"):
+        for i in range(3):
+            spool.enqueue(t, f"{t}{i}", {"record": str(rec), "counter": str(tmp / f"{t}{i}"), "succeed_on": 2})
+    w = workers.start("w1")
+    wait_until(lambda: all(final(spool, t, f"{t}{i}") for t in "FG" for i in range(3)), what="all failed")
+    proc = cli(root, "requeue", "--failed", "--type", "F", "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout) == {"requeued": 3}, proc.stderr
+    wait_until(lambda: all(spool.status("F", f"F{i}").state == State.FINISHED for i in range(3)), what="rerun")
+    assert all(spool.status("G", f"G{i}").state == State.FAILED for i in range(3))
+    one_line(cli(root, "requeue", "--failed", "F", "x"), 2)
+    one_line(cli(root, "requeue"), 2)
+    assert w.poll() is None
+
+
+# --------------------------------------------------------------------------- priorities, lanes, hold
+
+
+def test_priorities_then_fifo_with_one_worker(env):
+    spool, root, workers, tmp = env
+    register(spool, "P", "run")
+    rec = tmp / "rec"
+    spool.hold("P")
+    for n in range(300):
+        priority = (n % 3 - 1) * 10  # -10, 0, 10, interleaved
+        spool.enqueue("P", f"t{n:03d}", {"record": str(rec)}, priority=priority)
+    workers.start("w1", concurrency=1)
+    time.sleep(0.5)
+    assert not events(rec), "a held type's task started"
+    assert cli(root, "release", "P").returncode == 0
+    wait_until(lambda: len([e for e in events(rec) if e[0] == "end"]) == 300, timeout=120, what="all 300")
+    order = [task for event, task, *_ in events(rec) if event == "start"]
+    expected = sorted((f"P:t{n:03d}" for n in range(300)), key=lambda t: (-((int(t[3:]) % 3 - 1) * 10), t))
+    assert order == expected
+
+
+def test_no_lower_priority_task_starts_while_a_higher_one_waits(env):
+    spool, root, workers, tmp = env
+    register(spool, "P", "run")
+    rec = tmp / "rec"
+    workers.start("w1", concurrency=1)
+    workers.start("w2", concurrency=1)
+    for n in range(60):
+        spool.enqueue("P", f"lo{n:02d}", {"record": str(rec), "seconds": 0.02}, priority=-5)
+    time.sleep(0.2)
+    for n in range(20):  # arrivals during the run, higher priority
+        spool.enqueue("P", f"hi{n:02d}", {"record": str(rec), "seconds": 0.02}, priority=5)
+    wait_until(lambda: len([e for e in events(rec) if e[0] == "end"]) == 80, timeout=120, what="all 80")
+    starts = [(at, task) for event, task, _, _, at in events(rec) if event == "start"]
+    last_hi = max(at for at, task in starts if ":hi" in task)
+    enq_hi = min(spool.status("P", f"hi{n:02d}").doc["enqueued_at"] for n in range(20))
+    from datetime import datetime
+    t_hi = datetime.fromisoformat(enq_hi).timestamp()
+    # Once the high ones are there, a low one starts only if it was already
+    # claimed (at most one per server) before the last high one started.
+    lows_between = [task for at, task in starts if ":lo" in task and t_hi + 0.05 < at < last_hi]
+    assert len(lows_between) <= 2, lows_between
+
+
+def test_a_lane_claims_its_types_only(env):
+    spool, root, workers, tmp = env
+    register(spool, "A", "run")
+    register(spool, "B", "run")
+    rec = tmp / "rec"
+    for t in "AB":
+        for i in range(5):
+            spool.enqueue(t, f"{t}{i}", {"record": str(rec)})
+    workers.start("gpu", types=["A"])
+    wait_until(lambda: all(final(spool, "A", f"A{i}") for i in range(5)), what="the lane's tasks")
+    time.sleep(0.3)
+    assert all(spool.status("B", f"B{i}").state == State.ENQUEUED for i in range(5))
+    one_line(cli(root, "worker", "w9", "--types", "bad name"), 78)
+    one_line(cli(root, "worker", "w9", "--types", ","), 78)
+
+
+def test_hold_stops_new_starts_on_every_server_and_release_resumes_within_a_second(env):
+    spool, root, workers, tmp = env
+    register(spool, "H", "run")
+    rec = tmp / "rec"
+    workers.start("w1", concurrency=2)
+    workers.start("w2", concurrency=2)
+    for i in range(40):
+        spool.enqueue("H", f"h{i:02d}", {"record": str(rec), "seconds": 0.05})
+    wait_until(lambda: any(e[0] == "start" for e in events(rec)), what="first starts")
+    assert cli(root, "hold", "H").returncode == 0
+    held_at = time.time()
+    time.sleep(1.0)
+    late = [t for e, t, _, _, at in events(rec) if e == "start" and at > held_at + 0.2]
+    assert len(late) <= 4, late  # at most the claims that were in flight (2 servers x 2)
+    started = len([e for e in events(rec) if e[0] == "start"])
+    assert started < 40 and spool.get_type("H").held
+    assert '"held": true' in cli(root, "types", "--json").stdout.decode()
+    released = time.time()
+    assert cli(root, "release", "H").returncode == 0
+    wait_until(lambda: any(e == "start" and at > released for e, _, _, _, at in events(rec)), timeout=5,
+               what="resumed")
+    first_after = min(at for e, _, _, _, at in events(rec) if e == "start" and at > released)
+    assert first_after - released < 1.0
+    wait_until(lambda: all(final(spool, "H", f"h{i:02d}") for i in range(40)), timeout=60, what="all done")
+
+
+# --------------------------------------------------------------------------- per-type concurrency
+
+
+def test_per_type_concurrency_over_three_servers_and_a_sigkill(env):
+    spool, root, workers, tmp = env
+    register(spool, "E", "run", concurrency=2)
+    rec = tmp / "rec"
+    for i in range(30):
+        spool.enqueue("E", f"e{i:02d}", {"record": str(rec), "seconds": 0.3})
+    procs = [workers.start(f"w{k}", concurrency=4) for k in range(3)]
+    wait_until(lambda: len([e for e in events(rec) if e[0] == "start"]) >= 4, timeout=30, what="some runs")
+    victim = next(p for p in procs)  # kill one that runs something, if it does
+    running_on = Counter(s for e, _, s, _, _ in events(rec) if e == "start")
+    victim = procs[int(max(running_on, key=running_on.get)[1:])] if running_on else victim
+    victim.kill()
+    victim.wait(10)
+    killed_at = time.time()
+    wait_until(lambda: all(final(spool, "E", f"e{i:02d}") for i in range(30)), timeout=120, what="all 30")
+    # Never more than 2 at once: replay the handlers' own start/end records
+    # (a killed run ends at the kill).
+    timeline = []
+    open_runs: set[tuple[str, int]] = set()
+    for event, task, server, pid, at in events(rec):
+        timeline.append((at, +1 if event == "start" else -1))
+        (open_runs.add if event == "start" else open_runs.discard)((task, pid))
+    timeline += [(killed_at, -1) for _ in open_runs]  # runs of the killed worker, ended by the kill
+    timeline.sort()
+    running = peak = 0
+    for _, delta in timeline:
+        running += delta
+        peak = max(peak, running)
+    assert peak <= 2, peak
+    # The slot of the killed worker was free at once: the next start came
+    # well before any timeout (the type's is 3600 s).
+    after = [at for e, *_, at in events(rec) if e == "start" and at > killed_at]
+    assert after and after[0] - killed_at < 5.0
+
+
+# --------------------------------------------------------------------------- bulk enqueue
+
+
+def test_enqueue_many_ten_thousand_with_bad_lines(env):
+    spool, root, workers, tmp = env
+    register(spool, "B", "run")
+    lines = [json.dumps({"id": f"b{i:05d}", "input": {"n": i}}) for i in range(9995)]
+    lines.insert(100, json.dumps({"id": "b00001", "input": 1}))  # a duplicate in the file
+    lines.insert(200, "{not json")
+    lines.insert(300, json.dumps({"id": "b00002", "input": 2}))
+    lines.insert(400, json.dumps({"input": 3}))  # no id
+    spool.enqueue("B", "pre", 1)
+    lines.insert(500, json.dumps({"id": "pre", "input": 4}))  # exists already
+    path = tmp / "batch.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    proc = cli(root, "enqueue-many", "B", path, timeout=300)
+    assert proc.returncode == 1
+    errors = proc.stderr.decode().splitlines()
+    assert [e.split(":")[1].strip() for e in errors] == ["line 101", "line 201", "line 301", "line 401",
+                                                          "line 501"], errors
+    assert proc.stdout == b"9995\n"
+    waiting = os.listdir(root / "enqueued")
+    assert len(waiting) == 9996 and not os.listdir(root / "tmp")
+    for name in waiting[:50] + waiting[-50:]:
+        assert sorted(os.listdir(root / "enqueued" / name)) in (["input.json", "log", "status.json"],
+                                                                 ["input.pkl", "log", "status.json"])
+    one_line(cli(root, "enqueue-many", "Nope", path), 1)
+    bad = cli(root, "enqueue-many", "B", "-", stdin=b"[1, 2]\nhello\n")
+    assert bad.returncode == 1 and bad.stdout == b"0\n"
+
+
+def test_a_crash_in_the_middle_of_a_batch_leaves_only_whole_tasks(env):
+    spool, root, workers, tmp = env
+    register(spool, "B", "run")
+    path = tmp / "batch.jsonl"
+    path.write_text("".join(json.dumps({"id": f"b{i:04d}", "input": i}) + "\n" for i in range(3000)))
+    env_vars = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]),
+                    SPOOLQ_CRASH_AT="enqueue.published@1500")
+    proc = subprocess.run([sys.executable, "-m", "spoolq", "--root", str(root), "enqueue-many", "B", str(path)],
+                          env=env_vars, capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    waiting = os.listdir(root / "enqueued")
+    assert len(waiting) == 1500  # the 1500th rename is the crash point; every one whole
+    for name in waiting:
+        assert sorted(os.listdir(root / "enqueued" / name)) == ["input.json", "log", "status.json"]
+    assert spool.counts()["ENQUEUED"] == 1500
+    sweeps.clean_tmp(spool, grace=0)
+    assert not os.listdir(root / "tmp")
