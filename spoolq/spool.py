@@ -745,13 +745,9 @@ class Spool:
             # Holders keep a task's lock for milliseconds; one that keeps it
             # longer is stuck or stopped, and waiting on it would stall this
             # take-away and, through the enqueue lock, every producer.
-            task = self._task(path, wait=TAKE_AWAY_LOCK_WAIT)
-            try:
-                task.open()
-            except (FileNotFoundError, NotADirectoryError, Moved):
-                return Action.GONE
-            except LockBusy:
-                return Action.BUSY
+            task = self._open_for_take_away(path)
+            if isinstance(task, Action):
+                return task
             try:
                 if expect_claim is not None and task.doc.get("claim") != expect_claim:
                     return Action.GONE
@@ -858,10 +854,9 @@ class Spool:
                 return path
         raise FileNotFoundError(f"task directory {name} moved where no claim puts it")
 
-    def finish_cancel(self, path: str, *, expect_claim: int | None = None) -> Action:
-        """End the started task at *path* whose cancel was asked for, once no
-        process of its run is alive: FAILED, cancelled. BUSY while its run
-        lives, GONE if it changed meanwhile (finished, taken away)."""
+    def _open_for_take_away(self, path: str) -> TaskDir | Action:
+        """The task at *path*, open and locked; GONE when it is no longer
+        there, BUSY when its lock stays held (its run is alive)."""
         task = self._task(path, wait=TAKE_AWAY_LOCK_WAIT)
         try:
             task.open()
@@ -869,6 +864,15 @@ class Spool:
             return Action.GONE
         except LockBusy:
             return Action.BUSY
+        return task
+
+    def finish_cancel(self, path: str, *, expect_claim: int | None = None) -> Action:
+        """End the started task at *path* whose cancel was asked for, once no
+        process of its run is alive: FAILED, cancelled. BUSY while its run
+        lives, GONE if it changed meanwhile (finished, taken away)."""
+        task = self._open_for_take_away(path)
+        if isinstance(task, Action):
+            return task
         try:
             reason = task.doc.get("cancel")
             if reason is None or not task.state.started or (

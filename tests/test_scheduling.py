@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 
 from spoolq import Spool, State, sweeps
 from spoolq.errors import InvalidInput, QueueFull, WrongState
-from test_daemon import Workers, stderr_of, wait_until
+from test_daemon import Workers, wait_until
 
 HERE = Path(__file__).parent
 
