@@ -197,6 +197,14 @@ def _valid_server(server: object) -> bool:
         return False
 
 
+def cancelled_while_waiting(place: Place, state: State) -> bool:
+    """Whether a task in *place* whose status says *state* is one whose
+    cancel stopped between its two steps: a cancel of a waiting task writes
+    FAILED, then moves it to ``done/``. Whoever meets it next completes the
+    move (a claim, another cancel, the sweep, fsck)."""
+    return place is Place.ENQUEUED and state is State.FAILED
+
+
 def judge(
     place: Place,
     state: State,
@@ -221,7 +229,7 @@ def judge(
         # a waiting task writes FAILED first. Nothing else leaves a task here.
         if state is State.ENQUEUED:
             return _OK
-        if state.terminal:
+        if cancelled_while_waiting(place, state):
             return Judgement(Verdict.FINISH_MOVE, "completing an interrupted cancel")
         return Judgement(Verdict.UNTRUSTED, f"status says {state.name} but it waits in enqueued/")
     if place is Place.DONE:

@@ -57,6 +57,7 @@ from .lifecycle import (
     Claim,
     Place,
     State,
+    cancelled_while_waiting,
     charges_restart,
     gives_up,
     retry_delay,
@@ -433,9 +434,9 @@ class Spool:
             fsutil.fsync_dir(self.layout.server_dir(server))
         try:
             with self._task(dest) as task:
-                if task.state.terminal:
-                    # Cancelled while it waited (its cancel was interrupted
-                    # before its move): complete the move; nothing to claim.
+                if cancelled_while_waiting(Place.ENQUEUED, task.state):
+                    # Its cancel was interrupted before its move: complete
+                    # the move; nothing to claim.
                     task.move(self._path(Place.DONE, name), mtime_ns=int(self.clock() * 1e9))
                     return None
                 if task.state != State.ENQUEUED:
@@ -805,8 +806,8 @@ class Spool:
                 with self._task(path) as task:
                     state = task.state
                     if state.terminal:
-                        if os.path.dirname(task.path) == self.layout.enqueued:
-                            # An earlier cancel stopped before its move.
+                        here = self.layout.place_of_path(task.path)
+                        if here is not None and cancelled_while_waiting(here[0], state):
                             task.move(self._path(Place.DONE, task.name), mtime_ns=int(self.clock() * 1e9))
                         raise WrongState(type_name, task_id, state.name, "there is nothing to cancel")
                     if not state.started:

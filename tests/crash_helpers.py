@@ -37,7 +37,6 @@ import contextlib
 import fcntl
 import json
 import os
-import signal
 import sys
 import time
 from collections.abc import Iterator

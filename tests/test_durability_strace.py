@@ -19,6 +19,10 @@ O. After a task directory moves between state directories, nothing inside
    it is made durable (fsynced) before both parents of the move are: a
    state written for the new place must not outlive a move that is lost.
 
+S. ``syncfs`` of the spool's filesystem makes everything written before it
+   durable (a batch's one barrier): it counts as an fsync of every dirty
+   directory, then of every dirty file.
+
 ``locks/`` is exempt (lock files carry no data). The same lifecycle with
 ``durable=False`` has no fsync at all, so the checker finds violations:
 that run shows the check can fail.
@@ -43,7 +47,7 @@ import pytest
 from spoolq import Spool, State
 
 HERE = Path(__file__).resolve().parent
-SYSCALLS = "openat,mkdir,mkdirat,rename,renameat,renameat2,unlink,unlinkat,rmdir,fsync,fdatasync,write,close"
+SYSCALLS = "openat,mkdir,mkdirat,rename,renameat,renameat2,unlink,unlinkat,rmdir,fsync,fdatasync,syncfs,write,close"
 STATE_DIRS = ("tmp", "enqueued", "scheduled", "running", "done", "quarantine")
 TRANSITIONS = ("enqueue", "claim", "start", "store_response", "finish")
 
@@ -241,6 +245,12 @@ class Checker:
                 path = call.fd_path(0)
                 if self.in_spool(path):
                     self.sync(path)
+            elif n == "syncfs":
+                # The whole filesystem at once (a batch's barrier): every
+                # directory, then every file, is durable.
+                if self.in_spool(call.fd_path(0)):
+                    for path in [*self.dirty_dirs, *self.dirty_files]:
+                        self.sync(path)
             elif n == "openat":
                 flags = call.args[2] if len(call.args) > 2 else ""
                 if "O_CREAT" in flags and call.ret_path and self.in_spool(call.ret_path):
@@ -371,3 +381,73 @@ def test_daemon_lifecycle_orders_every_fsync(tmp_path: Path) -> None:
     assert dests == ["scheduled", "running", "done"], report.moves
     print(f"\nfsyncs per segment (durable, daemon; a segment starts at a move into that directory): "
           f"{dict(report.fsyncs)}, total {report.total_fsyncs}")
+
+
+# ----------------------------------------------------------------------------- the second edition's writes
+
+SCHEDULING = textwrap.dedent(
+    """
+    import os, sys
+    from spoolq import Item, Spool, State
+    root, markers = sys.argv[1], sys.argv[2]
+    sp = Spool(root)
+    fd = os.open(markers, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    def step(name, fn, *args, **kw):
+        os.write(fd, f"BEGIN {name}\\n".encode())
+        out = fn(*args, **kw)
+        os.write(fd, f"END {name}\\n".encode())
+        return out
+    results = step("enqueue_many", sp.enqueue_many, "T", [Item(f"b{i}", i) for i in range(1, 4)])
+    assert all(r.error is None for r in results), results
+    first = step("claim", sp.claim, "w1")
+    step("start", sp.start, first)
+    assert step("retry", sp.set_state, first, State.FAILED, "boom") is State.ENQUEUED
+    step("cancel_unstarted", sp.cancel, "T", "b2", "not wanted")
+    third = step("claim", sp.claim, "w1")
+    assert third.id == "b3", third
+    step("start", sp.start, third)
+    step("cancel_asked", sp.cancel, "T", "b3", "stop it")
+    step("cancel_finished", sp.finish_cancel, sp.locate("T", "b3"))
+    step("requeue", sp.requeue, "T", "b2", delay=60)
+    step("hold", sp.hold, "T")
+    step("release", sp.release, "T")
+    """
+)
+SCHEDULING_STEPS = ("enqueue_many", "retry", "cancel_unstarted", "cancel_asked", "cancel_finished", "requeue",
+                    "hold", "release")
+
+
+def test_scheduling_writes_order_every_fsync(tmp_path: Path) -> None:
+    """A batch, a retry, both kinds of cancel, a requeue, a hold and a
+    release on a durable spool: each new write is durable before its step
+    returns, and a batch's tasks are published only after its barrier."""
+    strace = _strace_or_skip()
+    root = tmp_path / "spool"
+    spool = Spool.init(root, durable=True)
+    spool.register_type("T", "crash_helpers.ok", retries=1)
+    script = tmp_path / "scheduling.py"
+    script.write_text(SCHEDULING)
+    markers, trace = tmp_path / "markers", tmp_path / "trace"
+    done = subprocess.run(
+        [strace, "-f", "-y", "-qq", "-s", "64", "-o", str(trace), "-e", f"trace={SYSCALLS}",
+         sys.executable, str(script), str(root), str(markers)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    calls = parse(trace.read_text())
+    report = Checker(str(root)).run(calls, markers=str(markers))
+    assert not report.violations, "\n".join(report.violations)
+    assert all(report.fsyncs[step] > 0 for step in SCHEDULING_STEPS), dict(report.fsyncs)
+    # Group commit: one syncfs for the batch, before the first task is published.
+    names = [c.name for c in calls]
+    barrier = names.index("syncfs")
+    resolve = Checker(str(root))._resolve
+    first_publish = next(i for i, c in enumerate(calls) if c.name == "renameat2"
+                         and resolve(c, 1, dirfd=0).startswith(f"{root}/tmp/")
+                         and resolve(c, 3, dirfd=2).startswith(f"{root}/enqueued/"))
+    assert names.count("syncfs") == 1 and barrier < first_publish
+    info = {i: spool.status("T", i) for i in ("b1", "b2", "b3")}
+    assert info["b1"].doc["retries"] == 1 and info["b1"].doc["not_before"]
+    assert info["b2"].state == State.ENQUEUED and info["b2"].doc["not_before"]
+    assert info["b3"].state == State.FAILED and info["b3"].doc["cancelled"] is True
+    print(f"\nfsyncs per step (durable): {dict(report.fsyncs)}")

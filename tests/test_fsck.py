@@ -20,7 +20,6 @@ import pytest
 
 from spoolq import Spool, State
 from spoolq.fsck import check, run_fsck
-from spoolq.store.codec import log_line as _log_line
 
 HERE = Path(__file__).parent
 OLD = time.time() - 7200  # older than the tmp/ grace of 15 min
@@ -435,3 +434,41 @@ def test_fsck_beside_a_running_worker_finds_nothing_and_takes_nothing(tmp_path):
         assert os.listdir(root / "quarantine") == []
     finally:
         workers.stop_all()
+
+
+def test_the_second_editions_fields_and_states(spool):
+    """A due time in the past and a priority are no damage; a cancel request
+    left by a dead daemon ends its task FAILED, cancelled; a cancelled task
+    still in enqueued/ (its cancel stopped before the move) goes on to done/;
+    a due time or a priority that is not one is a corrupt status."""
+    root = Path(spool.root)
+    spool.enqueue("T", "past", 1, delay=3600)
+    edit_status(root / "enqueued/T:past", not_before="2020-01-01T00:00:00+00:00")
+    spool.enqueue("T", "prio", 1, priority=7)
+    spool.enqueue("T", "run", 1, priority=50)
+    dead = Spool(root)
+    dead.start(dead.claim("gone"))  # the highest priority: T:run
+    spool.cancel("T", "run", "stop")  # its server lives: the request is written down
+    assert spool.status("T", "run").doc["cancel"] == "stop"
+    dead.release_server("gone")
+    spool.enqueue("T", "half", 1)
+    edit_status(root / "enqueued/T:half", state="FAILED", cancelled=True, message="cancelled: x")
+    spool.enqueue("T", "badnb", 1)
+    edit_status(root / "enqueued/T:badnb", not_before="soon")
+    spool.enqueue("T", "badprio", 1)
+    edit_status(root / "enqueued/T:badprio", priority="high")
+    before = snapshot(root)
+    assert kinds(check(Spool(root), repair=False)) == {
+        "enqueued/T:badnb": "corrupt-status", "enqueued/T:badprio": "corrupt-status",
+        "enqueued/T:half": "wrong-state", "running/T:run": "orphan"}
+    assert snapshot(root) == before
+    report = check(Spool(root), repair=True)
+    actions = {f.path: f.action for f in report.findings}
+    assert actions["running/T:run"] == "FAILED: cancelled" and actions["enqueued/T:half"] == "moved to done/"
+    assert check(Spool(root), repair=False).findings == []
+    run = spool.status("T", "run")
+    assert run.state == State.FAILED and run.doc["cancelled"] is True and run.doc["message"] == "cancelled: stop"
+    assert spool.status("T", "half").path.startswith(str(root / "done"))
+    assert {spool.status("T", i).state for i in ("past", "prio")} == {State.ENQUEUED}
+    assert sorted(p.name.split(".")[0] for p in (root / "quarantine").iterdir()
+                  if not p.name.endswith(".reason")) == ["T:badnb", "T:badprio"]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from spoolq import CorruptTask, CrossDevice, InvalidInput, InvalidName, Spool, State, UnsafeSpool
+from spoolq import CrossDevice, InvalidInput, InvalidName, Spool, State, UnsafeSpool
 from spoolq.fsck import check
 from test_daemon import Workers, stderr_of, stop, wait_until
 from test_fsck import snapshot

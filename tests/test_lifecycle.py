@@ -38,8 +38,8 @@ ANY = object()
 # task's server dir, when it is in scheduled/, is always "s1". First match wins.
 RULES = [
     (Place.ENQUEUED, {E}, ANY, ANY, (OK, False)),
-    (Place.ENQUEUED, {F, X}, ANY, ANY, (MOVE, False)),  # a cancel of a waiting task stopped before its move
-    (Place.ENQUEUED, {S, R, P}, ANY, ANY, (BAD, False)),
+    (Place.ENQUEUED, {X}, ANY, ANY, (MOVE, False)),  # a cancel of a waiting task stopped before its move
+    (Place.ENQUEUED, {S, R, P, F}, ANY, ANY, (BAD, False)),
     (Place.DONE, {F, X}, ANY, ANY, (OK, False)),
     (Place.DONE, {E, S, R, P}, ANY, ANY, (BAD, False)),
     # running/

@@ -11,6 +11,7 @@ a staged copy whose ExecStart runs this interpreter instead.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -299,3 +300,80 @@ def test_sysusers_and_tmpfiles_create_user_and_spool(tmp_path: Path):
     assert run("systemd-tmpfiles", f"--root={root}", "--create", UNITS / "spoolq.tmpfiles.conf").returncode == 0
     assert [line for line in (root / "etc/passwd").read_text().splitlines()
             if line.startswith("spoolq:")] == [":".join(passwd["spoolq"])]
+
+
+# --- periodic work: the example timer ------------------------------------------------
+
+TIMER = UNITS / "spoolq-enqueue-example.timer"
+TIMER_SERVICE = UNITS / "spoolq-enqueue-example.service"
+
+
+def unit_unescape(value: str) -> str:
+    """What systemd hands to the program for a unit-file word without
+    specifiers or variables of its own: "%%" is "%", "$$" is "$"."""
+    assert not re.search(r"%[^%]|\$[A-Za-z{]", value.replace("%%", "").replace("$$", "")), value
+    return value.replace("%%", "%").replace("$$", "$")
+
+
+@needs_analyze
+def test_timer_units_verify_and_the_service_is_sandboxed():
+    done = run("systemd-analyze", "verify", "--man=no", TIMER, TIMER_SERVICE)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ignoring" not in done.stderr, done.stderr
+    done = run("systemd-analyze", "security", "--offline=yes", "--no-pager", TIMER_SERVICE.name, cwd=UNITS)
+    match = re.search(r"Overall exposure level for \S+:\s*(\d+\.\d+)", done.stdout)
+    assert match and float(match.group(1)) <= EXPOSURE_LIMIT, done.stdout + done.stderr
+
+
+@needs_analyze
+def test_timer_schedule_parses_and_catches_up_missed_runs():
+    conf = settings(TIMER.read_text())
+    calendar = one(conf, "Timer.OnCalendar")
+    done = run("systemd-analyze", "calendar", calendar)
+    assert done.returncode == 0 and "Next elapse:" in done.stdout, done.stdout + done.stderr
+    assert one(conf, "Timer.Persistent") == "true"
+    # The timer starts the service of its own name (no Unit= to get wrong).
+    assert "Timer.Unit" not in conf and TIMER_SERVICE.stem == TIMER.stem
+
+
+@pytest.mark.skipif(shutil.which("systemctl") is None, reason="systemctl not installed")
+def test_enable_wires_the_timer_to_timers_target(tmp_path: Path):
+    unit_dir = tmp_path / "etc" / "systemd" / "system"
+    unit_dir.mkdir(parents=True)
+    for path in (TIMER, TIMER_SERVICE):
+        shutil.copy(path, unit_dir / path.name)
+    done = run("systemctl", f"--root={tmp_path}", "enable", TIMER.name)
+    assert done.returncode == 0, done.stderr
+    assert (unit_dir / "timers.target.wants" / TIMER.name).is_symlink()
+
+
+def test_timer_service_exec_start_enqueues_a_new_task_each_run(tmp_path: Path):
+    """The service's ExecStart and StandardInputText, run as systemd runs
+    them (unescaped, the input on stdin), with only /opt/spoolq/bin/spoolq
+    swapped for this checkout: each run enqueues a task of its own with the
+    unit's input; with the type not registered it fails with one line and
+    writes nothing."""
+    conf = settings(TIMER_SERVICE.read_text())
+    argv = shlex.split(unit_unescape(one(conf, "Service.ExecStart")))
+    assert argv[:2] == ["/bin/sh", "-c"] and f"exec {SHIPPED_EXEC} " in argv[2], argv
+    script = argv[2].replace(f"exec {SHIPPED_EXEC} ", f"exec {shlex.quote(sys.executable)} -m spoolq ")
+    stdin = one(conf, "Service.StandardInputText") + "\n"
+    spool = tmp_path / "spool"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SPOOLQ_ROOT": str(spool)}
+    assert run(sys.executable, "-m", "spoolq", "init", env=env).returncode == 0
+
+    unregistered = run("/bin/sh", "-c", script, input=stdin, env=env)
+    assert unregistered.returncode == 1 and unregistered.stderr.count("\n") == 1, unregistered.stderr
+    assert "unknown task type 'Report'" in unregistered.stderr
+    assert not os.listdir(spool / "enqueued") and not os.listdir(spool / "tmp")
+
+    assert run(sys.executable, "-m", "spoolq", "register", "Report", "reports.daily", env=env).returncode == 0
+    for _ in range(3):
+        done = run("/bin/sh", "-c", script, input=stdin, env=env)
+        assert done.returncode == 0, done.stderr
+    tasks = sorted(os.listdir(spool / "enqueued"))
+    assert len(tasks) == 3, tasks
+    for name in tasks:
+        assert re.fullmatch(r"Report:daily-\d{8}T\d{6}\.\d{3}Z", name), name
+        task_input = json.loads((spool / "enqueued" / name / "input.json").read_text())
+        assert task_input == {"report": "daily"}

@@ -55,14 +55,13 @@ import stat
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
-from system_python import SYSTEM_PYTHON, build_venv, clean_env
+from system_python import build_venv
 
 REPO = Path(__file__).resolve().parents[1]
 UNITS = REPO / "packaging" / "systemd"
@@ -679,6 +678,12 @@ import time
 def nap(task_status, input):
     """Sleep input["seconds"], then finish (the daemon marks it FINISHED)."""
     time.sleep(float(input["seconds"]))
+
+
+def report(task_status, input):
+    """The example timer's task: finish when given the timer unit's input."""
+    if input != {"report": "daily"}:
+        raise ValueError(f"unexpected input {input!r}")
 '''
 
 CLIENT = r'''
@@ -926,3 +931,55 @@ def test_stopping_the_target_returns_once_its_workers_have_stopped(workers, enab
     finally:
         if enabled:
             inst.m.systemctl("disable", inst.unit(server), check=False)
+
+
+def test_the_example_timer_enqueues_tasks_that_a_worker_runs(workers, manager: UserManager, venv: Path):
+    """packaging/systemd/spoolq-enqueue-example.{timer,service} under the user
+    manager, next to a worker: the timer starts the service, the service
+    enqueues a task of its own each run, the worker finishes them.  Staged
+    as the worker's unit is (venv, no User=, the harness spool and env file),
+    plus a schedule of every 2 s instead of daily at 06:00."""
+    inst, spool = workers
+    spool.cli("register", "Report", "spoolq_it_handlers.report")
+    env_file = manager.root / "enqueue-example.env"
+    env_file.write_text(f"SPOOLQ_ROOT={spool.root}\n")
+    service = (UNITS / "spoolq-enqueue-example.service").read_text()
+    assert f"exec {SHIPPED_VENV}/bin/spoolq " in service
+    service = service.replace(f"exec {SHIPPED_VENV}/bin/spoolq ", f"exec {venv}/bin/spoolq ")
+    service = _set(service, "User", None, "a user manager cannot switch users")
+    service = _set(service, "Group", None, "a user manager cannot switch groups")
+    service = _set(service, "EnvironmentFile", [str(env_file)], "the harness spool, not the host's /etc")
+    service = _set(service, "ReadWritePaths", [str(spool.root.parent)], "the harness spools")
+    service = _set(service, "RequiresMountsFor", [str(spool.root.parent)], "the harness spools")
+    service = _set(service, "StandardOutput", [f"append:{manager.root}/enqueue-example.log"], "no journald here")
+    service = _set(service, "StandardError", ["inherit"], "same file as stdout")
+    timer = (UNITS / "spoolq-enqueue-example.timer").read_text()
+    timer = _set(timer, "OnCalendar", ["*:*:0/2"], "every 2 s, not daily")
+    timer = _set(timer, "AccuracySec", ["100ms"], "on time, so the test takes seconds")
+    manager.install("spoolq-enqueue-example.service", service)
+    manager.install("spoolq-enqueue-example.timer", timer)
+    manager.systemctl("daemon-reload")
+    inst.prepare("w1")
+    inst.start("w1")
+    inst.wait_running("w1")
+
+    def log() -> str:
+        path = manager.root / "enqueue-example.log"
+        return manager.systemctl("status", "spoolq-enqueue-example.service", check=False).stdout + (
+            path.read_text(errors="replace") if path.exists() else "")
+
+    def finished() -> list[dict[str, object]]:
+        tasks = json.loads(spool.cli("list", "--type", "Report", "--json").stdout)
+        assert all(t["state"] != "FAILED" for t in tasks), tasks
+        done = [t for t in tasks if t["state"] == "FINISHED"]
+        return done if len(done) >= 3 else []
+
+    manager.systemctl("start", "spoolq-enqueue-example.timer")
+    try:
+        tasks = wait_until("3 timer-enqueued tasks FINISHED", finished, 60,
+                           on_timeout=lambda: log() + inst.diagnostics("w1"))
+    finally:
+        manager.systemctl("stop", "spoolq-enqueue-example.timer", check=False)
+    assert len({t["id"] for t in tasks}) == len(tasks)
+    assert all(re.fullmatch(r"daily-\d{8}T\d{6}\.\d{3}Z", str(t["id"])) for t in tasks), tasks
+    assert manager.show("spoolq-enqueue-example.service", "Result")["Result"] == "success", log()

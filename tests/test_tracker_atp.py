@@ -485,3 +485,25 @@ def test_an_atp_program_runs_against_a_real_worker(make_spool, spool_root: Path,
         "TaskBad FAILED Input must be a sequence of numbers!"]
     if max_queue is None:
         assert lines[-1] == "never waited"  # unlimited: the idiom never blocks
+
+
+def test_dequeue_obeys_priorities_due_times_and_holds(atp_root: Path) -> None:  # contract §11.3
+    """dequeueTask claims as a daemon does: higher priority first, never a
+    task not due yet, never one of a held type."""
+    from spoolq import Spool
+
+    registerTaskType("T", "atp_demo.handler")  # noqa: F405
+    registerTaskType("H", "atp_demo.handler")  # noqa: F405
+    spool = Spool(atp_root)
+    spool.enqueue("T", "low", 1)
+    spool.enqueue("T", "later", 2, priority=100, delay=3600)
+    spool.enqueue("T", "high", 3, priority=5)
+    spool.enqueue("H", "held", 4, priority=100)
+    spool.hold("H")
+    order = [getTaskIdentifier(dequeueTask("srv")[0])[1] for _ in range(2)]  # noqa: F405
+    assert order == ["high", "low"]
+    with pytest.raises(QueueEmpty):  # noqa: F405
+        dequeueTask("srv")  # noqa: F405
+    spool.release("H")
+    assert getTaskIdentifier(dequeueTask("srv")[0]) == ("H", "held")  # noqa: F405
+    assert getTaskStatusByIdentifier("T", "later") == (1, "ENQUEUED")  # noqa: F405

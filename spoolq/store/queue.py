@@ -21,12 +21,10 @@ import time
 from collections.abc import Callable
 
 from ..errors import CorruptTask
-from ..lifecycle import State, WaitKey, due, wait_order_key
+from ..lifecycle import Place, State, WaitKey, cancelled_while_waiting, due, wait_order_key
 from .codec import from_iso
 from .layout import Layout
 from .taskdir import peek_status
-
-_FINAL_NAMES = frozenset(state.name for state in State if state.terminal)
 
 FUTURE_SLACK_NS = 60 * 10**9  # how far in the future a stamp may be before the clock is suspected
 
@@ -64,13 +62,13 @@ def _settle_future(path: str, mtime: int) -> int:
 def read_key(directory: str, name: str, mtime: int) -> WaitKey:
     """The wait-order key of entry *name* of ``enqueued/`` whose mtime is
     *mtime*. An entry whose status cannot be read is keyed as a plain task,
-    so that a claim meets it and quarantines it; so is one already final (a
-    cancel stopped before its move), so that a claim completes the move."""
+    so that a claim meets it and quarantines it; so is one whose cancel
+    stopped before its move, so that a claim completes the move."""
     try:
         doc = peek_status(os.path.join(directory, name))
     except (OSError, CorruptTask):
         return wait_order_key(_stamp(mtime), name)
-    if doc.get("state") in _FINAL_NAMES:
+    if doc.get("state") in State.__members__ and cancelled_while_waiting(Place.ENQUEUED, State[doc["state"]]):
         return wait_order_key(_stamp(mtime), name)
     priority = doc.get("priority", 0)
     if isinstance(priority, bool) or not isinstance(priority, int):
