@@ -80,12 +80,17 @@ from .spool import Spool
 from .store import fsutil
 from .store.codec import INPUT_NAMES, INPUT_PICKLE, LOG, RESPONSE, STATUS, state_of
 from .store.layout import SETTINGS, STATE_DIRS, layout_problems, resolve_root
+from .store.output import PROGRESS, PROGRESS_TMP, is_output_file
 from .store.taskdir import read_status, roll_forward
 from .sweeps import TMP_GRACE
 
 ROOT_ENTRIES = frozenset({*STATE_DIRS, SETTINGS, "lost+found"})
 TASK_FILES = frozenset({STATUS, LOG, RESPONSE, *INPUT_NAMES})
 TASK_LEFTOVERS = frozenset({STATUS + ".tmp", RESPONSE + ".tmp"})
+# A run's output (with the tail parts a run that is still in its tail, or
+# died there, leaves) and progress: not durable state, never quarantined
+# while they are regular files (contract §12.1, §12.3).
+RUN_FILES = frozenset({PROGRESS, PROGRESS_TMP})
 _LOCK_WAIT = 5.0
 
 
@@ -390,6 +395,10 @@ class _Checker:
                     return self.add("symlink", path, f"{entry} is a symlink (to {_target(epath)}); never followed")
                 if not stat.S_ISREG(st.st_mode):
                     return self.add("incomplete", path, f"{entry} is {_what(epath)}, not a regular file")
+                if st.st_mode & stat.S_IWOTH:
+                    self.add("permissions", epath, f"writable by any user: fix with: chmod o-w {epath}")
+                self._group_access(epath, st, dfd, name=entry)
+            elif (entry in RUN_FILES or is_output_file(entry)) and stat.S_ISREG(st.st_mode):
                 if st.st_mode & stat.S_IWOTH:
                     self.add("permissions", epath, f"writable by any user: fix with: chmod o-w {epath}")
                 self._group_access(epath, st, dfd, name=entry)

@@ -672,6 +672,15 @@ class Spool:
             crashpoint("response.stored")
             task.write(task.state, task.doc.get("message", ""), record=False, response_mime=str(mime_type))
 
+    def store_progress(self, claim: Claim | str, doc: dict[str, Any]) -> None:
+        """Replace the task's ``progress`` (contract §12.3) through its claim:
+        no log record, no status change, not fsynced. (The daemon's handler
+        processes write it straight into the task directory they hold.)"""
+        from .store.output import write_progress
+
+        with self._claimed(Claim.parse(claim), HELD_STATES) as task:
+            write_progress(task.fd, doc)
+
     def touch(self, claim: Claim | str) -> bool:
         """Heartbeat: set the running task's mtime to now. False if this
         claim no longer holds a started task there (not started yet, taken
