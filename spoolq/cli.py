@@ -925,25 +925,65 @@ def fsck(
     return 0 if not remaining else EX_FAILED
 
 
-def _prometheus(census: Census) -> str:
-    """The node_exporter textfile format (write it to a *.prom file)."""
-    lines = [
-        "# HELP spoolq_tasks Tasks in the spool, by state and type.",
-        "# TYPE spoolq_tasks gauge",
-    ]
-    for type_name, counts in census.types.items():
-        for state, n in counts.items():
-            lines.append(f'spoolq_tasks{{state="{state.lower()}",type="{type_name}"}} {n}')
-    lines += [
-        "# HELP spoolq_oldest_waiting_seconds Age of the oldest ENQUEUED task (0 when none waits).",
-        "# TYPE spoolq_oldest_waiting_seconds gauge",
-        f"spoolq_oldest_waiting_seconds {census.oldest_waiting_seconds or 0:.3f}",
-        "# HELP spoolq_task_restarts Restarts charged to the tasks now running or done, by type.",
-        "# TYPE spoolq_task_restarts gauge",
-    ]
-    for type_name, n in census.restarts.items():
-        lines.append(f'spoolq_task_restarts{{type="{type_name}"}} {n}')
-    return "\n".join(lines) + "\n"
+def _prometheus(spool: Spool, census: Census) -> str:
+    """The node_exporter textfile format (write it to a *.prom file), made
+    by prometheus_client (imported here only: it costs tens of ms, which a
+    scrape can afford and a quick command could not). The gauges come from
+    the census; the counters and histograms that outlive daemons and
+    retirement from ``metrics/`` (contract §12.5), summed over servers."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+    from .store.metrics import load_all
+
+    counters, unreadable = load_all(spool.layout)
+    for name in unreadable:
+        print(f"spoolq: metrics/{name} cannot be read; left out of the sums ('spoolq fsck' reports it)",
+              file=sys.stderr)
+    types = sorted({*census.types, *counters.types()})
+
+    class Collector:
+        def collect(self) -> Any:
+            tasks = GaugeMetricFamily("spoolq_tasks", "Tasks in the spool, by state and type.", labels=["state", "type"])
+            for type_name, row in census.types.items():
+                for state, n in row.items():
+                    tasks.add_metric([state.lower(), type_name], n)
+            yield tasks
+            yield GaugeMetricFamily("spoolq_oldest_waiting_seconds",
+                                    "Age of the oldest ENQUEUED task (0 when none waits).",
+                                    value=round(census.oldest_waiting_seconds or 0, 3))
+            gauge = GaugeMetricFamily("spoolq_task_restarts", "Restarts charged to the tasks now running or done, "
+                                      "by type.", labels=["type"])
+            for type_name, n in census.restarts.items():
+                gauge.add_metric([type_name], n)
+            yield gauge
+            completed = CounterMetricFamily("spoolq_tasks_completed", "Tasks that ended FINISHED or FAILED, by type "
+                                            "and state (kept across daemon restarts and retirement).",
+                                            labels=["type", "state"])
+            restarts = CounterMetricFamily("spoolq_task_restarts", "Restarts spent, by type, counted when their "
+                                           "task ends.", labels=["type"])
+            retries = CounterMetricFamily("spoolq_task_retries", "Retries spent, by type, counted when their task "
+                                          "ends.", labels=["type"])
+            for type_name in types:
+                row = counters.completed.get(type_name, {})
+                for state in ("FINISHED", "FAILED"):
+                    completed.add_metric([type_name, state], row.get(state, 0))
+                restarts.add_metric([type_name], counters.restarts.get(type_name, 0))
+                retries.add_metric([type_name], counters.retries.get(type_name, 0))
+            yield from (completed, retries, restarts)
+            for name, help_text, table in (
+                ("spoolq_task_run_seconds", "Time from a task's start to its end, by type.", counters.run_seconds),
+                ("spoolq_task_wait_seconds", "Time from a task's enqueue to its start, by type.", counters.wait_seconds),
+            ):
+                family = HistogramMetricFamily(name, help_text, labels=["type"])
+                for type_name, hist in sorted(table.items()):
+                    family.add_metric([type_name], hist.cumulative(), sum_value=hist.sum)
+                yield family
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector())  # type: ignore[arg-type]
+    text = generate_latest(registry).decode()
+    return text if text.endswith("\n") else text + "\n"
 
 
 @_command(examples=["spoolq stats", "spoolq stats --json",
@@ -956,17 +996,21 @@ def stats(
 
     Also the oldest waiting task's age and the restarts of the tasks in
     running/ and done/. --prometheus prints metrics for node_exporter's textfile collector:
-    spoolq_tasks{state,type}, spoolq_oldest_waiting_seconds, spoolq_task_restarts{type}.
+    the gauges spoolq_tasks{state,type}, spoolq_oldest_waiting_seconds, spoolq_task_restarts{type}; the
+    counters spoolq_tasks_completed_total{type,state}, spoolq_task_retries_total{type},
+    spoolq_task_restarts_total{type} and the histograms spoolq_task_run_seconds{type},
+    spoolq_task_wait_seconds{type}, which daemon restarts and retirement do not reset (summed over servers).
     --json and --prometheus exclude each other.
     """
     if json_out and prometheus:
         raise UsageError("--json and --prometheus exclude each other: give one")
-    census = _spool().census()
+    spool = _spool()
+    census = spool.census()
     if json_out:
         _print_json(census.as_json())
         return
     if prometheus:
-        sys.stdout.write(_prometheus(census))
+        sys.stdout.write(_prometheus(spool, census))
         return
     states = [s.name for s in State]
     rows = [[t, *(counts[s] for s in states), census.restarts.get(t, 0)] for t, counts in census.types.items()]

@@ -50,6 +50,7 @@ from ..errors import CorruptTask, ServerBusy, SpoolError, SpoolqError, StaleClai
 from ..lifecycle import Action, Claim, Outcome, Place, State
 from ..names import check_server, check_type, split_task_name
 from ..spool import Spool
+from ..store.metrics import ServerCounters
 from ..store.queue import WaitingIndex
 from ..systemd import Notifier, setup_logging
 from ..watch import ARRIVALS, DEPARTURES, DirWatcher, TaskWatches
@@ -171,6 +172,8 @@ class Worker:
         self._claims_paused_until = 0.0
         self.finished = 0
         self.failed = 0
+        # Counters that outlive this process (contract §12.5): metrics/SERVER.json.
+        self.counters = ServerCounters(spool.layout, self.server)
 
     # ------------------------------------------------------------------ life cycle
 
@@ -202,6 +205,7 @@ class Worker:
             log.error("%s; stopping", exc)
             code = 1
         finally:
+            self.counters.close()
             for executor in self.executors.values():
                 executor.close()
             for watcher in self._watchers():
@@ -261,6 +265,8 @@ class Worker:
                 if claim is not None:
                     held.append(claim)
         for action in sweeps.recover_server(self.spool, self.server, keep_scheduled=self.draining):
+            if action.action is Action.FAILED:
+                self.counters.ended(action.type, action.id)
             log.warning("recovered %s:%s: %s (%s)", action.type, action.id, action.action, action.reason)
         return held
 
@@ -341,6 +347,7 @@ class Worker:
             self.notifier.status(self._status_text())
             self._next_status = now + 2.0
         self.notifier.watchdog()
+        self.counters.tick()
         faults.crashpoint("daemon.loop")
         self._wait(self._timeout(time.monotonic()))
         return False
@@ -540,6 +547,7 @@ class Worker:
                 self._unsettle(job, ended)
             elif result is Action.FAILED:
                 self.failed += 1
+                self.counters.ended(job.claim.type, job.claim.id, job.claim.number)
                 log.error("failed %s: %s (no restarts left)", job.label, reason)
             elif result is Action.REENQUEUED:
                 log.warning("re-enqueued %s: %s", job.label, reason)
@@ -592,6 +600,8 @@ class Worker:
             self._guard(f"settling {job.claim}", lambda e=ended: self._settle(e))
 
     def _report(self, job: _Job, outcome: Outcome) -> None:
+        if outcome in (Outcome.FINISHED, Outcome.FAILED):
+            self.counters.ended(job.claim.type, job.claim.id, job.claim.number)
         if outcome is Outcome.FINISHED:
             self.finished += 1
             log.info("finished %s in %.3f s", job.label, time.monotonic() - job.claimed)
@@ -702,6 +712,8 @@ class Worker:
         try:
             actions, _removed = sweeps.sweep(self.spool)
             for action in actions:
+                if action.action is Action.FAILED:  # gave up on a task (no restarts left): it ended here
+                    self.counters.ended(action.type, action.id)
                 if action.action is Action.RETIRED:
                     log.info("sweep: retired %s:%s", action.type, action.id)
                 else:
