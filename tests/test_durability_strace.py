@@ -19,7 +19,10 @@ O. After a task directory moves between state directories, nothing inside
    it is made durable (fsynced) before both parents of the move are: a
    state written for the new place must not outlive a move that is lost.
 
-``locks/`` is exempt (lock files carry no data). The same lifecycle with
+``locks/`` is exempt (lock files carry no data), and so are what is not
+durable state by design (docs/design.md, "Output", "Metrics"): ``metrics/``
+and a task's run files (``output``, its ``output.tail.K`` parts,
+``progress``), which are never fsynced. The same lifecycle with
 ``durable=False`` has no fsync at all, so the checker finds violations:
 that run shows the check can fail.
 """
@@ -137,7 +140,10 @@ class Checker:
         if not path or not (path == self.root or path.startswith(self.root + "/")):
             return False
         rel = path[len(self.root) + 1 :]
-        return not (rel == "locks" or rel.startswith("locks/"))
+        if rel.split("/")[0] in ("locks", "metrics"):
+            return False  # lock files carry no data; counters are not durable state
+        name = os.path.basename(rel)
+        return not (name in ("output", "progress", "progress.tmp") or name.startswith("output.tail."))
 
     def task_level(self, path: str) -> bool:
         """A task directory directly in a state directory (or scheduled/SERVER)."""
