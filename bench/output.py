@@ -58,24 +58,22 @@ def _write_all(fd: int, mib: int) -> None:
             view = view[os.write(fd, view):]
 
 
-def run_devnull(mib: int, _dir: str) -> float:
-    fd = os.open(os.devnull, os.O_WRONLY)
+def _timed_write(path: str, flags: int, mib: int) -> float:
+    fd = os.open(path, flags, 0o600)
     try:
         started = time.perf_counter()
         _write_all(fd, mib)
         return time.perf_counter() - started
     finally:
         os.close(fd)
+
+
+def run_devnull(mib: int, _dir: str) -> float:
+    return _timed_write(os.devnull, os.O_WRONLY, mib)
 
 
 def run_direct(mib: int, workdir: str) -> float:
-    fd = os.open(os.path.join(workdir, "direct"), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o600)
-    try:
-        started = time.perf_counter()
-        _write_all(fd, mib)
-        return time.perf_counter() - started
-    finally:
-        os.close(fd)
+    return _timed_write(os.path.join(workdir, "direct"), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_TRUNC, mib)
 
 
 def run_capture(mib: int, workdir: str, cap: int, pipe_size: int = capture.PIPE_SIZE) -> float:

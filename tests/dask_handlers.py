@@ -61,3 +61,10 @@ def hang(ts, inp):
         fh.write(f"{os.getpid()} {child.pid}")
     os.rename(inp["pidfile"] + ".tmp", inp["pidfile"])
     time.sleep(1000)
+
+
+def progress(ts, inp):
+    """Report progress on a Dask worker, then finish."""
+    for i in range(inp["n"]):
+        ts.progress(i + 1, inp["n"], "remote")
+    ts.progress(inp["n"], inp["n"], "remote done")

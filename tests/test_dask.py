@@ -149,6 +149,18 @@ def test_limits_apply_in_the_remote_handler_process(env, cluster):
     assert report["nice"] == 10 and report["ppid"] in cluster.worker_pids().values()
 
 
+def test_progress_of_a_remote_handler_reaches_the_task(env, cluster):
+    spool, workers, _ = env
+    spool.register_type("Prog", "dask_handlers.progress", executor="dask")
+    spool.enqueue("Prog", "p1", {"n": 10_000})
+    workers.start(dask_scheduler=cluster.scheduler_address)
+    wait_until(lambda: final(spool, "Prog", ["p1"]), timeout=30, what="final")
+    info = spool.status("Prog", "p1")
+    assert info.state == State.FINISHED
+    assert info.progress is not None
+    assert (info.progress["done"], info.progress["total"], info.progress["message"]) == (10_000, 10_000, "remote done")
+
+
 def test_the_daemon_killed_with_10_remote_runs_in_flight_then_restarted(env, cluster):
     """Each task ends exactly once in done/; what the lost claims report late
     is refused (and counted); no run overlaps another of the same task."""

@@ -131,3 +131,15 @@ def test_a_spool_from_before_metrics_works_and_gets_the_directory(env):  # noqa:
     env.stop()
     assert Path(env.root / "metrics" / "w1.json").exists()
     assert completed(prometheus(env), "M", "FINISHED") == 1
+
+
+def test_a_worker_whose_own_metrics_file_is_corrupt_sets_it_aside_and_counts_on(env):  # noqa: F811
+    env.spool.register_type("M", "observe_handlers.chatty")
+    (env.root / "metrics" / "w1.json").write_text('{"format": 1, "completed": []}')
+    enqueue(env, ["x"])
+    env.worker("w1")
+    wait_until(lambda: all_final(env, ["x"]), 60, "x final")
+    env.stop()
+    assert completed(prometheus(env), "M", "FINISHED") == 1
+    reasons = [p.read_text() for p in (env.root / "quarantine").glob("w1.json.*.reason")]
+    assert len(reasons) == 1 and "metrics file not a metrics document" in reasons[0]

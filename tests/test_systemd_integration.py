@@ -736,6 +736,25 @@ class Spool:
         return json.loads(self.cli("status", "nap", task_id, "--json").stdout)
 
 
+def stage_workers(manager: UserManager, venv: Path, base: Path, root: Path, env_name: str,
+                  journal_namespace: str | None = None) -> tuple[Instances, Spool, Path]:
+    """The real worker units staged for a fresh spool at *root* (under
+    *base*, the units' writable directory), with the test handlers."""
+    base.mkdir(exist_ok=True, mode=0o770)
+    handlers = manager.root / "handlers"
+    handlers.mkdir(exist_ok=True)
+    (handlers / "spoolq_it_handlers.py").write_text(HANDLERS)
+    client = manager.root / "client.py"
+    client.write_text(CLIENT)
+    env_dir = manager.root / env_name
+    stage_user_units(manager, shipped_exec_start(venv), rw_dir=base, env_dir=env_dir,
+                     code=[venv, handlers], journal_namespace=journal_namespace)
+    spool = Spool(root, handlers, client)
+    spool.cli("init")
+    spool.cli("register", "nap", "spoolq_it_handlers.nap", "--timeout", "120")
+    return Instances(manager, env_dir, base), spool, handlers
+
+
 @pytest.fixture
 def workers(manager: UserManager, venv: Path) -> Iterator[tuple[Instances, Spool]]:
     """A fresh spool and the real worker units staged for it; stopped afterwards.
@@ -746,20 +765,8 @@ def workers(manager: UserManager, venv: Path) -> Iterator[tuple[Instances, Spool
     docs/operating.md ("Where the handler code comes from") gives.
     """
     base = manager.root / "spools"
-    base.mkdir(exist_ok=True, mode=0o770)
-    root = base / uuid.uuid4().hex[:8]
-    handlers = manager.root / "handlers"
-    handlers.mkdir(exist_ok=True)
-    (handlers / "spoolq_it_handlers.py").write_text(HANDLERS)
-    client = manager.root / "client.py"
-    client.write_text(CLIENT)
-    env_dir = manager.root / "worker-env"
-    stage_user_units(manager, shipped_exec_start(venv), rw_dir=base, env_dir=env_dir,
-                     code=[venv, handlers])
-    spool = Spool(root, handlers, client)
-    spool.cli("init")
-    spool.cli("register", "nap", "spoolq_it_handlers.nap", "--timeout", "120")
-    inst = Instances(manager, env_dir, base)
+    inst, spool, handlers = stage_workers(manager, venv, base, base / uuid.uuid4().hex[:8], "worker-env")
+    root = spool.root
     used: list[str] = []
 
     def write_env(server: str, **extra: str) -> None:
@@ -988,21 +995,9 @@ def test_the_journal_has_each_tasks_lines_by_field(manager: UserManager, venv: P
     for name, text in JOURNALD_UNITS.items():
         manager.install(name, text)
     base = manager.root / "journal-spools"
-    base.mkdir(exist_ok=True, mode=0o770)
-    root = base / "spool"
-    handlers = manager.root / "handlers"
-    handlers.mkdir(exist_ok=True)
-    (handlers / "spoolq_it_handlers.py").write_text(HANDLERS)
-    client = manager.root / "client.py"
-    client.write_text(CLIENT)
-    env_dir = manager.root / "journal-env"
-    stage_user_units(manager, shipped_exec_start(venv), rw_dir=base, env_dir=env_dir, code=[venv, handlers],
-                     journal_namespace=namespace)
-    spool = Spool(root, handlers, client)
-    spool.cli("init")
-    spool.cli("register", "nap", "spoolq_it_handlers.nap", "--timeout", "120")
-    inst = Instances(manager, env_dir, base)
-    inst.write_env("j1", SPOOLQ_ROOT=str(root), PYTHONPATH=str(handlers), SPOOLQ_WORKER_ARGS="--concurrency 2")
+    inst, spool, handlers = stage_workers(manager, venv, base, base / "spool", "journal-env",
+                                          journal_namespace=namespace)
+    inst.write_env("j1", SPOOLQ_ROOT=str(spool.root), PYTHONPATH=str(handlers), SPOOLQ_WORKER_ARGS="--concurrency 2")
     journal_dir = Path("/var/log/journal")
     # LogNamespace= bind-mounts the namespace's socket directory over
     # /run/systemd/journal in the service; the mount point is created on

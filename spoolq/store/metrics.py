@@ -280,9 +280,12 @@ class ServerCounters:
             self.metrics = load(layout, server)
         except ValueError as exc:
             # Unreadable: set aside (never deleted), and count from zero.
-            path = os.path.join(metrics_dir(layout), file_name(server))
-            layout.quarantine(path, f"metrics file {exc}", now=time.time(), durable=False)
             self.metrics = Metrics()
+            path = os.path.join(metrics_dir(layout), file_name(server))
+            try:
+                layout.quarantine(path, f"metrics file {exc}", now=time.time(), durable=False)
+            except OSError as err:  # cannot move it: the next save replaces it
+                self.error = str(err.strerror or err)
 
     def ended(self, type_name: str, task_id: str, claim: int | None = None) -> bool:
         """Count task (type, id), which ended (through claim number *claim*,

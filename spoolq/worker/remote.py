@@ -23,7 +23,8 @@ Two parts, in two processes of the Dask worker's host:
 
 Each message is ``[claim, attempt, seq, kind, *args]``; kinds: ``hello``
 (Dask worker address, its pid, the slot's pid), ``state`` (state name,
-message), ``log`` (message), ``response`` (bytes, MIME type), ``end``
+message), ``log`` (message), ``response`` (bytes, MIME type), ``progress``
+(the progress document, contract §12.3), ``end``
 (outcome or "", reason). ``attempt`` is random per call of
 :func:`run_remote`, so the spool host can tell a second attempt of the same
 claim (Dask ran it again after losing a worker) from the first, and refuse
@@ -170,6 +171,12 @@ class RemoteSpool:
         self._check(claim, HELD_STATES)
         self.doc["response_mime"] = str(mime_type)
         self.report("response", bytes(data), str(mime_type))
+
+    def store_progress(self, claim: Claim | str, doc: dict[str, Any]) -> None:
+        """The handler's progress (already coalesced by its TaskContext: at
+        most one message every 0.2 s), forwarded like the other writes."""
+        self._check(claim, HELD_STATES)
+        self.report("progress", dict(doc))
 
     def status(self, type_name: str, task_id: str) -> TaskInfo:
         return TaskInfo(type_name, task_id, self.state, self.spec["path"], dict(self.doc))
