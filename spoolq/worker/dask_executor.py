@@ -63,7 +63,7 @@ NO_END = 10.0  # seconds a finished future may wait for its end message
 INFO_INTERVAL = 1.0  # seconds between reads of the cluster's workers and threads
 GET_TIMEOUT = 0.2  # seconds the background thread waits on the queue per turn
 CONNECT_TIMEOUT = 5.0
-_WRITES = ("state", "retry", "log", "response", "progress")  # the messages that write to the task, through its claim
+_WRITES = ("state", "retry", "log", "response", "progress", "output")  # the messages that write to the task, through its claim
 
 
 def import_distributed() -> Any:
@@ -296,6 +296,8 @@ class DaskExecutor:
                 self.spool.log_message(claim, args[0])
             elif kind == "progress":
                 self.spool.store_progress(claim, args[0])
+            elif kind == "output":
+                self.spool.store_output(claim, args[0])
             else:
                 self.spool.store_response(claim, args[0], args[1])
         except StaleClaim as exc:

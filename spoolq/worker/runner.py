@@ -66,7 +66,8 @@ class NoRoom(Exception):
 
 
 def run_claim(
-    spool: Spool, claim: Claim, *, import_first: bool = True, take_slot: bool = True, capture: bool = False
+    spool: Spool, claim: Claim, *, import_first: bool = True, take_slot: bool = True, capture: bool = False,
+    output_dir: int | None = None,
 ) -> Outcome:
     """Run one claimed task to a final state in this process, holding its
     run lock throughout. With *import_first*, the handler is imported before
@@ -77,7 +78,9 @@ def run_claim(
     (The dask executor's remote side does neither: the spool host does.)
     With *capture* (a handler process of the daemon), the handler's fds 1
     and 2 go to the task's ``output`` while it runs, and its progress to the
-    task's ``progress`` (:mod:`.capture`)."""
+    task's ``progress`` (:mod:`.capture`). With *output_dir* (a directory
+    fd; the dask executor's remote side), the output is captured there
+    instead."""
     try:
         ttype: TaskType | None = spool.get_type(claim.type)
     except SpoolqError:
@@ -110,7 +113,7 @@ def run_claim(
         try:
             if task_dir is not None:
                 clear_run_files(task_dir)  # an earlier run's output and progress
-            return _run_started(spool, claim, started.handler, started.input, task_dir)
+            return _run_started(spool, claim, started.handler, started.input, task_dir, output_dir)
         finally:
             if task_dir is not None:
                 os.close(task_dir)
@@ -121,14 +124,17 @@ def run_claim(
             os.close(slot)
 
 
-def _output(spool: Spool, claim: Claim, task_dir: int | None) -> contextlib.AbstractContextManager[Any]:
-    """The capture of the handler's fds 1 and 2, or nothing to do."""
-    if task_dir is None:
+def _output(spool: Spool, claim: Claim, directory: int | None) -> contextlib.AbstractContextManager[Any]:
+    """The capture of the handler's fds 1 and 2 into *directory*, or nothing to do."""
+    if directory is None:
         return contextlib.nullcontext()
-    return Capture(task_dir, spool.get_type(claim.type).max_output_bytes)
+    return Capture(directory, spool.get_type(claim.type).max_output_bytes)
 
 
-def _run_started(spool: Spool, claim: Claim, handler_path: str, value: Any, task_dir: int | None = None) -> Outcome:
+def _run_started(
+    spool: Spool, claim: Claim, handler_path: str, value: Any, task_dir: int | None = None,
+    output_dir: int | None = None,
+) -> Outcome:
     context = TaskContext(spool, claim, task_dir=task_dir)
     try:
         try:
@@ -142,7 +148,7 @@ def _run_started(spool: Spool, claim: Claim, handler_path: str, value: Any, task
         # handler returned; the outcome is recorded after that.
         caught: BaseException | None = None
         lift: Callable[[], None] | None = None
-        with _output(spool, claim, task_dir):
+        with _output(spool, claim, task_dir if output_dir is None else output_dir):
             try:
                 lift = limits.apply()
             except OSError as exc:
