@@ -190,6 +190,7 @@ class _OutputReader:
         self.part: tuple[int, int] | None = None  # (index, fd) being read
         self.part_off = 0
         self.seg = 0  # the size of a full part, once one was read whole
+        self.over = False  # the run ended while we were in its tail, and all of it is printed
 
     def close(self) -> None:
         for fd in (self.out, self.part[1] if self.part else None):
@@ -197,6 +198,7 @@ class _OutputReader:
                 os.close(fd)
         self.out = None
         self.part = None
+        self.over = False
 
     def _reopen_output(self) -> None:
         try:
@@ -215,7 +217,7 @@ class _OutputReader:
 
     def __call__(self) -> None:
         self._reopen_output()
-        if self.out is None:
+        if self.out is None or self.over:
             return
         if self.part is None:
             self._read_head()
@@ -307,8 +309,7 @@ class _OutputReader:
             self.write(rest)
         os.close(self.part[1])
         self.part = None
-        self.head_off = os.fstat(self.out).st_size  # all of it is printed now
-        self.part = (index, os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))  # stays in the tail, reads nothing
+        self.over = True  # until a new run starts a new output
 
 
 def follow_output(queries: Queries, type_name: str, task_id: str, write: Write, *,

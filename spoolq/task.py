@@ -118,7 +118,7 @@ class TaskContext:
         if self._progress is None:
             return
         done, total, message, at = self._progress
-        doc = progress_doc(done, total, str(message), iso(at))
+        doc = progress_doc(_finite(done), _finite(total), str(message), iso(at))
         if self._task_dir is not None:
             try:
                 write_progress(self._task_dir, doc)
@@ -160,6 +160,11 @@ class TaskContext:
 
     def getInfo(self) -> tuple[str, str, int, str]:
         return (self.claim.type, self.claim.id, *self.getStatus())
+
+
+def _finite(value: Any) -> Any:
+    """*value*, or None for NaN and infinities (JSON has no such numbers)."""
+    return value if value is None or value - value == 0 else None
 
 
 def _bad_progress(done: Any, total: Any) -> None:

@@ -325,3 +325,31 @@ def test_register_max_output_bytes(env):
     assert env.spool.get_type("R").max_output_bytes == 64 << 10  # unchanged by the bad calls
     with pytest.raises(Exception, match="max_output_bytes"):
         env.spool.register_type("R", "observe_handlers.printer", max_output_bytes=1)
+
+
+def test_a_capture_that_cannot_start_leaves_fds_1_and_2_alone(tmp_path):
+    from spoolq.worker.capture import Capture
+
+    before = [os.fstat(fd) for fd in (1, 2)]
+    bad = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    os.close(bad)  # a task directory that is gone: no output file can be made there
+    with Capture(bad, 1024) as capture:
+        after = [os.fstat(fd) for fd in (1, 2)]
+    assert capture.error is not None
+    assert [(s.st_dev, s.st_ino) for s in after] == [(s.st_dev, s.st_ino) for s in before]
+    assert [(s.st_dev, s.st_ino) for s in (os.fstat(1), os.fstat(2))] == [(s.st_dev, s.st_ino) for s in before]
+
+
+def test_progress_that_is_not_finite_is_stored_as_null(tmp_path):
+    from spoolq.store.output import read_progress
+    from spoolq.task import TaskContext
+
+    dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        context = TaskContext(None, "T:x#1@s", task_dir=dfd)  # type: ignore[arg-type]
+        context.progress(float("nan"), float("inf"), "odd")
+        assert read_progress(dfd) == {"done": None, "total": None, "message": "odd", "at": read_progress(dfd)["at"]}
+        with pytest.raises(TypeError, match="progress total must be a number"):
+            context.progress(1, "ten")
+    finally:
+        os.close(dfd)

@@ -33,6 +33,7 @@ written to other descriptors (a log file of its own) is not captured.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import select
 import sys
@@ -61,7 +62,7 @@ class Capture:
         self.parts: list[tuple[int, int]] = []  # (index, fd) of the parts on disk, oldest first
         self.part_written = 0
         self._saved: list[int] = []
-        self._read = self._stop_r = self._stop_w = -1
+        self._read = self._write = self._stop_r = self._stop_w = -1
         self._thread: threading.Thread | None = None
         self._splice = _SPLICE
         self.error: OSError | None = None
@@ -69,27 +70,50 @@ class Capture:
     # ------------------------------------------------------------------ the run's side
 
     def __enter__(self) -> Capture:
+        try:
+            self._start()
+        except (OSError, RuntimeError) as exc:
+            # No capture (out of descriptors or threads, disk full): the handler runs
+            # with fds 1 and 2 as they were; that is no reason to fail it.
+            self.error = exc
+            self._undo_start()
+        return self
+
+    def _undo_start(self) -> None:
+        for target, saved in zip((1, 2), self._saved):
+            os.dup2(saved, target)
+        for fd in (*self._saved, self._read, self._write, self._stop_r, self._stop_w, self.out):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._saved = []
+        self._thread = None
+        self._read = self._write = self._stop_r = self._stop_w = self.out = -1
+
+    def _start(self) -> None:
         _flush()
         self.out = os.open(OUTPUT, _O_OUT, 0o660, dir_fd=self.dfd)
         fsutil.share_with_group(self.out)
-        self._read, write = os.pipe2(os.O_CLOEXEC)
+        self._read, self._write = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(self._read, False)
         try:
-            import fcntl
-
-            fcntl.fcntl(write, _F_SETPIPE_SZ, PIPE_SIZE)
+            fcntl.fcntl(self._write, _F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
             pass  # the default buffer (64 KiB) works too, with more wake-ups
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self._saved = [os.dup(1), os.dup(2)]
-        os.dup2(write, 1)
-        os.dup2(write, 2)
-        os.close(write)
+        os.dup2(self._write, 1)
+        os.dup2(self._write, 2)
+        os.close(self._write)
+        self._write = -1
         self._thread = threading.Thread(target=self._move, name="spoolq-output", daemon=True)
         self._thread.start()
-        return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._thread is None:
+            return  # it never started
         _flush()
         for target, saved in zip((1, 2), self._saved):
             os.dup2(saved, target)
