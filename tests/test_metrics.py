@@ -48,7 +48,7 @@ def test_counters_survive_a_restart_and_retirement(env):  # noqa: F811
     env.spool.register_type("M", "observe_handlers.chatty", retention=0.3)
     first = [f"a{i}" for i in range(10)]
     enqueue(env, first)
-    w1 = env.worker("w1", sweep_interval=3600)  # its own sweep does not retire them: `spoolq sweep` will
+    w1 = env.worker("w1", sweep_interval=3600)  # it sweeps once, at its start: `spoolq sweep` retires the rest
     wait_until(lambda: all_final(env, first), 60, "10 tasks final")
     w1.send_signal(signal.SIGTERM)
     assert w1.wait(30) == 0
@@ -59,8 +59,10 @@ def test_counters_survive_a_restart_and_retirement(env):  # noqa: F811
     time.sleep(0.4)  # past the retention of 0.3 s
     swept = env.cli("sweep", "--json")
     assert swept.returncode == 0, swept.stderr
+    # The restarted worker's first sweep (at its start) may have retired the
+    # first ten already; `spoolq sweep` retires the rest: none is left.
     retired = [a for a in json.loads(swept.stdout)["actions"] if a["action"] == "retired"]
-    assert len(retired) == 15
+    assert {a["id"] for a in retired} >= set(second)
     assert env.spool.list_tasks() == []
 
     def counted():
