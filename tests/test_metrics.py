@@ -145,3 +145,16 @@ def test_a_worker_whose_own_metrics_file_is_corrupt_sets_it_aside_and_counts_on(
     assert completed(prometheus(env), "M", "FINISHED") == 1
     reasons = [p.read_text() for p in (env.root / "quarantine").glob("w1.json.*.reason")]
     assert len(reasons) == 1 and "metrics file not a metrics document" in reasons[0]
+
+
+def test_retries_spent_are_counted_when_their_task_ends(env):  # noqa: F811
+    env.spool.register_type("M", "observe_handlers.chatty", retries=2, retry_backoff=0.05, retry_backoff_max=0.1)
+    enqueue(env, ["r"], fail=True)
+    env.worker("w1")
+    wait_until(lambda: env.spool.status("M", "r").state == State.FAILED, 60, "r FAILED after its retries")
+    env.stop()
+    assert env.spool.status("M", "r").doc["retries"] == 2
+    values = prometheus(env)
+    assert completed(values, "M", "FAILED") == 1  # one end, not three
+    assert values[("spoolq_task_retries_total", frozenset({("type", "M")}))] == 2
+    assert values[("spoolq_task_run_seconds_count", frozenset({("type", "M")}))] == 1

@@ -17,7 +17,8 @@ What is counted, once per task that reaches FINISHED or FAILED in a daemon
   whoever took it away), added when it ends; so a restart is counted once,
   when its task has ended;
 * ``run_seconds[type]``: ``finished_at - started_at``; ``wait_seconds[type]``:
-  ``started_at - enqueued_at``, as histograms.
+  ``started_at`` less the due time (``not_before``, contract §11.2, else
+  ``enqueued_at``), as histograms.
 
 Not durable state: the file is not fsynced, and a daemon that is killed
 (SIGKILL, power loss) loses the increments of its last few seconds
@@ -114,10 +115,13 @@ class Metrics:
         self.restarts[type_name] = self.restarts.get(type_name, 0) + _count(doc.get("restarts"))
         self.retries[type_name] = self.retries.get(type_name, 0) + _count(doc.get("retries"))
         enqueued, started, finished = (_time(doc.get(k)) for k in ("enqueued_at", "started_at", "finished_at"))
+        due = _time(doc.get("not_before"))  # a delayed or retried task waits from its due time
+        if due is None:
+            due = enqueued
         if started is not None and finished is not None:
             self.run_seconds.setdefault(type_name, Histogram()).observe(finished - started)
-        if enqueued is not None and started is not None:
-            self.wait_seconds.setdefault(type_name, Histogram()).observe(started - enqueued)
+        if due is not None and started is not None:
+            self.wait_seconds.setdefault(type_name, Histogram()).observe(started - due)
 
     def add(self, other: Metrics) -> None:
         for type_name, row in other.completed.items():
