@@ -41,7 +41,7 @@ from .names import check_type, task_name
 from .queries import Census, TaskInfo, format_log
 from .spool import Spool
 from .store.layout import DEFAULT_ROOT, ROOT_ENV, resolve_root
-from .store.registry import EXECUTORS
+from .store.registry import DEFAULT_MAX_OUTPUT, EXECUTORS
 from .units import parse_duration, parse_size
 
 if TYPE_CHECKING:
@@ -64,6 +64,7 @@ class _Invocation:
 
     root: str = DEFAULT_ROOT
     command: str | None = None
+    follow: bool = False  # a --follow: its errors exit 2, as wait's do
 
 
 _run = _Invocation()
@@ -285,6 +286,12 @@ def register(
         min=-100, max=100, metavar="P", help="Priority of its tasks (-100 to 100, higher first) unless enqueued with one.")] = 0,
     concurrency: Annotated[int, typer.Option(
         min=0, metavar="N", help="Most of its tasks RUNNING or PAUSED at once, over every server; 0: no limit.")] = 0,
+    max_output_bytes: Annotated[
+        int,
+        typer.Option(metavar="SIZE", parser=_size_option,
+                     help="Output of a handler kept in the task's output file: its start and its latest end, "
+                          "e.g. 64K, 1M. Default: 1M."),
+    ] = DEFAULT_MAX_OUTPUT,
     json_out: JsonFlag = False,
 ) -> None:
     """Register or update a task type.
@@ -297,7 +304,7 @@ def register(
         type_name, handler, timeout=timeout, retention=retention, max_restarts=max_restarts,
         executor=executor.value, memory_max=memory_max, cpu_time=cpu_time, nice=nice, max_open_files=max_open_files,
         retries=retries, retry_backoff=retry_backoff, retry_backoff_max=retry_backoff_max, priority=priority,
-        concurrency=concurrency,
+        concurrency=concurrency, max_output_bytes=max_output_bytes,
     )
     _warn_if_not_importable(handler)
     if json_out:
@@ -452,19 +459,88 @@ def status(type_name: TypeArg, task_id: IdArg, json_out: JsonFlag = False) -> No
         print(info.state.name)
 
 
-@_command("log", examples=["spoolq log SequenceSum Task001", "spoolq log SequenceSum Task001 --json"])
-def log_(type_name: TypeArg, task_id: IdArg, json_out: JsonFlag = False) -> None:
+FollowFlag: Any = None
+FollowTimeout: Any = None
+
+
+def _follow_exit(info: TaskInfo | None, timeout: float | None, type_name: str, task_id: str) -> int:
+    """The exit status of a follow, as ``wait`` has them."""
+    if info is None:
+        _fail(f"timed out after {timeout:g} s following {type_name}/{task_id}", EX_TIMEOUT)
+    return 0 if info.state == State.FINISHED else EX_FAILED
+
+
+def _write_text(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _write_bytes(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+@_command("log", examples=["spoolq log SequenceSum Task001", "spoolq log SequenceSum Task001 --json",
+                           "spoolq log SequenceSum Task001 --follow"])
+def log_(type_name: TypeArg, task_id: IdArg, json_out: JsonFlag = False, follow: FollowFlag = False,
+         timeout: FollowTimeout = None) -> int:
     """Print the task's log, oldest first.
 
     One record a line: UTC time, state, message. With --json, an array of objects with "time", "state" and "message".
+    With --follow, keep printing records as they are written (with --json: one object a line) until the task is
+    FINISHED (exit 0) or FAILED (exit 1); 124 when --timeout runs out, 2 on any other error.
     """
+    _run.follow = follow
     spool = _spool()
+    if follow:
+        from .follow import follow_log
+
+        info = _one_task(spool, type_name, lambda: follow_log(spool.queries, type_name, task_id, _write_text,
+                                                             as_json=json_out, timeout=timeout))
+        return _follow_exit(info, timeout, type_name, task_id)
+    if timeout is not None:
+        raise UsageError("--timeout goes with --follow")
     records = _one_task(spool, type_name, lambda: spool.log_records(type_name, task_id))
     if json_out:
         _print_json([{"time": r.time.isoformat(), "state": r.state.name, "message": r.message} for r in records])
-        return
+        return 0
     for line in format_log(records):
         print(line)
+    return 0
+
+
+@_command(examples=["spoolq output SequenceSum Task001", "spoolq output SequenceSum Task001 --follow",
+                    "spoolq output SequenceSum Task001 --json"])
+def output(type_name: TypeArg, task_id: IdArg, json_out: JsonFlag = False, follow: FollowFlag = False,
+           timeout: FollowTimeout = None) -> int:
+    """Print what the task's handler wrote to stdout and stderr.
+
+    Raw bytes, as kept in the task's output file: its start and its latest end, with a marker line between them
+    when the output was longer than the type's --max-output-bytes. With --json, an object with "type", "id",
+    "state", "bytes" and "output" (text; undecodable bytes escaped). With --follow, keep printing as the handler
+    writes until the task is FINISHED (exit 0) or FAILED (exit 1); 124 when --timeout runs out, 2 on any other
+    error.
+    """
+    _run.follow = follow
+    spool = _spool()
+    if follow:
+        if json_out:
+            raise UsageError("--json and --follow exclude each other for output: give one")
+        from .follow import follow_output
+
+        info = _one_task(spool, type_name, lambda: follow_output(spool.queries, type_name, task_id, _write_bytes,
+                                                                timeout=timeout))
+        return _follow_exit(info, timeout, type_name, task_id)
+    if timeout is not None:
+        raise UsageError("--timeout goes with --follow")
+    data = _one_task(spool, type_name, lambda: spool.queries.output(type_name, task_id))
+    if json_out:
+        info = spool.status(type_name, task_id)
+        _print_json({"type": type_name, "id": task_id, "state": info.state.name, "bytes": len(data),
+                     "output": data.decode("utf-8", errors="backslashreplace")})
+        return 0
+    _write_bytes(data)
+    return 0
 
 
 @_command(examples=["spoolq result SequenceSum Task001", "spoolq result Thumbnail img7 > img7.png"])
@@ -650,7 +726,8 @@ def list_(
     """List tasks, one a line.
 
     Columns TYPE, ID, STATE, PRIORITY, SERVER, STARTS, UPDATED, MESSAGE (for
-    a task waiting for its time: when it is due), in the order
+    a task waiting for its time: when it is due), PROGRESS (of running tasks:
+    done/total and its message), in the order
     of the state directories: waiting, claimed, running, done. With --json,
     an array of the documents `spoolq status --json` prints. A --type that
     is not registered is an error."""
@@ -664,13 +741,25 @@ def list_(
         _print_json([i.as_json() for i in infos])
         return
     _table(
-        ["TYPE", "ID", "STATE", "PRIORITY", "SERVER", "STARTS", "UPDATED", "MESSAGE"],
+        ["TYPE", "ID", "STATE", "PRIORITY", "SERVER", "STARTS", "UPDATED", "MESSAGE", "PROGRESS"],
         [
             [i.type, i.id, i.state.name, i.doc.get("priority", 0), i.doc.get("server") or "",
-             i.doc.get("starts", 0), _short_time(i.doc.get("updated_at")), _list_message(i)]
+             i.doc.get("starts", 0), _short_time(i.doc.get("updated_at")), _list_message(i),
+             _progress_text(i.progress) if i.state.started and not i.state.terminal else ""]
             for i in infos
         ],
     )
+
+
+def _progress_text(progress: dict[str, Any] | None) -> str:
+    """'3/10 copying' (done/total and the message), '' without progress."""
+    if not progress:
+        return ""
+    done, total, message = progress.get("done"), progress.get("total"), progress.get("message") or ""
+    amount = f"{done:g}" if isinstance(done, (int, float)) else str(done)
+    if isinstance(total, (int, float)):
+        amount += f"/{total:g}"
+    return f"{amount} {message}".strip()
 
 
 def _list_message(info: TaskInfo) -> str:
@@ -836,25 +925,65 @@ def fsck(
     return 0 if not remaining else EX_FAILED
 
 
-def _prometheus(census: Census) -> str:
-    """The node_exporter textfile format (write it to a *.prom file)."""
-    lines = [
-        "# HELP spoolq_tasks Tasks in the spool, by state and type.",
-        "# TYPE spoolq_tasks gauge",
-    ]
-    for type_name, counts in census.types.items():
-        for state, n in counts.items():
-            lines.append(f'spoolq_tasks{{state="{state.lower()}",type="{type_name}"}} {n}')
-    lines += [
-        "# HELP spoolq_oldest_waiting_seconds Age of the oldest ENQUEUED task (0 when none waits).",
-        "# TYPE spoolq_oldest_waiting_seconds gauge",
-        f"spoolq_oldest_waiting_seconds {census.oldest_waiting_seconds or 0:.3f}",
-        "# HELP spoolq_task_restarts Restarts charged to the tasks now running or done, by type.",
-        "# TYPE spoolq_task_restarts gauge",
-    ]
-    for type_name, n in census.restarts.items():
-        lines.append(f'spoolq_task_restarts{{type="{type_name}"}} {n}')
-    return "\n".join(lines) + "\n"
+def _prometheus(spool: Spool, census: Census) -> str:
+    """The node_exporter textfile format (write it to a *.prom file), made
+    by prometheus_client (imported here only: it costs tens of ms, which a
+    scrape can afford and a quick command could not). The gauges come from
+    the census; the counters and histograms that outlive daemons and
+    retirement from ``metrics/`` (contract §12.5), summed over servers."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+    from .store.metrics import load_all
+
+    counters, unreadable = load_all(spool.layout)
+    for name in unreadable:
+        print(f"spoolq: metrics/{name} cannot be read; left out of the sums ('spoolq fsck' reports it)",
+              file=sys.stderr)
+    types = sorted({*census.types, *counters.types()})
+
+    class Collector:
+        def collect(self) -> Any:
+            tasks = GaugeMetricFamily("spoolq_tasks", "Tasks in the spool, by state and type.", labels=["state", "type"])
+            for type_name, row in census.types.items():
+                for state, n in row.items():
+                    tasks.add_metric([state.lower(), type_name], n)
+            yield tasks
+            yield GaugeMetricFamily("spoolq_oldest_waiting_seconds",
+                                    "Age of the oldest ENQUEUED task (0 when none waits).",
+                                    value=round(census.oldest_waiting_seconds or 0, 3))
+            gauge = GaugeMetricFamily("spoolq_task_restarts", "Restarts charged to the tasks now running or done, "
+                                      "by type.", labels=["type"])
+            for type_name, n in census.restarts.items():
+                gauge.add_metric([type_name], n)
+            yield gauge
+            completed = CounterMetricFamily("spoolq_tasks_completed", "Tasks that ended FINISHED or FAILED, by type "
+                                            "and state (kept across daemon restarts and retirement).",
+                                            labels=["type", "state"])
+            restarts = CounterMetricFamily("spoolq_task_restarts", "Restarts spent, by type, counted when their "
+                                           "task ends.", labels=["type"])
+            retries = CounterMetricFamily("spoolq_task_retries", "Retries spent, by type, counted when their task "
+                                          "ends.", labels=["type"])
+            for type_name in types:
+                row = counters.completed.get(type_name, {})
+                for state in ("FINISHED", "FAILED"):
+                    completed.add_metric([type_name, state], row.get(state, 0))
+                restarts.add_metric([type_name], counters.restarts.get(type_name, 0))
+                retries.add_metric([type_name], counters.retries.get(type_name, 0))
+            yield from (completed, retries, restarts)
+            for name, help_text, table in (
+                ("spoolq_task_run_seconds", "Time from a task's start to its end, by type.", counters.run_seconds),
+                ("spoolq_task_wait_seconds", "Time from a task's enqueue to its start, by type.", counters.wait_seconds),
+            ):
+                family = HistogramMetricFamily(name, help_text, labels=["type"])
+                for type_name, hist in sorted(table.items()):
+                    family.add_metric([type_name], hist.cumulative(), sum_value=hist.sum)
+                yield family
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector())  # type: ignore[arg-type]
+    text = generate_latest(registry).decode()
+    return text if text.endswith("\n") else text + "\n"
 
 
 @_command(examples=["spoolq stats", "spoolq stats --json",
@@ -867,17 +996,21 @@ def stats(
 
     Also the oldest waiting task's age and the restarts of the tasks in
     running/ and done/. --prometheus prints metrics for node_exporter's textfile collector:
-    spoolq_tasks{state,type}, spoolq_oldest_waiting_seconds, spoolq_task_restarts{type}.
+    the gauges spoolq_tasks{state,type}, spoolq_oldest_waiting_seconds, spoolq_task_restarts{type}; the
+    counters spoolq_tasks_completed_total{type,state}, spoolq_task_retries_total{type},
+    spoolq_task_restarts_total{type} and the histograms spoolq_task_run_seconds{type},
+    spoolq_task_wait_seconds{type}, which daemon restarts and retirement do not reset (summed over servers).
     --json and --prometheus exclude each other.
     """
     if json_out and prometheus:
         raise UsageError("--json and --prometheus exclude each other: give one")
-    census = _spool().census()
+    spool = _spool()
+    census = spool.census()
     if json_out:
         _print_json(census.as_json())
         return
     if prometheus:
-        sys.stdout.write(_prometheus(census))
+        sys.stdout.write(_prometheus(spool, census))
         return
     states = [s.name for s in State]
     rows = [[t, *(counts[s] for s in states), census.restarts.get(t, 0)] for t, counts in census.types.items()]
@@ -930,11 +1063,15 @@ def _global(
 def build_app() -> typer.Typer:
     """The typer app of every command declared with :func:`_command`. Imports
     typer (only now: the annotations above name it)."""
-    global typer, JsonFlag, TypeArg, IdArg
+    global typer, JsonFlag, TypeArg, IdArg, FollowFlag, FollowTimeout
     import typer
     import typer.core
 
     JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+    FollowFlag = Annotated[bool, typer.Option("--follow", "-f",
+                                              help="Keep printing as it is written, until the task ends.")]
+    FollowTimeout = Annotated[Optional[float], typer.Option(
+        metavar="SECONDS", help="With --follow: give up after this many seconds (exit 124).")]
     TypeArg = Annotated[str, typer.Argument(metavar="TYPE", help="The task's type.")]
     IdArg = Annotated[str, typer.Argument(metavar="ID", help="The task's id (unique within its type).")]
 
@@ -990,7 +1127,8 @@ def __getattr__(name: str) -> Any:
 _QUICK: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
     "status": (("type_name", "task_id"), {"--json": "json_out"}),
     "enqueue": (("type_name", "task_id", "input_path"), {"--json": "json_in"}),
-    "log": (("type_name", "task_id"), {"--json": "json_out"}),
+    "log": (("type_name", "task_id"), {"--json": "json_out", "--follow": "follow", "-f": "follow"}),
+    "output": (("type_name", "task_id"), {"--json": "json_out", "--follow": "follow", "-f": "follow"}),
     "result": (("type_name", "task_id"), {}),
     "delete": (("type_name", "task_id"), {}),
 }
@@ -1094,7 +1232,7 @@ def _error_text(exc: BaseException) -> str:
 
 
 def _exit_code(exc: BaseException) -> int:
-    if _run.command == "wait":
+    if _run.command == "wait" or _run.follow:
         return EX_WAIT_ERROR
     if isinstance(exc, QueueFull):
         return EX_TEMPFAIL

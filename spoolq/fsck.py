@@ -80,12 +80,18 @@ from .spool import Spool
 from .store import fsutil
 from .store.codec import INPUT_NAMES, INPUT_PICKLE, LOG, RESPONSE, STATUS, state_of
 from .store.layout import SETTINGS, STATE_DIRS, layout_problems, resolve_root
+from .store.metrics import METRICS_DIR, load, server_of
+from .store.output import PROGRESS, PROGRESS_TMP, is_output_file
 from .store.taskdir import read_status, roll_forward
 from .sweeps import TMP_GRACE
 
-ROOT_ENTRIES = frozenset({*STATE_DIRS, SETTINGS, "lost+found"})
+ROOT_ENTRIES = frozenset({*STATE_DIRS, SETTINGS, "lost+found", METRICS_DIR})
 TASK_FILES = frozenset({STATUS, LOG, RESPONSE, *INPUT_NAMES})
 TASK_LEFTOVERS = frozenset({STATUS + ".tmp", RESPONSE + ".tmp"})
+# A run's output (with the tail parts a run that is still in its tail, or
+# died there, leaves) and progress: not durable state, never quarantined
+# while they are regular files (contract §12.1, §12.3).
+RUN_FILES = frozenset({PROGRESS, PROGRESS_TMP})
 _LOCK_WAIT = 5.0
 
 
@@ -243,6 +249,7 @@ class _Checker:
         self.check_types()
         self.check_tmp()
         self.check_locks()
+        self.check_metrics()
         # Lifecycle order: a task moving forward meanwhile is seen again
         # further on (the same inode), never missed.
         self.check_tasks_in("enqueued")
@@ -321,6 +328,35 @@ class _Checker:
                     os.chmod(path, stat.S_IMODE(st.st_mode) | 0o060, follow_symlinks=False)
                     finding.action = "made group-readable"
 
+    def check_metrics(self) -> None:
+        """``metrics/<SERVER>.json``: each server's counters (contract §12.5),
+        and the staging file of a save in progress (``.<SERVER>.json.tmp``)."""
+        directory = self.spool.layout.path(METRICS_DIR)
+        st = _lstat(directory)
+        if st is None:
+            return  # made on first use
+        if not stat.S_ISDIR(st.st_mode):
+            kind = "symlink" if stat.S_ISLNK(st.st_mode) else "unknown-entry"
+            self.quarantine(self.add(kind, directory, f"{_what(directory)} where the metrics directory belongs"),
+                            directory)
+            return
+        if st.st_mode & stat.S_IWOTH:
+            self.add("permissions", directory, f"writable by any user: fix with: chmod o-w {directory}")
+        for name, path, est in _entries(directory):
+            if name.startswith(".") and name.endswith(".json.tmp") and stat.S_ISREG(est.st_mode):
+                continue  # a save in progress, or interrupted: the next save replaces it
+            server = server_of(name)
+            if server is None or not _valid(check_server, server) or not stat.S_ISREG(est.st_mode):
+                what = "not a metrics file (<SERVER>.json)" if stat.S_ISREG(est.st_mode) else "never followed"
+                kind = "symlink" if stat.S_ISLNK(est.st_mode) else "unknown-entry"
+                self.quarantine(self.add(kind, path, f"{_what(path)}: {what}"), path)
+                continue
+            try:
+                load(self.spool.layout, server)
+            except ValueError as exc:
+                finding = self.add("corrupt-metrics", path, f"{exc}: its server counts from zero once it is set aside")
+                self.quarantine(finding, path)
+
     def check_tasks_in(self, where: str) -> None:
         directory = self.spool.layout.path(where)
         for name in _listdir(directory):
@@ -390,6 +426,10 @@ class _Checker:
                     return self.add("symlink", path, f"{entry} is a symlink (to {_target(epath)}); never followed")
                 if not stat.S_ISREG(st.st_mode):
                     return self.add("incomplete", path, f"{entry} is {_what(epath)}, not a regular file")
+                if st.st_mode & stat.S_IWOTH:
+                    self.add("permissions", epath, f"writable by any user: fix with: chmod o-w {epath}")
+                self._group_access(epath, st, dfd, name=entry)
+            elif (entry in RUN_FILES or is_output_file(entry)) and stat.S_ISREG(st.st_mode):
                 if st.st_mode & stat.S_IWOTH:
                     self.add("permissions", epath, f"writable by any user: fix with: chmod o-w {epath}")
                 self._group_access(epath, st, dfd, name=entry)

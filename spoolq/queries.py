@@ -27,6 +27,7 @@ from .names import split_task_name, task_name
 from .store import codec, fsutil, queue
 from .store.codec import LOG, RESPONSE, LogRecord
 from .store.layout import Layout
+from .store.output import compose, read_progress
 from .store.registry import TypeRegistry
 from .store.taskdir import UNLIMITED, open_task_dir, peek_status, read_status
 
@@ -45,12 +46,16 @@ class TaskInfo:
     state: State
     path: str
     doc: dict[str, Any] = field(repr=False)
+    # The handler's last progress (contract §12.3), from the task's
+    # ``progress`` file, or None.
+    progress: dict[str, Any] | None = field(default=None, repr=False)
 
     def as_json(self) -> dict[str, Any]:
         out = dict(self.doc)
         out["state"] = self.state.name
         out["code"] = int(self.state)
         out["path"] = self.path
+        out["progress"] = self.progress
         return out
 
 
@@ -144,11 +149,20 @@ class Queries:
         """The task's status document."""
         for path, dfd in self._open(type_name, task_id):
             try:
-                doc = read_status(dfd, path)
+                return _info(type_name, task_id, path, dfd)
             finally:
                 os.close(dfd)
-            return TaskInfo(type_name, task_id, codec.state_of(doc), path, doc)
         raise TaskNotFound(type_name, task_id)  # pragma: no cover - _open raises first
+
+    def output(self, type_name: str, task_id: str) -> bytes:
+        """The handler's captured output (contract §12.1), as ``spoolq output``
+        prints it; empty when there is none (yet)."""
+        for _path, dfd in self._open(type_name, task_id):
+            try:
+                return compose(dfd)
+            finally:
+                os.close(dfd)
+        raise TaskNotFound(type_name, task_id)  # pragma: no cover
 
     def _read_file(self, type_name: str, task_id: str, filename: str) -> bytes:
         """Content of one file of the task; FileNotFoundError if it has none."""
@@ -224,8 +238,11 @@ class Queries:
         """The status of a listed task: at its listed path, or wherever it
         moved since; None if it is gone or cannot be read."""
         try:
-            doc = peek_status(path)
-            return TaskInfo(type_name, task_id, codec.state_of(doc), path, doc)
+            dfd = open_task_dir(path)
+            try:
+                return _info(type_name, task_id, path, dfd)
+            finally:
+                os.close(dfd)
         except FileNotFoundError:
             pass
         except (OSError, CorruptTask):
@@ -328,6 +345,12 @@ class Queries:
                     if pause <= 0:
                         return None
                 select.select([watcher.fileno()], [], [], pause)
+
+
+def _info(type_name: str, task_id: str, path: str, dfd: int) -> TaskInfo:
+    """The status of the task open as *dfd*, with its progress."""
+    doc = read_status(dfd, path)
+    return TaskInfo(type_name, task_id, codec.state_of(doc), path, doc, read_progress(dfd))
 
 
 def format_log(records: list[LogRecord]) -> list[str]:

@@ -673,6 +673,25 @@ class Spool:
             crashpoint("response.stored")
             task.write(task.state, task.doc.get("message", ""), record=False, response_mime=str(mime_type))
 
+    def store_progress(self, claim: Claim | str, doc: dict[str, Any]) -> None:
+        """Replace the task's ``progress`` (contract §12.3) through its claim:
+        no log record, no status change, not fsynced. (The daemon's handler
+        processes write it straight into the task directory they hold.)"""
+        from .store.output import write_progress
+
+        with self._claimed(Claim.parse(claim), HELD_STATES) as task:
+            write_progress(task.fd, doc)
+
+    def store_output(self, claim: Claim | str, data: bytes) -> None:
+        """Replace the task's ``output`` (contract §12.1) with *data*, through
+        its claim, also once the claim made the task final (an executor that
+        runs the handler elsewhere sends the run's output at its end). Not
+        fsynced: the output is not durable state."""
+        from .store.output import write_output
+
+        with self._claimed(Claim.parse(claim), HELD_STATES | {State.FINISHED, State.FAILED}) as task:
+            write_output(task.fd, bytes(data))
+
     def touch(self, claim: Claim | str) -> bool:
         """Heartbeat: set the running task's mtime to now. False if this
         claim no longer holds a started task there (not started yet, taken

@@ -17,17 +17,23 @@ The protocol: sd_notify(3), sd_watchdog_enabled(3), systemd.exec(5)
 
 from __future__ import annotations
 
+import array
+import errno
+import fcntl
 import logging
 import os
 import socket
+import struct
 import sys
 import time
-from typing import Callable, TextIO
+from typing import Any, Callable, TextIO
 
 __all__ = [
+    "JournalHandler",
     "Notifier",
     "notify",
     "setup_logging",
+    "task_fields",
     "under_journald",
     "watchdog_interval",
 ]
@@ -272,6 +278,106 @@ class _SpoolqHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Marker class so :func:`setup_logging` can find and replace its own handler."""
 
 
+# --------------------------------------------------------------------------- the native journal protocol
+
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+IDENTIFIER = "spoolq"
+_F_ADD_SEALS = 1033
+_SEALS = 0x0001 | 0x0002 | 0x0004 | 0x0008  # F_SEAL_SEAL | SHRINK | GROW | WRITE
+
+
+def task_fields(task: Any, state: str | None = None) -> dict[str, Any]:
+    """``extra=`` for a log call about one task (a claim, or anything with
+    ``type``, ``id`` and perhaps ``server``): under journald the line then
+    carries SPOOLQ_TYPE, SPOOLQ_ID, SPOOLQ_SERVER and SPOOLQ_STATE
+    (contract §12.4)."""
+    return {"spoolq_task": task, "spoolq_state": state}
+
+
+def journal_fields(record: logging.LogRecord, message: str) -> list[tuple[str, str]]:
+    """The journal fields of one log record: MESSAGE (the formatted line,
+    traceback included), PRIORITY, SYSLOG_IDENTIFIER, SYSLOG_PID, the
+    logger's name and, for a line about a task, its SPOOLQ_* fields."""
+    fields = [
+        ("MESSAGE", message),
+        ("PRIORITY", str(syslog_priority(record.levelno))),
+        ("SYSLOG_IDENTIFIER", IDENTIFIER),
+        ("SYSLOG_PID", str(os.getpid())),
+        ("SPOOLQ_LOGGER", record.name),
+        ("CODE_FILE", record.pathname),
+        ("CODE_LINE", str(record.lineno)),
+        ("CODE_FUNC", record.funcName),
+    ]
+    task = getattr(record, "spoolq_task", None)
+    if task is not None:
+        for name, attr in (("SPOOLQ_TYPE", "type"), ("SPOOLQ_ID", "id"), ("SPOOLQ_SERVER", "server")):
+            value = getattr(task, attr, None)
+            if value is not None:
+                fields.append((name, str(value)))
+        state = getattr(record, "spoolq_state", None)
+        if state:
+            fields.append(("SPOOLQ_STATE", str(state)))
+    return fields
+
+
+def encode_fields(fields: list[tuple[str, str]]) -> bytes:
+    """One journal entry in the native protocol: ``NAME=value`` lines; a
+    value with a newline as NAME, newline, its length (64-bit little
+    endian), the value, newline."""
+    out = []
+    for name, value in fields:
+        data = str(value if value is not None else "").encode("utf-8", errors="replace")
+        if b"\n" in data:
+            out.append(name.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n")
+        else:
+            out.append(name.encode() + b"=" + data + b"\n")
+    return b"".join(out)
+
+
+class JournalHandler(logging.Handler):
+    """Log records as journal entries, sent to journald's native socket
+    (systemd.journal-fields(7), "Native Journal Protocol"): one datagram per
+    record, or, when it is too large for a datagram, a sealed memfd passed
+    over the socket. When journald does not take it (its socket is gone),
+    the record goes to *fallback* (the ``<N>``-prefixed line on stderr)."""
+
+    def __init__(self, fallback: logging.Handler, path: str | None = None) -> None:
+        super().__init__()
+        self.path = path or JOURNAL_SOCKET
+        self.fallback = fallback
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = self.format(record)
+            data = encode_fields(journal_fields(record, message))
+            try:
+                self.sock.sendto(data, self.path)
+            except OSError as exc:
+                if exc.errno not in (errno.EMSGSIZE, errno.ENOBUFS):
+                    raise
+                self._send_memfd(data)
+        except OSError:
+            self.fallback.handle(record)
+        except Exception:  # noqa: BLE001 - as logging.Handler does
+            self.handleError(record)
+
+    def _send_memfd(self, data: bytes) -> None:
+        fd = os.memfd_create("spoolq-journal", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            fcntl.fcntl(fd, _F_ADD_SEALS, _SEALS)
+            self.sock.sendmsg([], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))], 0, self.path)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        self.sock.close()
+        super().close()
+
+
 def setup_logging(level: int = logging.INFO, *, stream: TextIO | None = None) -> None:
     """Configure the ``spoolq`` logger: one line per event on ``stream``.
 
@@ -279,6 +385,10 @@ def setup_logging(level: int = logging.INFO, *, stream: TextIO | None = None) ->
     time, so test harnesses that swap stderr are honoured).  Under journald the
     lines carry ``<N>`` priority prefixes and no timestamp; otherwise they read
     ``2024-01-01 12:00:00,000 INFO spoolq.daemon: message``.
+
+    Under journald, when its native socket is there, each record is sent as
+    a journal entry with fields (:class:`JournalHandler`; a line about a
+    task carries SPOOLQ_TYPE/ID/SERVER/STATE, contract §12.4).
 
     Idempotent: calling it again replaces the handler it installed before
     instead of adding a second one (which would print every line twice).
@@ -293,9 +403,15 @@ def setup_logging(level: int = logging.INFO, *, stream: TextIO | None = None) ->
         # io.StringIO and friends have no descriptor: certainly not journald.
         journal = False
     logger = logging.getLogger("spoolq")
-    for old in [h for h in logger.handlers if isinstance(h, _SpoolqHandler)]:
+    for old in [h for h in logger.handlers if isinstance(h, (_SpoolqHandler, JournalHandler))]:
         logger.removeHandler(old)
-    handler = _SpoolqHandler(stream)
+    handler: logging.Handler = _SpoolqHandler(stream)
     handler.setFormatter(JournalFormatter() if journal else logging.Formatter(PLAIN_FORMAT))
+    if journal and os.path.exists(JOURNAL_SOCKET):
+        # Native protocol: the fields of a line about a task go with it;
+        # the prefixed line on stderr is the fallback.
+        native = JournalHandler(handler)
+        native.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        handler = native
     logger.addHandler(handler)
     logger.setLevel(level)

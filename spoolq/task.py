@@ -9,9 +9,20 @@ ones, so an ATP handler runs unchanged.
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
+from .errors import SpoolqError
 from .lifecycle import Claim, State
 from .queries import TaskInfo
 from .spool import Spool
+from .store.codec import iso
+from .store.output import progress_doc, write_progress
+
+# Progress is written at most this often (seconds), and once more when the
+# run ends: a handler may call progress() in its inner loop.
+PROGRESS_INTERVAL = 0.2
+_NUMBER = (int, float)
 
 
 class Retry(Exception):
@@ -28,9 +39,14 @@ class Retry(Exception):
 class TaskContext:
     """Status calls for one claim of one task."""
 
-    def __init__(self, spool: Spool, claim: Claim | str) -> None:
+    def __init__(self, spool: Spool, claim: Claim | str, *, task_dir: int | None = None) -> None:
         self.spool = spool
         self.claim = Claim.parse(claim)
+        # The task's directory, open, when the daemon runs the handler: progress goes there.
+        self._task_dir = task_dir
+        self._progress: tuple[Any, Any, str, float] | None = None
+        self._progress_due = 0.0  # monotonic time before which nothing is written
+        self._progress_written = True
 
     @property
     def type(self) -> str:
@@ -71,6 +87,49 @@ class TaskContext:
         """Store or replace the response (str is stored as UTF-8)."""
         self.spool.store_response(self.claim, data, mime_type)
 
+    def progress(self, done: float, total: float | None = None, message: str = "") -> None:
+        """How far the handler got: *done* of *total* (None: unknown), with a
+        short *message*. Adds no log record and changes no status; cheap
+        enough for an inner loop: the value is written (to the task's
+        ``progress`` file) at most every PROGRESS_INTERVAL seconds, and the
+        last one when the run ends. ``status --json`` shows it."""
+        if type(done) not in _NUMBER or (total is not None and type(total) not in _NUMBER):
+            _bad_progress(done, total)
+        now = time.monotonic()
+        self._progress = (done, total, message, time.time())
+        if now < self._progress_due:
+            self._progress_written = False
+            return
+        self._progress_due = now + PROGRESS_INTERVAL
+        self._write_progress()
+
+    def flush_progress(self) -> None:
+        """Write the last progress if it is not written yet (the runner calls
+        it when the handler returns). Never raises: progress is no reason for
+        a run to fail."""
+        if not self._progress_written:
+            try:
+                self._write_progress()
+            except Exception:  # noqa: BLE001 - disk full, task gone: the run goes on
+                pass
+
+    def _write_progress(self) -> None:
+        self._progress_written = True
+        if self._progress is None:
+            return
+        done, total, message, at = self._progress
+        doc = progress_doc(_finite(done), _finite(total), str(message), iso(at))
+        if self._task_dir is not None:
+            try:
+                write_progress(self._task_dir, doc)
+            except OSError:
+                pass  # not durable state; the next call tries again
+        else:
+            try:
+                self.spool.store_progress(self.claim, doc)
+            except (SpoolqError, OSError, AttributeError):
+                pass
+
     def info(self) -> TaskInfo:
         """The task's current status document."""
         return self.spool.status(self.claim.type, self.claim.id)
@@ -101,3 +160,18 @@ class TaskContext:
 
     def getInfo(self) -> tuple[str, str, int, str]:
         return (self.claim.type, self.claim.id, *self.getStatus())
+
+
+def _finite(value: Any) -> Any:
+    """*value*, or None for NaN and infinities (JSON has no such numbers)."""
+    return value if value is None or value - value == 0 else None
+
+
+def _bad_progress(done: Any, total: Any) -> None:
+    import math
+
+    for name, value in (("done", done), ("total", total)):
+        if value is None and name == "total":
+            continue
+        if isinstance(value, bool) or not isinstance(value, _NUMBER) or not math.isfinite(value):
+            raise TypeError(f"progress {name} must be a number, not {value!r}")

@@ -60,6 +60,38 @@ except (OSError, AttributeError):  # pragma: no cover - not Linux/glibc
 
 ARRIVALS = IN_CREATE | IN_MOVED_TO
 DEPARTURES = IN_MOVED_FROM | IN_DELETE
+IN_MODIFY = 0x00000002
+IN_CLOSE_WRITE = 0x00000008
+# What happens inside a task directory while it is followed: files written,
+# created, renamed into place (status.json), and the directory itself moved
+# (between state directories) or deleted.
+TASK_EVENTS = IN_MODIFY | IN_CLOSE_WRITE | IN_CREATE | IN_MOVED_TO | IN_DELETE | IN_MOVE_SELF | IN_DELETE_SELF
+
+
+def _read_events(fd: int) -> list[tuple[int, str]]:
+    """(mask, name) of every event waiting on the inotify descriptor *fd*
+    (none when *fd* is -1: no watch)."""
+    out: list[tuple[int, str]] = []
+    while fd >= 0:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        offset = 0
+        while offset + _HEADER.size <= len(data):
+            _, mask, _, length = _HEADER.unpack_from(data, offset)
+            raw = data[offset + _HEADER.size : offset + _HEADER.size + length]
+            offset += _HEADER.size + length
+            out.append((mask, os.fsdecode(raw.rstrip(b"\0"))))
+    return out
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 class DirWatcher:
@@ -111,41 +143,71 @@ class DirWatcher:
 
     def drain(self) -> list[str]:
         """Names that arrived since the last call, oldest first."""
-        if self._fd < 0:
-            return []
         names: list[str] = []
-        while True:
-            try:
-                data = os.read(self._fd, 65536)
-            except BlockingIOError:
-                return names
-            offset = 0
-            while offset + _HEADER.size <= len(data):
-                _, mask, _, length = _HEADER.unpack_from(data, offset)
-                raw = data[offset + _HEADER.size : offset + _HEADER.size + length]
-                offset += _HEADER.size + length
-                if mask & IN_Q_OVERFLOW:
-                    self.overflowed = True
-                elif mask & (IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED):
-                    log.error("%s itself was removed or moved; relying on rescans", self.directory)
-                    self.overflowed = True
-                elif raw:
-                    names.append(os.fsdecode(raw.rstrip(b"\0")))
+        for mask, name in _read_events(self._fd):
+            if mask & IN_Q_OVERFLOW:
+                self.overflowed = True
+            elif mask & (IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED):
+                log.error("%s itself was removed or moved; relying on rescans", self.directory)
+                self.overflowed = True
+            elif name:
+                names.append(name)
+        return names
 
     def clear_overflow(self) -> None:
         self.overflowed = False
 
     def close(self) -> None:
-        fds = [self._fd] if self._fd >= 0 else list(self._idle or ())
-        for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        _close_all([self._fd] if self._fd >= 0 else list(self._idle or ()))
         self._fd = -1
         self._idle = None
 
     def __enter__(self) -> DirWatcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class FdWatch:
+    """An inotify watch on the directory open as *fd*, whatever it is called
+    now or later: the watch is set through ``/proc/self/fd/N``, so it is on
+    that very inode and follows it through every rename (a task directory
+    moving between state directories). ``fileno()`` becomes readable when
+    something happened in it; :meth:`drain` returns the event masks and
+    names. Without inotify (or when the kernel refuses a watch) ``fileno()``
+    never becomes readable and the caller's periodic re-reads carry on."""
+
+    def __init__(self, fd: int, events: int = TASK_EVENTS) -> None:
+        self._fd = -1
+        self._idle: tuple[int, int] | None = None
+        if _inotify_init1 is not None:
+            ifd = _inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+            if ifd >= 0:
+                if _inotify_add_watch(ifd, os.fsencode(f"/proc/self/fd/{fd}"), events | IN_ONLYDIR) >= 0:
+                    self._fd = ifd
+                else:
+                    os.close(ifd)
+        if self._fd < 0:
+            self._idle = os.pipe2(os.O_CLOEXEC)
+
+    @property
+    def watching(self) -> bool:
+        return self._fd >= 0
+
+    def fileno(self) -> int:
+        return self._fd if self._fd >= 0 else self._idle[0]  # type: ignore[index]
+
+    def drain(self) -> list[tuple[int, str]]:
+        """(mask, name) of the events since the last call, oldest first."""
+        return list(_read_events(self._fd))
+
+    def close(self) -> None:
+        _close_all([self._fd] if self._fd >= 0 else list(self._idle or ()))
+        self._fd = -1
+        self._idle = None
+
+    def __enter__(self) -> FdWatch:
         return self
 
     def __exit__(self, *exc: object) -> None:

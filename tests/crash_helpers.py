@@ -123,8 +123,11 @@ def _run(ts, inp: dict) -> Iterator[None]:
 
 
 def ok(ts, inp):
-    """Store a response and return."""
+    """Print past the head of its output (type N keeps 64 bytes of it, so
+    the run's end puts head, marker and tail together: the point
+    ``output.parts_removed``), store a response and return."""
     with _run(ts, inp):
+        print(f"output of {ts.id} " * 20, flush=True)
         ts.store_response(f"done {ts.id}", "text/plain")
 
 

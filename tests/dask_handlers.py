@@ -61,3 +61,25 @@ def hang(ts, inp):
         fh.write(f"{os.getpid()} {child.pid}")
     os.rename(inp["pidfile"] + ".tmp", inp["pidfile"])
     time.sleep(1000)
+
+
+def progress(ts, inp):
+    """Report progress on a Dask worker, then finish."""
+    for i in range(inp["n"]):
+        ts.progress(i + 1, inp["n"], "remote")
+    ts.progress(inp["n"], inp["n"], "remote done")
+
+
+def printer(ts, inp):
+    """Print on a Dask worker: Python, a subprocess and stderr; past the cap
+    when asked to."""
+    import subprocess
+    import sys
+
+    for i in range(inp.get("lines", 3)):
+        print(f"remote line {i:06d}")
+    sys.stdout.flush()
+    subprocess.run(["echo", "echo on", ts.id], check=True)
+    print("stderr on", ts.id, file=sys.stderr, flush=True)
+    if inp.get("fail"):
+        raise RuntimeError("asked to fail")

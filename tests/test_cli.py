@@ -107,7 +107,8 @@ def test_register_and_types(root: Path) -> None:
     types = {t["name"]: t for t in json.loads(out(spoolq("types", "--json", root=root)))}
     assert types["Other"] == {"name": "Other", "handler": "pkg.mod.func", "timeout": 5.0, "retention": 10.0,
                               "max_restarts": 1, "executor": "fork", "memory_max": None, "cpu_time": None,
-                              "nice": None, "max_open_files": None, "retries": 0, "retry_backoff": 10.0, "retry_backoff_max": 3600.0, "priority": 0, "concurrency": 0, "held": False}
+                              "nice": None, "max_open_files": None, "retries": 0, "retry_backoff": 10.0, "retry_backoff_max": 3600.0, "priority": 0, "concurrency": 0, "held": False,
+                              "max_output_bytes": 1 << 20}
     assert (types["Defaults"]["timeout"], types["Defaults"]["retention"], types["Defaults"]["max_restarts"]) == (
         3600.0, -1.0, 2)
     table = out(spoolq("types", root=root))
@@ -368,7 +369,8 @@ def test_stats_json_table_and_prometheus(root: Path, spool: Spool) -> None:
         match = re.fullmatch(r'([a-z_]+)(\{(?:[a-z_]+="[^"]*",?)*\})? (-?[0-9.]+(?:e[+-]?\d+)?)', line)
         assert match, line
         samples[match[1] + (match[2] or "")] = float(match[3])
-        assert match[1] in typed, f"{match[1]} has no TYPE line before it"
+        family = re.sub(r"_(bucket|sum|count)$", "", match[1])  # a histogram's series
+        assert match[1] in typed or family in typed, f"{match[1]} has no TYPE line before it"
     assert samples[f'spoolq_tasks{{state="enqueued",type="{TYPE}"}}'] == 1
     assert samples[f'spoolq_tasks{{state="failed",type="{TYPE}"}}'] == 1
     assert samples['spoolq_tasks{state="running",type="Other"}'] == 0

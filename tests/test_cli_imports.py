@@ -53,7 +53,7 @@ def root(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("args", [
     ("status", TYPE, "x"), ("status", TYPE, "x", "--json"), ("log", TYPE, "x", "--json"),
-    ("result", TYPE, "x"), ("delete", TYPE, "gone"), ("enqueue", TYPE, "new", "-"),
+    ("result", TYPE, "x"), ("delete", TYPE, "gone"), ("enqueue", TYPE, "new", "-"), ("output", TYPE, "x"),
     ("enqueue", TYPE, "new", "-", "--json"),
 ], ids=" ".join)
 def test_a_quick_command_imports_nothing_heavy(root: Path, args: tuple[str, ...]) -> None:

@@ -21,9 +21,10 @@ from spoolq import Spool, State
 from test_cli import HANDLER, TYPE, finish, root, spool  # noqa: F401 - the fixtures, shared
 
 TYPE_FIELDS = {"name", "handler", "timeout", "retention", "max_restarts", "executor", "memory_max", "cpu_time", "nice",
-               "max_open_files", "retries", "retry_backoff", "retry_backoff_max", "priority", "concurrency", "held"}
+               "max_open_files", "retries", "retry_backoff", "retry_backoff_max", "priority", "concurrency", "held",
+               "max_output_bytes"}
 TASK_FIELDS = {"type", "id", "state", "path"}
-STATUS_FIELDS = TASK_FIELDS | {"code", "message", "starts", "updated_at"}
+STATUS_FIELDS = TASK_FIELDS | {"code", "message", "starts", "updated_at", "progress"}
 FINDING_FIELDS = {"kind", "path", "message", "action"}
 
 
@@ -43,7 +44,8 @@ def test_init_and_register(tmp_path: Path) -> None:
     doc = spoolq_json("register", "T", "pkg.mod.func", "--timeout", "-3", "--json", root=path, quiet=False)  # warns: no pkg
     assert doc == {"name": "T", "handler": "pkg.mod.func", "timeout": 0.0, "retention": -1.0, "max_restarts": 2,
                    "executor": "fork", "memory_max": None, "cpu_time": None, "nice": None, "max_open_files": None,
-                   "retries": 0, "retry_backoff": 10.0, "retry_backoff_max": 3600.0, "priority": 0, "concurrency": 0, "held": False}
+                   "retries": 0, "retry_backoff": 10.0, "retry_backoff_max": 3600.0, "priority": 0, "concurrency": 0, "held": False,
+                              "max_output_bytes": 1 << 20}
     (listed,) = spoolq_json("types", "--json", root=path)
     assert listed == doc and set(listed) == TYPE_FIELDS
 

@@ -118,6 +118,8 @@ CASES_FOR = {
     "daemon.loop": [Case("daemon.loop", nth=3)],
     # Only reached when SIGTERM's grace runs out with a handler still running.
     "daemon.handback": [Case("daemon.handback", sigterm=True)],
+    # Only handler processes put a run's output together (contract §12.1).
+    "output.parts_removed": [Case("output.parts_removed", role="slot")],
     # Only reached when a server restarts with a claim of its own left over.
     "recover.taken_away": [Case("recover.taken_away", orphan=True)],
     # Only the producer enqueues a batch.
@@ -192,7 +194,7 @@ class Scenario:
         self.cancelled = False  # a canceller was run on the planted target
         self.retired: set[tuple[str, str]] = set()
         sp = self.spool
-        sp.register_type("N", "crash_helpers.ok", timeout=30, max_restarts=2)
+        sp.register_type("N", "crash_helpers.ok", timeout=30, max_restarts=2, max_output_bytes=64)
         sp.register_type("F", "crash_helpers.fail", timeout=30, max_restarts=2, retries=1, retry_backoff=0.1)
         sp.register_type("R", "crash_helpers.ok", timeout=30, retention=60, max_restarts=2)
         sp.register_type("S", "crash_helpers.slow_first", timeout=60, max_restarts=2)

@@ -149,6 +149,34 @@ def test_limits_apply_in_the_remote_handler_process(env, cluster):
     assert report["nice"] == 10 and report["ppid"] in cluster.worker_pids().values()
 
 
+def test_progress_of_a_remote_handler_reaches_the_task(env, cluster):
+    spool, workers, _ = env
+    spool.register_type("Prog", "dask_handlers.progress", executor="dask")
+    spool.enqueue("Prog", "p1", {"n": 10_000})
+    workers.start(dask_scheduler=cluster.scheduler_address)
+    wait_until(lambda: final(spool, "Prog", ["p1"]), timeout=30, what="final")
+    info = spool.status("Prog", "p1")
+    assert info.state == State.FINISHED
+    assert info.progress is not None
+    assert (info.progress["done"], info.progress["total"], info.progress["message"]) == (10_000, 10_000, "remote done")
+
+
+def test_output_of_a_remote_handler_reaches_the_task_capped_as_under_fork(env, cluster):
+    spool, workers, _ = env
+    spool.register_type("Out", "dask_handlers.printer", executor="dask", max_output_bytes=4096)
+    spool.enqueue("Out", "small", {"lines": 2})
+    spool.enqueue("Out", "big", {"lines": 5000, "fail": True})
+    workers.start(dask_scheduler=cluster.scheduler_address)
+    wait_until(lambda: final(spool, "Out", ["small", "big"]), timeout=30, what="final")
+    assert spool.status("Out", "small").state == State.FINISHED
+    assert spool.queries.output("Out", "small") == (b"remote line 000000\nremote line 000001\n"
+                                                    b"echo on small\nstderr on big\n").replace(b"big", b"small")
+    big = spool.queries.output("Out", "big")
+    assert spool.status("Out", "big").state == State.FAILED
+    assert big.startswith(b"remote line 000000\n") and big.endswith(b"echo on big\nstderr on big\n")
+    assert b"bytes of output left out here]" in big and len(big) <= 4096 + 60
+
+
 def test_the_daemon_killed_with_10_remote_runs_in_flight_then_restarted(env, cluster):
     """Each task ends exactly once in done/; what the lost claims report late
     is refused (and counted); no run overlaps another of the same task."""

@@ -23,7 +23,10 @@ S. ``syncfs`` of the spool's filesystem makes everything written before it
    durable (a batch's one barrier): it counts as an fsync of every dirty
    directory, then of every dirty file.
 
-``locks/`` is exempt (lock files carry no data). The same lifecycle with
+``locks/`` is exempt (lock files carry no data), and so are what is not
+durable state by design (docs/design.md, "Output", "Metrics"): ``metrics/``
+and a task's run files (``output``, its ``output.tail.K`` parts,
+``progress``), which are never fsynced. The same lifecycle with
 ``durable=False`` has no fsync at all, so the checker finds violations:
 that run shows the check can fail.
 """
@@ -141,7 +144,10 @@ class Checker:
         if not path or not (path == self.root or path.startswith(self.root + "/")):
             return False
         rel = path[len(self.root) + 1 :]
-        return not (rel == "locks" or rel.startswith("locks/"))
+        if rel.split("/")[0] in ("locks", "metrics"):
+            return False  # lock files carry no data; counters are not durable state
+        name = os.path.basename(rel)
+        return not (name in ("output", "progress", "progress.tmp") or name.startswith("output.tail."))
 
     def task_level(self, path: str) -> bool:
         """A task directory directly in a state directory (or scheduled/SERVER)."""

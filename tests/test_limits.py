@@ -124,5 +124,7 @@ def test_types_json_shows_every_setting_and_old_type_files_read_as_defaults(tmp_
     docs = {d["name"]: d for d in json.loads(run_cli(root, "types", "--json").stdout)}
     assert docs["T"] == {"name": "T", "handler": "a.b", "timeout": 3600.0, "retention": -1.0, "max_restarts": 2,
                          "executor": "dask", "memory_max": 64 * 1024**2, "cpu_time": 120.0, "nice": 5,
-                         "max_open_files": 100, "retries": 0, "retry_backoff": 10.0, "retry_backoff_max": 3600.0, "priority": 0, "concurrency": 0, "held": False}
+                         "max_open_files": 100, "retries": 0, "retry_backoff": 10.0, "retry_backoff_max": 3600.0, "priority": 0, "concurrency": 0, "held": False,
+                         "max_output_bytes": 1 << 20}
     assert docs["Old"]["executor"] == "fork" and docs["Old"]["memory_max"] is None and docs["Old"]["nice"] is None
+    assert docs["Old"]["max_output_bytes"] == 1 << 20

@@ -428,7 +428,7 @@ def shipped_exec_start(venv: Path) -> str:
 
 
 def stage_user_units(m: UserManager, exec_start: str, *, rw_dir: Path, env_dir: Path,
-                     code: list[Path]) -> None:
+                     code: list[Path], journal_namespace: str | None = None) -> None:
     """Copy the shipped units into the user manager, adapted as little as possible.
 
     ``code``: every path the service runs code from (venv, scripts, handler
@@ -473,8 +473,14 @@ def stage_user_units(m: UserManager, exec_start: str, *, rw_dir: Path, env_dir: 
                 "SIGKILL a watchdog-aborted process that does not die (e.g. SIGSTOPped) quickly")
     text = _set(text, "RestartSec", [f"{RESTART_SEC}s"], "quick restarts")
     text = _set(text, "StartLimitBurst", ["50"], "scenarios restart on purpose")
-    text = _set(text, "StandardOutput", [f"append:{m.root}/%i.log"], "no journald in this harness")
-    text = _set(text, "StandardError", ["inherit"], "same file as stdout")
+    if journal_namespace is None:
+        text = _set(text, "StandardOutput", [f"append:{m.root}/%i.log"], "no journald in this harness")
+        text = _set(text, "StandardError", ["inherit"], "same file as stdout")
+    else:
+        # The journal test: a journald of its own namespace (the host has
+        # none), which the unit logs to as it would to the default one.
+        text = _set(text, "StandardOutput", ["journal"], "the journal test's journald")
+        text = _set(text, "LogNamespace", [journal_namespace], "the journal test's journald namespace")
     text = _set(text, "ExecStopPost",
                 [f"/bin/sh -c 'echo \"$SERVICE_RESULT $EXIT_CODE $EXIT_STATUS\" >> {rw_dir}/%i.exits'"],
                 "record how each run ended; systemd forgets it once an inactive unit is unloaded")
@@ -735,6 +741,25 @@ class Spool:
         return json.loads(self.cli("status", "nap", task_id, "--json").stdout)
 
 
+def stage_workers(manager: UserManager, venv: Path, base: Path, root: Path, env_name: str,
+                  journal_namespace: str | None = None) -> tuple[Instances, Spool, Path]:
+    """The real worker units staged for a fresh spool at *root* (under
+    *base*, the units' writable directory), with the test handlers."""
+    base.mkdir(exist_ok=True, mode=0o770)
+    handlers = manager.root / "handlers"
+    handlers.mkdir(exist_ok=True)
+    (handlers / "spoolq_it_handlers.py").write_text(HANDLERS)
+    client = manager.root / "client.py"
+    client.write_text(CLIENT)
+    env_dir = manager.root / env_name
+    stage_user_units(manager, shipped_exec_start(venv), rw_dir=base, env_dir=env_dir,
+                     code=[venv, handlers], journal_namespace=journal_namespace)
+    spool = Spool(root, handlers, client)
+    spool.cli("init")
+    spool.cli("register", "nap", "spoolq_it_handlers.nap", "--timeout", "120")
+    return Instances(manager, env_dir, base), spool, handlers
+
+
 @pytest.fixture
 def workers(manager: UserManager, venv: Path) -> Iterator[tuple[Instances, Spool]]:
     """A fresh spool and the real worker units staged for it; stopped afterwards.
@@ -745,20 +770,8 @@ def workers(manager: UserManager, venv: Path) -> Iterator[tuple[Instances, Spool
     docs/operating.md ("Where the handler code comes from") gives.
     """
     base = manager.root / "spools"
-    base.mkdir(exist_ok=True, mode=0o770)
-    root = base / uuid.uuid4().hex[:8]
-    handlers = manager.root / "handlers"
-    handlers.mkdir(exist_ok=True)
-    (handlers / "spoolq_it_handlers.py").write_text(HANDLERS)
-    client = manager.root / "client.py"
-    client.write_text(CLIENT)
-    env_dir = manager.root / "worker-env"
-    stage_user_units(manager, shipped_exec_start(venv), rw_dir=base, env_dir=env_dir,
-                     code=[venv, handlers])
-    spool = Spool(root, handlers, client)
-    spool.cli("init")
-    spool.cli("register", "nap", "spoolq_it_handlers.nap", "--timeout", "120")
-    inst = Instances(manager, env_dir, base)
+    inst, spool, handlers = stage_workers(manager, venv, base, base / uuid.uuid4().hex[:8], "worker-env")
+    root = spool.root
     used: list[str] = []
 
     def write_env(server: str, **extra: str) -> None:
@@ -983,3 +996,106 @@ def test_the_example_timer_enqueues_tasks_that_a_worker_runs(workers, manager: U
     assert len({t["id"] for t in tasks}) == len(tasks)
     assert all(re.fullmatch(r"daily-\d{8}T\d{6}\.\d{3}Z", str(t["id"])) for t in tasks), tasks
     assert manager.show("spoolq-enqueue-example.service", "Result")["Result"] == "success", log()
+
+
+# --- the journal (contract §12.4) ------------------------------------------------------
+
+# systemd's own units for a journald namespace (systemd-journald@.service(8)),
+# staged in the user manager: the host runs no journald of its own. The
+# service drops what a user manager cannot apply (Group=) and the sandbox a
+# user manager refuses for it; ExecStart, sockets and Type= are systemd's.
+JOURNALD_UNITS = {
+    "systemd-journald@.socket": """[Unit]
+Description=Journal Socket for Namespace %i
+
+[Socket]
+Service=systemd-journald@%i.service
+ListenStream=/run/systemd/journal.%i/stdout
+ListenDatagram=/run/systemd/journal.%i/socket
+ListenDatagram=/run/systemd/journal.%i/dev-log
+SocketMode=0666
+PassCredentials=yes
+PassSecurity=yes
+ReceiveBuffer=8M
+SendBuffer=8M
+""",
+    "systemd-journald-varlink@.socket": """[Unit]
+Description=Journal Varlink Socket for Namespace %i
+
+[Socket]
+Service=systemd-journald@%i.service
+ListenStream=/run/systemd/journal.%i/io.systemd.journal
+SocketMode=0600
+""",
+    "systemd-journald@.service": """[Unit]
+Description=Journal Service for Namespace %i
+Requires=systemd-journald@%i.socket systemd-journald-varlink@%i.socket
+After=systemd-journald@%i.socket systemd-journald-varlink@%i.socket
+
+[Service]
+ExecStart=/lib/systemd/systemd-journald %i
+Sockets=systemd-journald@%i.socket systemd-journald-varlink@%i.socket
+Type=notify
+LimitNOFILE=524288
+""",
+}
+
+
+def test_the_journal_has_each_tasks_lines_by_field(manager: UserManager, venv: Path) -> None:
+    """The worker under the shipped unit, logging to a journald: every line
+    about a task carries SPOOLQ_TYPE/ID/SERVER/STATE, so journalctl finds one
+    task's history by its id (here in the namespace the unit logs to:
+    `journalctl --namespace=NS SPOOLQ_ID=...`)."""
+    if shutil.which("journalctl") is None or not Path("/lib/systemd/systemd-journald").exists():
+        pytest.skip("systemd-journald/journalctl are not installed")
+    namespace = f"spoolqit{uuid.uuid4().hex[:8]}"
+    for name, text in JOURNALD_UNITS.items():
+        manager.install(name, text)
+    base = manager.root / "journal-spools"
+    inst, spool, handlers = stage_workers(manager, venv, base, base / "spool", "journal-env",
+                                          journal_namespace=namespace)
+    inst.write_env("j1", SPOOLQ_ROOT=str(spool.root), PYTHONPATH=str(handlers), SPOOLQ_WORKER_ARGS="--concurrency 2")
+    journal_dir = Path("/var/log/journal")
+    # LogNamespace= bind-mounts the namespace's socket directory over
+    # /run/systemd/journal in the service; the mount point is created on
+    # the host when missing (this host runs no journald): removed again below.
+    mount_point = Path("/run/systemd/journal")
+    had_mount_point = mount_point.exists()
+    sockets = [f"systemd-journald@{namespace}.socket", f"systemd-journald-varlink@{namespace}.socket"]
+    try:
+        # A system manager pulls these in for LogNamespace=; a user manager
+        # does not: the namespace's journald is started first.
+        manager.systemctl("start", *sockets)
+        inst.start("j1")
+        inst.wait_running("j1")
+        spool.enqueue(0, "Task001", "Task002")
+        assert spool.wait(60, "Task001", "Task002") == {"Task001": "FINISHED", "Task002": "FINISHED"}
+
+        def entries(*match: str) -> list[dict[str, str]]:
+            done = subprocess.run(["journalctl", f"--namespace={namespace}", "-o", "json", "--no-pager", *match],
+                                  capture_output=True, text=True, timeout=60)
+            return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+        lines = wait_until("Task001's lines in the journal",
+                           lambda: (found := entries("SPOOLQ_ID=Task001")) and
+                           any(e.get("SPOOLQ_STATE") == "FINISHED" for e in found) and found,
+                           30, on_timeout=lambda: str(entries()[-20:]))
+        assert {e["SPOOLQ_ID"] for e in lines} == {"Task001"}
+        assert {e["SPOOLQ_TYPE"] for e in lines} == {"nap"} and {e["SPOOLQ_SERVER"] for e in lines} == {"j1"}
+        assert [e["SPOOLQ_STATE"] for e in lines] == ["SCHEDULED", "RUNNING", "FINISHED"], lines
+        assert all(e["SYSLOG_IDENTIFIER"] == "spoolq" and e["PRIORITY"] == "6" for e in lines)
+        assert "finished nap:Task001" in lines[-1]["MESSAGE"]
+        # Lines about no task carry no task fields, and are there too.
+        ready = entries("SYSLOG_IDENTIFIER=spoolq")
+        assert any("server j1 ready" in e["MESSAGE"] and "SPOOLQ_ID" not in e for e in ready)
+    finally:
+        inst.stop_all("j1")
+        manager.systemctl("stop", f"systemd-journald@{namespace}.service", *sockets, check=False)
+        for d in journal_dir.glob(f"*.{namespace}"):
+            shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(f"/run/systemd/journal.{namespace}", ignore_errors=True)
+        if not had_mount_point:
+            try:
+                mount_point.rmdir()  # only if empty: another run may be using it
+            except OSError:
+                pass

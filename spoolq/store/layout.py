@@ -335,7 +335,9 @@ class Layout:
                 os.mkdir(directory, PARENT_MODE)
             except FileExistsError:
                 continue
-        for sub in ("", *STATE_DIRS, os.path.join("locks", "servers")):
+        # metrics/ (contract §12.5) is not a state directory: a spool made
+        # before it existed is complete without it, and gets it on first use.
+        for sub in ("", *STATE_DIRS, os.path.join("locks", "servers"), "metrics"):
             directory = self.path(sub) if sub else self.root
             try:
                 os.mkdir(directory, 0o700)

@@ -25,6 +25,7 @@ DEFAULT_EXECUTOR = "fork"
 EXECUTORS = ("fork", "dask")  # where handlers may run (contract §13.1)
 NICE_RANGE = (0, 19)
 PRIORITY_RANGE = (-100, 100)
+DEFAULT_MAX_OUTPUT = 1 << 20  # bytes of a handler's output kept (contract §12.1)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class TaskType:
     cpu_time: float | None = None  # seconds of CPU
     nice: int | None = None  # 0-19
     max_open_files: int | None = None
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT  # the cap of the task's ``output`` (contract §12.1)
     # Scheduling, contract §11.
     retries: int = 0  # re-runs after a handler failure
     retry_backoff: float = 10.0  # seconds before the first retry (doubling)
@@ -91,6 +93,7 @@ def _flag(value: Any) -> bool:
 _COERCE: dict[str, Any] = {
     "timeout": _number(float), "retention": _number(float), "max_restarts": _number(int), "executor": str,
     "memory_max": _number(int), "cpu_time": _number(float), "nice": _number(int), "max_open_files": _number(int),
+    "max_output_bytes": _number(int),
     "retries": _number(int), "retry_backoff": _number(float), "retry_backoff_max": _number(float),
     "priority": _number(int), "concurrency": _number(int), "held": _flag,
 }
@@ -117,6 +120,7 @@ def check_settings(ttype: TaskType) -> None:
         raise SpoolError(f"nice must be from {NICE_RANGE[0]} to {NICE_RANGE[1]}, not {ttype.nice!r}")
     if ttype.max_open_files is not None and ttype.max_open_files <= 0:
         raise SpoolError(f"max_open_files must be positive, not {ttype.max_open_files!r}")
+    check_output_cap(ttype.max_output_bytes)
     if ttype.retries < 0:
         raise SpoolError(f"retries must be 0 or more, not {ttype.retries!r}")
     if not ttype.retry_backoff > 0 or not ttype.retry_backoff_max > 0:
@@ -124,6 +128,13 @@ def check_settings(ttype: TaskType) -> None:
     check_priority(ttype.priority)
     if ttype.concurrency < 0:
         raise SpoolError(f"concurrency must be 0 (no limit) or more, not {ttype.concurrency!r}")
+
+
+def check_output_cap(max_output_bytes: int) -> None:
+    """SpoolError unless *max_output_bytes* is a whole number from 2 up (half
+    for the start of the output, half for its end)."""
+    if isinstance(max_output_bytes, bool) or not isinstance(max_output_bytes, int) or max_output_bytes < 2:
+        raise SpoolError(f"max_output_bytes must be a whole number of bytes, 2 or more, not {max_output_bytes!r}")
 
 
 def check_handler(handler: object) -> str:

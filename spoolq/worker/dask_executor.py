@@ -63,6 +63,7 @@ NO_END = 10.0  # seconds a finished future may wait for its end message
 INFO_INTERVAL = 1.0  # seconds between reads of the cluster's workers and threads
 GET_TIMEOUT = 0.2  # seconds the background thread waits on the queue per turn
 CONNECT_TIMEOUT = 5.0
+_WRITES = ("state", "retry", "log", "response", "progress", "output")  # the messages that write to the task, through its claim
 
 
 def import_distributed() -> Any:
@@ -254,14 +255,14 @@ class DaskExecutor:
             # losing a worker): never applied, its claim is still valid.
             if kind == "end":
                 run.others.discard(attempt)
-            elif kind in ("state", "retry", "log", "response"):
+            elif kind in _WRITES:
                 self.refused += 1
                 log.info("refused a %s of %s from a second dask attempt (%d refused so far)", kind, claim, self.refused)
             return []
         if run is None:
             # A run this process does not hold: a lost claim (this daemon was
             # restarted, or the run was settled as lost). Through the fence.
-            if kind in ("state", "retry", "log", "response"):
+            if kind in _WRITES:
                 self._refuse_or_apply(claim, kind, args, late=True)
             return []
         if kind == "end":
@@ -293,6 +294,10 @@ class DaskExecutor:
                 self.spool.retry(claim, args[0], args[1])
             elif kind == "log":
                 self.spool.log_message(claim, args[0])
+            elif kind == "progress":
+                self.spool.store_progress(claim, args[0])
+            elif kind == "output":
+                self.spool.store_output(claim, args[0])
             else:
                 self.spool.store_response(claim, args[0], args[1])
         except StaleClaim as exc:

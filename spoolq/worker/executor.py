@@ -430,7 +430,7 @@ def _slot_main(spool: Spool, commands: int, results: int) -> int:
         limited = bool(Limits.for_type(spool, claim.type))
         note = ""
         try:
-            outcome = run_claim(spool, claim)
+            outcome = run_claim(spool, claim, capture=True)
         except HandlerUnavailable as exc:
             outcome, note = Outcome.NO_HANDLER, " ".join(str(exc).split())
         except NoRoom as exc:

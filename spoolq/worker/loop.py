@@ -50,8 +50,9 @@ from ..errors import CorruptTask, ServerBusy, SpoolError, SpoolqError, StaleClai
 from ..lifecycle import Action, Claim, Outcome, Place, State
 from ..names import check_server, check_type, split_task_name
 from ..spool import Spool
+from ..store.metrics import ServerCounters
 from ..store.queue import WaitingIndex
-from ..systemd import Notifier, setup_logging
+from ..systemd import Notifier, setup_logging, task_fields
 from ..watch import ARRIVALS, DEPARTURES, DirWatcher, TaskWatches
 from .executor import Ended, Executor, ForkExecutor
 from .gates import Gates
@@ -171,6 +172,8 @@ class Worker:
         self._claims_paused_until = 0.0
         self.finished = 0
         self.failed = 0
+        # Counters that outlive this process (contract §12.5): metrics/SERVER.json.
+        self.counters = ServerCounters(spool.layout, self.server)
 
     # ------------------------------------------------------------------ life cycle
 
@@ -202,6 +205,7 @@ class Worker:
             log.error("%s; stopping", exc)
             code = 1
         finally:
+            self.counters.close()
             for executor in self.executors.values():
                 executor.close()
             for watcher in self._watchers():
@@ -261,7 +265,10 @@ class Worker:
                 if claim is not None:
                     held.append(claim)
         for action in sweeps.recover_server(self.spool, self.server, keep_scheduled=self.draining):
-            log.warning("recovered %s:%s: %s (%s)", action.type, action.id, action.action, action.reason)
+            if action.action is Action.FAILED:
+                self.counters.ended(action.type, action.id)
+            log.warning("recovered %s:%s: %s (%s)", action.type, action.id, action.action, action.reason,
+                        extra=task_fields(action))
         return held
 
     def _claim_of(self, name: str) -> Claim | None:
@@ -341,6 +348,7 @@ class Worker:
             self.notifier.status(self._status_text())
             self._next_status = now + 2.0
         self.notifier.watchdog()
+        self.counters.tick()
         faults.crashpoint("daemon.loop")
         self._wait(self._timeout(time.monotonic()))
         return False
@@ -451,7 +459,8 @@ class Worker:
                 self._claims_paused_until = time.monotonic() + CLAIM_RETRY
                 return
             if claim is not None:
-                log.info("claimed %s:%s (claim %d)", claim.type, claim.id, claim.number)
+                log.info("claimed %s:%s (claim %d)", claim.type, claim.id, claim.number,
+                         extra=task_fields(claim, "SCHEDULED"))
                 self._guard(f"starting {claim}", lambda c=claim: self._launch(c))
 
     # ------------------------------------------------------------------ executors
@@ -501,7 +510,7 @@ class Worker:
             self._claims_paused_until = time.monotonic() + CLAIM_RETRY
             return
         self.jobs[claim] = job
-        log.info("started %s in pid %s", job.label, executor.pid(claim))
+        log.info("started %s in pid %s", job.label, executor.pid(claim), extra=task_fields(claim, "RUNNING"))
 
     # ------------------------------------------------------------------ ends
 
@@ -540,9 +549,10 @@ class Worker:
                 self._unsettle(job, ended)
             elif result is Action.FAILED:
                 self.failed += 1
-                log.error("failed %s: %s (no restarts left)", job.label, reason)
+                self.counters.ended(job.claim.type, job.claim.id, job.claim.number)
+                log.error("failed %s: %s (no restarts left)", job.label, reason, extra=task_fields(job.claim, "FAILED"))
             elif result is Action.REENQUEUED:
-                log.warning("re-enqueued %s: %s", job.label, reason)
+                log.warning("re-enqueued %s: %s", job.label, reason, extra=task_fields(job.claim, "ENQUEUED"))
             return
         try:
             now = self.spool.set_state(job.claim, State.FAILED, ended.reason)
@@ -564,7 +574,8 @@ class Worker:
             self._unsettle(job, Ended(job.claim, None, "cancelled"))
         elif result is Action.FAILED:
             self.failed += 1
-            log.warning("cancelled %s", job.label)
+            self.counters.ended(job.claim.type, job.claim.id, job.claim.number)
+            log.warning("cancelled %s", job.label, extra=task_fields(job.claim, "FAILED"))
         else:
             self._report(job, outcome_of(self.spool, job.claim))
 
@@ -592,21 +603,25 @@ class Worker:
             self._guard(f"settling {job.claim}", lambda e=ended: self._settle(e))
 
     def _report(self, job: _Job, outcome: Outcome) -> None:
+        if outcome in (Outcome.FINISHED, Outcome.FAILED):
+            self.counters.ended(job.claim.type, job.claim.id, job.claim.number)
         if outcome is Outcome.FINISHED:
             self.finished += 1
-            log.info("finished %s in %.3f s", job.label, time.monotonic() - job.claimed)
+            log.info("finished %s in %.3f s", job.label, time.monotonic() - job.claimed,
+                     extra=task_fields(job.claim, "FINISHED"))
         elif outcome in (Outcome.FAILED, Outcome.RETRY):
             try:
                 message = self.spool.status(job.claim.type, job.claim.id).doc.get("message", "")
             except SpoolqError:
                 message = ""
             if outcome is Outcome.RETRY:
-                log.warning("%s: %s", job.label, message)  # "retry k/N in X s: why"
+                log.warning("%s: %s", job.label, message,  # "retry k/N in X s: why"
+                            extra=task_fields(job.claim, "ENQUEUED"))
             else:
                 self.failed += 1
-                log.error("failed %s: %s", job.label, message)
+                log.error("failed %s: %s", job.label, message, extra=task_fields(job.claim, "FAILED"))
         else:
-            log.info("%s was taken away or deleted while it ran", job.label)
+            log.info("%s was taken away or deleted while it ran", job.label, extra=task_fields(job.claim))
 
     @staticmethod
     def _timeout_reason(job: _Job) -> str:
@@ -681,7 +696,8 @@ class Worker:
             job.watched = self._task_watches.add(path, job.claim.name)
         cancel = self.spool.cancel_asked(job.claim) if there else None
         if cancel is not None:
-            log.warning("%s: cancel asked for (%s); stopping its handler", job.claim, cancel)
+            log.warning("%s: cancel asked for (%s); stopping its handler", job.claim, cancel,
+                        extra=task_fields(job.claim))
             job.cancel = True
             self._kill(job, f"cancelled: {cancel}", charge=False)
             return
@@ -694,7 +710,7 @@ class Worker:
         try:
             self.spool.locate(job.claim.type, job.claim.id)
         except TaskNotFound:
-            log.warning("%s was deleted; stopping its handler", job.claim)
+            log.warning("%s was deleted; stopping its handler", job.claim, extra=task_fields(job.claim))
             self._kill(job, "task deleted", charge=False)
 
     def _sweep(self) -> None:
@@ -702,10 +718,13 @@ class Worker:
         try:
             actions, _removed = sweeps.sweep(self.spool)
             for action in actions:
+                if action.action is Action.FAILED:  # gave up on a task (no restarts left): it ended here
+                    self.counters.ended(action.type, action.id)
                 if action.action is Action.RETIRED:
-                    log.info("sweep: retired %s:%s", action.type, action.id)
+                    log.info("sweep: retired %s:%s", action.type, action.id, extra=task_fields(action))
                 else:
-                    log.warning("sweep: %s %s:%s (%s)", action.action, action.type, action.id, action.reason)
+                    log.warning("sweep: %s %s:%s (%s)", action.action, action.type, action.id, action.reason,
+                                extra=task_fields(action))
         except (SpoolqError, OSError) as exc:
             self._check_spool()
             log.error("sweep failed: %s", exc)

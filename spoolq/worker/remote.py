@@ -23,7 +23,10 @@ Two parts, in two processes of the Dask worker's host:
 
 Each message is ``[claim, attempt, seq, kind, *args]``; kinds: ``hello``
 (Dask worker address, its pid, the slot's pid), ``state`` (state name,
-message), ``log`` (message), ``response`` (bytes, MIME type), ``end``
+message), ``log`` (message), ``response`` (bytes, MIME type), ``progress``
+(the progress document, contract §12.3), ``output`` (the run's output as
+``spoolq output`` shows it, capped as under fork, sent right before
+``end``, contract §12.1), ``end``
 (outcome or "", reason). ``attempt`` is random per call of
 :func:`run_remote`, so the spool host can tell a second attempt of the same
 claim (Dask ran it again after losing a worker) from the first, and refuse
@@ -42,10 +45,12 @@ import os
 import pickle
 import secrets
 import select
+import shutil
 import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 from typing import Any
 
@@ -53,7 +58,9 @@ from ..errors import CorruptTask, InvalidInput, SpoolError, StaleClaim
 from ..lifecycle import HELD_STATES, Claim, Outcome, State, sources_of
 from ..queries import TaskInfo
 from ..spool import StartedTask
+from ..store import fsutil
 from ..store.codec import INPUT_JSON
+from ..store.output import compose
 from ..store.registry import TaskType
 from .limits import Limits
 from .runner import run_claim
@@ -171,6 +178,12 @@ class RemoteSpool:
         self.doc["response_mime"] = str(mime_type)
         self.report("response", bytes(data), str(mime_type))
 
+    def store_progress(self, claim: Claim | str, doc: dict[str, Any]) -> None:
+        """The handler's progress (already coalesced by its TaskContext: at
+        most one message every 0.2 s), forwarded like the other writes."""
+        self._check(claim, HELD_STATES)
+        self.report("progress", dict(doc))
+
     def status(self, type_name: str, task_id: str) -> TaskInfo:
         return TaskInfo(type_name, task_id, self.state, self.spec["path"], dict(self.doc))
 
@@ -191,7 +204,15 @@ def slot_main(commands: int, results: int, parent: int) -> int:
             return 0
         spool = RemoteSpool(spec, lambda *message: write_frame(results, ("msg", *message)))
         limited = bool(Limits.of(spool.ttype))
-        outcome = run_claim(spool, spool.claim, import_first=False, take_slot=False)  # type: ignore[arg-type]
+        # The handler's fds 1 and 2 go to a directory of the Dask thread
+        # that runs this task; it forwards the output when the run is over.
+        output_dir = _open_dir(spec.get("output_dir"))
+        try:
+            outcome = run_claim(spool, spool.claim, import_first=False, take_slot=False,  # type: ignore[arg-type]
+                                output_dir=output_dir)
+        finally:
+            if output_dir is not None:
+                os.close(output_dir)
         write_frame(results, ("end", outcome.value, limited))
         if limited:
             return 0
@@ -289,6 +310,46 @@ def run_remote(spec: dict[str, Any]) -> str:
             batch.append([spec["claim"], attempt, seq, kind, *args])
         queue.put(batch)
 
+    # The run's output is captured into a directory of its own here, and
+    # forwarded (capped, as under fork) in one message before the run's end,
+    # whichever way it ends.
+    output_dir = tempfile.mkdtemp(prefix="spoolq-output-")
+    spec = {**spec, "output_dir": output_dir}
+    plain_send = send
+
+    def send(messages: list[tuple[Any, ...]]) -> None:  # noqa: F811 - the same, with the output before an end
+        if messages and messages[-1][0] == "end":
+            messages = [*messages[:-1], ("output", _output_of(output_dir)), messages[-1]]
+        plain_send(messages)
+
+    try:
+        return _start_and_follow(worker, key, spec, send)
+    finally:
+        shutil.rmtree(output_dir, ignore_errors=True)
+
+
+def _output_of(path: str) -> bytes:
+    dfd = _open_dir(path)
+    if dfd is None:
+        return b""
+    try:
+        return compose(dfd)
+    except OSError:
+        return b""
+    finally:
+        os.close(dfd)
+
+
+def _open_dir(path: str | None) -> int | None:
+    if not path:
+        return None
+    try:
+        return fsutil.open_dir(path)
+    except OSError:
+        return None
+
+
+def _start_and_follow(worker: Any, key: str, spec: dict[str, Any], send: Any) -> str:
     thread = threading.get_ident()
     slot = _slots.get(thread)
     if slot is None or slot.proc.poll() is not None:

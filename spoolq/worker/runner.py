@@ -20,6 +20,7 @@ handler is called, and a failure they cause names the limit.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -29,10 +30,12 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import CorruptTask, SpoolqError, StaleClaim, TaskNotFound, safe_text
-from ..lifecycle import Claim, Outcome, State
+from ..lifecycle import Claim, Outcome, Place, State
 from ..spool import Spool
+from ..store.output import clear_run_files
 from ..store.registry import TaskType
 from ..task import Retry, TaskContext
+from .capture import Capture, task_dir_of_run
 from .limits import Limits
 
 log = logging.getLogger("spoolq.runner")
@@ -62,14 +65,22 @@ class NoRoom(Exception):
     server): the claim is left as it was (not started)."""
 
 
-def run_claim(spool: Spool, claim: Claim, *, import_first: bool = True, take_slot: bool = True) -> Outcome:
+def run_claim(
+    spool: Spool, claim: Claim, *, import_first: bool = True, take_slot: bool = True, capture: bool = False,
+    output_dir: int | None = None,
+) -> Outcome:
     """Run one claimed task to a final state in this process, holding its
     run lock throughout. With *import_first*, the handler is imported before
     the task is started: HandlerUnavailable when it cannot be, with the
     task untouched (the worker hands it back and stops claiming its type
     until the import works). With *take_slot*, a slot of the type's
     concurrency limit is taken for the run (NoRoom when none is free).
-    (The dask executor's remote side does neither: the spool host does.)"""
+    (The dask executor's remote side does neither: the spool host does.)
+    With *capture* (a handler process of the daemon), the handler's fds 1
+    and 2 go to the task's ``output`` while it runs, and its progress to the
+    task's ``progress`` (:mod:`.capture`). With *output_dir* (a directory
+    fd; the dask executor's remote side), the output is captured there
+    instead."""
     try:
         ttype: TaskType | None = spool.get_type(claim.type)
     except SpoolqError:
@@ -96,9 +107,16 @@ def run_claim(spool: Spool, claim: Claim, *, import_first: bool = True, take_slo
         except CorruptTask as exc:
             log.error("%s: %s", claim, exc)
             return outcome_of(spool, claim)  # start() already failed or quarantined it
+        task_dir = None
+        if capture and started.run_lock is not None:
+            task_dir = task_dir_of_run(spool.layout.task_path(Place.RUNNING, claim.name), started.run_lock)
         try:
-            return _run_started(spool, claim, started.handler, started.input)
+            if task_dir is not None:
+                clear_run_files(task_dir)  # an earlier run's output and progress
+            return _run_started(spool, claim, started.handler, started.input, task_dir, output_dir)
         finally:
+            if task_dir is not None:
+                os.close(task_dir)
             if started.run_lock is not None:
                 os.close(started.run_lock)
     finally:
@@ -106,8 +124,18 @@ def run_claim(spool: Spool, claim: Claim, *, import_first: bool = True, take_slo
             os.close(slot)
 
 
-def _run_started(spool: Spool, claim: Claim, handler_path: str, value: Any) -> Outcome:
-    context = TaskContext(spool, claim)
+def _output(spool: Spool, claim: Claim, directory: int | None) -> contextlib.AbstractContextManager[Any]:
+    """The capture of the handler's fds 1 and 2 into *directory*, or nothing to do."""
+    if directory is None:
+        return contextlib.nullcontext()
+    return Capture(directory, spool.get_type(claim.type).max_output_bytes)
+
+
+def _run_started(
+    spool: Spool, claim: Claim, handler_path: str, value: Any, task_dir: int | None = None,
+    output_dir: int | None = None,
+) -> Outcome:
+    context = TaskContext(spool, claim, task_dir=task_dir)
     try:
         try:
             handler = load_handler(handler_path)
@@ -115,24 +143,38 @@ def _run_started(spool: Spool, claim: Claim, handler_path: str, value: Any) -> O
             return _outcome_for(fail(
                 spool, claim, f"cannot import handler {handler_path!r}: {type(exc).__name__}: {safe_text(exc)}", exc))
         limits = Limits.for_type(spool, claim.type)
-        try:
-            lift = limits.apply()
-        except OSError as exc:
-            return _outcome_for(fail(spool, claim, str(exc.strerror or exc), exc))
-        try:
-            handler(context, value)
-        except Retry as asked:
+        # The output is captured from before the limits are applied (the
+        # capture's thread and pipes count against none of them) until the
+        # handler returned; the outcome is recorded after that.
+        caught: BaseException | None = None
+        lift: Callable[[], None] | None = None
+        with _output(spool, claim, task_dir if output_dir is None else output_dir):
+            try:
+                lift = limits.apply()
+            except OSError as exc:
+                caught = exc
+            else:
+                try:
+                    handler(context, value)
+                except BaseException as exc:  # noqa: BLE001 - judged below
+                    caught = exc
+        context.flush_progress()
+        if lift is None:
+            assert isinstance(caught, OSError)
+            return _outcome_for(fail(spool, claim, str(caught.strerror or caught), caught))
+        if isinstance(caught, Retry):
             lift()
-            return _outcome_for(spool.retry(claim, asked.delay, asked.message))
-        except SystemExit as exc:
-            if exc.code not in (None, 0):
+            return _outcome_for(spool.retry(claim, caught.delay, caught.message))
+        if isinstance(caught, SystemExit):
+            if caught.code not in (None, 0):
                 lift()
-                return _failed(spool, claim, f"handler called sys.exit({exc.code!r})", None)
-        except StaleClaim:
-            raise  # the handler's own status call found its task taken away
-        except BaseException as exc:  # noqa: BLE001 - every failure becomes FAILED
+                return _failed(spool, claim, f"handler called sys.exit({caught.code!r})", None)
+        elif isinstance(caught, StaleClaim):
+            raise caught  # the handler's own status call found its task taken away
+        elif caught is not None:  # every failure becomes FAILED
             lift()
-            return _failed(spool, claim, limits.explain(exc) or f"{type(exc).__name__}: {safe_text(exc)}", exc)
+            return _failed(spool, claim, limits.explain(caught) or f"{type(caught).__name__}: {safe_text(caught)}",
+                           caught)
         lift()
         if spool.finish_if_not_finished(claim):
             return Outcome.FINISHED
