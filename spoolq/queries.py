@@ -29,7 +29,7 @@ from .store.codec import LOG, RESPONSE, LogRecord
 from .store.layout import Layout
 from .store.output import compose, read_progress
 from .store.registry import TypeRegistry
-from .store.taskdir import UNLIMITED, open_task_dir, peek_status, read_status
+from .store.taskdir import UNLIMITED, open_task_dir, read_status
 
 # How often `wait_for` re-reads the status even without a file event: a
 # safety net for a missed event, not the mechanism.
