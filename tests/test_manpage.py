@@ -70,7 +70,11 @@ def test_the_wheel_ships_the_page_and_importlib_resources_finds_it(tmp_path: Pat
     assert "spoolq/data/spoolq.1" in zipfile.ZipFile(wheel).namelist()
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--prefix", str(venv),
+    # Ask the venv where its packages go: `pip --prefix` follows the installing
+    # interpreter's scheme, which on Debian's Python adds local/ and misses the venv.
+    purelib = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             check=True, timeout=60, capture_output=True, text=True).stdout.strip()
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", purelib,
                     str(wheel)], check=True, timeout=300, capture_output=True)
     code = ("import importlib.resources, spoolq; "
             "print(spoolq.__file__); print(importlib.resources.files('spoolq').joinpath('data/spoolq.1').read_text(), end='')")
