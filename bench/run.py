@@ -388,9 +388,10 @@ def main(argv=None) -> int:
             print(f"=== {part}: exit {rc}, {time.monotonic() - t:.0f}s", file=sys.stderr, flush=True)
             if rc:
                 failed.append(part)
-        rc = subprocess.run([sys.executable, os.path.join(common.BENCH_DIR, "plot.py")]).returncode
-        if rc:
-            failed.append("plot")
+        if "plot" not in skip and (not a.only or "plot" in a.only.split(",")):
+            rc = subprocess.run([sys.executable, os.path.join(common.BENCH_DIR, "plot.py")]).returncode
+            if rc:
+                failed.append("plot")
         run["total_s"] = round(time.monotonic() - t0, 1)
         run["failed"] = failed
         run["meta"] = common.meta(a.dir)
