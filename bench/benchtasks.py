@@ -2,7 +2,7 @@
 
 spoolq calls a handler as ``handler(task, input)`` (task: spoolq.TaskContext);
 register them by dotted path, with bench/ on the worker's PYTHONPATH:
-``benchtasks.noop``, ``benchtasks.stamp``.
+``benchtasks.noop``, ``benchtasks.stamp``, ``benchtasks.wallstamp``.
 """
 
 import os
@@ -31,3 +31,13 @@ def sleep(task, input):
     fd, _ = tempfile.mkstemp(prefix="started-", dir=input["dir"])
     os.close(fd)
     time.sleep(input["seconds"])
+
+
+def wallstamp(task, input):
+    """Record when the handler started on the wall clock (time.time(), the
+    clock due times are on) into input["path"] (bench/delayed.py)."""
+    t = time.time()
+    tmp = input["path"] + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(repr(t))
+    os.rename(tmp, input["path"])

@@ -1,5 +1,6 @@
 """Run the whole benchmark: filesystem costs, lifecycle, syscall counts, e2e
-daemons, wake-up, scaling, plot.
+daemons, wake-up, scheduling (bulk enqueue, delayed tasks and retries,
+priorities), scaling, plot.
 
     python bench/run.py                   # default sizes: about 5 minutes here
     python bench/run.py --full            # the issue's sizes (lifecycle N=5,000,
@@ -21,10 +22,13 @@ import subprocess
 import sys
 import time
 
+import bulk
 import common
+import delayed
 import e2e
 import fscost
 import lifecycle
+import priority
 import scaling
 import syscalls
 import wakeup
@@ -47,12 +51,17 @@ DEFAULT = {
     "syscalls": ["--backends", "floor,spoolq,huey.FileStorage", "--n1", "20", "--n2", "70"],
     "e2e": ["--n", "300", "--rounds", "3"],
     "wakeup": ["--samples", "20", "--idle", "1"],
+    # scheduling (issues 12, 13); before scaling, which deletes most at its end
+    "bulk": ["--n", "2000", "--n-single", "200", "--rounds", "3"],
+    "delayed": ["--tasks", "50", "--rounds", "3", "--n1", "10", "--n2", "40"],
+    "priority": ["--n", "2000", "--claims", "500", "--rounds", "3"],
     "scaling": ["--sizes", "200,2000,20000", "--rounds", "3"],
 }
 FULL = {
     **DEFAULT,
     "lifecycle": ["--n", "5000", "--n-durable", "500", "--rounds", "3"],
     "e2e": ["--n", "1000", "--rounds", "3"],
+    "priority": ["--n", "20000", "--claims", "500", "--rounds", "3"],
     "profile": ["--n", "1000"],
 }
 QUICK = {
@@ -63,6 +72,9 @@ QUICK = {
     "syscalls": ["--backends", "floor,spoolq", "--modes", "non-durable", "--n1", "20", "--n2", "60"],
     "e2e": ["--n", "200", "--rounds", "1"],
     "wakeup": ["--samples", "5", "--idle", "0.5"],
+    "bulk": ["--n", "300", "--n-single", "50", "--rounds", "1"],
+    "delayed": ["--tasks", "20", "--immediate", "5", "--spread", "2", "--rounds", "1", "--n1", "5", "--n2", "15"],
+    "priority": ["--n", "1000", "--claims", "200", "--rounds", "1"],
     "scaling": ["--sizes", "200,2000", "--rounds", "1", "--lookup-rounds", "3", "--skip", "cli"],
 }
 
@@ -222,7 +234,8 @@ def targets() -> list[list[str]]:
     return rows
 
 
-PARTS = ("fscost", "lifecycle", "lifecycle-tmpfs", "syscalls", "e2e", "wakeup", "scaling", "profile")
+PARTS = ("fscost", "lifecycle", "lifecycle-tmpfs", "syscalls", "e2e", "wakeup", "bulk", "delayed", "priority",
+         "scaling", "profile")
 
 
 def measured_at() -> str:
@@ -295,6 +308,18 @@ def report() -> str:
     if wk:
         parts.append(f"**Wake-up latency** ({wk['meta']['samples']} samples, "
                      f"{wk['meta']['idle_s']:g} s idle before each):\n\n" + wakeup.report(wk))
+    bk = common.read_json("bulk.json")
+    if bk:
+        m = bk["meta"]
+        parts.append(f"**Bulk enqueue** (issue 12; N={m['n']:,}, durable single and floor-single "
+                     f"N={m['n_single']:,}, {m['rounds']} rounds, variants of a mode back to back in a rotated "
+                     "order; ratios per round, then the median):\n\n" + bulk.report(bk))
+    dl = common.read_json("delayed.json")
+    if dl:
+        parts.append("**Delayed tasks and retries** (issue 13):\n\n" + delayed.report(dl))
+    pr = common.read_json("priority.json")
+    if pr:
+        parts.append("**Priorities** (issue 13):\n\n" + priority.report(pr))
     sc = common.read_json("scaling.json")
     if sc:
         m = sc["meta"]
@@ -363,9 +388,10 @@ def main(argv=None) -> int:
             print(f"=== {part}: exit {rc}, {time.monotonic() - t:.0f}s", file=sys.stderr, flush=True)
             if rc:
                 failed.append(part)
-        rc = subprocess.run([sys.executable, os.path.join(common.BENCH_DIR, "plot.py")]).returncode
-        if rc:
-            failed.append("plot")
+        if "plot" not in skip and (not a.only or "plot" in a.only.split(",")):
+            rc = subprocess.run([sys.executable, os.path.join(common.BENCH_DIR, "plot.py")]).returncode
+            if rc:
+                failed.append("plot")
         run["total_s"] = round(time.monotonic() - t0, 1)
         run["failed"] = failed
         run["meta"] = common.meta(a.dir)
