@@ -328,15 +328,60 @@ def test_register_max_output_bytes(env):
 
 
 def test_a_capture_that_cannot_start_leaves_fds_1_and_2_alone(tmp_path):
+    """Out of descriptors (the pipe cannot be made): the handler runs with
+    fds 1 and 2 as they were."""
+    import resource
+
     from spoolq.worker.capture import Capture
 
     before = [os.fstat(fd) for fd in (1, 2)]
-    bad = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
-    os.close(bad)  # a task directory that is gone: no output file can be made there
-    with Capture(bad, 1024) as capture:
-        after = [os.fstat(fd) for fd in (1, 2)]
-    assert capture.error is not None
+    dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    lowest_free = os.dup(0)
+    os.close(lowest_free)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # the next open fails with EMFILE
+    try:
+        with Capture(dfd, 1024) as capture:
+            after = [os.fstat(fd) for fd in (1, 2)]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        os.close(dfd)
+    assert isinstance(capture.error, OSError)
     assert [(s.st_dev, s.st_ino) for s in after] == [(s.st_dev, s.st_ino) for s in before]
+    assert [(s.st_dev, s.st_ino) for s in (os.fstat(1), os.fstat(2))] == [(s.st_dev, s.st_ino) for s in before]
+
+
+def test_output_is_made_when_the_first_byte_comes_and_not_before(tmp_path):
+    """A run that prints nothing leaves no output file (one inode less a
+    task); one that prints makes it; a task directory that is gone by then
+    loses the output, not the run, and fds 1 and 2 come back."""
+    from spoolq.worker.capture import Capture
+
+    quiet, loud = tmp_path / "quiet", tmp_path / "loud"
+    quiet.mkdir()
+    loud.mkdir()
+    for path, text in ((quiet, b""), (loud, b"hello\n")):
+        dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            with Capture(dfd, 1024) as capture:
+                os.write(1, text)
+        finally:
+            os.close(dfd)
+        assert capture.error is None
+    assert os.listdir(quiet) == []
+    assert (loud / "output").read_bytes() == b"hello\n"
+
+    before = [os.fstat(fd) for fd in (1, 2)]
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    dfd = os.open(gone, os.O_RDONLY | os.O_DIRECTORY)
+    gone.rmdir()
+    try:
+        with Capture(dfd, 1024) as capture:
+            os.write(1, b"nowhere to go\n")
+    finally:
+        os.close(dfd)
+    assert isinstance(capture.error, OSError)
     assert [(s.st_dev, s.st_ino) for s in (os.fstat(1), os.fstat(2))] == [(s.st_dev, s.st_ino) for s in before]
 
 

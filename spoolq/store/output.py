@@ -236,6 +236,19 @@ def read_progress(dfd: int) -> dict[str, Any] | None:
 def clear_run_files(dfd: int) -> None:
     """Remove what an earlier run of the task left (its output, parts and
     progress): a new run starts them afresh."""
+    try:
+        os.unlink(OUTPUT, dir_fd=dfd)
+    except FileNotFoundError:
+        # No output, so no parts either (a run makes parts only once its
+        # output's head is full): no need to list the directory.
+        for name in (PROGRESS, PROGRESS_TMP):
+            try:
+                os.unlink(name, dir_fd=dfd)
+            except FileNotFoundError:
+                pass
+        return
+    except IsADirectoryError:
+        pass
     for name in os.listdir(dfd):
         if is_output_file(name) or name in (PROGRESS, PROGRESS_TMP):
             try:

@@ -9,7 +9,8 @@ with ``splice(2)``: the kernel moves the pages from the pipe into the page
 cache of the file, and no byte passes through Python or through the daemon.
 
 * The first ``head`` bytes (half the type's ``max_output_bytes``) go into
-  ``output``.
+  ``output``, created when the first byte comes (a run that prints nothing
+  leaves no file).
 * The rest goes into numbered parts ``output.tail.K`` of ``seg`` bytes
   each; when a part is full the next one is started and the one before the
   previous is unlinked, so at most ``2*seg`` bytes of tail are on disk and
@@ -32,11 +33,13 @@ written to other descriptors (a log file of its own) is not captured.
 
 from __future__ import annotations
 
+import array
 import errno
 import fcntl
 import os
 import select
 import sys
+import termios
 import threading
 
 from ..faults import crashpoint
@@ -94,8 +97,6 @@ class Capture:
 
     def _start(self) -> None:
         _flush()
-        self.out = os.open(OUTPUT, _O_OUT, 0o660, dir_fd=self.dfd)
-        fsutil.share_with_group(self.out)
         self._read, self._write = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(self._read, False)
         try:
@@ -132,7 +133,8 @@ class Capture:
             for _, fd in self.parts:
                 os.close(fd)
             self.parts = []
-            os.close(self.out)
+            if self.out >= 0:
+                os.close(self.out)
             self.out = -1
 
     # ------------------------------------------------------------------ the mover thread
@@ -161,6 +163,10 @@ class Capture:
         """Move what the pipe holds (one call's worth): the bytes moved, 0
         when it is empty, -1 at EOF (every writer is gone)."""
         if self.written_head < self.head:
+            if self.out < 0:
+                if not _pending(self._read):
+                    return -1  # woken by the end of the run (EOF), nothing printed
+                self._open_output()
             target, room = self.out, self.head - self.written_head
         else:
             if not self.parts or self.part_written >= self.seg:
@@ -198,6 +204,12 @@ class Capture:
         while view:
             view = view[os.write(target, view):]
         return len(data)
+
+    def _open_output(self) -> None:
+        """Create ``output`` when the first bytes come: most handlers print
+        nothing, and a file per run would be one more inode a task."""
+        self.out = os.open(OUTPUT, _O_OUT, 0o660, dir_fd=self.dfd)
+        fsutil.share_with_group(self.out)
 
     def _roll(self) -> None:
         """Start the next part; keep only the two latest."""
@@ -273,6 +285,13 @@ def _copy(src: int, dst: int, offset: int, length: int) -> None:
             return
         offset += n
         length -= n
+
+
+def _pending(fd: int) -> int:
+    """Bytes waiting in the pipe *fd* (FIONREAD)."""
+    buf = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, buf)
+    return buf[0]
 
 
 def _unlink(dfd: int, name: str) -> None:
