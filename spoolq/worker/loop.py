@@ -64,6 +64,11 @@ EX_CONFIG = 78
 CLAIM_RETRY = 1.0  # seconds claiming pauses after a claim failed with an OSError (disk full)
 KILL_PATIENCE = 5.0  # seconds between complaints about a killed run that does not end
 SETTLE_RETRY = 0.2  # seconds between tries to settle a run whose leftovers still hold it
+# Seconds a file event about a running task waits before the loop looks at the
+# task: most runs end within it (their own moves caused the events), so their
+# answer settles them and nothing is read. A cancel or a delete is still acted
+# on well within a second.
+TASK_EVENT_DELAY = 0.05
 FDS_PER_SLOT = 4  # descriptors a handler process costs the worker (two pipes), with room to spare
 FDS_RESERVED = 32  # the worker's own: spool, locks, inotify, signals, logging, a sweep
 
@@ -95,6 +100,7 @@ class _Job:
     executor: str = "fork"  # the name of the executor that runs it
     cancel: bool = False  # killed because its cancel was asked for
     watched: bool = False  # its task directory is watched for a cancel request
+    check_at: float | None = None  # monotonic: a file event asked for a look at its task then
 
     @property
     def label(self) -> str:
@@ -333,7 +339,7 @@ class Worker:
             self.stopping = True
             self.notifier.stopping("drained")
             return True
-        self._take_task_events()
+        self._take_task_events(now)
         if not self.stopping and not self.draining:
             self._take_type_changes()
             self._take_arrivals()
@@ -358,6 +364,7 @@ class Worker:
         if not self.stopping and not self.draining:
             marks.append(self._next_rescan)
         marks += [job.deadline for job in self.jobs.values() if job.kill_reason is None]
+        marks += [job.check_at for job in self.jobs.values() if job.check_at is not None]
         if self.stop_deadline is not None:
             marks.append(self.stop_deadline)
         if any(job.kill_reason for job in self.jobs.values()):
@@ -652,20 +659,21 @@ class Worker:
 
     # ------------------------------------------------------------------ housekeeping
 
-    def _take_task_events(self) -> None:
+    def _take_task_events(self, now: float) -> None:
         """A task of ours that arrived in running/ (started: watch it for a
         cancel request), left it without our doing (deleted, taken away), or
-        had its status replaced (a cancel asked for): look at it now, not at
-        the next heartbeat."""
+        had its status replaced (a cancel asked for): look at it shortly
+        (:data:`TASK_EVENT_DELAY`), not at the next heartbeat."""
         names: set[str] = set()
         if self._departures is not None:
             names |= set(self._departures.drain())
         if self._task_watches is not None:
             names |= {str(key) for key, file in self._task_watches.drain() if file == "status.json"}
-        if not names:
-            return
         for job in list(self.jobs.values()):
-            if job.claim.name in names:
+            if job.claim.name in names and job.check_at is None:
+                job.check_at = now + TASK_EVENT_DELAY
+            elif job.check_at is not None and job.check_at <= now:
+                job.check_at = None
                 self._guard(f"checking {job.claim}", lambda j=job: self._check_job(j))
 
     def _take_type_changes(self) -> None:
