@@ -155,7 +155,7 @@ class ForkExecutor:
     handlers; slots do both.
 
     The worker and every slot are child subreapers (:mod:`.proctree`): a
-    slot kills whatever its handler left behind before it answers, and when
+    slot kills whatever its handler left behind before the outcome is recorded, and when
     a slot dies the worker kills the orphans it inherits before it reports
     the run ended. Each slot also kills itself a little after its run's
     deadline, in case the worker is stopped and cannot. Slots die with the
@@ -412,8 +412,8 @@ class _SelfDeadline:
 
 
 def _slot_main(spool: Spool, commands: int, results: int) -> int:
-    """A slot's loop: read a claim and its deadline per line, run it, kill
-    what the handler left behind, answer the outcome."""
+    """A slot's loop: read a claim and its deadline per line, run it (the
+    runner kills what the handler left behind), answer the outcome."""
     reader = os.fdopen(commands, "rb", buffering=0)
     pending = b""
     deadline = _SelfDeadline()
@@ -436,7 +436,6 @@ def _slot_main(spool: Spool, commands: int, results: int) -> int:
         except NoRoom as exc:
             outcome, note = Outcome.NO_ROOM, str(exc)
         deadline.set(math.inf)
-        proctree.kill_descendants()
         # Limits cannot all be lifted (niceness): after a limited task this
         # process retires; the worker replaces it (docs: spoolq.worker.limits).
         flag = RETIRING if limited else ""

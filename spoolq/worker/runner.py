@@ -35,6 +35,7 @@ from ..spool import Spool
 from ..store.output import clear_run_files
 from ..store.registry import TaskType
 from ..task import Retry, TaskContext
+from . import proctree
 from .capture import Capture, task_dir_of_run
 from .limits import Limits
 
@@ -158,6 +159,10 @@ def _run_started(
                     handler(context, value)
                 except BaseException as exc:  # noqa: BLE001 - judged below
                     caught = exc
+        # What the handler left behind dies before its outcome is recorded:
+        # once the task is final, a worker killed now would leave them
+        # running with nobody to kill them (its task needs no taking back).
+        proctree.kill_descendants()
         context.flush_progress()
         if lift is None:
             assert isinstance(caught, OSError)
