@@ -133,6 +133,24 @@ def test_every_descendant_of_a_handler_dies_with_its_run(env, then):
         assert last_tick <= ended
 
 
+def test_a_handlers_leftovers_are_dead_before_its_task_is_final(env):
+    """The slot freezes right after it moved the finished task to done/
+    (SPOOLQ_HANG_AT=finish.moved), as a worker killed at that moment would
+    leave it: the grandchild must already be dead, because once the task is
+    final nobody takes it back, so nobody would kill the holder of its run
+    lock. (The soak found one alive when the kill came after the finish.)"""
+    spool, root, workers, tmp = env
+    register(spool, "E", "escape_group", timeout=30, max_restarts=0)
+    rec, pidfile = tmp / "rec", tmp / "pid"
+    spool.enqueue("E", "t", {"record": str(rec), "pidfile": str(pidfile), "then": "return"})
+    workers.start("w1", env={"SPOOLQ_HANG_AT": "finish.moved"})
+    wait_until(lambda: pidfile.exists() and pidfile.read_text(), what="the escaped grandchild")
+    escaped = int(pidfile.read_text())
+    wait_until(lambda: spool.status("E", "t").state == State.FINISHED, timeout=30, what="task FINISHED")
+    assert Path(root, "done", "E:t").is_dir()
+    assert not alive(escaped), "the handler's grandchild outlived the finish of its task"
+
+
 # --------------------------------------------------------------------------- 4. leftovers of a dead worker
 
 
