@@ -37,6 +37,7 @@ import array
 import errno
 import fcntl
 import os
+import queue
 import select
 import sys
 import termios
@@ -66,9 +67,9 @@ class Capture:
         self.part_written = 0
         self._saved: list[int] = []
         self._read = self._write = self._stop_r = self._stop_w = -1
-        self._thread: threading.Thread | None = None
+        self._moved: threading.Event | None = None  # set by the mover thread when the run's output is in
         self._splice = _SPLICE
-        self.error: OSError | None = None
+        self.error: Exception | None = None
 
     # ------------------------------------------------------------------ the run's side
 
@@ -92,7 +93,7 @@ class Capture:
                 except OSError:
                     pass
         self._saved = []
-        self._thread = None
+        self._moved = None
         self._read = self._write = self._stop_r = self._stop_w = self.out = -1
 
     def _start(self) -> None:
@@ -109,11 +110,11 @@ class Capture:
         os.dup2(self._write, 2)
         os.close(self._write)
         self._write = -1
-        self._thread = threading.Thread(target=self._move, name="spoolq-output", daemon=True)
-        self._thread.start()
+        self._moved = threading.Event()
+        _the_mover().take(self)
 
     def __exit__(self, *exc: object) -> None:
-        if self._thread is None:
+        if self._moved is None:
             return  # it never started
         _flush()
         for target, saved in zip((1, 2), self._saved):
@@ -121,8 +122,7 @@ class Capture:
             os.close(saved)
         self._saved = []
         os.write(self._stop_w, b"x")
-        if self._thread is not None:
-            self._thread.join()
+        self._moved.wait()
         for fd in (self._read, self._stop_r, self._stop_w):
             os.close(fd)
         try:
@@ -251,6 +251,49 @@ class Capture:
             os.write(self.out, marker(skipped))
         for index, offset, length in pieces:
             _copy(fds[index], self.out, offset, length)
+
+
+class _Mover:
+    """The thread of a handler process that moves its runs' output, one run
+    at a time (a process runs one handler at a time). Started at the first
+    run and kept: a thread per run cost about 15 syscalls and a thread start
+    a task. A child the handler forks has no such thread, so it forgets it."""
+
+    def __init__(self) -> None:
+        self._runs: queue.SimpleQueue[Capture] = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="spoolq-output", daemon=True).start()
+
+    def take(self, capture: Capture) -> None:
+        self._runs.put(capture)
+
+    def _serve(self) -> None:
+        while True:
+            capture = self._runs.get()
+            try:
+                capture._move()
+            except Exception as exc:  # noqa: BLE001 - a bug must not stop the next runs' output
+                capture.error = exc
+            finally:
+                if capture._moved is not None:
+                    capture._moved.set()
+
+
+_mover: _Mover | None = None
+
+
+def _the_mover() -> _Mover:
+    global _mover
+    if _mover is None:
+        _mover = _Mover()
+    return _mover
+
+
+def _forget_mover() -> None:
+    global _mover
+    _mover = None
+
+
+os.register_at_fork(after_in_child=_forget_mover)
 
 
 def task_dir_of_run(path: str, run_lock: int) -> int | None:
