@@ -42,6 +42,7 @@ import select
 import sys
 import termios
 import threading
+from collections.abc import Callable
 
 from ..faults import crashpoint
 from ..store import fsutil
@@ -111,7 +112,7 @@ class Capture:
         os.close(self._write)
         self._write = -1
         self._moved = threading.Event()
-        _the_mover().take(self)
+        _the_mover().take(self._move_all)
 
     def __exit__(self, *exc: object) -> None:
         if self._moved is None:
@@ -138,6 +139,16 @@ class Capture:
             self.out = -1
 
     # ------------------------------------------------------------------ the mover thread
+
+    def _move_all(self) -> None:
+        """The mover thread's work for this run; tells the run's side when done."""
+        try:
+            self._move()
+        except Exception as exc:  # noqa: BLE001 - a bug here must not hang the run
+            self.error = exc
+        finally:
+            assert self._moved is not None
+            self._moved.set()
 
     def _move(self) -> None:
         try:
@@ -260,22 +271,16 @@ class _Mover:
     a task. A child the handler forks has no such thread, so it forgets it."""
 
     def __init__(self) -> None:
-        self._runs: queue.SimpleQueue[Capture] = queue.SimpleQueue()
+        self._runs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         threading.Thread(target=self._serve, name="spoolq-output", daemon=True).start()
 
-    def take(self, capture: Capture) -> None:
-        self._runs.put(capture)
+    def take(self, work: Callable[[], None]) -> None:
+        """Run *work* (one run's moving, which reports its own end) next."""
+        self._runs.put(work)
 
     def _serve(self) -> None:
         while True:
-            capture = self._runs.get()
-            try:
-                capture._move()
-            except Exception as exc:  # noqa: BLE001 - a bug must not stop the next runs' output
-                capture.error = exc
-            finally:
-                if capture._moved is not None:
-                    capture._moved.set()
+            self._runs.get()()
 
 
 _mover: _Mover | None = None
