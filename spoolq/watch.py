@@ -28,6 +28,7 @@ import errno
 import logging
 import os
 import struct
+from typing import Self
 
 log = logging.getLogger("spoolq.watch")
 
@@ -94,7 +95,35 @@ def _close_all(fds: list[int]) -> None:
             pass
 
 
-class DirWatcher:
+class _Watch:
+    """One inotify descriptor to wait on, or, where no watch could be set, the
+    read end of a pipe nobody writes (it never becomes readable), so callers
+    need no special case."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._idle: tuple[int, int] | None = None if fd >= 0 else os.pipe2(os.O_CLOEXEC)
+
+    @property
+    def watching(self) -> bool:
+        return self._fd >= 0
+
+    def fileno(self) -> int:
+        return self._fd if self._fd >= 0 else self._idle[0]  # type: ignore[index]
+
+    def close(self) -> None:
+        _close_all([self._fd] if self._fd >= 0 else list(self._idle or ()))
+        self._fd = -1
+        self._idle = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class DirWatcher(_Watch):
     """Names of entries arriving in *directory* (or leaving it, with
     ``events=DEPARTURES``), and an fd to wait on.
 
@@ -109,12 +138,7 @@ class DirWatcher:
         self.directory = os.path.abspath(directory)
         self.events = events
         self.overflowed = False
-        self._fd = -1
-        self._idle: tuple[int, int] | None = None
-        if not poll:
-            self._fd = self._watch()
-        if self._fd < 0:
-            self._idle = os.pipe2(os.O_CLOEXEC)
+        super().__init__(-1 if poll else self._watch())
 
     def _watch(self) -> int:
         if _inotify_init1 is None:
@@ -134,13 +158,6 @@ class DirWatcher:
             return -1
         return fd
 
-    @property
-    def watching(self) -> bool:
-        return self._fd >= 0
-
-    def fileno(self) -> int:
-        return self._fd if self._fd >= 0 else self._idle[0]  # type: ignore[index]
-
     def drain(self) -> list[str]:
         """Names that arrived since the last call, oldest first."""
         names: list[str] = []
@@ -157,19 +174,8 @@ class DirWatcher:
     def clear_overflow(self) -> None:
         self.overflowed = False
 
-    def close(self) -> None:
-        _close_all([self._fd] if self._fd >= 0 else list(self._idle or ()))
-        self._fd = -1
-        self._idle = None
 
-    def __enter__(self) -> DirWatcher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class FdWatch:
+class FdWatch(_Watch):
     """An inotify watch on the directory open as *fd*, whatever it is called
     now or later: the watch is set through ``/proc/self/fd/N``, so it is on
     that very inode and follows it through every rename (a task directory
@@ -179,39 +185,19 @@ class FdWatch:
     never becomes readable and the caller's periodic re-reads carry on."""
 
     def __init__(self, fd: int, events: int = TASK_EVENTS) -> None:
-        self._fd = -1
-        self._idle: tuple[int, int] | None = None
+        watch = -1
         if _inotify_init1 is not None:
             ifd = _inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
             if ifd >= 0:
                 if _inotify_add_watch(ifd, os.fsencode(f"/proc/self/fd/{fd}"), events | IN_ONLYDIR) >= 0:
-                    self._fd = ifd
+                    watch = ifd
                 else:
                     os.close(ifd)
-        if self._fd < 0:
-            self._idle = os.pipe2(os.O_CLOEXEC)
-
-    @property
-    def watching(self) -> bool:
-        return self._fd >= 0
-
-    def fileno(self) -> int:
-        return self._fd if self._fd >= 0 else self._idle[0]  # type: ignore[index]
+        super().__init__(watch)
 
     def drain(self) -> list[tuple[int, str]]:
         """(mask, name) of the events since the last call, oldest first."""
         return list(_read_events(self._fd))
-
-    def close(self) -> None:
-        _close_all([self._fd] if self._fd >= 0 else list(self._idle or ()))
-        self._fd = -1
-        self._idle = None
-
-    def __enter__(self) -> FdWatch:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class TaskWatches:
