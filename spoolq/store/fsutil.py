@@ -69,6 +69,17 @@ def share_with_group(fd: int, *, directory: bool = False) -> None:
         os.fchmod(fd, want)
 
 
+def lock_taken(fd: int, *, exclusive: bool) -> bool:
+    """Whether another open file holds a flock on *fd*'s file that a lock of
+    this kind would conflict with: probed by taking one without waiting. The
+    caller closes *fd*, which drops the probe's lock."""
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+
+
 def set_mtime(fd: int, ns: int | None) -> None:
     """Set the access and modification times of *fd* to *ns* (None: now).
     An explicit time is only allowed to the owner; anyone else who can write

@@ -119,10 +119,7 @@ class ServerLocks:
         except (OSError, ValueError):
             return False
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return False
-        except BlockingIOError:
-            return True
+            return fsutil.lock_taken(fd, exclusive=False)
         finally:
             os.close(fd)
 

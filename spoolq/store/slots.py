@@ -64,10 +64,7 @@ class TypeSlots:
         for k in range(limit):
             fd = self._open(type_name, k)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                free += 1
-            except BlockingIOError:
-                pass
+                free += not fsutil.lock_taken(fd, exclusive=True)
             finally:
                 os.close(fd)
         return free

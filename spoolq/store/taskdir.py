@@ -85,10 +85,7 @@ def run_alive(dfd: int) -> bool:
     except FileNotFoundError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
+        return fsutil.lock_taken(fd, exclusive=True)
     finally:
         os.close(fd)  # releases the probe's lock
 
