@@ -133,18 +133,26 @@ class DaskExecutor:
         self._nthreads = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._started_at: float | None = None  # monotonic, when the background thread started
 
     # ------------------------------------------------------------------ the Executor seam
 
     def available(self) -> bool:
         if self._thread is None:
             self._thread = threading.Thread(target=self._io, name="spoolq-dask", daemon=True)
+            self._started_at = time.monotonic()
             self._thread.start()
         return self._connected
 
     def unavailable_reason(self) -> str:
-        """Why it is not available; empty while the first connection is being made."""
-        return f"dask scheduler {self.address}: {self._why}" if self._why else ""
+        """Why it is not available; empty while the first connection is
+        being made, unless that takes longer than a connection may."""
+        why = self._why
+        if not why and self._started_at is not None:
+            waited = time.monotonic() - self._started_at
+            if waited > 2 * CONNECT_TIMEOUT:
+                why = f"no answer after {waited:.0f} s; still trying"
+        return f"dask scheduler {self.address}: {why}" if why else ""
 
     def capacity(self) -> int | None:
         return self.concurrency or max(1, self._nthreads)
@@ -415,6 +423,12 @@ class DaskExecutor:
     def _subscribe(self, client: Any) -> None:
         distributed = import_distributed()
         client.subscribe_topic("all", self._on_event)
+        # Queue() asks the scheduler to create the queue with no time limit;
+        # asked first with one, a scheduler that accepted the connection but
+        # does not answer costs CONNECT_TIMEOUT and a retry, not the thread
+        # (creating a queue twice is harmless: the scheduler counts users).
+        client.sync(client.scheduler.queue_create, name=self.queue_name, maxsize=0,
+                    callback_timeout=CONNECT_TIMEOUT)
         self._queue = distributed.Queue(self.queue_name, client=client)
         self._read_cluster()
 
@@ -430,8 +444,9 @@ class DaskExecutor:
         self._why = why
 
     def _read_cluster(self) -> None:
-        try:
-            info = self._client.scheduler_info(n_workers=-1)
+        client = self._client
+        try:  # scheduler_info() would wait without limit
+            info = client.sync(client.scheduler.identity, n_workers=-1, callback_timeout=CONNECT_TIMEOUT)
         except Exception:  # noqa: BLE001
             return
         workers = info.get("workers", {})
