@@ -538,7 +538,7 @@ class Spool:
         ttype = self.registry.get(claim.type)
         # Unpickling runs code: look again that nobody else can write here
         # (the spool's modes may have changed since it was opened).
-        self.layout.check()
+        self.layout.check_again()
         task = self._claimed(claim, frozenset({State.SCHEDULED}))
         try:
             input_name = task.doc.get("input") or INPUT_PICKLE

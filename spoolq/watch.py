@@ -28,10 +28,11 @@ import errno
 import logging
 import os
 import struct
-from typing import Self
+from typing import Iterator, Self
 
 log = logging.getLogger("spoolq.watch")
 
+IN_ATTRIB = 0x00000004
 IN_MOVED_FROM = 0x00000040
 IN_MOVED_TO = 0x00000080
 IN_CREATE = 0x00000100
@@ -69,22 +70,25 @@ IN_CLOSE_WRITE = 0x00000008
 TASK_EVENTS = IN_MODIFY | IN_CLOSE_WRITE | IN_CREATE | IN_MOVED_TO | IN_DELETE | IN_MOVE_SELF | IN_DELETE_SELF
 
 
-def _read_events(fd: int) -> list[tuple[int, str]]:
-    """(mask, name) of every event waiting on the inotify descriptor *fd*
-    (none when *fd* is -1: no watch)."""
-    out: list[tuple[int, str]] = []
+def _raw_events(fd: int) -> Iterator[tuple[int, int, bytes]]:
+    """(watch descriptor, mask, name bytes) of every event waiting on the
+    inotify descriptor *fd*, read until none is left (none when *fd* is -1)."""
     while fd >= 0:
         try:
             data = os.read(fd, 65536)
         except BlockingIOError:
-            break
+            return
         offset = 0
         while offset + _HEADER.size <= len(data):
-            _, mask, _, length = _HEADER.unpack_from(data, offset)
-            raw = data[offset + _HEADER.size : offset + _HEADER.size + length]
+            wd, mask, _, length = _HEADER.unpack_from(data, offset)
+            yield wd, mask, data[offset + _HEADER.size : offset + _HEADER.size + length].rstrip(b"\0")
             offset += _HEADER.size + length
-            out.append((mask, os.fsdecode(raw.rstrip(b"\0"))))
-    return out
+
+
+def _read_events(fd: int) -> list[tuple[int, str]]:
+    """(mask, name) of every event waiting on the inotify descriptor *fd*
+    (none when *fd* is -1: no watch)."""
+    return [(mask, os.fsdecode(raw)) for _, mask, raw in _raw_events(fd)]
 
 
 def _close_all(fds: list[int]) -> None:
@@ -241,22 +245,12 @@ class TaskWatches:
         """(key, file name) of each file replaced in a watched directory
         since the last call."""
         out: list[tuple[object, str]] = []
-        if self._fd < 0:
-            return out
-        while True:
-            try:
-                data = os.read(self._fd, 65536)
-            except BlockingIOError:
-                return out
-            offset = 0
-            while offset + _HEADER.size <= len(data):
-                wd, mask, _, length = _HEADER.unpack_from(data, offset)
-                raw = data[offset + _HEADER.size: offset + _HEADER.size + length]
-                offset += _HEADER.size + length
-                if mask & IN_IGNORED:
-                    self._keys.pop(wd, None)
-                elif raw and wd in self._keys:
-                    out.append((self._keys[wd], os.fsdecode(raw.rstrip(b"\0"))))
+        for wd, mask, raw in _raw_events(self._fd):
+            if mask & IN_IGNORED:
+                self._keys.pop(wd, None)
+            elif raw and wd in self._keys:
+                out.append((self._keys[wd], os.fsdecode(raw)))
+        return out
 
     def close(self) -> None:
         for fd in [self._fd] if self._fd >= 0 else list(self._idle or ()):
@@ -267,3 +261,60 @@ class TaskWatches:
         self._fd = -1
         self._idle = None
         self._keys.clear()
+
+
+class ChangeWatch:
+    """Whether anything happened to some directories since the last look.
+
+    *paths* maps each directory to whether its entries count too. A change
+    of a directory itself is one of its mode, owner, ACL or times
+    (``IN_ATTRIB``), or it being moved or deleted; a change of its entries
+    is one created, deleted, moved in or out, or changing attributes. (The
+    kernel reports the attributes of a watched directory's entries whether
+    asked or not; for a directory whose entries do not count they are
+    ignored.) ``changed()`` is one non-blocking read of the inotify
+    descriptor: True when a change (or an overflow) arrived since the
+    previous call, or whenever there is no watch to ask: no inotify, a watch
+    the kernel refused, or a process that inherited the descriptor through
+    ``fork()`` (parent and child would read each other's events); callers
+    then look every time.
+
+    The kernel does not report a filesystem mounted over a directory.
+    """
+
+    def __init__(self, paths: dict[str, bool]) -> None:
+        self.pid = os.getpid()
+        self._fd = -1
+        self._entries_count: dict[int, bool] = {}
+        if _inotify_init1 is None:
+            return
+        fd = _inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if fd < 0:
+            return
+        for path, entries in paths.items():
+            mask = IN_ATTRIB | IN_ONLYDIR | IN_DONT_FOLLOW | IN_DELETE_SELF | IN_MOVE_SELF
+            if entries:
+                mask |= ARRIVALS | DEPARTURES
+            wd = _inotify_add_watch(fd, os.fsencode(path), mask)
+            if wd < 0:
+                os.close(fd)
+                return
+            self._entries_count[wd] = entries
+        self._fd = fd
+
+    @property
+    def watching(self) -> bool:
+        return self._fd >= 0 and self.pid == os.getpid()
+
+    def changed(self) -> bool:
+        if not self.watching:
+            return True
+        changed = False
+        for wd, mask, raw in _raw_events(self._fd):  # all of them: what is left would count next time
+            if mask & IN_Q_OVERFLOW or not raw or self._entries_count.get(wd, True):
+                changed = True
+        return changed
+
+    def close(self) -> None:
+        _close_all([self._fd] if self._fd >= 0 else [])
+        self._fd = -1

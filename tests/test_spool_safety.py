@@ -323,6 +323,68 @@ def test_start_refuses_a_spool_that_became_writable_by_others(spool: Spool) -> N
     assert spool.start(claim).input == 1
 
 
+def test_every_start_sees_a_change_made_since_the_last_one(spool: Spool, tmp_path: Path) -> None:
+    """The check before a start is skipped only while the kernel reports no
+    change (Layout.check_again): each change below comes after a start
+    that passed, and the very next start must refuse."""
+    import shutil
+    import subprocess
+
+    root = Path(spool.root)
+    count = iter(range(100))
+
+    def start():
+        task_id = f"t{next(count)}"
+        spool.enqueue("T", task_id, 1)
+        return spool.start(spool.claim("s1"))
+
+    def refused_once(change, undo):
+        assert start().input == 1  # passes, and is now vouched for by the watch
+        change()
+        with pytest.raises(UnsafeSpool):
+            start()
+        undo()
+        assert start().input == 1
+
+    running, done = root / "running", root / "done"
+    refused_once(lambda: os.chmod(running, 0o2777), lambda: os.chmod(running, 0o2770))
+    refused_once(lambda: os.chmod(root, os.stat(root).st_mode | stat.S_IWOTH),
+                 lambda: os.chmod(root, os.stat(root).st_mode & ~stat.S_IWOTH))
+    above = root.parent
+    refused_once(lambda: os.chmod(above, 0o777), lambda: os.chmod(above, 0o755))
+    setfacl = shutil.which("setfacl")
+    assert setfacl, "setfacl missing: run .ci/install-system-deps (acl)"
+    refused_once(lambda: subprocess.run([setfacl, "-m", "u:nobody:rwx", str(root / "enqueued")], check=True),
+                 lambda: subprocess.run([setfacl, "-b", str(root / "enqueued")], check=True))
+    elsewhere = tmp_path / "done-elsewhere"
+    refused_once(lambda: (done.rename(elsewhere), os.symlink(elsewhere, done)),
+                 lambda: (done.unlink(), elsewhere.rename(done)))
+
+    # A forked child shares its parent's inotify descriptor, so the parent
+    # may read the events meant for both: the child must not trust it.
+    assert start().input == 1
+    spool.enqueue("T", "parent", 1)
+    spool.enqueue("T", "child", 1)
+    parents, childs = spool.claim("s1"), spool.claim("s1")
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.read(go_r, 1)  # until the parent has read the event
+            spool.start(childs)
+            os._exit(1)
+        except UnsafeSpool:
+            os._exit(0)
+        except BaseException:
+            os._exit(2)
+    os.chmod(running, 0o2777)
+    with pytest.raises(UnsafeSpool):
+        spool.start(parents)
+    os.write(go_w, b"x")
+    assert os.waitpid(pid, 0)[1] == 0, "the child started a task in a spool others may write"
+    os.chmod(running, 0o2770)
+
+
 def test_a_state_directory_replaced_by_a_symlink_is_refused(spool: Spool, tmp_path: Path) -> None:
     done = Path(spool.root, "done")
     done.rename(tmp_path / "done-elsewhere")

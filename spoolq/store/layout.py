@@ -33,6 +33,7 @@ from typing import Any
 
 from ..errors import CrossDevice, NoSpool, SpoolError, UnsafeSpool
 from ..lifecycle import Place
+from ..watch import ChangeWatch
 from . import fsutil
 
 log = logging.getLogger("spoolq.store")
@@ -179,6 +180,26 @@ def _ancestor_problems(root: str) -> list[LayoutProblem]:
     return out
 
 
+# Watches that vouch for a passed layout check, by spool root, in this
+# process (Layout.check_again); few, since each is an inotify instance and
+# the kernel allows a user 128 of them by default.
+_TRUST_WATCHES: dict[str, ChangeWatch] = {}
+_TRUST_WATCHES_MAX = 4
+
+
+def _trust_paths(root: str) -> dict[str, bool]:
+    """What :func:`layout_problems` reads, as directories to watch and
+    whether their entries count: the root's do (they are the state
+    directories), the directories above it count only themselves."""
+    paths = {root: True}
+    parent = os.path.dirname(root)
+    while True:
+        paths[parent] = False
+        if parent == os.path.dirname(parent):
+            return paths
+        parent = os.path.dirname(parent)
+
+
 def layout_problems(root: str) -> list[LayoutProblem]:
     """Every problem of the spool's skeleton at *root*, in a fixed order:
 
@@ -317,6 +338,29 @@ class Layout:
         for problem in layout_problems(self.root):
             if problem.fatal:
                 raise problem.as_error(self.root)
+
+    def check_again(self) -> None:
+        """:meth:`check` again, before input is unpickled: skipped when the
+        last check in this process passed and the kernel has reported no
+        change since to the root, a state directory or a directory above
+        the root (mode, owner, ACL, a rename or removal, an entry of the
+        root replaced). The watch is set before the check it vouches for,
+        so a change during that check is reported to the next one. Where
+        no watch can be set, every call checks."""
+        watch = _TRUST_WATCHES.get(self.root)
+        if watch is not None and not watch.changed():
+            return
+        if watch is not None:
+            watch.close()
+        _TRUST_WATCHES.pop(self.root, None)
+        watch = ChangeWatch(_trust_paths(self.root))
+        self.check()  # raises: the watch is dropped and the next call checks again
+        if watch.watching:
+            if len(_TRUST_WATCHES) >= _TRUST_WATCHES_MAX:
+                _TRUST_WATCHES.pop(next(iter(_TRUST_WATCHES))).close()
+            _TRUST_WATCHES[self.root] = watch
+        else:
+            watch.close()
 
     def read_settings(self) -> Settings:
         """``spool.json``, every value checked (a symlink, FIFO or huge file
