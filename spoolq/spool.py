@@ -94,6 +94,7 @@ class StartedTask:
     # The input's file (input.pkl or input.json); with start(load=False)
     # *input* holds that file's bytes, not loaded.
     input_file: str = INPUT_PICKLE
+    starts: int = 1  # this start included: more than 1, an earlier run may have left files
 
 
 @dataclass(frozen=True)
@@ -558,11 +559,12 @@ class Spool:
                 self.quarantine(path, what)
                 raise CorruptTask(path, f"task {claim.type}/{claim.id}: {what} (moved to quarantine)")
             task.move(self._path(Place.RUNNING, claim.name))
-            task.write(State.RUNNING, "", starts=int(task.doc.get("starts", 0)) + 1, started_at=codec.iso(self.clock()))
+            starts = int(task.doc.get("starts", 0)) + 1
+            task.write(State.RUNNING, "", starts=starts, started_at=codec.iso(self.clock()))
             crashpoint("start.running")
             if not load:
                 run_lock = hold_run_lock_fd(task.fd) if hold_run_lock else None
-                return StartedTask(claim.type, claim.id, ttype.handler, raw, run_lock, input_name)
+                return StartedTask(claim.type, claim.id, ttype.handler, raw, run_lock, input_name, starts)
             import pickle  # see enqueue()
 
             try:
@@ -572,7 +574,7 @@ class Spool:
                 self._finish_locked(task, State.FAILED, reason)
                 raise CorruptTask(task.path, f"task {claim.type}/{claim.id}: {reason}") from None
             run_lock = hold_run_lock_fd(task.fd) if hold_run_lock else None
-            return StartedTask(claim.type, claim.id, ttype.handler, value, run_lock, input_name)
+            return StartedTask(claim.type, claim.id, ttype.handler, value, run_lock, input_name, starts)
         finally:
             task.close()
 

@@ -27,6 +27,7 @@ import ctypes
 import errno
 import logging
 import os
+import select
 import struct
 from typing import Iterator, Self
 
@@ -279,13 +280,17 @@ class ChangeWatch:
     ``fork()`` (parent and child would read each other's events); callers
     then look every time.
 
-    The kernel does not report a filesystem mounted over a directory.
+    inotify does not report a filesystem mounted over a directory, so a
+    change of this process's mount table counts too: the kernel flags it
+    (``POLLPRI``) on an open ``/proc/self/mountinfo``, once per change.
     """
 
     def __init__(self, paths: dict[str, bool]) -> None:
         self.pid = os.getpid()
         self._fd = -1
         self._entries_count: dict[int, bool] = {}
+        self._mounts = -1
+        self._mounts_poll = select.poll()
         if _inotify_init1 is None:
             return
         fd = _inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
@@ -300,6 +305,12 @@ class ChangeWatch:
                 os.close(fd)
                 return
             self._entries_count[wd] = entries
+        try:
+            self._mounts = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            os.close(fd)
+            return
+        self._mounts_poll.register(self._mounts, select.POLLPRI)
         self._fd = fd
 
     @property
@@ -309,12 +320,12 @@ class ChangeWatch:
     def changed(self) -> bool:
         if not self.watching:
             return True
-        changed = False
+        changed = bool(self._mounts_poll.poll(0))
         for wd, mask, raw in _raw_events(self._fd):  # all of them: what is left would count next time
             if mask & IN_Q_OVERFLOW or not raw or self._entries_count.get(wd, True):
                 changed = True
         return changed
 
     def close(self) -> None:
-        _close_all([self._fd] if self._fd >= 0 else [])
-        self._fd = -1
+        _close_all([fd for fd in (self._fd, self._mounts) if fd >= 0])
+        self._fd = self._mounts = -1

@@ -153,7 +153,10 @@ def write_new(dir_fd: int, name: str, data: bytes, *, sync: bool) -> None:
     """
     fd = os.open(name, _O_NEW, 0o660, dir_fd=dir_fd)
     try:
-        share_with_group(fd)
+        if _GROUP_MASKED:
+            # Just created by this process, 0660 less the umask: no need
+            # to read the mode (share_with_group) to know what to set.
+            os.fchmod(fd, 0o660)
         _write_all(fd, data)
         crashpoint("file.written")  # written, not yet fsynced
         if sync:
@@ -174,12 +177,13 @@ def replace_file(dir_fd: int, name: str, data: bytes, *, sync: bool) -> None:
 
 
 def write_new_replacing(dir_fd: int, name: str, data: bytes, *, sync: bool) -> None:
-    """Like :func:`write_new`, removing a leftover *name* from a crash first."""
+    """Like :func:`write_new`, removing a leftover *name* from a crash
+    first (only when there is one: the exclusive create says so)."""
     try:
+        write_new(dir_fd, name, data, sync=sync)
+    except FileExistsError:
         os.unlink(name, dir_fd=dir_fd)
-    except FileNotFoundError:
-        pass
-    write_new(dir_fd, name, data, sync=sync)
+        write_new(dir_fd, name, data, sync=sync)
 
 
 def append(dir_fd: int, name: str, data: bytes, *, sync: bool) -> None:

@@ -112,7 +112,7 @@ def run_claim(
         if capture and started.run_lock is not None:
             task_dir = task_dir_of_run(spool.layout.task_path(Place.RUNNING, claim.name), started.run_lock)
         try:
-            if task_dir is not None:
+            if task_dir is not None and started.starts > 1:
                 clear_run_files(task_dir)  # an earlier run's output and progress
             return _run_started(spool, claim, started.handler, started.input, task_dir, output_dir)
         finally:
