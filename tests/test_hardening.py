@@ -78,15 +78,22 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
 # --------------------------------------------------------------------------- 2. a frozen worker
 
 
-def test_a_frozen_workers_task_never_runs_on_two_servers_at_once(env):
+@pytest.mark.parametrize("before", ["nothing", "a run with an hour's limit"])
+def test_a_frozen_workers_task_never_runs_on_two_servers_at_once(env, before):
     """w1 runs a task (timeout 2 s) and is SIGSTOPped. Its handler kills
     itself shortly after the deadline (the worker cannot); only then may w2's
-    sweep take the task and start it: the two runs never overlap."""
+    sweep take the task and start it: the two runs never overlap. Also when
+    the same handler process ran a task with a far deadline just before
+    (its deadline thread sleeps until that one and must be woken)."""
     spool, root, workers, tmp = env
     register(spool, "F", "tick_first_time", timeout=2, max_restarts=2)
     rec, marker = tmp / "rec", tmp / "marker"
+    w1 = workers.start("w1", concurrency=1)
+    if before != "nothing":
+        spool.register_type("Long", "daemon_handlers.add", timeout=3600)
+        spool.enqueue("Long", "first", [1, 2])
+        wait_until(lambda: spool.status("Long", "first").state == State.FINISHED, what="the long-limit task done")
     spool.enqueue("F", "t", {"record": str(rec), "marker": str(marker)})
-    w1 = workers.start("w1")
     wait_until(lambda: any(e == "tick" for e, _, _ in notes(rec)), what="w1's handler ticking")
     os.kill(w1.pid, signal.SIGSTOP)
     try:

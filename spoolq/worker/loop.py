@@ -161,6 +161,7 @@ class Worker:
         self.notifier = Notifier()
         self.jobs: dict[Claim, _Job] = {}
         self.unsettled: list[tuple[_Job, Ended]] = []  # ended runs whose task cannot be settled yet
+        self._reports: list[tuple[_Job, Outcome]] = []  # ended runs to count and log at the end of the turn
         self.stopping = False
         self.stop_deadline: float | None = None
         self.lanes = frozenset(check_type(t) for t in types) if types else None
@@ -311,7 +312,9 @@ class Worker:
     def _loop(self) -> None:
         while True:
             try:
-                if self._turn():
+                stop = self._turn()
+                self._flush_reports()
+                if stop:
                     return
             except OSError as exc:
                 # Whatever a turn meets that no step guarded: the spool gone
@@ -346,6 +349,8 @@ class Worker:
             if now >= self._next_rescan:
                 self._guard("rescanning enqueued/", self._rescan)
             self._fill_slots()
+        # Said only now: a free slot gets its next task first.
+        self._flush_reports()
         if now >= self._next_heartbeat:
             self._heartbeat()
         if now >= self._next_sweep:
@@ -610,6 +615,16 @@ class Worker:
             self._guard(f"settling {job.claim}", lambda e=ended: self._settle(e))
 
     def _report(self, job: _Job, outcome: Outcome) -> None:
+        """Count and log how a run ended, once the turn has refilled the
+        slots (:meth:`_flush_reports`)."""
+        self._reports.append((job, outcome))
+
+    def _flush_reports(self) -> None:
+        reports, self._reports = self._reports, []
+        for job, outcome in reports:
+            self._guard(f"reporting {job.claim}", lambda j=job, o=outcome: self._say_outcome(j, o))
+
+    def _say_outcome(self, job: _Job, outcome: Outcome) -> None:
         if outcome in (Outcome.FINISHED, Outcome.FAILED):
             self.counters.ended(job.claim.type, job.claim.id, job.claim.number)
         if outcome is Outcome.FINISHED:
