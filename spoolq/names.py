@@ -22,7 +22,15 @@ ID_MAX = 128
 SEP = ":"
 
 
+# Names found valid lately: a task's type, id and server are checked at
+# every step of its life, and a lookup here is cheaper than the checks.
+_VALID: set[tuple[str, str]] = set()
+_VALID_MAX = 8192
+
+
 def _check(kind: str, value: object, limit: int) -> str:
+    if type(value) is str and (kind, value) in _VALID:
+        return value
     if not isinstance(value, str):
         raise InvalidName(kind, value, f"{kind} must be a string, not {type(value).__name__}")
     if not value:
@@ -34,6 +42,9 @@ def _check(kind: str, value: object, limit: int) -> str:
             kind, value,
             f"invalid {kind} {value!r}: use 1-{limit} of A-Z a-z 0-9 _ . -, not starting with '.' or '-'",
         )
+    if len(_VALID) >= _VALID_MAX:
+        _VALID.clear()
+    _VALID.add((kind, value))
     return value
 
 

@@ -86,15 +86,32 @@ class Queries:
         self.layout = layout
         self.registry = registry
         self.clock = clock
+        self._servers: tuple[int, list[str]] | None = None  # (mtime of scheduled/, its entries)
 
     # ------------------------------------------------------------------ lookup
 
+    def _server_names(self) -> list[str]:
+        """The entries of ``scheduled/``, listed again only when its mtime
+        changed. A listing is remembered only when that mtime is over a
+        second old: mtimes come from a coarse clock, so an entry added in
+        the same tick as the listing could leave the mtime as it was."""
+        try:
+            mtime = os.stat(self.layout.scheduled).st_mtime_ns
+        except FileNotFoundError:
+            return []
+        cached = self._servers
+        if cached is not None and cached[0] == mtime:
+            return cached[1]
+        try:
+            servers = sorted(os.listdir(self.layout.scheduled))
+        except FileNotFoundError:
+            return []
+        self._servers = (mtime, servers) if time.time_ns() - mtime > 1_000_000_000 else None
+        return servers
+
     def _candidates(self, name: str) -> list[str]:
         layout = self.layout
-        try:
-            servers = sorted(os.listdir(layout.scheduled))
-        except FileNotFoundError:
-            servers = []
+        servers = self._server_names()
         return [
             layout.task_path(Place.ENQUEUED, name),
             *(layout.task_path(Place.SCHEDULED, name, s) for s in servers),

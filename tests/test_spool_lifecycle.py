@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,22 @@ def test_duplicate_is_refused_in_every_state(spool: Spool, where: str) -> None:
     with pytest.raises(TaskExists):
         spool.enqueue("T", "a", 2)
     assert tree(Path(spool.root)) == before
+
+
+def test_a_duplicate_is_refused_on_a_server_that_appeared_after_a_lookup(spool: Spool) -> None:
+    """The listing of scheduled/ a lookup remembers is dropped as soon as a
+    server directory appears (its mtime changes): a task scheduled there is
+    found, and a second enqueue of it refused."""
+    scheduled = Path(spool.root, "scheduled")
+    old = time.time() - 60
+    os.utime(scheduled, (old, old))  # unchanged for a minute: its listing is remembered
+    for _ in range(2):  # the second time through the remembered listing
+        with pytest.raises(TaskNotFound):
+            spool.locate("T", "a")
+    spool.enqueue("T", "a", 1)
+    spool.claim("new-server")  # makes scheduled/new-server/
+    with pytest.raises(TaskExists):
+        spool.enqueue("T", "a", 2)
 
 
 def test_ids_are_per_type(spool: Spool) -> None:

@@ -84,10 +84,13 @@ def set_mtime(fd: int, ns: int | None) -> None:
     """Set the access and modification times of *fd* to *ns* (None: now).
     An explicit time is only allowed to the owner; anyone else who can write
     the file gets "now" instead, which is what a move stamps anyway."""
-    if ns is not None and os.fstat(fd).st_uid == os.geteuid():
-        os.utime(fd, ns=(ns, ns))
-    else:
-        os.utime(fd)
+    if ns is not None:
+        try:
+            os.utime(fd, ns=(ns, ns))
+            return
+        except PermissionError:
+            pass  # not the owner (EPERM): "now" is allowed to whoever may write
+    os.utime(fd)
 
 
 try:
@@ -205,7 +208,17 @@ def read_file(dir_fd: int | None, name: str, *, limit: int = READ_LIMIT) -> byte
     anything over *limit* bytes (EFBIG)."""
     fd = os.open(name, _O_READ, dir_fd=dir_fd)
     try:
-        _check_regular(fd, name)
+        size = _check_regular(fd, name)
+        if size <= limit:
+            # One read for the common case: as many bytes as fstat said,
+            # asked one more, means the whole file (a file that grew or
+            # shrank meanwhile is read on to its end as below).
+            first = os.read(fd, size + 1)
+            if len(first) == size:
+                return first
+            if len(first) > limit:
+                raise OSError(errno.EFBIG, f"more than {limit} bytes", name)
+            return first + read_limited(fd, limit - len(first), name)
         return read_limited(fd, limit, name)
     finally:
         os.close(fd)
@@ -226,11 +239,13 @@ def read_limited(fd: int, limit: int, name: str = "input") -> bytes:
             raise OSError(errno.EFBIG, f"more than {limit} bytes", name)
 
 
-def _check_regular(fd: int, name: str) -> None:
+def _check_regular(fd: int, name: str) -> int:
     """Refuse anything but a regular file (a FIFO, device or directory
-    planted under a task file's name) with EINVAL."""
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    planted under a task file's name) with EINVAL; its size."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
         raise OSError(errno.EINVAL, "not a regular file", name)
+    return st.st_size
 
 
 def _write_all(fd: int, data: bytes) -> None:

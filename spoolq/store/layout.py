@@ -298,12 +298,21 @@ class Layout:
         # Layout, so every user in this process shares its re-entrancy.
         self.enqueue_lock = fsutil.FlockLock(self.path("locks", "enqueue.lock"))
         self.settings_file = self.path(SETTINGS)
+        # Every task path is made from these (a string concatenation, not an
+        # os.path.join: names are checked and never hold a slash).
+        self._place_dirs = {place: self.path(place.value) for place in Place if place is not Place.SCHEDULED}
+        self._server_dirs: dict[str, str] = {}
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.root, *parts)
 
     def server_dir(self, server: str) -> str:
-        return self.path("scheduled", server)
+        path = self._server_dirs.get(server)
+        if path is None:
+            if len(self._server_dirs) > 1024:
+                self._server_dirs.clear()
+            path = self._server_dirs[server] = self.path("scheduled", server)
+        return path
 
     def server_lock(self, server: str) -> str:
         return self.path("locks", "servers", f"{server}.lock")
@@ -314,10 +323,10 @@ class Layout:
             if server is None:
                 raise ValueError("scheduled/ needs a server")
             return self.server_dir(server)
-        return self.path(place.value)
+        return self._place_dirs[place]
 
     def task_path(self, place: Place, name: str, server: str | None = None) -> str:
-        return os.path.join(self.place_dir(place, server), name)
+        return self.place_dir(place, server) + "/" + name
 
     def place_of_path(self, path: str) -> tuple[Place, str | None] | None:
         """(place, server) of a task directory path in this spool, or None."""
