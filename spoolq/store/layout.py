@@ -29,12 +29,14 @@ import struct
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CrossDevice, NoSpool, SpoolError, UnsafeSpool
 from ..lifecycle import Place
-from ..watch import ChangeWatch
 from . import fsutil
+
+if TYPE_CHECKING:
+    from ..watch import ChangeWatch
 
 log = logging.getLogger("spoolq.store")
 
@@ -183,7 +185,7 @@ def _ancestor_problems(root: str) -> list[LayoutProblem]:
 # Watches that vouch for a passed layout check, by spool root, in this
 # process (Layout.check_again); few, since each is an inotify instance and
 # the kernel allows a user 128 of them by default.
-_TRUST_WATCHES: dict[str, ChangeWatch] = {}
+_TRUST_WATCHES: dict[str, "ChangeWatch"] = {}
 _TRUST_WATCHES_MAX = 4
 
 
@@ -356,6 +358,8 @@ class Layout:
         root replaced). The watch is set before the check it vouches for,
         so a change during that check is reported to the next one. Where
         no watch can be set, every call checks."""
+        from ..watch import ChangeWatch  # here: the quick CLI commands never start a task
+
         watch = _TRUST_WATCHES.get(self.root)
         if watch is not None and not watch.changed():
             return
