@@ -69,8 +69,9 @@ def hang(ts, inp):
 
 def hang_with_grandchild(ts, inp):
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1000)"])
-    with open(inp["pidfile"], "w") as fh:
+    with open(inp["pidfile"] + ".tmp", "w") as fh:
         fh.write(str(child.pid))
+    os.rename(inp["pidfile"] + ".tmp", inp["pidfile"])
     time.sleep(1000)
 
 

@@ -51,8 +51,11 @@ def escape_group(ts, inp):
         os.setsid()
         if os.fork() == 0:  # double fork: reparented away from the handler
             try:
-                with open(inp["pidfile"], "w") as fh:
+                # Whole or not at all: the handler returns (and its leftovers
+                # are killed) as soon as the file exists.
+                with open(inp["pidfile"] + ".tmp", "w") as fh:
                     fh.write(str(os.getpid()))
+                os.rename(inp["pidfile"] + ".tmp", inp["pidfile"])
                 _tick_forever(inp, "escaped")
             finally:
                 os._exit(0)
@@ -75,8 +78,9 @@ def fork_helper_then_hang(ts, inp):
     open(marker, "w").close()
     if os.fork() == 0:
         try:
-            with open(inp["pidfile"], "w") as fh:
+            with open(inp["pidfile"] + ".tmp", "w") as fh:
                 fh.write(str(os.getpid()))
+            os.rename(inp["pidfile"] + ".tmp", inp["pidfile"])
             time.sleep(1000)
         finally:
             os._exit(0)

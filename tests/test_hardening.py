@@ -153,8 +153,10 @@ def test_a_handlers_leftovers_are_dead_before_its_task_is_final(env):
     workers.start("w1", env={"SPOOLQ_HANG_AT": "finish.moved"})
     wait_until(lambda: pidfile.exists() and pidfile.read_text(), what="the escaped grandchild")
     escaped = int(pidfile.read_text())
-    wait_until(lambda: spool.status("E", "t").state == State.FINISHED, timeout=30, what="task FINISHED")
-    assert Path(root, "done", "E:t").is_dir()
+    # FINISHED is written in running/ just before the move to done/ (where
+    # the slot hangs): wait for the move, not for the state.
+    wait_until(lambda: Path(root, "done", "E:t").is_dir(), timeout=30, what="task moved to done/")
+    assert spool.status("E", "t").state == State.FINISHED
     assert not alive(escaped), "the handler's grandchild outlived the finish of its task"
 
 

@@ -45,6 +45,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,7 +196,7 @@ class DaskExecutor:
     def fds(self) -> list[int]:
         return [self._wake_r]
 
-    def events(self) -> list[Ended]:
+    def events(self, ready: Collection[int] | None = None) -> list[Ended]:
         try:
             while os.read(self._wake_r, 4096):
                 pass

@@ -10,7 +10,8 @@ through :class:`Executor`:
   enforce it on its own as well, as a backstop for a loop that is stuck;
 * ``fds()`` are descriptors that become readable when ``events()`` may have
   something; the loop also calls ``events()`` after SIGCHLD and on every
-  turn, so an executor may rely on either;
+  turn, so an executor may rely on either, and tells it which of its fds
+  were readable (``ready``; None after a signal: look at everything);
 * ``events()`` returns, without blocking, each run that ended: with the
   outcome the runner reported (:class:`Ended` with an ``outcome``), or with
   the reason its process died without one (``outcome`` None);
@@ -49,7 +50,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -93,8 +94,10 @@ class Executor(Protocol):
     def fds(self) -> list[int]:
         """Descriptors that become readable when :meth:`events` may have news."""
 
-    def events(self) -> list[Ended]:
-        """The runs that ended since the last call; never blocks."""
+    def events(self, ready: Collection[int] | None = None) -> list[Ended]:
+        """The runs that ended since the last call; never blocks. *ready*:
+        which of :meth:`fds` the loop's wait found readable; None when it
+        cannot tell (a signal came, SIGCHLD perhaps): then look everywhere."""
 
     def kill(self, claim: Claim) -> None:
         """Stop the run of *claim* and everything its handler started."""
@@ -212,15 +215,21 @@ class ForkExecutor:
     def fds(self) -> list[int]:
         return [slot.results for slot in self.slots.values() if slot.results >= 0]
 
-    def events(self) -> list[Ended]:
+    def events(self, ready: Collection[int] | None = None) -> list[Ended]:
         ended: list[Ended] = []
-        ready, _, _ = select.select(self.fds(), [], [], 0)
+        if ready is None:
+            readable, _, _ = select.select(self.fds(), [], [], 0)
+        else:
+            readable = [fd for fd in self.fds() if fd in ready]
         by_fd = {slot.results: slot for slot in self.slots.values()}
-        for fd in ready:
+        for fd in readable:
             slot = by_fd.get(fd)
             if slot is not None:
                 ended += self._read_results(slot)
-        ended += self._reap()
+        # A slot or an orphan that died sent SIGCHLD, and a signal means
+        # ready is None: waitpid only then (or while orphans are awaited).
+        if ready is None or self._dying:
+            ended += self._reap()
         return ended
 
     def kill(self, claim: Claim) -> None:

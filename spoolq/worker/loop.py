@@ -168,6 +168,10 @@ class Worker:
         self.waiting = WaitingIndex(spool.layout, accept=self._in_lanes if self.lanes else None)
         self._signals: list[int] = []
         self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # What the last wait watched and found readable; None: not known
+        # (the first turn, a signal), look at every source.
+        self._ready: frozenset[int] | None = None
+        self._selected: frozenset[int] = frozenset()
         self._watcher: DirWatcher | None = None
         self._departures: DirWatcher | None = None
         self._types_watch: DirWatcher | None = None  # holds and releases
@@ -327,7 +331,7 @@ class Worker:
         """One turn of the loop; True when the worker should stop."""
         self._handle_signals()
         for executor in self.executors.values():
-            for ended in executor.events():
+            for ended in executor.events(self._ready):
                 self._guard(f"settling {ended.claim}", lambda e=ended: self._settle(e))
         self._retry_unsettled()
         now = time.monotonic()
@@ -396,12 +400,21 @@ class Worker:
             fds.append(self._types_watch.fileno())
         if self._watcher is not None and not self.stopping and not self.draining:
             fds.append(self._watcher.fileno())
+        self._ready, self._selected = None, frozenset(fds)
         try:
             ready, _, _ = select.select(fds, [], [], timeout)
         except InterruptedError:
             return
         if self._sig_r in ready:
-            _drain_pipe(self._sig_r)
+            _drain_pipe(self._sig_r)  # a signal, SIGCHLD perhaps: the next turn looks everywhere
+        else:
+            self._ready = frozenset(ready)
+
+    def _quiet(self, fd: int) -> bool:
+        """Whether the last wait watched *fd* and found nothing to read there
+        (its source need not be read this turn: a file event or result that
+        comes later makes the next wait return at once)."""
+        return self._ready is not None and fd in self._selected and fd not in self._ready
 
     def _handle_signals(self) -> None:
         while self._signals:
@@ -426,7 +439,7 @@ class Worker:
     # ------------------------------------------------------------------ claiming
 
     def _take_arrivals(self) -> None:
-        if self._watcher is None:
+        if self._watcher is None or self._quiet(self._watcher.fileno()):
             return
         names = self._watcher.drain()
         if self._watcher.overflowed:
@@ -680,9 +693,9 @@ class Worker:
         had its status replaced (a cancel asked for): look at it shortly
         (:data:`TASK_EVENT_DELAY`), not at the next heartbeat."""
         names: set[str] = set()
-        if self._departures is not None:
+        if self._departures is not None and not self._quiet(self._departures.fileno()):
             names |= set(self._departures.drain())
-        if self._task_watches is not None:
+        if self._task_watches is not None and not self._quiet(self._task_watches.fileno()):
             names |= {str(key) for key, file in self._task_watches.drain() if file == "status.json"}
         for job in list(self.jobs.values()):
             if job.claim.name in names and job.check_at is None:
@@ -694,7 +707,8 @@ class Worker:
     def _take_type_changes(self) -> None:
         """A type file replaced (held, released, registered again): tasks
         parked behind a hold that was lifted go back to the index."""
-        if self._types_watch is not None and self._types_watch.drain():
+        watch = self._types_watch
+        if watch is not None and not self._quiet(watch.fileno()) and watch.drain():
             self.gates.reopen(self.waiting, only="held")
 
     def _unwatch(self, job: _Job) -> None:
