@@ -556,3 +556,19 @@ def test_a_type_registered_again_is_seen_at_once_by_other_spool_objects(spool: S
     for timeout in range(1, 30):  # far quicker than the file-time tick
         spool.register_type("R", "m.f", timeout=timeout)
         assert reader.get_type("R").timeout == timeout
+
+
+def test_a_registry_moment_looks_at_each_type_once_and_sees_its_own_changes(spool: Spool) -> None:
+    """registry.moment() (a turn of the worker's loop): a type registered
+    again elsewhere is seen after the moment; one registered through this
+    registry at once."""
+    other = Spool(spool.root)
+    registry = spool.registry
+    with registry.moment():
+        assert registry.get("T").timeout == spool.get_type("T").timeout
+        other.register_type("T", "daemon_handlers.add", timeout=123)
+        assert registry.get("T").timeout != 123  # looked at already in this moment
+        spool.register_type("T", "daemon_handlers.add", timeout=77)
+        assert registry.get("T").timeout == 77  # its own change
+    other.register_type("T", "daemon_handlers.add", timeout=55)
+    assert registry.get("T").timeout == 55  # the moment is over

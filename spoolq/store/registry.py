@@ -7,9 +7,12 @@ times and size, so a re-registration is seen at once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,6 +154,22 @@ class TypeRegistry:
         self.layout = layout
         self.durable = durable
         self._cache: dict[str, tuple[tuple[int, ...], TaskType]] = {}
+        self._moment = threading.local()  # .seen: types looked at in this thread's moment()
+
+    @contextlib.contextmanager
+    def moment(self) -> Iterator[None]:
+        """Within the block, each type's file is looked at (lstat) at most
+        once by this thread: for a caller that makes many lookups in one
+        short step (a turn of the worker's loop) and may see a change at
+        its next step. Nests; a put() or remove() here is seen at once."""
+        outer = getattr(self._moment, "seen", None)
+        if outer is None:
+            self._moment.seen = {}
+        try:
+            yield
+        finally:
+            if outer is None:
+                self._moment.seen = None
 
     def _file(self, name: str) -> str:
         return self.layout.path("types", f"{name}.json")
@@ -169,12 +188,27 @@ class TypeRegistry:
                 os.fsync(dfd)
         finally:
             os.close(dfd)
-        self._cache.pop(ttype.name, None)
+        self._forget(ttype.name)
         return ttype
+
+    def _forget(self, name: str) -> None:
+        self._cache.pop(name, None)
+        seen = getattr(self._moment, "seen", None)
+        if seen is not None:
+            seen.pop(name, None)
 
     def get(self, name: str) -> TaskType:
         """The registered type *name*; UnknownType if there is none,
         SpoolError if its file is corrupt."""
+        seen = getattr(self._moment, "seen", None)
+        if seen is not None and name in seen:
+            return seen[name]
+        ttype = self._get(name)
+        if seen is not None:
+            seen[name] = ttype
+        return ttype
+
+    def _get(self, name: str) -> TaskType:
         check_type(name)
         path = self._file(name)
         try:
@@ -222,4 +256,4 @@ class TypeRegistry:
         os.unlink(self._file(name))
         if self.durable:
             fsutil.fsync_dir(self.layout.types)
-        self._cache.pop(name, None)
+        self._forget(name)

@@ -316,8 +316,11 @@ class Worker:
     def _loop(self) -> None:
         while True:
             try:
-                stop = self._turn()
-                self._flush_reports()
+                # A turn looks at each type's file once: a type registered
+                # again, held or released is seen from the next turn on.
+                with self.spool.registry.moment():
+                    stop = self._turn()
+                    self._flush_reports()
                 if stop:
                     return
             except OSError as exc:
