@@ -173,6 +173,43 @@ class SpoolqBackend(Backend):
             close()
 
 
+class SpoolqTrackerBackend(SpoolqBackend):
+    """spoolq through its ATP API (``spoolq.tracker``), as an EOxServer ATP
+    program calls it: the same lifecycle as SpoolqBackend, one call each.
+
+        tracker.use_spool(spool)
+        tracker.enqueueTask(TASK_TYPE, id, obj)
+        [task_id] = tracker.dequeueTask(SERVER)
+        tracker.startTask(task_id)
+        tracker.setTaskResponse(task_id, data, mime)
+        tracker.stopTaskSuccess(task_id)
+    """
+
+    name = "spoolq.tracker"
+    note = "spoolq ATP API: enqueueTask / dequeueTask / startTask / setTaskResponse / stopTaskSuccess"
+
+    def open(self, root, durable):
+        from spoolq import tracker
+
+        super().open(root, durable)
+        self.tracker = tracker
+        tracker.use_spool(self.spool)
+
+    def enqueue(self, i, obj):
+        self.tracker.enqueueTask(TASK_TYPE, task_id(i), obj)
+
+    def process_one(self):
+        t = self.tracker
+        (tid,) = t.dequeueTask(SERVER)
+        t.startTask(tid)
+        t.setTaskResponse(tid, RESPONSE, RESPONSE_MIME)
+        t.stopTaskSuccess(tid)
+
+    def close(self):
+        self.tracker.use_spool(None)
+        super().close()
+
+
 # ---------------------------------------------------------------- dirq
 
 
@@ -328,6 +365,7 @@ class PersistQueueBackend(Backend):
 ALL = [
     FloorBackend,
     SpoolqBackend,
+    SpoolqTrackerBackend,
     HueyFileBackend,
     DirqQueueBackend,
     DirqSimpleBackend,

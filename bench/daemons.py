@@ -194,4 +194,16 @@ class SpoolqDaemon(Daemon):
         return state == self.State.FINISHED
 
 
-DAEMONS = {"huey": HueyDaemon, "spoolq": SpoolqDaemon}
+class SpoolqDurableDaemon(SpoolqDaemon):
+    """The same worker on a durable spool (every transition fsynced before
+    it is acknowledged), run in the same rounds as the non-durable one so
+    the cost of durability is a ratio taken under the same disk weather."""
+
+    name = "spoolq-durable"
+    mode_note = "spoolq --root R worker S --concurrency 2, spool durable"
+
+    def __init__(self, root: str, durable: bool, concurrency: int = 2):
+        super().__init__(root, True, concurrency)
+
+
+DAEMONS = {"huey": HueyDaemon, "spoolq": SpoolqDaemon, "spoolq-durable": SpoolqDurableDaemon}

@@ -13,12 +13,15 @@ N more tasks are enqueued, the processes are continued (SIGCONT) and the
 clock runs from then until the last result is present: the daemons'
 throughput alone, producer excluded.
 
-    huey    huey_consumer huey_app.huey -w 2 -k process   (FileStorage)
-    spoolq  python -m spoolq --root R worker S --concurrency 2
-            (daemons.py: SpoolqDaemon)
+    huey            huey_consumer huey_app.huey -w 2 -k process   (FileStorage)
+    spoolq          python -m spoolq --root R worker S --concurrency 2
+                    (daemons.py: SpoolqDaemon), spool non-durable
+    spoolq-durable  the same on a durable spool; its "x spoolq non-durable"
+                    ratio, taken per round, is the cost of durability
 
-    python bench/e2e.py                  # N=1000, 3 rounds, spoolq non-durable
-    python bench/e2e.py --durable        # spoolq durable (huey has no such mode)
+    python bench/e2e.py                  # N=1000, 3 rounds, all three
+    python bench/e2e.py --durable        # "spoolq" durable too (huey has no such mode)
+    python bench/e2e.py --daemons huey,spoolq
 """
 
 from __future__ import annotations
@@ -57,11 +60,13 @@ def report(data) -> str:
     rows = [[s["daemon"], s["note"], s["mode"], n,
              common.fmt_num(s["tasks_per_s_median"]) + (f" ({s['errors']} failed)" if s["errors"] else ""),
              common.fmt_ratio(s["ratio_huey_median"]),
+             common.fmt_ratio(s.get("ratio_spoolq_median")),
              common.fmt_num(s.get("drain_tasks_per_s_median")),
              common.fmt_ratio(s.get("drain_ratio_huey_median"))] for s in data["summary"]]
-    rows += [[k["daemon"], "", "", "", f"skipped: {k['reason']}", "", "", ""] for k in data["skipped"]]
+    rows += [[k["daemon"], "", "", "", f"skipped: {k['reason']}", "", "", "", ""] for k in data["skipped"]]
     return common.markdown_table(["daemon", "command", "mode", "N", "end to end: tasks/s (median)",
-                                  "x huey consumer", "backlog drain: tasks/s", "x huey consumer"], rows)
+                                  "x huey consumer", "x spoolq non-durable", "backlog drain: tasks/s",
+                                  "x huey consumer"], rows)
 
 
 def main(argv=None) -> int:
@@ -109,9 +114,16 @@ def main(argv=None) -> int:
                 ratios.append(r["tasks_per_s"] / h["tasks_per_s"])
             if h and h.get("drain_tasks_per_s") and r.get("drain_tasks_per_s"):
                 drain_ratios.append(r["drain_tasks_per_s"] / h["drain_tasks_per_s"])
+        own = []  # against spoolq's non-durable run of the same round (the cost of durability)
+        for r in mine:
+            o = next((x for x in runs if x["daemon"] == "spoolq" and x["round"] == r["round"]), None)
+            if o and o.get("tasks_per_s") and r.get("tasks_per_s"):
+                own.append(r["tasks_per_s"] / o["tasks_per_s"])
         summary.append({
             "daemon": cls.name, "note": cls.mode_note,
-            "mode": "n/a (no fsync)" if cls.name == "huey" else ("durable" if a.durable else "non-durable"),
+            "mode": "n/a (no fsync)" if cls.name == "huey" else
+                    ("durable" if a.durable or cls.name.endswith("durable") else "non-durable"),
+            "ratio_spoolq": own, "ratio_spoolq_median": common.median(own),
             "errors": sum(1 for r in mine if r.get("error")),
             "tasks_per_s": [r.get("tasks_per_s") for r in mine],
             "tasks_per_s_median": common.median(r.get("tasks_per_s") for r in mine),

@@ -36,6 +36,7 @@ __all__ = [
 ]
 
 _spool: Spool | None = None
+_chosen = False  # _spool was given by use_spool(), not found at $SPOOLQ_ROOT
 
 # ATP's status tables (EOxServer's ``processes.models``): code -> name and
 # name -> code. Code 0 (UNDEFINED) is ATP's and never used by spoolq. Code 1
@@ -46,8 +47,11 @@ TEXT2STATUS: dict[str, int] = {**{name: code for code, name in STATUS2TEXT.items
 
 
 def _get_spool() -> Spool:
-    """The process's spool, reopened if SPOOLQ_ROOT changed."""
+    """The spool given to use_spool(), else the process's spool at
+    ``$SPOOLQ_ROOT``, reopened if that changed."""
     global _spool
+    if _chosen:
+        return _spool  # type: ignore[return-value]
     root = resolve_root()
     if _spool is None or _spool.root != root:
         _spool = Spool(root)
@@ -55,10 +59,11 @@ def _get_spool() -> Spool:
 
 
 def use_spool(spool: Spool | None) -> None:
-    """Make the tracker functions work on *spool* (None: back to
-    ``$SPOOLQ_ROOT``); for programs and tests with a spool object of their own."""
-    global _spool
-    _spool = spool
+    """Make the tracker functions work on *spool*, wherever it is (None:
+    back to ``$SPOOLQ_ROOT``); for programs and tests with a spool object
+    of their own."""
+    global _spool, _chosen
+    _spool, _chosen = spool, spool is not None
 
 
 def _pair(state: State) -> tuple[int, str]:

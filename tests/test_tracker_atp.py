@@ -507,3 +507,14 @@ def test_dequeue_obeys_priorities_due_times_and_holds(atp_root: Path) -> None:  
     spool.release("H")
     assert getTaskIdentifier(dequeueTask("srv")[0]) == ("H", "held")  # noqa: F405
     assert getTaskStatusByIdentifier("T", "later") == (1, "ENQUEUED")  # noqa: F405
+
+
+def test_use_spool_works_on_the_given_spool_wherever_spoolq_root_points(make_spool, tmp_path, monkeypatch) -> None:
+    mine = make_spool()
+    monkeypatch.setenv("SPOOLQ_ROOT", str(tmp_path / "elsewhere"))  # no spool there
+    tracker.use_spool(mine)
+    try:
+        enqueueTask("T", "given", None)  # noqa: F405
+        assert mine.status("T", "given").state.name == "ENQUEUED"
+    finally:
+        tracker.use_spool(None)
