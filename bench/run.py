@@ -423,7 +423,7 @@ def main(argv=None) -> int:
 
     text = report()
     targets_text = targets_table()
-    print("\n" + text + "\n\n**Issue 6 targets:**\n\n" + targets_text)
+    print("\n" + text + "\n\n**Targets (issue 15):**\n\n" + targets_text)
     if a.update_readme:
         update_readme(text, targets_text)
         print("updated", README, file=sys.stderr)
