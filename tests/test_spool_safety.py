@@ -356,6 +356,16 @@ def test_every_start_sees_a_change_made_since_the_last_one(spool: Spool, tmp_pat
     assert setfacl, "setfacl missing: run .ci/install-system-deps (acl)"
     refused_once(lambda: subprocess.run([setfacl, "-m", "u:nobody:rwx", str(root / "enqueued")], check=True),
                  lambda: subprocess.run([setfacl, "-b", str(root / "enqueued")], check=True))
+    # Refused again and again: no watch (an inotify instance) is left behind.
+    os.chmod(running, 0o2777)
+    with pytest.raises(UnsafeSpool):
+        start()  # the watch that vouched is closed
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        with pytest.raises(UnsafeSpool):
+            start()
+    assert len(os.listdir("/proc/self/fd")) == fds
+    os.chmod(running, 0o2770)
     elsewhere = tmp_path / "done-elsewhere"
     refused_once(lambda: (done.rename(elsewhere), os.symlink(elsewhere, done)),
                  lambda: (done.unlink(), elsewhere.rename(done)))

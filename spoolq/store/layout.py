@@ -367,7 +367,11 @@ class Layout:
             watch.close()
         _TRUST_WATCHES.pop(self.root, None)
         watch = ChangeWatch(_trust_paths(self.root))
-        self.check()  # raises: the watch is dropped and the next call checks again
+        try:
+            self.check()
+        except BaseException:
+            watch.close()  # the next call checks again
+            raise
         if watch.watching:
             if len(_TRUST_WATCHES) >= _TRUST_WATCHES_MAX:
                 _TRUST_WATCHES.pop(next(iter(_TRUST_WATCHES))).close()

@@ -424,12 +424,10 @@ class DaskExecutor:
     def _subscribe(self, client: Any) -> None:
         distributed = import_distributed()
         client.subscribe_topic("all", self._on_event)
-        # Queue() asks the scheduler to create the queue with no time limit;
-        # asked first with one, a scheduler that accepted the connection but
-        # does not answer costs CONNECT_TIMEOUT and a retry, not the thread
-        # (creating a queue twice is harmless: the scheduler counts users).
-        client.sync(client.scheduler.queue_create, name=self.queue_name, maxsize=0,
-                    callback_timeout=CONNECT_TIMEOUT)
+        # Queue() asks the scheduler with no time limit: a scheduler that
+        # accepted the connection but does not answer must cost
+        # CONNECT_TIMEOUT and a retry, not the thread, so ask it first.
+        client.sync(client.scheduler.identity, n_workers=0, callback_timeout=CONNECT_TIMEOUT)
         self._queue = distributed.Queue(self.queue_name, client=client)
         self._read_cluster()
 
