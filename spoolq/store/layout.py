@@ -26,7 +26,6 @@ import logging
 import os
 import stat
 import struct
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -103,7 +102,7 @@ def _mode_problem(rel: str, path: str, st: os.stat_result) -> LayoutProblem | No
             f"writable by any user (mode {stat.S_IMODE(st.st_mode):04o}); pickles run as code in the worker",
             f"chmod o-w {path}",
         )
-    writers = _acl_writers_unless_unchanged(path, st)
+    writers = acl_writers(path)
     if writers:
         return LayoutProblem(
             "permissions", rel,
@@ -118,27 +117,6 @@ def _mode_problem(rel: str, path: str, st: os.stat_result) -> LayoutProblem | No
 _ACL_XATTRS = ("system.posix_acl_access", "system.posix_acl_default")
 _ACL_USER, _ACL_GROUP, _ACL_MASK = 0x02, 0x08, 0x10
 _ACL_WRITE = 0x02
-
-
-# Directories (device, inode) whose ACLs were last seen granting nobody write,
-# with their ctime then. Setting an ACL (or a mode, or an owner) updates the
-# ctime, so while it is unchanged the answer is too, and a worker that checks
-# the layout before every start reads the ACLs of the directories that did
-# not change (the root, types/, locks/, quarantine/) once, not per task. Only
-# a ctime at least a second old is remembered: ctimes come from a coarse
-# clock, and a change in the same tick as the check could keep the same one.
-_NO_ACL_WRITERS: dict[tuple[int, int], int] = {}
-_CTIME_SETTLED_NS = 1_000_000_000
-
-
-def _acl_writers_unless_unchanged(path: str, st: os.stat_result) -> list[str]:
-    key = (st.st_dev, st.st_ino)
-    if _NO_ACL_WRITERS.get(key) == st.st_ctime_ns:
-        return []
-    writers = acl_writers(path)
-    if not writers and time.time_ns() - st.st_ctime_ns > _CTIME_SETTLED_NS:
-        _NO_ACL_WRITERS[key] = st.st_ctime_ns
-    return writers
 
 
 def acl_writers(path: str) -> list[str]:

@@ -320,7 +320,7 @@ class Worker:
                 # again, held or released is seen from the next turn on.
                 with self.spool.registry.moment():
                     stop = self._turn()
-                    self._flush_reports()
+                    self._flush_reports()  # what a turn that returned early did not say
                 if stop:
                     return
             except OSError as exc:

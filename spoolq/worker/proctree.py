@@ -23,7 +23,6 @@ systemd, the unit's cgroup is killed as a whole when the worker dies.
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import signal
 import time
@@ -104,38 +103,29 @@ def kill_descendants(*, timeout: float = 10.0) -> int:
     deadline = time.monotonic() + timeout
     total = 0
     while time.monotonic() < deadline:
-        # No child at all, alive or unreaped (one waitpid, ECHILD): no
-        # descendant either, and the /proc scan below, a dozen system
-        # calls a run, is not needed (the common case: a handler that
-        # started nothing, or whose children all were waited for).
-        try:
-            pid, _status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
+        # No child at all, alive or unreaped (ECHILD): no descendant either,
+        # since each would have a child of ours on its line of ancestors.
+        # The common case (a handler that started nothing, or waited for
+        # what it started) costs that one waitpid and no /proc scan.
+        reaped = _reap_any()
+        if reaped is None:
             return total
         killed = kill_children()
         total += len(killed)
-        reaped = _reap_any()
-        # No child and nothing reaped: no descendant is left either (each
-        # would have a child of ours, or be one, on its line of ancestors).
-        if not killed and not reaped:
-            return total
         if not reaped:
-            time.sleep(0.005)
+            time.sleep(0.005)  # the killed die asynchronously
     return total
 
 
-def _reap_any() -> int:
-    """Reap every exited child; how many."""
+def _reap_any() -> int | None:
+    """Reap every exited child: how many, or None when there is no child at
+    all (none alive, none left to reap)."""
     count = 0
     while True:
         try:
             pid, _status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return count
-        except OSError as exc:  # pragma: no cover
-            if exc.errno == errno.EINTR:
-                continue
-            return count
+            return count or None
         if pid == 0:
             return count
         count += 1
