@@ -75,3 +75,16 @@ def tail_then_hang(ts, inp):
     with open(inp["ready"], "w") as fh:
         fh.write(str(os.getpid()))
     time.sleep(1000)
+
+
+def noisy_first_run(ts, inp):
+    """First run: prints past the head into the tail parts, reports
+    progress, then hangs until its timeout. Later runs print one line."""
+    if not os.path.exists(inp["marker"]):
+        open(inp["marker"], "w").close()
+        for i in range(inp["lines"]):
+            sys.stdout.write(f"first run {i:08d}\n")
+        sys.stdout.flush()
+        ts.progress(1, 2, "first run")
+        time.sleep(1000)
+    print("second run", flush=True)

@@ -472,3 +472,18 @@ def test_bad_names_through_the_cli_are_one_line_errors_and_write_nothing(spool, 
         assert err.startswith("spoolq: ") and err.count("\n") == 1, (argv, err)
         assert "invalid" in err or "must not be empty" in err or "longer than" in err, (argv, err)
     assert snapshot(root) == before
+
+
+def test_a_file_whose_size_lies_is_still_read_whole_and_within_its_limit():
+    """read_file reads a small file in one call, trusting fstat's size; a
+    regular file whose size is not its length (here /proc, whose files say
+    0 bytes) is read on to its end, and its limit still holds."""
+    from spoolq.store import fsutil
+
+    with open("/proc/self/mounts", "rb") as fh:
+        whole = fh.read()
+    assert os.stat("/proc/self/mounts").st_size == 0 and len(whole) > 100
+    assert fsutil.read_file(None, "/proc/self/mounts") == whole
+    with pytest.raises(OSError) as err:
+        fsutil.read_file(None, "/proc/self/mounts", limit=50)
+    assert err.value.errno == errno.EFBIG

@@ -236,6 +236,20 @@ def test_follow_survives_the_moves_and_a_restart(env):
     assert states.count("RUNNING") == 2 and states[-1] == "FAILED"
 
 
+def test_a_run_after_a_restart_starts_with_no_output_or_progress_of_the_first(env):
+    """The first run fills output and its tail parts and reports progress,
+    then is killed at its timeout; the second run's task shows only what
+    the second run printed, and no progress."""
+    register(env, "R", "noisy_first_run", timeout=1.5, max_restarts=1, max_output_bytes=4096)
+    env.spool.enqueue_json("R", "r", {"marker": str(env.root.parent / "marker"), "lines": 2000})
+    env.worker()
+    assert env.final("R", "r") == State.FINISHED
+    assert env.spool.status("R", "r").doc["starts"] == 2
+    assert env.cli("output", "R", "r").stdout == b"second run\n"
+    assert env.spool.status("R", "r").progress is None
+    assert not [n for n in os.listdir(env.root / "done" / "R:r") if n.startswith("output.tail.")]
+
+
 def test_follow_errors_are_one_line_with_wait_exit_codes(env):
     register(env, "C", "chatty")
     env.spool.enqueue_json("C", "w", {})
