@@ -96,12 +96,11 @@ def kill_children(keep: frozenset[int] = frozenset()) -> list[int]:
     return killed
 
 
-def kill_descendants(*, timeout: float = 10.0) -> int:
+def kill_descendants(*, timeout: float = 10.0) -> None:
     """Kill and reap every descendant of this process (a subreaper): its
     children, then the grandchildren re-parented to it as their parents die,
-    until none is left or *timeout* seconds passed. How many were killed."""
+    until none is left or *timeout* seconds passed."""
     deadline = time.monotonic() + timeout
-    total = 0
     while time.monotonic() < deadline:
         # No child at all, alive or unreaped (ECHILD): no descendant either,
         # since each would have a child of ours on its line of ancestors.
@@ -109,12 +108,10 @@ def kill_descendants(*, timeout: float = 10.0) -> int:
         # what it started) costs that one waitpid and no /proc scan.
         reaped = _reap_any()
         if reaped is None:
-            return total
-        killed = kill_children()
-        total += len(killed)
+            return
+        kill_children()
         if not reaped:
             time.sleep(0.005)  # the killed die asynchronously
-    return total
 
 
 def _reap_any() -> int | None:
