@@ -395,7 +395,7 @@ class _Checker:
                 pass  # a writer holds it for long: look anyway, repairs re-check under the lock
             if _moved(path, dfd):
                 return  # a worker moved it on meanwhile
-            verdict = self._inspect(path, dfd, where, parts)
+            verdict = self._inspect(path, dfd, where, parts, server_dir)
             st = os.fstat(dfd)
         finally:
             os.close(dfd)  # releases the lock
@@ -407,9 +407,12 @@ class _Checker:
         inode = (st.st_dev, st.st_ino)
         self.places[name].append(_Place(where, path, name, parts[0], parts[1], server_dir, inode, verdict))
 
-    def _inspect(self, path: str, dfd: int, where: str, parts: tuple[str, str]) -> Finding | dict[str, Any] | None:
+    def _inspect(
+        self, path: str, dfd: int, where: str, parts: tuple[str, str], server_dir: str | None,
+    ) -> Finding | dict[str, Any] | None:
         """Look into a task directory (opened and locked as *dfd*): the
-        finding that condemns it as a whole, or its status document."""
+        finding that condemns it as a whole, or its status document (a claim
+        made by its move alone read as recorded, as the spool reads it)."""
         if self.repair:
             self._settle_leftovers(path, dfd)
         entries = {}
@@ -442,7 +445,7 @@ class _Checker:
         if STATUS not in entries:
             return self.add("incomplete", path, "no status.json")
         try:
-            doc = read_status(dfd, path)
+            doc = read_status(dfd, path, claimed_in=server_dir)
         except CorruptTask as exc:
             return self.add("corrupt-status", path, str(exc).replace(path + "/", "").replace(path + " ", ""))
         if (doc.get("type"), doc.get("id")) != parts:
@@ -577,7 +580,6 @@ class _Checker:
             server = place.server_dir if place.where == "scheduled" else doc.get("server")
             what = {
                 State.SCHEDULED: "claimed" if place.where == "scheduled" else "being started",
-                State.ENQUEUED: "being claimed (interrupted)",
             }.get(state, "started")
             self._take(place, "orphan", f"{state.name}: {what} by server {server}, which is gone", verdict)
 

@@ -9,6 +9,7 @@ that changes changes here, once, and the table-driven tests in
   state directories; :data:`PLACE_OF` says where each state lives.
 * :data:`HOLDER_MOVES`: which state changes a claim holder may ask for.
 * :class:`Claim` and :meth:`Claim.owns`: the one ownership check (fencing).
+* :func:`claimed_by_move` and :func:`as_claimed`: a claim not yet recorded.
 * :func:`judge`: the consistency verdict for a task found in a place, used by
   the zombie sweep and by fsck alike.
 * :func:`timed_out`, :func:`gives_up`, :func:`retired`: timeouts, restart
@@ -143,6 +144,7 @@ class Outcome(enum.Enum):
     RETRY = "RETRY"  # the handler failed (or asked for a retry): back to the queue, due later
     NO_HANDLER = "NO_HANDLER"  # never started: its handler cannot be imported where it was to run
     NO_ROOM = "NO_ROOM"  # never started: its type's concurrency limit was reached meanwhile
+    NOT_STARTED = "NOT_STARTED"  # never started: the start could not be written (disk full, I/O error)
 
 
 class Action(str, enum.Enum):
@@ -205,6 +207,26 @@ def cancelled_while_waiting(place: Place, state: State) -> bool:
     return place is Place.ENQUEUED and state is State.FAILED
 
 
+def claimed_by_move(place: Place, state: State) -> bool:
+    """Whether a task in *place* whose status says *state* is claimed by its
+    move alone. A claim (without a message) is only the rename into
+    ``scheduled/<server>/``: the status keeps saying ENQUEUED, and the first
+    write through the claim, normally the start, records it (status and a
+    SCHEDULED log record) together with its own change. Only the server's
+    one process claims into its directory, and a crash leaves what a dead
+    server's claim leaves, so the place alone says who holds the task."""
+    return place is Place.SCHEDULED and state is State.ENQUEUED
+
+
+def as_claimed(doc: Mapping[str, Any], server: str, claimed_at: str) -> dict[str, Any]:
+    """The status of a task claimed by its move alone (:func:`claimed_by_move`),
+    as every reader sees it and as its first write records it: SCHEDULED by
+    *server*, its claim number one up (as a recorded claim raises it), claimed
+    at *claimed_at* (the time of the move)."""
+    return {**doc, "state": State.SCHEDULED.name, "server": server, "claim": int(doc["claim"]) + 1,
+            "claimed_at": claimed_at, "message": ""}
+
+
 def judge(
     place: Place,
     state: State,
@@ -240,8 +262,9 @@ def judge(
         return Judgement(Verdict.FINISH_MOVE, "completing an interrupted finish")
     if place is Place.RUNNING:
         if state is State.ENQUEUED:
-            # A re-enqueue writes its status before its move.
-            return Judgement(Verdict.TAKE_AWAY, "completing an interrupted re-enqueue")
+            # A re-enqueue writes its status before its move; the start of a
+            # claim made by its move alone moves before its first write.
+            return Judgement(Verdict.TAKE_AWAY, "completing an interrupted re-enqueue or start")
         if not _valid_server(server):
             return Judgement(Verdict.UNTRUSTED, f"status says {state.name} (server {server!r}) but it is in running/")
         if alive(str(server)):
@@ -257,7 +280,7 @@ def judge(
     if state is State.SCHEDULED and server != server_dir:
         return Judgement(Verdict.UNTRUSTED, f"claimed by {server!r} but in scheduled/{server_dir}/")
     if server_dir is not None and alive(server_dir):
-        return _OK  # claimed, or being claimed (ENQUEUED: the claim's status write is on its way)
+        return _OK  # claimed (ENQUEUED: claimed by its move, recorded by its start)
     if state is State.ENQUEUED:
         return Judgement(Verdict.TAKE_AWAY, "claim was interrupted")
     return Judgement(Verdict.TAKE_AWAY, f"abandoned: server {server_dir} is gone")
@@ -321,7 +344,7 @@ def due(key: WaitKey, now_ns: int) -> bool:
 
 
 __all__ = [
-    "Action", "Claim", "HELD_STATES", "HOLDER_MOVES", "Judgement", "Outcome", "PLACE_OF", "PLACE_ORDER",
+    "Action", "Claim", "HELD_STATES", "as_claimed", "claimed_by_move", "HOLDER_MOVES", "Judgement", "Outcome", "PLACE_OF", "PLACE_ORDER",
     "Place", "State", "Verdict", "WaitKey", "charges_restart", "due", "gives_up", "judge", "retired",
     "retry_delay", "sources_of", "timed_out", "wait_order_key",
 ]

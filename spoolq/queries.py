@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CorruptTask, NoResponse, SpoolqError, TaskNotFound
-from .lifecycle import PLACE_OF, PLACE_ORDER, Place, State
+from .lifecycle import PLACE_OF, PLACE_ORDER, Place, State, claimed_by_move
 from .names import split_task_name, task_name
 from .store import codec, fsutil, queue
 from .store.codec import LOG, RESPONSE, LogRecord
 from .store.layout import Layout
 from .store.output import compose, read_progress
 from .store.registry import TypeRegistry
-from .store.taskdir import UNLIMITED, open_task_dir, read_status
+from .store.taskdir import UNLIMITED, claim_time, open_task_dir, read_status
 
 # How often `wait_for` re-reads the status even without a file event: a
 # safety net for a missed event, not the mechanism.
@@ -166,7 +166,7 @@ class Queries:
         """The task's status document."""
         for path, dfd in self._open(type_name, task_id):
             try:
-                return _info(type_name, task_id, path, dfd)
+                return _info(type_name, task_id, path, dfd, self.layout)
             finally:
                 os.close(dfd)
         raise TaskNotFound(type_name, task_id)  # pragma: no cover - _open raises first
@@ -192,13 +192,24 @@ class Queries:
 
     def log_records(self, type_name: str, task_id: str) -> list[LogRecord]:
         """The task's log, oldest first. A torn last line (a crash in the
-        middle of an append) is ignored."""
-        try:
-            raw = self._read_file(type_name, task_id, LOG)
-        except FileNotFoundError:
-            path = self.locate(type_name, task_id)
-            raise CorruptTask(path, f"{path} has no log") from None
-        return list(codec.parse_log(raw))
+        middle of an append) is ignored. A claim made by its move alone
+        shows as its SCHEDULED record, as its start will write it."""
+        for path, dfd in self._open(type_name, task_id):
+            try:
+                try:
+                    raw = fsutil.read_file(dfd, LOG, limit=UNLIMITED)
+                except FileNotFoundError:
+                    raise CorruptTask(path, f"{path} has no log") from None
+                records = list(codec.parse_log(raw))
+                # The status after the log: a claim recorded meanwhile is
+                # then either in the log already or not yet in either.
+                if self.layout.server_of_path(path) is not None and claimed_by_move(
+                        Place.SCHEDULED, codec.state_of(read_status(dfd, path))):
+                    records.append(LogRecord(codec.parse_time(codec.iso(claim_time(dfd))), State.SCHEDULED, ""))
+                return records
+            finally:
+                os.close(dfd)
+        raise TaskNotFound(type_name, task_id)  # pragma: no cover - _open raises first
 
     def response(self, type_name: str, task_id: str) -> tuple[bytes, str]:
         """(data, MIME type) of the stored response; raises NoResponse."""
@@ -257,7 +268,7 @@ class Queries:
         try:
             dfd = open_task_dir(path)
             try:
-                return _info(type_name, task_id, path, dfd)
+                return _info(type_name, task_id, path, dfd, self.layout)
             finally:
                 os.close(dfd)
         except FileNotFoundError:
@@ -364,9 +375,10 @@ class Queries:
                 select.select([watcher.fileno()], [], [], pause)
 
 
-def _info(type_name: str, task_id: str, path: str, dfd: int) -> TaskInfo:
-    """The status of the task open as *dfd*, with its progress."""
-    doc = read_status(dfd, path)
+def _info(type_name: str, task_id: str, path: str, dfd: int, layout: Layout) -> TaskInfo:
+    """The status of the task open as *dfd*, with its progress (a claim made
+    by its move alone read as recorded)."""
+    doc = read_status(dfd, path, claimed_in=layout.server_of_path(path))
     return TaskInfo(type_name, task_id, codec.state_of(doc), path, doc, read_progress(dfd))
 
 

@@ -180,8 +180,12 @@ class Spool:
         ))
         return cls(layout.root, clock=clock)
 
-    def _task(self, path: str, *, wait: float | None = None) -> TaskDir:
-        return TaskDir(path, clock=self.clock, durable=self.durable, wait=wait)
+    def _task(self, path: str, *, wait: float | None = None, as_stored: bool = False) -> TaskDir:
+        """A handle on the task directory at *path*. In ``scheduled/`` a claim
+        made by its move alone reads as recorded, unless *as_stored*."""
+        return TaskDir(path, clock=self.clock, durable=self.durable, wait=wait,
+                       claimed_in=None if as_stored else self.layout.server_of_path(path),
+                       queue_dir=self.layout.enqueued)
 
     def _path(self, place: Place, name: str, server: str | None = None) -> str:
         return self.layout.task_path(place, name, server)
@@ -428,13 +432,15 @@ class Spool:
             self.quarantine(dest, "leftover in scheduled/ blocked a claim")
             return None
         crashpoint("claim.renamed")
-        if self.durable:
+        if self.durable and message:
             # The move is durable before the status written for its new place
             # (else a power loss could leave enqueued/X saying SCHEDULED).
+            # A claim without a message writes nothing: its first write
+            # makes the move durable first (TaskDir).
             fsutil.fsync_dir(self.layout.enqueued)
             fsutil.fsync_dir(self.layout.server_dir(server))
         try:
-            with self._task(dest) as task:
+            with self._task(dest, as_stored=True) as task:
                 if cancelled_while_waiting(Place.ENQUEUED, task.state):
                     # Its cancel was interrupted before its move: complete
                     # the move; nothing to claim.
@@ -443,10 +449,16 @@ class Spool:
                 if task.state != State.ENQUEUED:
                     raise CorruptTask(dest, f"{name} was waiting but its status says {task.state.name}")
                 not_now = self._not_claimable(parts[0], task.doc)
-                if not not_now:
-                    number = int(task.doc["claim"]) + 1
+                number = int(task.doc["claim"]) + 1
+                if not not_now and message:
                     task.write(State.SCHEDULED, message, server=server, claim=number,
                                claimed_at=codec.iso(self.clock()))
+                elif not not_now:
+                    # The move is the claim: the status stays ENQUEUED until
+                    # the start records it (lifecycle.claimed_by_move), one
+                    # status write and one log append a task fewer. The
+                    # directory's mtime says when (taskdir.claim_time).
+                    fsutil.set_mtime(task.fd, int(self.clock() * 1e9))
         except CorruptTask as exc:
             self.quarantine(dest, str(exc))
             return None

@@ -118,7 +118,7 @@ def _sweep_one(
         spool.quarantine(path, "not a task name")
         return None
     try:
-        doc = peek_status(path)
+        doc = peek_status(path, claimed_in=server_dir)
     except FileNotFoundError:
         return None
     except OSError as exc:

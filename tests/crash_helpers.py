@@ -5,7 +5,7 @@ Run as a program it is one of the real processes those tests start:
 * ``python crash_helpers.py worker ROOT SERVER OPTIONS_JSON`` — a worker
   daemon (:class:`spoolq.worker.Worker`) with options the command line does
   not expose (short heartbeat and sweep intervals); ``SLOT_CRASH_AT=point``
-  arms a crash point in its handler processes only;
+  arms a crash point in its first handler process only;
 * ``python crash_helpers.py produce ROOT ACKS TASKS_JSON [SECONDS]`` — a
   producer that enqueues ``[[type, id, input], …]`` (spread evenly over
   SECONDS if given) and appends ``<type>:<id>`` to ACKS
@@ -339,9 +339,22 @@ def worker(root: str, server: str, options: dict) -> int:
     os.environ["SPOOLQ_TEST_SERVER"] = server  # the handler processes record it
     slot_crash = os.environ.get("SLOT_CRASH_AT")
     if slot_crash:
-        # Arm the crash point in the handler processes only: the daemon
-        # re-reads SPOOLQ_CRASH_AT in each child it forks (faults.reconfigure).
-        os.register_at_fork(after_in_child=lambda: os.environ.__setitem__("SPOOLQ_CRASH_AT", slot_crash))
+        # Arm the crash point in the first handler process the daemon forks
+        # only (it re-reads SPOOLQ_CRASH_AT in each child, faults.reconfigure):
+        # one crash, then the daemon's replacement processes recover from it.
+        # (Armed in every one, a crash in the start between its move and its
+        # status write would come back with each new process: such a start
+        # is never counted, so its task goes round again.)
+        armed = [True]
+
+        def arm() -> None:
+            if armed[0]:
+                os.environ["SPOOLQ_CRASH_AT"] = slot_crash
+
+        def disarm() -> None:
+            armed[0] = False
+
+        os.register_at_fork(after_in_child=arm, after_in_parent=disarm)
     setup_logging()
     try:
         return Worker(Spool(root), server, **options).run()

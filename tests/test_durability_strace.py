@@ -18,6 +18,11 @@ D. Every rename, mkdir, file creation or unlink is followed by an fsync of
 O. After a task directory moves between state directories, nothing inside
    it is made durable (fsynced) before both parents of the move are: a
    state written for the new place must not outlive a move that is lost.
+C. The one exception to D: a claim without a message is its move alone and
+   writes nothing, so it may return with that move's parents not yet
+   fsynced. Its source must be before the task's next move starts; its
+   destination, the source of that next move, falls under D with that
+   move. (By O, both come before anything recorded inside the task.)
 
 S. ``syncfs`` of the spool's filesystem makes everything written before it
    durable (a batch's one barrier): it counts as an fsync of every dirty
@@ -137,6 +142,7 @@ class Checker:
         self.report = Report()
         self.segment = "setup"
         self.by_moves = False
+        self.claim_carried: dict[str, str] = {}  # rule C: a claim's unsynced parents
 
     # -- paths
 
@@ -169,16 +175,34 @@ class Checker:
 
     # -- events
 
-    def boundary(self, what: str) -> None:
+    def boundary(self, what: str, *, claim: bool = False) -> None:
         """A transition ends (END marker) or the next one starts (a task
-        directory moves): everything before must be durable (rule D)."""
+        directory moves): everything before must be durable (rule D). At
+        the end of a claim, its move's parents may wait (rule C)."""
+        if claim and not self.dirty_files:
+            moved = {p for _, parents, _ in self.unsynced_moves for p in parents}
+            self.claim_carried.update({d: why for d, why in self.dirty_dirs.items() if d in moved})
+            for d in self.claim_carried:
+                del self.dirty_dirs[d]
+            claim_moves = self.unsynced_moves
+        else:
+            claim_moves = []
         for path, why in sorted(self.dirty_files.items()):
             self._violate(f"{path} written ({why}) but not fsynced before {what}")
         for path, why in sorted(self.dirty_dirs.items()):
             self._violate(f"directory {path} changed ({why}) but not fsynced before {what}")
         self.dirty_files.clear()
         self.dirty_dirs.clear()
-        self.unsynced_moves.clear()
+        self.unsynced_moves = claim_moves
+
+    def next_move(self, what: str, source: str | None = None) -> None:
+        """Rule C: a claim's move is durable before the task moves on, but
+        for the next move's *source*, which that move makes durable."""
+        if source in self.claim_carried:
+            self.dirty_dirs[source] = self.claim_carried.pop(source)
+        for path, why in sorted(self.claim_carried.items()):
+            self._violate(f"directory {path} changed ({why}) by a claim but not fsynced before {what}")
+        self.claim_carried.clear()
 
     def write(self, path: str, call: Call) -> None:
         self.dirty_files[path] = f"write #{call.index}"
@@ -191,6 +215,7 @@ class Checker:
                 self._violate(f"{path} fsynced before the move {what} was durable (parents {sorted(parents)})")
         self.dirty_files.pop(path, None)
         self.dirty_dirs.pop(path, None)
+        self.claim_carried.pop(path, None)
         for move in self.unsynced_moves:
             move[1].discard(path)
         self.unsynced_moves = [m for m in self.unsynced_moves if m[1]]
@@ -204,8 +229,9 @@ class Checker:
         if top:
             self.report.moves.append((src, dst))
             if self.by_moves:
-                self.boundary(f"the move {src} -> {dst}")
+                self.boundary(f"the move {src} -> {dst}", claim=self.segment == "into scheduled")
                 self.segment = "into " + ("scheduled" if "/scheduled/" in dst else os.path.basename(os.path.dirname(dst)))
+            self.next_move(f"the move {src} -> {dst}", os.path.dirname(src))
         for path, why in sorted(self.dirty_files.items()):
             if self.under(path, src):
                 self._violate(f"{path} ({why}) published by rename #{call.index} before its fsync")
@@ -213,6 +239,10 @@ class Checker:
             self._violate(f"directory {src} renamed into place before its entries were fsynced ({self.dirty_dirs[src]})")
         self._rekey(self.dirty_files, src, dst)
         self._rekey(self.dirty_dirs, src, dst)
+        # O follows the task: what is inside it after this move is still
+        # bound by an earlier move that is not durable yet.
+        self.unsynced_moves = [(dst + t[len(src):] if self.under(t, src) else t, parents, w)
+                               for t, parents, w in self.unsynced_moves]
         what = f"rename #{call.index} {src} -> {dst}"
         self.entry_changed(os.path.dirname(src), what)
         self.entry_changed(os.path.dirname(dst), what)
@@ -243,7 +273,7 @@ class Checker:
                     if kind == "BEGIN":
                         self.segment = name
                     elif kind == "END":
-                        self.boundary(f"{name} returned")
+                        self.boundary(f"{name} returned", claim=name == "claim")
                         self.segment = "between"
                 elif self.in_spool(path) and call.ret > 0:
                     self.write(path, call)
@@ -277,6 +307,7 @@ class Checker:
                 if self.in_spool(path):
                     self.removed(path, call)
         self.boundary("the end of the trace")
+        self.next_move("the end of the trace")
         return self.report
 
     def _resolve(self, call: Call, i: int, dirfd: int | None = None) -> str:
@@ -336,7 +367,9 @@ def test_durable_lifecycle_orders_every_fsync(tmp_path: Path) -> None:
     ]
     counts = {t: report.fsyncs[t] for t in TRANSITIONS}
     print(f"\nfsyncs per transition (durable, Spool API): {counts}, total {sum(counts.values())}")
-    assert all(counts[t] > 0 for t in TRANSITIONS), counts
+    # A claim writes nothing (rule C): the start makes its move durable. Its
+    # one fsync is of scheduled/, which gained the new server's directory.
+    assert counts["claim"] == 1 and all(counts[t] > 0 for t in TRANSITIONS if t != "claim"), counts
 
 
 def test_without_durability_there_is_no_fsync_and_the_check_fails(tmp_path: Path) -> None:
@@ -347,6 +380,36 @@ def test_without_durability_there_is_no_fsync_and_the_check_fails(tmp_path: Path
     joined = "\n".join(report.violations)
     assert "status.json.tmp" in joined and "before its fsync" in joined
     assert "renamed into place before its entries were fsynced" in joined
+
+
+def _claim_then_start(*between: str) -> Report:
+    """Rule C on a hand-written trace: a claim's move, its END, then
+    *between*, then the start's move and its END."""
+    lines = [
+        'BEGIN claim',
+        'renameat2(AT_FDCWD</r>, "/r/enqueued/T:a", AT_FDCWD</r>, "/r/scheduled/w1/T:a", RENAME_NOREPLACE) = 0',
+        'END claim',
+        'BEGIN start',
+        *between,
+        'renameat2(AT_FDCWD</r>, "/r/scheduled/w1/T:a", AT_FDCWD</r>, "/r/running/T:a", RENAME_NOREPLACE) = 0',
+        'fsync(5</r/scheduled/w1>) = 0',
+        'fsync(6</r/running>) = 0',
+        'END start',
+    ]
+    marker = "write(3</m>, \"{}\\n\", 9) = 9"
+    trace = "\n".join("100 " + (marker.format(line) if line.startswith(("BEGIN", "END")) else line) for line in lines)
+    return Checker("/r").run(parse(trace), markers="/m")
+
+
+def test_a_claims_move_must_be_durable_before_the_task_moves_on() -> None:
+    synced = _claim_then_start("fsync(7</r/enqueued>) = 0")
+    assert not synced.violations, synced.violations
+    assert synced.fsyncs["claim"] == 0
+    lost = _claim_then_start()
+    assert any("by a claim but not fsynced before the move" in v for v in lost.violations), lost.violations
+    early = _claim_then_start('write(8</r/scheduled/w1/T:a/status.json.tmp>, "x", 1) = 1',
+                              "fsync(8</r/scheduled/w1/T:a/status.json.tmp>) = 0")
+    assert any("fsynced before the move" in v for v in early.violations), early.violations
 
 
 # ----------------------------------------------------------------------------- the daemon path

@@ -164,9 +164,10 @@ def damaged(spool: Spool, tmp_path: Path):
         spool.set_state(claim, State.FINISHED, "all done")
     """)
 
-    # A re-enqueue interrupted before its move: ENQUEUED in running/.
+    # A re-enqueue interrupted before its move: ENQUEUED in running/ (the
+    # status writes: the start, recording the claim, then the re-enqueue's).
     spool.enqueue("T", "unrequeued", None)
-    crash(root, "status.replaced@3", """
+    crash(root, "status.replaced@2", """
         claim = spool.claim("crasher2", names=["T:unrequeued"])
         spool.start(claim)
         spool.abandon(claim, "timed out", charge=True)
@@ -287,15 +288,16 @@ def test_repair_quarantines_reenqueues_and_leaves_a_clean_spool(damaged):
 
 
 def test_interrupted_status_writes_are_completed_or_set_aside(spool):
+    # Status writes of each script: the start (1, recording the claim), the PAUSED (2).
     root = Path(spool.root)
     for task_id in ("logged", "unlogged", "resp"):
         spool.enqueue("T", task_id, None)
-    crash(root, "status.logged@3", """
+    crash(root, "status.logged@2", """
         claim = spool.claim("s1", names=["T:logged"])
         spool.start(claim)
         spool.set_state(claim, State.PAUSED, "waiting")
     """)
-    crash(root, "status.tmp_written@3", """
+    crash(root, "status.tmp_written@2", """
         claim = spool.claim("s2", names=["T:unlogged"])
         spool.start(claim)
         spool.set_state(claim, State.PAUSED, "never logged")

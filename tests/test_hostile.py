@@ -352,8 +352,9 @@ def test_a_full_disk_refuses_enqueues_cleanly_and_corrupts_nothing(tmp_path):
             assert os.listdir(root / "tmp") == []  # staging cleaned
 
             # The running task ends but cannot record it; the freed slot
-            # cannot claim either (no room for a status). The daemon lives,
-            # and every status stays whole.
+            # claims the waiting task (a claim writes nothing) but cannot
+            # start it (no room for a status). The daemon lives, and every
+            # status stays whole.
             go.touch()
             deadline = time.monotonic() + 1.5
             while time.monotonic() < deadline:
@@ -372,7 +373,8 @@ def test_a_full_disk_refuses_enqueues_cleanly_and_corrupts_nothing(tmp_path):
             code, err = stop(proc)
             assert code == 0, err
             assert "cannot record the end of W:inflight" in err
-            assert "cannot claim T:waiting: [Errno 28] No space left on device" in err
+            assert "T:waiting: cannot start it: No space left on device; claiming again in 1 s" in err
+            assert "Traceback" not in err
         finally:
             workers.stop_all()
 

@@ -4,6 +4,7 @@ the races are in test_spool_races.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import time
@@ -193,6 +194,103 @@ def test_claim_start_finish_moves_and_logs_one_record_each(make_spool, make_cloc
     assert spool.log_records("T", "a")[-1].message == "done"
     for sub in ("enqueued", "running", "tmp"):
         assert os.listdir(Path(spool.root, sub)) == []
+
+
+def stored(spool: Spool, t: str, i: str) -> dict:
+    """status.json as it is on disk (not as spoolq reads it)."""
+    return json.loads(Path(spool.locate(t, i), "status.json").read_text())
+
+
+def test_a_claim_is_its_move_and_the_start_records_it(make_spool, make_clock) -> None:
+    clock = make_clock(1_700_000_000.0)
+    spool = make_spool(clock=clock)
+    spool.enqueue("T", "a", 1)
+    before = stored(spool, "T", "a")
+    clock.advance(7)
+    claim = spool.claim("s1")
+    task = Path(spool.root, "scheduled", "s1", "T:a")
+    # On disk: moved, stamped with the claim's time, nothing written.
+    assert stored(spool, "T", "a") == before and sorted(os.listdir(task)) == ["input.pkl", "log", "status.json"]
+    assert task.stat().st_mtime == pytest.approx(clock.now)
+    assert [line.split("\t")[1] for line in (task / "log").read_text().splitlines()] == ["ENQUEUED"]
+    # Read: SCHEDULED by s1, with the claim's number and time, and its record.
+    info = spool.status("T", "a")
+    assert (info.state, info.doc["server"], info.doc["claim"]) == (State.SCHEDULED, "s1", claim.number)
+    assert claim.number == before["claim"] + 1 and info.doc["claimed_at"] == "2023-11-14T22:13:27.000000+00:00"
+    assert [(r.state, r.time.timestamp(), r.message) for r in spool.log_records("T", "a")][1:] == [
+        (State.SCHEDULED, clock.now, "")]
+    clock.advance(3)
+    spool.start(claim)
+    # The start wrote it all: the claim (dated at the claim) and RUNNING.
+    doc = stored(spool, "T", "a")
+    assert (doc["state"], doc["server"], doc["claim"], doc["claimed_at"]) == (
+        "RUNNING", "s1", claim.number, "2023-11-14T22:13:27.000000+00:00")
+    records = spool.log_records("T", "a")
+    assert [(r.state, r.time.timestamp()) for r in records] == [
+        (State.ENQUEUED, clock.now - 10), (State.SCHEDULED, clock.now - 3), (State.RUNNING, clock.now)]
+    spool.set_state(claim, State.FINISHED)
+    assert log_states(spool, "T", "a") == ["ENQUEUED", "SCHEDULED", "RUNNING", "FINISHED"]
+
+
+@pytest.mark.parametrize("write", ["store_response", "log_message", "fail", "hand_back", "cancel", "delete"])
+def test_the_first_write_through_an_unrecorded_claim_records_it_once(spool: Spool, write: str) -> None:
+    spool.enqueue("T", "a", 1)
+    claim = spool.claim("s1")
+    number = claim.number
+    if write == "store_response":
+        spool.store_response(claim, b"r", "text/plain")
+        expect, log = State.SCHEDULED, ["ENQUEUED", "SCHEDULED"]
+    elif write == "log_message":
+        spool.log_message(claim, "note")
+        expect, log = State.SCHEDULED, ["ENQUEUED", "SCHEDULED", "SCHEDULED"]
+    elif write == "fail":
+        spool.set_state(claim, State.FAILED, "no")
+        expect, log = State.FAILED, ["ENQUEUED", "SCHEDULED", "FAILED"]
+    elif write == "hand_back":
+        spool.hand_back(claim)
+        expect, log = State.ENQUEUED, ["ENQUEUED", "SCHEDULED", "ENQUEUED"]
+    elif write == "cancel":
+        spool.cancel("T", "a", "not wanted")
+        expect, log = State.FAILED, ["ENQUEUED", "SCHEDULED", "FAILED"]
+    else:
+        spool.delete("T", "a")
+        with pytest.raises(TaskNotFound):
+            spool.status("T", "a")
+        with pytest.raises(StaleClaim):
+            spool.start(claim)
+        return
+    doc = stored(spool, "T", "a")
+    assert (doc["state"], doc["claim"]) == (expect.name, number)  # recorded on disk now
+    assert log_states(spool, "T", "a") == log
+    assert spool.status("T", "a").state == expect
+    if expect is State.SCHEDULED:
+        spool.start(claim)  # still the claim's
+        assert log_states(spool, "T", "a") == [*log, "RUNNING"]
+    else:
+        with pytest.raises(StaleClaim):
+            spool.start(claim)
+    if expect is State.ENQUEUED:
+        assert spool.claim("s2").number == number + 1
+
+
+def test_a_claim_with_a_message_is_recorded_at_once(spool: Spool) -> None:
+    spool.enqueue("T", "a", 1)
+    claim = spool.claim("s1", message="mine")
+    doc = stored(spool, "T", "a")
+    assert (doc["state"], doc["server"], doc["claim"], doc["message"]) == ("SCHEDULED", "s1", claim.number, "mine")
+    spool.start(claim)
+    assert log_states(spool, "T", "a") == ["ENQUEUED", "SCHEDULED", "RUNNING"]
+
+
+def test_an_unrecorded_claim_is_the_servers_in_its_next_process(spool: Spool) -> None:
+    spool.enqueue("T", "a", 1)
+    claim = spool.claim("s1")
+    spool.release_server("s1")
+    later = Spool(spool.root)
+    later.hold_server("s1")
+    info = later.status("T", "a")
+    assert (info.state, info.doc["claim"]) == (State.SCHEDULED, claim.number)
+    assert later.start(str(claim)).input == 1
 
 
 def test_each_change_appends_exactly_one_record(spool: Spool) -> None:

@@ -6,6 +6,7 @@ servers are real: a process that held the server's lock and exited."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import subprocess
@@ -80,6 +81,19 @@ def test_a_task_past_its_timeout_is_reenqueued_from_the_claim(sp: Spool, clock) 
     last = sp.log_records("Z", "a")[-1]
     assert (last.state, last.message) == (State.ENQUEUED, "timed out after 60 s")
     assert sweeps.reenqueue_zombies(sp) == []  # waiting tasks are not zombies
+
+
+def test_a_claim_never_started_times_out_from_its_claim_uncharged(sp: Spool, clock) -> None:
+    sp.enqueue("Z", "a", 1)
+    clock.advance(1000)  # time waiting in the queue does not count
+    claim = sp.claim("s1")  # recorded by its move alone
+    clock.advance(59)
+    assert sweeps.reenqueue_zombies(sp) == []
+    clock.advance(2)
+    assert actions(sweeps.reenqueue_zombies(sp)) == [("Z", "a", "reenqueued")]
+    info = sp.status("Z", "a")
+    assert info.state == State.ENQUEUED and info.doc["restarts"] == 0 and info.doc["claim"] == claim.number
+    assert [r.state for r in sp.log_records("Z", "a")] == [State.ENQUEUED, State.SCHEDULED, State.ENQUEUED]
 
 
 def test_restarts_run_out_then_the_task_fails_saying_why(sp: Spool, clock) -> None:
@@ -217,14 +231,35 @@ def _crash_at(root: str, point: str, script: str) -> None:
     assert proc.returncode == -9, proc.stderr.decode()
 
 
-def test_a_claim_interrupted_before_its_status_write_is_reenqueued(sp: Spool) -> None:
+def test_a_claim_interrupted_right_after_its_move_is_reenqueued(sp: Spool) -> None:
     sp.enqueue("Z", "a", 1)
+    before = sp.status("Z", "a").doc["claim"]
     _crash_at(sp.root, "claim.renamed", "sp.claim('dead')")
     assert Path(sp.root, "scheduled", "dead", "Z:a").is_dir()
-    assert sp.status("Z", "a").state == State.ENQUEUED
+    # Stored: still ENQUEUED; read: the dead server's claim (a claim is its move).
+    assert json.loads(Path(sp.root, "scheduled", "dead", "Z:a", "status.json").read_text())["state"] == "ENQUEUED"
+    info = sp.status("Z", "a")
+    assert (info.state, info.doc["server"], info.doc["claim"]) == (State.SCHEDULED, "dead", before + 1)
     result = sweeps.reenqueue_zombies(sp)
     assert actions(result) == [("Z", "a", "reenqueued")]
-    assert sp.claim("s1").id == "a"
+    info = sp.status("Z", "a")
+    assert info.doc["restarts"] == 0 and info.doc["claim"] == before + 1
+    assert [r.state for r in sp.log_records("Z", "a")] == [State.ENQUEUED, State.SCHEDULED, State.ENQUEUED]
+    assert sp.claim("s1").number == before + 2
+
+
+def test_a_start_interrupted_between_its_move_and_its_status_write_is_reenqueued_uncharged(sp: Spool) -> None:
+    sp.enqueue("Z", "a", 1)
+    # moves: the claim's (not marked: claim.renamed), the start's (1)
+    _crash_at(sp.root, "move.renamed", "c = sp.claim('s1'); sp.start(c)")
+    assert Path(sp.root, "running", "Z:a").is_dir()
+    assert sp.status("Z", "a").state == State.ENQUEUED  # a claim not recorded, in running/
+    assert actions(sweeps.reenqueue_zombies(sp)) == [("Z", "a", "reenqueued")]
+    info = sp.status("Z", "a")
+    assert Path(info.path).parent.name == "enqueued" and info.doc["restarts"] == 0 and info.doc["starts"] == 0
+    claim = sp.claim("s2")
+    assert claim.id == "a"
+    assert sp.start(claim).input == 1
 
 
 def test_a_finish_interrupted_before_its_move_is_completed(sp: Spool) -> None:
@@ -238,8 +273,8 @@ def test_a_finish_interrupted_before_its_move_is_completed(sp: Spool) -> None:
 
 def test_a_reenqueue_interrupted_before_its_move_is_completed(sp: Spool) -> None:
     sp.enqueue("Z", "a", 1)
-    # status writes: the claim (1), the start (2), the re-enqueue (3)
-    _crash_at(sp.root, "status.replaced@3", "c = sp.claim('s1'); sp.start(c); sp.abandon(c, 'x')")
+    # status writes: the start (1, recording the claim too), the re-enqueue (2)
+    _crash_at(sp.root, "status.replaced@2", "c = sp.claim('s1'); sp.start(c); sp.abandon(c, 'x')")
     assert Path(sp.root, "running", "Z:a").is_dir()
     assert sp.status("Z", "a").state == State.ENQUEUED
     assert actions(sweeps.reenqueue_zombies(sp)) == [("Z", "a", "reenqueued")]

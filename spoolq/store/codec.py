@@ -47,6 +47,11 @@ def from_iso(text: str) -> float:
     return datetime.fromisoformat(text).timestamp()
 
 
+def parse_time(text: str) -> datetime:
+    """A stored time (as :func:`iso` writes it) as an aware datetime."""
+    return datetime.fromisoformat(text)
+
+
 def _escape(message: str) -> str:
     return message.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
 
@@ -133,7 +138,7 @@ def parse_log(raw: bytes) -> Iterator[LogRecord]:
         if len(parts) != 3:
             continue
         try:
-            yield LogRecord(datetime.fromisoformat(parts[0]), State[parts[1]], _unescape(parts[2]))
+            yield LogRecord(parse_time(parts[0]), State[parts[1]], _unescape(parts[2]))
         except (ValueError, KeyError):
             continue
 

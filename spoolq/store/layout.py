@@ -308,11 +308,17 @@ class Layout:
     def task_path(self, place: Place, name: str, server: str | None = None) -> str:
         return self.place_dir(place, server) + "/" + name
 
+    def server_of_path(self, path: str) -> str | None:
+        """The server when *path* is in ``scheduled/<server>/``, else None."""
+        parent = os.path.dirname(path)
+        return os.path.basename(parent) if os.path.dirname(parent) == self.scheduled else None
+
     def place_of_path(self, path: str) -> tuple[Place, str | None] | None:
         """(place, server) of a task directory path in this spool, or None."""
+        server = self.server_of_path(path)
+        if server is not None:
+            return Place.SCHEDULED, server
         parent = os.path.dirname(path)
-        if os.path.dirname(parent) == self.scheduled:
-            return Place.SCHEDULED, os.path.basename(parent)
         for place in (Place.ENQUEUED, Place.RUNNING, Place.DONE):
             if parent == self.path(place.value):
                 return place, None

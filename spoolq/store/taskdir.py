@@ -33,7 +33,7 @@ from typing import Any
 
 from ..errors import CorruptTask
 from ..faults import crashpoint
-from ..lifecycle import State
+from ..lifecycle import Place, State, as_claimed, claimed_by_move
 from . import codec, fsutil
 from .codec import LOG, STATUS
 
@@ -119,26 +119,42 @@ def run_lock_holders(path: str) -> list[int]:
     return holders
 
 
-def read_status(dfd: int, path: str) -> dict[str, Any]:
+def read_status(dfd: int, path: str, *, claimed_in: str | None = None) -> dict[str, Any]:
     """The status document of the task directory open as *dfd* (at *path*,
-    for messages); CorruptTask when it is missing or cannot be trusted."""
+    for messages); CorruptTask when it is missing or cannot be trusted.
+    *claimed_in*: the server when the directory is in ``scheduled/<server>/``,
+    where a claim made by its move alone reads as recorded (see
+    :func:`claim_time`)."""
     try:
         raw = fsutil.read_file(dfd, STATUS)
     except FileNotFoundError:
         raise CorruptTask(path, f"{path} has no status.json") from None
     except OSError as exc:
         raise CorruptTask(path, f"{path}/status.json cannot be read: {exc}") from None
-    return codec.decode_status(raw, path)
+    doc = codec.decode_status(raw, path)
+    if claimed_in is not None and claimed_by_move(Place.SCHEDULED, codec.state_of(doc)):
+        return as_claimed(doc, claimed_in, codec.iso(claim_time(dfd)))
+    return doc
 
 
-def peek_status(path: str) -> dict[str, Any]:
+def claim_time(dfd: int) -> float:
+    """When the task open as *dfd*, in ``scheduled/`` and claimed by its move
+    alone, was claimed: the claim stamps the directory's mtime (a rename
+    keeps it; in ``enqueued/`` it was the queue stamp), and nothing inside
+    the directory changes before the claim is recorded (a crash's leftover
+    removed meanwhile only makes it later: a timeout counted from it never
+    fires early)."""
+    return os.fstat(dfd).st_mtime
+
+
+def peek_status(path: str, *, claimed_in: str | None = None) -> dict[str, Any]:
     """``status.json`` of the task directory *path*, read without its lock
-    (the file is only ever replaced whole). Raises OSError when the directory
-    cannot be opened (gone, not a directory) and CorruptTask when the status
-    cannot be trusted."""
+    (the file is only ever replaced whole), as :func:`read_status` gives it.
+    Raises OSError when the directory cannot be opened (gone, not a
+    directory) and CorruptTask when the status cannot be trusted."""
     dfd = fsutil.open_dir(path)
     try:
-        return read_status(dfd, path)
+        return read_status(dfd, path, claimed_in=claimed_in)
     finally:
         os.close(dfd)
 
@@ -205,15 +221,27 @@ class TaskDir:
 
     ``doc`` is its status document, read under the lock; ``state`` its state.
     Closing the handle releases the lock.
+
+    *claimed_in* (the server, for a directory in ``scheduled/<server>/``, and
+    *queue_dir*, ``enqueued/``) makes a claim made by its move alone read as
+    recorded (``doc`` says SCHEDULED; ``unrecorded_claim`` is its time). The
+    first change through the handle then records it: before anything else is
+    made durable, the claim's move is (its two parents fsynced: a state
+    written for the new place must not outlive a lost move), and the next
+    log append starts with the claim's SCHEDULED record.
     """
 
-    def __init__(self, path: str, *, clock: Callable[[], float], durable: bool, wait: float | None = None) -> None:
+    def __init__(self, path: str, *, clock: Callable[[], float], durable: bool, wait: float | None = None,
+                 claimed_in: str | None = None, queue_dir: str | None = None) -> None:
         self.path = path
         self.clock = clock
         self.durable = durable
         self.wait = wait  # seconds to wait for the lock (None: as long as it takes)
+        self.claimed_in = claimed_in
+        self.queue_dir = queue_dir
         self.fd = -1
         self.doc: dict[str, Any] = {}
+        self.unrecorded_claim: float | None = None
 
     def __enter__(self) -> TaskDir:
         if self.fd < 0:  # not opened yet (a handle may be opened before the with)
@@ -241,6 +269,9 @@ class TaskDir:
                 raise Moved()
             roll_forward(self.fd, durable=self.durable)
             self.doc = read_status(self.fd, self.path)
+            if self.claimed_in is not None and claimed_by_move(Place.SCHEDULED, self.state):
+                self.unrecorded_claim = claim_time(self.fd)
+                self.doc = as_claimed(self.doc, self.claimed_in, codec.iso(self.unrecorded_claim))
         except BaseException:
             self.close()
             raise
@@ -268,8 +299,15 @@ class TaskDir:
         """Set the state (and other fields), append one log record (unless
         not *record*), make both durable: status tmp (fsynced) → log record
         (fdatasynced) → rename of the status into place → fsync of the task
-        directory."""
+        directory. A claim not recorded yet gets its SCHEDULED record
+        first, in the same append."""
+        self._claim_move_durable()
         now = self.clock()
+        claimed = self.unrecorded_claim
+        if claimed is not None and not record and state is State.SCHEDULED:
+            # The claim's record is this write's record: the same time and
+            # state, as roll_forward requires of the last record.
+            now = claimed
         self.doc.update(changes)
         self.doc["state"] = state.name
         self.doc["updated_at"] = codec.iso(now)
@@ -277,8 +315,11 @@ class TaskDir:
         sync = self.durable
         fsutil.write_new_replacing(self.fd, STATUS + ".tmp", codec.encode_status(self.doc), sync=sync)
         crashpoint("status.tmp_written")
-        if record:
-            self.append_log(now, state, message)
+        if record or claimed is not None:
+            lines = self._claim_record()
+            if record or state is not State.SCHEDULED:
+                lines += codec.log_line(now, state, message)
+            self._append(lines)
             crashpoint("status.logged")
         os.rename(STATUS + ".tmp", STATUS, src_dir_fd=self.fd, dst_dir_fd=self.fd)
         if sync:
@@ -287,13 +328,41 @@ class TaskDir:
 
     def append_log(self, now: float, state: State, message: str) -> None:
         """Append one log record; CorruptTask if the log is gone or is not a
-        regular file (a symlink or FIFO planted as one)."""
+        regular file (a symlink or FIFO planted as one). Through a claim not
+        recorded yet, the status is written first (that records it)."""
+        if self.unrecorded_claim is not None:
+            self.write(self.state, "", record=False)
+        self._append(codec.log_line(now, state, message))
+
+    def _append(self, lines: bytes) -> None:
         try:
-            fsutil.append(self.fd, LOG, codec.log_line(now, state, message), sync=self.durable)
+            fsutil.append(self.fd, LOG, lines, sync=self.durable)
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.ELOOP, errno.EINVAL, errno.ENXIO):
                 raise
             raise CorruptTask(self.path, f"{self.path}/log cannot be appended to: {exc.strerror}") from None
+
+    def _claim_record(self) -> bytes:
+        """The SCHEDULED log record of a claim made by its move alone (once),
+        dated at the move; empty when there is none to record."""
+        if self.unrecorded_claim is None:
+            return b""
+        when, self.unrecorded_claim = self.unrecorded_claim, None
+        return codec.log_line(when, State.SCHEDULED, "")
+
+    def _claim_move_durable(self, *, moving_on: bool = False) -> None:
+        """A claim made by its move alone fsynced neither parent of that
+        move: they are, before anything that records the claim or moves the
+        task on is made durable (else a power cut could keep the task both in
+        ``enqueued/`` and where it went next). When the task is *moving_on*,
+        its ``scheduled/`` directory is the source of that move, which
+        fsyncs it anyway: only ``enqueued/`` first."""
+        if self.unrecorded_claim is None or not self.durable or self.queue_dir is None:
+            return
+        fsutil.fsync_dir(self.queue_dir)
+        if not moving_on:
+            fsutil.fsync_dir(os.path.dirname(self.path))
+        self.queue_dir = None  # once
 
     def replace_file(self, filename: str, data: bytes) -> None:
         """Replace one of the task's files atomically (tmp + rename)."""
@@ -304,6 +373,7 @@ class TaskDir:
         (both parents fsynced). *mtime_ns* is set first: the queue stamp in
         enqueued/, the finishing time in done/ (rename keeps a directory's
         mtime)."""
+        self._claim_move_durable(moving_on=True)
         if mtime_ns is not None:
             fsutil.set_mtime(self.fd, mtime_ns)
         src_parent = os.path.dirname(self.path)

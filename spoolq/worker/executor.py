@@ -59,7 +59,7 @@ from ..lifecycle import Claim, Outcome
 from ..spool import Spool
 from . import proctree
 from .limits import Limits
-from .runner import HandlerUnavailable, NoRoom, run_claim
+from .runner import HandlerUnavailable, NoRoom, NotStarted, run_claim
 
 log = logging.getLogger("spoolq.executor")
 
@@ -287,6 +287,10 @@ class ForkExecutor:
                 os.close(res_r)
                 self._become_slot(parent)
                 code = _slot_main(self.spool, cmd_r, res_w)
+            except OSError as exc:
+                # Disk full or an I/O error while recording a run: one line;
+                # the worker says which task it could not settle.
+                log.error("handler process %d: %s", os.getpid(), exc)
             except BaseException:  # noqa: BLE001
                 traceback.print_exc()
             finally:
@@ -452,6 +456,8 @@ def _slot_main(spool: Spool, commands: int, results: int) -> int:
             outcome, note = Outcome.NO_HANDLER, " ".join(str(exc).split())
         except NoRoom as exc:
             outcome, note = Outcome.NO_ROOM, str(exc)
+        except NotStarted as exc:
+            outcome, note = Outcome.NOT_STARTED, str(exc)
         deadline.set(math.inf)
         # Limits cannot all be lifted (niceness): after a limited task this
         # process retires; the worker replaces it (docs: spoolq.worker.limits).

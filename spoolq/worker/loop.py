@@ -556,6 +556,14 @@ class Worker:
             # start: back it goes, never started; the gate holds the rest.
             self.spool.hand_back(job.claim, f"not started on server {self.server}: {ended.reason}")
             return
+        if ended.outcome is Outcome.NOT_STARTED:
+            # Disk full or the like: claims pause as after a failed claim.
+            # Back it goes if it can (else the sweep sends it back later).
+            log.error("%s: %s; claiming again in %g s", job.label, ended.reason, CLAIM_RETRY)
+            self._claims_paused_until = time.monotonic() + CLAIM_RETRY
+            self._guard(f"handing back {job.claim}", lambda: self.spool.hand_back(
+                job.claim, f"not started on server {self.server}: {ended.reason}"))
+            return
         self.gates.reopen(self.waiting, only="slots")  # a run ended: a slot of its type may be free
         if ended.outcome is not None:  # it reached its end (even if a kill was on its way)
             self.gates.handler_found(job.claim.type)

@@ -66,6 +66,13 @@ class NoRoom(Exception):
     server): the claim is left as it was (not started)."""
 
 
+class NotStarted(Exception):
+    """The start could not be written (disk full, an I/O error): the task
+    was never started. It is left where the start stopped: its claim, or
+    ENQUEUED in ``running/`` (a start of a claim not recorded yet that
+    moved it first), which the sweep sends back to the queue."""
+
+
 def run_claim(
     spool: Spool, claim: Claim, *, import_first: bool = True, take_slot: bool = True, capture: bool = False,
     output_dir: int | None = None,
@@ -76,6 +83,7 @@ def run_claim(
     task untouched (the worker hands it back and stops claiming its type
     until the import works). With *take_slot*, a slot of the type's
     concurrency limit is taken for the run (NoRoom when none is free).
+    NotStarted when the start cannot be written.
     (The dask executor's remote side does neither: the spool host does.)
     With *capture* (a handler process of the daemon), the handler's fds 1
     and 2 go to the task's ``output`` while it runs, and its progress to the
@@ -105,6 +113,8 @@ def run_claim(
             started = spool.start(claim, hold_run_lock=True)
         except (StaleClaim, TaskNotFound, BlockingIOError):
             return Outcome.GONE  # taken away before it started: nothing to do
+        except OSError as exc:
+            raise NotStarted(f"cannot start it: {exc.strerror or exc}") from None
         except CorruptTask as exc:
             log.error("%s: %s", claim, exc)
             return outcome_of(spool, claim)  # start() already failed or quarantined it
