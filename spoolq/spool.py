@@ -397,6 +397,10 @@ class Spool:
         on the way are quarantined.
         """
         self.hold_server(server)
+        with self.registry.moment():  # one look at a type's file for the whole claim
+            return self._claim_first(server, names, message)
+
+    def _claim_first(self, server: str, names: list[str] | None, message: str) -> Claim | None:
         if names is not None:
             for name in names:
                 claim = self._claim_one(server, name, message)

@@ -13,9 +13,11 @@
 from __future__ import annotations
 
 import json
+import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from ..errors import CorruptTask, InvalidInput
@@ -38,9 +40,25 @@ class LogRecord:
     message: str
 
 
+_SECOND: tuple[float, str] = (math.nan, "")  # the last whole second formatted, and its text
+
+
 def iso(ts: float) -> str:
-    """A timestamp as ISO 8601 UTC with microseconds (how every time is stored)."""
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="microseconds")
+    """A timestamp as ISO 8601 UTC with microseconds (how every time is stored):
+    the text of ``datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec=
+    "microseconds")``, microseconds rounded as it rounds them, with the whole
+    second's text kept from the last call (a task's steps share seconds)."""
+    global _SECOND
+    frac, sec = math.modf(ts)
+    us = round(frac * 1e6)
+    if us >= 1_000_000:
+        sec, us = sec + 1, us - 1_000_000
+    elif us < 0:
+        sec, us = sec - 1, us + 1_000_000
+    second = _SECOND  # one read: another thread may replace it meanwhile
+    if second[0] != sec:
+        second = _SECOND = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
+    return f"{second[1]}.{us:06d}+00:00"
 
 
 def from_iso(text: str) -> float:
@@ -76,9 +94,17 @@ def encode_status(doc: dict[str, Any]) -> bytes:
     """``status.json`` as one key per line, sorted: the text
     ``json.dumps(doc, indent=1, sort_keys=True)`` gives for these flat
     documents, but through the C encoder (``indent`` forces the pure-Python
-    one; this is 1.6x faster)."""
+    one; this is 1.6x faster). The next read of these very bytes by this
+    process decodes them from memory (:func:`decode_status`)."""
     body = json.dumps(doc, sort_keys=True, separators=(",\n ", ": "))
-    return ("{\n " + body[1:-1] + "\n}\n").encode()
+    raw = ("{\n " + body[1:-1] + "\n}\n").encode()
+    if all(value is None or isinstance(value, (str, int, float)) for value in doc.values()):
+        try:
+            _check_status(doc)
+        except (ValueError, KeyError, TypeError):
+            return raw  # not a valid status: its reader says so
+        _remember(raw, dict(doc))  # flat, scalar values: json.loads(raw) == doc
+    return raw
 
 
 def _whole(value: Any, low: int, high: int | None = None) -> bool:
@@ -105,21 +131,49 @@ _FIELD_CHECKS: dict[str, Any] = {
 }
 
 
+# Status texts this process wrote or read lately, decoded: a task's next step
+# reads what its last step wrote. Decoding is a pure function of the bytes,
+# so equal bytes give an equal document.
+_DECODED: dict[bytes, dict[str, Any]] = {}
+_DECODED_MAX = 256
+
+
+def _remember(raw: bytes, doc: dict[str, Any]) -> None:
+    if len(_DECODED) >= _DECODED_MAX:
+        try:
+            del _DECODED[next(iter(_DECODED))]  # the oldest
+        except (RuntimeError, StopIteration, KeyError):  # another thread got there first
+            pass
+    _DECODED[raw] = doc
+
+
+def _check_status(doc: dict[str, Any]) -> None:
+    """Raise ValueError, KeyError or TypeError unless *doc* names a known
+    state, has an integer claim number, and every field of the second
+    edition it has is of its kind."""
+    State[doc["state"]]
+    if not isinstance(doc.get("claim"), int):
+        raise ValueError("claim is not a number")
+    for key, check in _FIELD_CHECKS.items():
+        if key in doc and not check(doc[key]):
+            raise ValueError(f"{key} is {str(doc[key])[:40]!r}")
+
+
 def decode_status(raw: bytes, path: str) -> dict[str, Any]:
-    """The status document in *raw* (read from *path*); CorruptTask unless it
-    names a known state, has an integer claim number, and every field of the
-    second edition it has is of its kind."""
+    """The status document in *raw* (read from *path*), a copy of its own;
+    CorruptTask unless it is valid (:func:`_check_status`)."""
+    known = _DECODED.get(raw)
+    if known is not None:
+        return dict(known)
     try:
         doc = json.loads(raw)
-        State[doc["state"]]
-        if not isinstance(doc.get("claim"), int):
-            raise ValueError("claim is not a number")
-        for key, check in _FIELD_CHECKS.items():
-            if key in doc and not check(doc[key]):
-                raise ValueError(f"{key} is {str(doc[key])[:40]!r}")
-        return dict(doc)
+        if not isinstance(doc, dict):
+            raise TypeError(f"not an object but {type(doc).__name__}")
+        _check_status(doc)
     except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: "[[[[…" nested too deep
         raise CorruptTask(path, f"{path}/status.json is corrupt: {exc}") from None
+    _remember(raw, doc)
+    return dict(doc)
 
 
 def state_of(doc: dict[str, Any]) -> State:

@@ -269,6 +269,7 @@ class Layout:
         self.tmp = self.path("tmp")
         self.enqueued = self.path("enqueued")
         self.scheduled = self.path("scheduled")
+        self._scheduled_prefix = self.scheduled + "/"
         self.running = self.path("running")
         self.done = self.path("done")
         self.quarantine_dir = self.path("quarantine")
@@ -310,8 +311,10 @@ class Layout:
 
     def server_of_path(self, path: str) -> str | None:
         """The server when *path* is in ``scheduled/<server>/``, else None."""
-        parent = os.path.dirname(path)
-        return os.path.basename(parent) if os.path.dirname(parent) == self.scheduled else None
+        if not path.startswith(self._scheduled_prefix):
+            return None
+        server, slash, name = path[len(self._scheduled_prefix):].partition("/")
+        return server if slash and server and name and "/" not in name else None
 
     def place_of_path(self, path: str) -> tuple[Place, str | None] | None:
         """(place, server) of a task directory path in this spool, or None."""

@@ -133,18 +133,18 @@ def read_status(dfd: int, path: str, *, claimed_in: str | None = None) -> dict[s
         raise CorruptTask(path, f"{path}/status.json cannot be read: {exc}") from None
     doc = codec.decode_status(raw, path)
     if claimed_in is not None and claimed_by_move(Place.SCHEDULED, codec.state_of(doc)):
-        return as_claimed(doc, claimed_in, codec.iso(claim_time(dfd)))
+        return as_claimed(doc, claimed_in, codec.iso(claim_time(os.fstat(dfd))))
     return doc
 
 
-def claim_time(dfd: int) -> float:
-    """When the task open as *dfd*, in ``scheduled/`` and claimed by its move
-    alone, was claimed: the claim stamps the directory's mtime (a rename
+def claim_time(st: os.stat_result) -> float:
+    """When the task whose directory's stat is *st*, in ``scheduled/`` and
+    claimed by its move alone, was claimed: the claim stamps the directory's mtime (a rename
     keeps it; in ``enqueued/`` it was the queue stamp), and nothing inside
     the directory changes before the claim is recorded (a crash's leftover
     removed meanwhile only makes it later: a timeout counted from it never
     fires early)."""
-    return os.fstat(dfd).st_mtime
+    return st.st_mtime
 
 
 def peek_status(path: str, *, claimed_in: str | None = None) -> dict[str, Any]:
@@ -270,7 +270,7 @@ class TaskDir:
             roll_forward(self.fd, durable=self.durable)
             self.doc = read_status(self.fd, self.path)
             if self.claimed_in is not None and claimed_by_move(Place.SCHEDULED, self.state):
-                self.unrecorded_claim = claim_time(self.fd)
+                self.unrecorded_claim = claim_time(st)
                 self.doc = as_claimed(self.doc, self.claimed_in, codec.iso(self.unrecorded_claim))
         except BaseException:
             self.close()
