@@ -222,7 +222,7 @@ def as_claimed(doc: Mapping[str, Any], server: str, claimed_at: str) -> dict[str
     """The status of a task claimed by its move alone (:func:`claimed_by_move`),
     as every reader sees it and as its first write records it: SCHEDULED by
     *server*, its claim number one up (as a recorded claim raises it), claimed
-    at *claimed_at* (the time of the move)."""
+    at *claimed_at* (the time the claim stamped)."""
     return {**doc, "state": State.SCHEDULED.name, "server": server, "claim": int(doc["claim"]) + 1,
             "claimed_at": claimed_at, "message": ""}
 
@@ -344,7 +344,7 @@ def due(key: WaitKey, now_ns: int) -> bool:
 
 
 __all__ = [
-    "Action", "Claim", "HELD_STATES", "as_claimed", "claimed_by_move", "HOLDER_MOVES", "Judgement", "Outcome", "PLACE_OF", "PLACE_ORDER",
+    "Action", "Claim", "HELD_STATES", "HOLDER_MOVES", "Judgement", "Outcome", "PLACE_OF", "PLACE_ORDER",
     "Place", "State", "Verdict", "WaitKey", "charges_restart", "due", "gives_up", "judge", "retired",
-    "retry_delay", "sources_of", "timed_out", "wait_order_key",
+    "retry_delay", "sources_of", "timed_out", "wait_order_key", "as_claimed", "claimed_by_move",
 ]

@@ -205,7 +205,8 @@ class Queries:
                 # then either in the log already or not yet in either.
                 if self.layout.server_of_path(path) is not None and claimed_by_move(
                         Place.SCHEDULED, codec.state_of(read_status(dfd, path))):
-                    records.append(LogRecord(codec.parse_time(codec.iso(claim_time(os.fstat(dfd)))), State.SCHEDULED, ""))
+                    when = codec.parse_time(codec.iso(claim_time(os.fstat(dfd))))
+                    records.append(LogRecord(when, State.SCHEDULED, ""))
                 return records
             finally:
                 os.close(dfd)

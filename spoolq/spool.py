@@ -458,10 +458,11 @@ class Spool:
                     task.write(State.SCHEDULED, message, server=server, claim=number,
                                claimed_at=codec.iso(self.clock()))
                 elif not not_now:
-                    # The move is the claim: the status stays ENQUEUED until
-                    # the start records it (lifecycle.claimed_by_move), one
-                    # status write and one log append a task fewer. The
-                    # directory's mtime says when (taskdir.claim_time).
+                    # Without a message the move is the claim: the status
+                    # stays ENQUEUED until the start records it
+                    # (lifecycle.claimed_by_move), one status write and one
+                    # log append a task fewer; the directory's mtime says
+                    # when (taskdir.claim_time).
                     fsutil.set_mtime(task.fd, int(self.clock() * 1e9))
         except CorruptTask as exc:
             self.quarantine(dest, str(exc))
