@@ -99,15 +99,15 @@ CAUSES = {
     "lifecycle-huey": (
         "spoolq's own work and this disk's file costs together. Without the disk (tmpfs) spoolq is "
         "{sq_huey_tmpfs} huey FileStorage ({sc_spoolq} syscalls a task against {sc_huey}); on this disk spoolq "
-        "creates 9 inodes a task and rewrites status.json 4 times (3 of them replacing a file a rename "
-        "put in place), huey about 3 inodes and renames only to new names (fscost: an inode {inode}, such "
+        "creates {sq_inodes} inodes and renames {sq_renames} times a task (3 of them status.json rewrites "
+        "replacing a file a rename put in place), huey about 3 inodes and renames only to new names (fscost: an inode {inode}, such "
         "a replace {replace}). The floor (spoolq's layout with plain os calls) is {floor_huey} huey "
         "FileStorage in this run"),
     "e2e": (
         "the same file costs in the daemon (profile.md: creating and renaming status.json.tmp is "
         "{slot_status} of the slots' busy time, the claim {main_claim} of the main process's). {producer}"),
     "e2e-durable": (
-        "each transition's own fsyncs (about 15 a task in the daemon, in three processes), none shared "
+        "each transition's own fsyncs (14 a task in the daemon after the enqueue, one transition after another), none shared "
         "between tasks: the group commit this target asks for is not built (bench/README.md, \"Durability\")"),
     "lookup": "none found: a lookup is a fixed number of stats (see Scaling); this is the machine's noise",
     "rss": "the daemon's index of enqueued/ (a heap entry and a set entry per waiting task)",
@@ -118,12 +118,15 @@ def _cause_facts() -> dict:
     """Numbers the CAUSES quote, from the last run's JSON."""
     facts = {k: "n/a" for k in ("floor_huey", "inode", "replace", "spoolq_enq", "huey_enq", "drain_ratio",
                                 "producer", "sq_tmpfs", "fl_tmpfs", "sq_floor_tmpfs", "sq_huey_tmpfs",
-                                "sc_spoolq", "sc_floor", "sc_huey", "slot_status", "main_claim")}
+                                "sc_spoolq", "sc_floor", "sc_huey", "slot_status", "main_claim", "sq_inodes",
+                                "sq_renames")}
     for r in (common.read_json("syscalls.json") or {}).get("results", []):
         if r["mode"] == "non-durable":
             key = {"spoolq": "sc_spoolq", "floor": "sc_floor", "huey.FileStorage": "sc_huey"}.get(r["backend"])
             if key:
                 facts[key] = f"{r['syscalls']:.0f}"
+            if r["backend"] == "spoolq":
+                facts["sq_inodes"], facts["sq_renames"] = f"{r['created']:g}", f"{r['rename']:g}"
     py = (common.read_json("profile.json") or {}).get("pyspy") or {}
     if py.get("slot_self"):
         share = sum(pct for fr, src, _, pct in py["slot_self"]
