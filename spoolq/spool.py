@@ -570,14 +570,18 @@ class Spool:
                     what = f"{input_name} is missing"
                 except OSError as exc:
                     what = f"{input_name} cannot be read: {exc.strerror}"
+            if what is None:
+                task.move(self._path(Place.RUNNING, claim.name))
+                starts = int(task.doc.get("starts", 0)) + 1
+                try:
+                    task.write(State.RUNNING, "", starts=starts, started_at=codec.iso(self.clock()))
+                except CorruptTask as exc:  # its log is gone or not a file
+                    what = str(exc)
             if what is not None:
                 path = task.path
                 task.close()
                 self.quarantine(path, what)
                 raise CorruptTask(path, f"task {claim.type}/{claim.id}: {what} (moved to quarantine)")
-            task.move(self._path(Place.RUNNING, claim.name))
-            starts = int(task.doc.get("starts", 0)) + 1
-            task.write(State.RUNNING, "", starts=starts, started_at=codec.iso(self.clock()))
             crashpoint("start.running")
             if not load:
                 run_lock = hold_run_lock_fd(task.fd) if hold_run_lock else None

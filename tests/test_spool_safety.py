@@ -219,6 +219,29 @@ def test_a_status_naming_a_path_as_input_is_quarantined_not_read(spool: Spool, t
         spool.status("T", "a")
 
 
+@pytest.mark.parametrize("log", ["missing", "fifo", "symlink"])
+def test_a_claimed_task_whose_log_cannot_be_appended_to_is_quarantined_at_its_start(
+        spool: Spool, tmp_path: Path, log: str) -> None:
+    outside = tmp_path / "outside.log"
+    outside.write_text("not the spool's\n")
+    spool.enqueue("T", "a", 1)
+    claim = spool.claim("s1")  # writes nothing: the start is the first to append to the log
+    path = Path(spool.root, "scheduled", "s1", "T:a", "log")
+    path.unlink()
+    if log == "fifo":
+        os.mkfifo(path)
+    elif log == "symlink":
+        path.symlink_to(outside)
+    with pytest.raises(CorruptTask, match="log cannot be appended to.*moved to quarantine"):
+        spool.start(claim)
+    with pytest.raises(TaskNotFound):
+        spool.status("T", "a")
+    assert outside.read_text() == "not the spool's\n"
+    reasons = [p.read_text() for p in Path(spool.root, "quarantine").glob("*.reason")]
+    assert len(reasons) == 1 and "log cannot be appended to" in reasons[0]
+    assert os.listdir(Path(spool.root, "running")) == []
+
+
 # ----------------------------------------------------------------------------- symlinks
 
 
