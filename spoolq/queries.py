@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CorruptTask, NoResponse, SpoolqError, TaskNotFound
-from .lifecycle import PLACE_OF, PLACE_ORDER, Place, State, claimed_by_move
+from .lifecycle import PLACE_OF, PLACE_ORDER, Place, State
 from .names import split_task_name, task_name
 from .store import codec, fsutil, queue
 from .store.codec import LOG, RESPONSE, LogRecord
 from .store.layout import Layout
 from .store.output import compose, read_progress
 from .store.registry import TypeRegistry
-from .store.taskdir import UNLIMITED, claim_time, open_task_dir, read_status
+from .store.taskdir import UNLIMITED, open_task_dir, read_status, read_status_and_claim
 
 # How often `wait_for` re-reads the status even without a file event: a
 # safety net for a missed event, not the mechanism.
@@ -203,10 +203,9 @@ class Queries:
                 records = list(codec.parse_log(raw))
                 # The status after the log: a claim recorded meanwhile is
                 # then either in the log already or not yet in either.
-                if self.layout.server_of_path(path) is not None and claimed_by_move(
-                        Place.SCHEDULED, codec.state_of(read_status(dfd, path))):
-                    when = codec.parse_time(codec.iso(claim_time(os.fstat(dfd))))
-                    records.append(LogRecord(when, State.SCHEDULED, ""))
+                _doc, claimed = read_status_and_claim(dfd, path, claimed_in=self.layout.server_of_path(path))
+                if claimed is not None:
+                    records.append(LogRecord(codec.parse_time(codec.iso(claimed)), State.SCHEDULED, ""))
                 return records
             finally:
                 os.close(dfd)

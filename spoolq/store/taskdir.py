@@ -123,8 +123,16 @@ def read_status(dfd: int, path: str, *, claimed_in: str | None = None) -> dict[s
     """The status document of the task directory open as *dfd* (at *path*,
     for messages); CorruptTask when it is missing or cannot be trusted.
     *claimed_in*: the server when the directory is in ``scheduled/<server>/``,
-    where a claim made by its move alone reads as recorded (see
-    :func:`claim_time`)."""
+    where a claim made by its move alone reads as recorded."""
+    return read_status_and_claim(dfd, path, claimed_in=claimed_in)[0]
+
+
+def read_status_and_claim(
+    dfd: int, path: str, *, claimed_in: str | None, st: os.stat_result | None = None,
+) -> tuple[dict[str, Any], float | None]:
+    """:func:`read_status`, and the time of the claim made by its move alone
+    that the document shows as recorded (None when there is none). *st*:
+    the directory's stat, if the caller has it."""
     try:
         raw = fsutil.read_file(dfd, STATUS)
     except FileNotFoundError:
@@ -132,9 +140,10 @@ def read_status(dfd: int, path: str, *, claimed_in: str | None = None) -> dict[s
     except OSError as exc:
         raise CorruptTask(path, f"{path}/status.json cannot be read: {exc}") from None
     doc = codec.decode_status(raw, path)
-    if claimed_in is not None and claimed_by_move(Place.SCHEDULED, codec.state_of(doc)):
-        return as_claimed(doc, claimed_in, codec.iso(claim_time(os.fstat(dfd))))
-    return doc
+    if claimed_in is None or not claimed_by_move(Place.SCHEDULED, codec.state_of(doc)):
+        return doc, None
+    when = claim_time(st if st is not None else os.fstat(dfd))
+    return as_claimed(doc, claimed_in, codec.iso(when)), when
 
 
 def claim_time(st: os.stat_result) -> float:
@@ -242,6 +251,7 @@ class TaskDir:
         self.fd = -1
         self.doc: dict[str, Any] = {}
         self.unrecorded_claim: float | None = None
+        self._claim_move_synced = False
 
     def __enter__(self) -> TaskDir:
         if self.fd < 0:  # not opened yet (a handle may be opened before the with)
@@ -268,10 +278,8 @@ class TaskDir:
             if (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev):
                 raise Moved()
             roll_forward(self.fd, durable=self.durable)
-            self.doc = read_status(self.fd, self.path)
-            if self.claimed_in is not None and claimed_by_move(Place.SCHEDULED, self.state):
-                self.unrecorded_claim = claim_time(st)
-                self.doc = as_claimed(self.doc, self.claimed_in, codec.iso(self.unrecorded_claim))
+            self.doc, self.unrecorded_claim = read_status_and_claim(self.fd, self.path, claimed_in=self.claimed_in,
+                                                                    st=st)
         except BaseException:
             self.close()
             raise
@@ -357,12 +365,12 @@ class TaskDir:
         ``enqueued/`` and where it went next). When the task is *moving_on*,
         its ``scheduled/`` directory is the source of that move, which
         fsyncs it anyway: only ``enqueued/`` first."""
-        if self.unrecorded_claim is None or not self.durable or self.queue_dir is None:
+        if self.unrecorded_claim is None or not self.durable or self.queue_dir is None or self._claim_move_synced:
             return
         fsutil.fsync_dir(self.queue_dir)
         if not moving_on:
             fsutil.fsync_dir(os.path.dirname(self.path))
-        self.queue_dir = None  # once
+        self._claim_move_synced = True
 
     def replace_file(self, filename: str, data: bytes) -> None:
         """Replace one of the task's files atomically (tmp + rename)."""
