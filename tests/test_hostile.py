@@ -360,7 +360,8 @@ def test_a_full_disk_refuses_enqueues_cleanly_and_corrupts_nothing(tmp_path):
             while time.monotonic() < deadline:
                 assert proc.poll() is None, "the daemon must survive a full disk"
                 assert spool.status("W", "inflight").state == State.RUNNING
-                assert spool.status("T", "waiting").state == State.ENQUEUED
+                # Waiting, or claimed for the moment before its start fails: never started.
+                assert spool.status("T", "waiting").state in (State.ENQUEUED, State.SCHEDULED)
                 time.sleep(0.05)
 
             shutil.rmtree(fs / "junk")
