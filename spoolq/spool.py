@@ -454,10 +454,12 @@ class Spool:
                     raise CorruptTask(dest, f"{name} was waiting but its status says {task.state.name}")
                 not_now = self._not_claimable(parts[0], task.doc)
                 number = int(task.doc["claim"]) + 1
-                if not not_now and message:
+                if not_now:
+                    pass  # moved back below, untouched
+                elif message:
                     task.write(State.SCHEDULED, message, server=server, claim=number,
                                claimed_at=codec.iso(self.clock()))
-                elif not not_now:
+                else:
                     # Without a message the move is the claim: the status
                     # stays ENQUEUED until the start records it
                     # (lifecycle.claimed_by_move), one status write and one

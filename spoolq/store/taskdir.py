@@ -148,8 +148,8 @@ def read_status_and_claim(
 
 def claim_time(st: os.stat_result) -> float:
     """When the task whose directory's stat is *st*, in ``scheduled/`` and
-    claimed by its move alone, was claimed: the claim stamps the directory's mtime (a rename
-    keeps it; in ``enqueued/`` it was the queue stamp), and nothing inside
+    claimed by its move alone, was claimed: the claim stamps the directory's
+    mtime (a rename keeps it; in ``enqueued/`` it was the queue stamp), and nothing inside
     the directory changes before the claim is recorded (a crash's leftover
     removed meanwhile only makes it later: a timeout counted from it never
     fires early)."""
@@ -235,7 +235,7 @@ class TaskDir:
     *queue_dir*, ``enqueued/``) makes a claim made by its move alone read as
     recorded (``doc`` says SCHEDULED; ``unrecorded_claim`` is its time). The
     first change through the handle then records it: before anything else is
-    made durable, the claim's move is (its two parents fsynced: a state
+    made durable, the claim's move is (:meth:`_claim_move_durable`: a state
     written for the new place must not outlive a lost move), and the next
     log append starts with the claim's SCHEDULED record.
     """
