@@ -177,6 +177,30 @@ def test_output_of_a_remote_handler_reaches_the_task_capped_as_under_fork(env, c
     assert b"bytes of output left out here]" in big and len(big) <= 4096 + 60
 
 
+def test_a_remote_task_seen_final_has_its_output_and_output_follow_prints_it_all(env, cluster):
+    """The output is applied before the message that makes the task final
+    (the follower stops at the final state and reads the file last then);
+    a handler that finished its task itself and printed on gets that too."""
+    spool, workers, _ = env
+    spool.register_type("Out", "dask_handlers.printer", executor="dask")
+    spool.enqueue("Out", "plain", {"lines": 3})
+    spool.enqueue("Out", "early", {"lines": 2, "succeed_first": True})
+    follow = {i: subprocess.Popen([sys.executable, "-m", "spoolq", "--root", spool.root, "output", "Out", i,
+                                   "--follow", "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+              for i in ("plain", "early")}
+    workers.start(dask_scheduler=cluster.scheduler_address)
+    printed = {i: proc.communicate(timeout=90) for i, proc in follow.items()}
+    assert [follow[i].returncode for i in follow] == [0, 0], printed
+    assert printed["plain"][0] == (b"remote line 000000\nremote line 000001\nremote line 000002\n"
+                                   b"echo on plain\nstderr on plain\n"), printed["plain"]
+    # What the early one printed after making its task final reaches the
+    # file at the run's end; the follower had stopped at the final state.
+    whole = (b"before success\nremote line 000000\nremote line 000001\necho on early\nstderr on early\n")
+    wait_until(lambda: spool.queries.output("Out", "early") == whole, what="the rest")
+    assert whole.startswith(printed["early"][0]), printed["early"]
+    assert spool.status("Out", "early").doc["message"] == "done early"
+
+
 def test_the_daemon_killed_with_10_remote_runs_in_flight_then_restarted(env, cluster):
     """Each task ends exactly once in done/; what the lost claims report late
     is refused (and counted); no run overlaps another of the same task."""

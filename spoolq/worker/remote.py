@@ -25,8 +25,8 @@ Each message is ``[claim, attempt, seq, kind, *args]``; kinds: ``hello``
 (Dask worker address, its pid, the slot's pid), ``state`` (state name,
 message), ``log`` (message), ``response`` (bytes, MIME type), ``progress``
 (the progress document, contract §12.3), ``output`` (the run's output as
-``spoolq output`` shows it, capped as under fork, sent right before
-``end``, contract §12.1), ``end``
+``spoolq output`` shows it, capped as under fork, sent right before the
+message that makes the task final or ends the run, contract §12.1), ``end``
 (outcome or "", reason). ``attempt`` is random per call of
 :func:`run_remote`, so the spool host can tell a second attempt of the same
 claim (Dask ran it again after losing a worker) from the first, and refuse
@@ -311,21 +311,46 @@ def run_remote(spec: dict[str, Any]) -> str:
         queue.put(batch)
 
     # The run's output is captured into a directory of its own here, and
-    # forwarded (capped, as under fork) in one message before the run's end,
-    # whichever way it ends.
+    # forwarded (capped, as under fork) in one message before the message
+    # that ends the run's hold on the task, so that whoever sees the task
+    # final (a waiter, ``output --follow``) finds its output there.
     output_dir = tempfile.mkdtemp(prefix="spoolq-output-")
     spec = {**spec, "output_dir": output_dir}
-    plain_send = send
-
-    def send(messages: list[tuple[Any, ...]]) -> None:  # noqa: F811 - the same, with the output before an end
-        if messages and messages[-1][0] == "end":
-            messages = [*messages[:-1], ("output", _output_of(output_dir)), messages[-1]]
-        plain_send(messages)
-
     try:
-        return _start_and_follow(worker, key, spec, send)
+        return _start_and_follow(worker, key, spec, _OutputBeforeEnds(send, output_dir))
     finally:
         shutil.rmtree(output_dir, ignore_errors=True)
+
+
+class _OutputBeforeEnds:
+    """Sends batches of messages with the run's output (``output``) put
+    before each one that ends the run's hold on its task: a final state, a
+    retry, the run's end. The spool host applies messages in order, so the
+    output is in the task before it is final, as under fork. A handler that
+    made its task final itself and printed on afterwards has its output sent
+    again at the end (the spool host accepts output through a claim that made
+    its task final); output that did not change since it was sent is not."""
+
+    def __init__(self, send: Any, output_dir: str) -> None:
+        self.send = send
+        self.output_dir = output_dir
+        self.sent: bytes | None = None
+
+    def __call__(self, messages: list[tuple[Any, ...]]) -> None:
+        batch: list[tuple[Any, ...]] = []
+        for message in messages:
+            if _ends_the_hold(message):
+                output = _output_of(self.output_dir)
+                if output != self.sent:
+                    batch.append(("output", output))
+                    self.sent = output
+            batch.append(message)
+        self.send(batch)
+
+
+def _ends_the_hold(message: tuple[Any, ...]) -> bool:
+    kind = message[0]
+    return kind in ("end", "retry") or (kind == "state" and State[message[1]].terminal)
 
 
 def _output_of(path: str) -> bytes:
