@@ -7,10 +7,12 @@ on the N-th hit: ``SPOOLQ_CRASH_AT=name@N``). ``SPOOLQ_HANG_AT`` (same syntax)
 makes the calling thread block forever there instead: how the systemd tests
 prove that the watchdog pings come from the main loop, so a hung loop gets
 the daemon restarted, and how the crash matrix freezes a worker mid-step.
-Before it kills or hangs, a point raises the audit event
-``spoolq.crashpoint`` (name, "crash" or "hang"), so a test's audit hook
-can tell which process reached it. Unarmed, a call costs one comparison
-against None.
+``SPOOLQ_FAIL_AT`` (same syntax) makes the point raise ``OSError(EIO)`` on
+that one hit and pass on every other: an I/O error the process lives
+through, as a failing disk would give it.
+Before it acts, a point raises the audit event ``spoolq.crashpoint`` (name,
+"crash", "hang" or "fail"), so a test's audit hook can tell which process
+reached it. Unarmed, a call costs one comparison against None.
 
 The reliability tests find every point by scanning the source for
 ``crashpoint("…")`` calls, so a new step cannot be forgotten.
@@ -18,23 +20,26 @@ The reliability tests find every point by scanning the source for
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
 import threading
 
 _target: str | None = None
-_hang = False
+_action = "crash"
 _nth = 1
 _hits = 0
 
 
 def _configure() -> None:
-    global _target, _hang, _nth, _hits
-    crash = os.environ.get("SPOOLQ_CRASH_AT") or None
-    hang = os.environ.get("SPOOLQ_HANG_AT") or None
-    spec = crash or hang
-    _hang = crash is None and hang is not None
+    global _target, _action, _nth, _hits
+    _action, spec = "crash", None
+    for action in ("crash", "hang", "fail"):
+        spec = os.environ.get(f"SPOOLQ_{action.upper()}_AT") or None
+        if spec:
+            _action = action
+            break
     _hits = 0
     _nth = 1
     if spec and "@" in spec:
@@ -47,16 +52,19 @@ _configure()
 
 
 def crashpoint(name: str) -> None:
-    """Die with SIGKILL (or hang) here if the environment names this point."""
+    """Die with SIGKILL (or hang, or fail once) here if the environment
+    names this point."""
     global _hits
     if _target is None or name != _target:
         return
     _hits += 1
-    if _hits < _nth:
+    if _hits < _nth or (_action == "fail" and _hits > _nth):
         return
-    sys.audit("spoolq.crashpoint", name, "hang" if _hang else "crash")
-    if _hang:
+    sys.audit("spoolq.crashpoint", name, _action)
+    if _action == "hang":
         threading.Event().wait()
+    if _action == "fail":
+        raise OSError(errno.EIO, f"{os.strerror(errno.EIO)} (injected at {name})")
     os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -145,6 +145,7 @@ class Outcome(enum.Enum):
     NO_HANDLER = "NO_HANDLER"  # never started: its handler cannot be imported where it was to run
     NO_ROOM = "NO_ROOM"  # never started: its type's concurrency limit was reached meanwhile
     NOT_STARTED = "NOT_STARTED"  # never started: the start could not be written (disk full, I/O error)
+    UNRECORDED = "UNRECORDED"  # the run ended, but its end could not be written: the worker loop writes it
 
 
 class Action(str, enum.Enum):

@@ -5,7 +5,8 @@ Run as a program it is one of the real processes those tests start:
 * ``python crash_helpers.py worker ROOT SERVER OPTIONS_JSON`` — a worker
   daemon (:class:`spoolq.worker.Worker`) with options the command line does
   not expose (short heartbeat and sweep intervals); ``SLOT_CRASH_AT=point``
-  arms a crash point in its first handler process only;
+  (``SLOT_FAIL_AT=point``: an I/O error there) arms a crash point in its
+  first handler process only;
 * ``python crash_helpers.py produce ROOT ACKS TASKS_JSON [SECONDS]`` — a
   producer that enqueues ``[[type, id, input], …]`` (spread evenly over
   SECONDS if given) and appends ``<type>:<id>`` to ACKS
@@ -189,6 +190,7 @@ def spawn(args: list[str], log_path: str | os.PathLike[str], env: dict | None = 
     here = os.path.dirname(os.path.abspath(__file__))
     full = {k: v for k, v in os.environ.items() if not k.startswith("SPOOLQ_CRASH") and k != "NOTIFY_SOCKET"}
     full.pop("SLOT_CRASH_AT", None)
+    full.pop("SLOT_FAIL_AT", None)
     full["PYTHONPATH"] = os.pathsep.join([here, full.get("PYTHONPATH", "")])
     full.update(env or {})
     with open(log_path, "w") as err:
@@ -337,19 +339,21 @@ def worker(root: str, server: str, options: dict) -> int:
     from spoolq.systemd import setup_logging
 
     os.environ["SPOOLQ_TEST_SERVER"] = server  # the handler processes record it
-    slot_crash = os.environ.get("SLOT_CRASH_AT")
-    if slot_crash:
-        # Arm the crash point in the first handler process the daemon forks
-        # only (it re-reads SPOOLQ_CRASH_AT in each child, faults.reconfigure):
-        # one crash, then the daemon's replacement processes recover from it.
-        # (Armed in every one, a crash in the start between its move and its
-        # status write would come back with each new process: such a start
-        # is never counted, so its task goes round again.)
+    slot_fault = [(f"SPOOLQ_{kind}_AT", os.environ[f"SLOT_{kind}_AT"])
+                  for kind in ("CRASH", "FAIL") if os.environ.get(f"SLOT_{kind}_AT")]
+    if slot_fault:
+        # Arm the point in the first handler process the daemon forks only
+        # (it re-reads SPOOLQ_CRASH_AT / SPOOLQ_FAIL_AT in each child,
+        # faults.reconfigure): one crash or I/O error, then the daemon's
+        # replacement processes recover from it. (Armed in every one, a
+        # crash in the start between its move and its status write would
+        # come back with each new process: such a start is never counted,
+        # so its task goes round again.)
         armed = [True]
 
         def arm() -> None:
             if armed[0]:
-                os.environ["SPOOLQ_CRASH_AT"] = slot_crash
+                os.environ[slot_fault[0][0]] = slot_fault[0][1]
 
         def disarm() -> None:
             armed[0] = False

@@ -455,3 +455,53 @@ def _run(sc: Scenario, case: Case, restart: str) -> None:
     assert worker.wait(DEADLINE) == 0, sc.stderr(worker)
     assert "Traceback" not in sc.stderr(worker), sc.stderr(worker)
     verify(sc, int(hit[2]) if case.role == "producer" else None)
+
+
+# ----------------------------------------------------------------------------- an I/O error instead of a crash
+
+# The points a handler process reaches (hit 3 of a status or file write is
+# the final status write, after the response's), where a failing disk can
+# refuse one write while the process lives on.
+_SLOT_FAILS = [(p, n) for p in _IN_SLOT for n in (1, 3)] + [
+    (p, 1) for p in ("start.running", "response.stored", "finish.status_written", "finish.moved", "move.renamed",
+                     "output.parts_removed")]
+
+
+@pytest.mark.parametrize("point,nth", _SLOT_FAILS, ids=[f"{p}@{n}" for p, n in _SLOT_FAILS])
+def test_an_io_error_in_a_handler_process_loses_nothing_and_is_one_line(point: str, nth: int,
+                                                                          tmp_path: Path) -> None:
+    """One write of a handler process fails with EIO (``SPOOLQ_FAIL_AT``), in
+    its first handler process only; the daemon lives on. Every task still
+    ends once, checked as after a crash; the error is reported in one line
+    (the daemon's log or the task's message), never as a traceback."""
+    sc = Scenario(tmp_path)
+    try:
+        sc.plant(orphan=False, slow=False)
+        case = Case(point, role="slot", nth=nth)
+        producer = sc.producer()
+        worker = sc.worker("w1", {"SLOT_FAIL_AT": case.spec, "SPOOLQ_CRASH_LOG": str(sc.hits_path),
+                                  "CRASH_ROLE": "slot"})
+        hit = _wait_for_hit(sc, case, worker)
+        assert producer.wait(DEADLINE) == 0, sc.stderr(producer)
+        wait_until(sc.settled, what="every task to reach FINISHED or FAILED")
+        assert worker.poll() is None, sc.stderr(worker)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(DEADLINE) == 0, sc.stderr(worker)
+        err = sc.stderr(worker)
+        print(f"\n{case.spec} hit: {' '.join(hit[1:])}\n{err}")
+        assert "Traceback" not in err, err
+        messages = [sc.spool.status(t, i).doc["message"] for t, i in sc.present()]
+        reported = [line for line in err.splitlines() + messages if f"(injected at {point})" in line]
+        assert reported, "the I/O error is reported nowhere"
+        verify(sc, None)
+        # Only a handler whose own call met the error (its store_response)
+        # fails for it; a start or an end that could not be written is
+        # written again (by the next claim, by the daemon), so those finish.
+        failed = {(t, i): sc.spool.status(t, i).doc["message"] for t, i in sc.present()
+                  if t == "N" and sc.spool.status(t, i).state == State.FAILED}
+        if "store_response" in hit:
+            assert len(failed) == 1 and "injected at" in next(iter(failed.values())), failed
+        else:
+            assert not failed, failed
+    finally:
+        sc.kill_all()

@@ -59,7 +59,7 @@ from ..lifecycle import Claim, Outcome
 from ..spool import Spool
 from . import proctree
 from .limits import Limits
-from .runner import HandlerUnavailable, NoRoom, NotStarted, run_claim
+from .runner import HandlerUnavailable, NoRoom, NotRecorded, NotStarted, run_claim
 
 log = logging.getLogger("spoolq.executor")
 
@@ -458,6 +458,8 @@ def _slot_main(spool: Spool, commands: int, results: int) -> int:
             outcome, note = Outcome.NO_ROOM, str(exc)
         except NotStarted as exc:
             outcome, note = Outcome.NOT_STARTED, str(exc)
+        except NotRecorded as exc:
+            outcome, note = Outcome.UNRECORDED, exc.note
         deadline.set(math.inf)
         # Limits cannot all be lifted (niceness): after a limited task this
         # process retires; the worker replaces it (docs: spoolq.worker.limits).

@@ -56,7 +56,7 @@ from ..systemd import Notifier, setup_logging, task_fields
 from ..watch import ARRIVALS, DEPARTURES, DirWatcher, TaskWatches
 from .executor import Ended, Executor, ForkExecutor
 from .gates import Gates
-from .runner import outcome_of
+from .runner import NotRecorded, outcome_of
 
 log = logging.getLogger("spoolq.daemon")
 
@@ -565,6 +565,13 @@ class Worker:
                 job.claim, f"not started on server {self.server}: {ended.reason}"))
             return
         self.gates.reopen(self.waiting, only="slots")  # a run ended: a slot of its type may be free
+        if ended.outcome is Outcome.UNRECORDED:
+            # The run ended, but its handler process could not write how (an
+            # I/O error, a full disk): write it from here, through the claim.
+            end = NotRecorded.from_note(ended.reason)
+            log.error("%s: %s; recording it as %s here", job.label, end, end.state.name)
+            self._record_end(job, end.state, end.message)
+            return
         if ended.outcome is not None:  # it reached its end (even if a kill was on its way)
             self.gates.handler_found(job.claim.type)
             self._report(job, ended.outcome)
@@ -590,8 +597,17 @@ class Worker:
             elif result is Action.REENQUEUED:
                 log.warning("re-enqueued %s: %s", job.label, reason, extra=task_fields(job.claim, "ENQUEUED"))
             return
+        self._record_end(job, State.FAILED, ended.reason)
+
+    def _record_end(self, job: _Job, state: State, message: str) -> None:
+        """Write the end of a run whose handler process did not (FAILED with
+        *message*, or FINISHED) through its claim, and report it."""
         try:
-            now = self.spool.set_state(job.claim, State.FAILED, ended.reason)
+            if state is State.FINISHED:
+                self.spool.finish_if_not_finished(job.claim)
+                self._report(job, outcome_of(self.spool, job.claim))
+                return
+            now = self.spool.set_state(job.claim, State.FAILED, message)
             self._report(job, Outcome.RETRY if now is State.ENQUEUED else Outcome.FAILED)
         except StaleClaim:
             # It reached a final state (or was taken away) before dying.
@@ -599,7 +615,7 @@ class Worker:
         except (SpoolqError, OSError) as exc:
             # Disk full, or the task directory was tampered with: it stays
             # as it is until its timeout re-enqueues it; the daemon goes on.
-            log.error("cannot record the end of %s (%s): %s", job.label, ended.reason, exc)
+            log.error("cannot record the end of %s (%s): %s", job.label, message or state.name, exc)
 
     def _finish_cancel(self, job: _Job) -> None:
         """A run stopped for its cancel: the task ends FAILED, cancelled

@@ -66,6 +66,30 @@ class NoRoom(Exception):
     server): the claim is left as it was (not started)."""
 
 
+class NotRecorded(Exception):
+    """The run ended but its end could not be written (an I/O error, a full
+    disk): *state* is what the run came to (FINISHED, or FAILED with
+    *message*), *why* the error. The run lock is let go on the way out; the
+    worker loop writes that end through the claim, which is still the
+    task's (a status half written is completed or undone by the next lock,
+    so writing it again is safe)."""
+
+    def __init__(self, state: State, message: str, why: str) -> None:
+        super().__init__(f"cannot record the end of its run: {why}")
+        self.state, self.message, self.why = state, message, why
+
+    @property
+    def note(self) -> str:
+        """One line for the slot's report: the state, the error, the message."""
+        return "\t".join((self.state.name, " ".join(self.why.split()), " ".join(self.message.split())))
+
+    @classmethod
+    def from_note(cls, note: str) -> NotRecorded:
+        name, _, rest = note.partition("\t")
+        why, _, message = rest.partition("\t")
+        return cls(State.FAILED if name != State.FINISHED.name else State.FINISHED, message, why)
+
+
 class NotStarted(Exception):
     """The start could not be written (disk full, an I/O error): the task
     was never started. It is left where the start stopped: its claim, or
@@ -83,7 +107,8 @@ def run_claim(
     task untouched (the worker hands it back and stops claiming its type
     until the import works). With *take_slot*, a slot of the type's
     concurrency limit is taken for the run (NoRoom when none is free).
-    NotStarted when the start cannot be written.
+    NotStarted when the start cannot be written, NotRecorded when the end
+    cannot be.
     (The dask executor's remote side does neither: the spool host does.)
     With *capture* (a handler process of the daemon), the handler's fds 1
     and 2 go to the task's ``output`` while it runs, and its progress to the
@@ -159,7 +184,7 @@ def _run_started(
         # handler returned; the outcome is recorded after that.
         caught: BaseException | None = None
         lift: Callable[[], None] | None = None
-        with _output(spool, claim, task_dir if output_dir is None else output_dir):
+        with _output(spool, claim, task_dir if output_dir is None else output_dir) as capture:
             try:
                 lift = limits.apply()
             except OSError as exc:
@@ -174,28 +199,51 @@ def _run_started(
         # running with nobody to kill them (its task needs no taking back).
         proctree.kill_descendants()
         context.flush_progress()
-        if lift is None:
-            assert isinstance(caught, OSError)
-            return _outcome_for(fail(spool, claim, str(caught.strerror or caught), caught))
-        if isinstance(caught, Retry):
-            lift()
-            return _outcome_for(spool.retry(claim, caught.delay, caught.message))
-        if isinstance(caught, SystemExit):
-            if caught.code not in (None, 0):
-                lift()
-                return _failed(spool, claim, f"handler called sys.exit({caught.code!r})", None)
-        elif isinstance(caught, StaleClaim):
+        if isinstance(capture, Capture) and capture.error is not None:
+            # Not durable state, no reason to fail the run; but said once.
+            log.warning("%s: its output is not kept whole: %s", claim, safe_text(capture.error))
+        if isinstance(caught, StaleClaim):
             raise caught  # the handler's own status call found its task taken away
-        elif caught is not None:  # every failure becomes FAILED
+        if lift is not None:
             lift()
-            return _failed(spool, claim, limits.explain(caught) or f"{type(caught).__name__}: {safe_text(caught)}",
-                           caught)
-        lift()
-        if spool.finish_if_not_finished(claim):
-            return Outcome.FINISHED
+            failure = _failure_of(caught, limits)
+        else:  # the limits could not be applied: the handler never ran
+            assert isinstance(caught, OSError)
+            failure = str(caught.strerror or caught)
+        try:
+            return _record_end(spool, claim, caught, failure)
+        except OSError as exc:
+            raise NotRecorded(State.FAILED if failure else State.FINISHED, failure,
+                              exc.strerror or str(exc)) from None
     except StaleClaim as exc:
         log.warning("%s: %s", claim, exc)
         return Outcome.GONE
+
+
+def _failure_of(caught: BaseException | None, limits: Limits) -> str:
+    """The one-line message a run that raised *caught* fails with ("" for a
+    run that succeeded: it returned, or called sys.exit(0))."""
+    if caught is None or (isinstance(caught, SystemExit) and caught.code in (None, 0)):
+        return ""
+    if isinstance(caught, Retry):
+        return caught.message or "the handler asked for a retry"
+    if isinstance(caught, SystemExit):
+        return f"handler called sys.exit({caught.code!r})"
+    return limits.explain(caught) or f"{type(caught).__name__}: {safe_text(caught)}"
+
+
+def _record_end(spool: Spool, claim: Claim, caught: BaseException | None, failure: str) -> Outcome:
+    """Write how the run ended (*failure*, from :func:`_failure_of`) through
+    its claim; the outcome the task is left with."""
+    if isinstance(caught, Retry):
+        return _outcome_for(spool.retry(claim, caught.delay, caught.message))
+    if isinstance(caught, SystemExit) and failure:
+        return _failed(spool, claim, failure, None)
+    if failure:
+        assert caught is not None
+        return _failed(spool, claim, failure, caught)
+    if spool.finish_if_not_finished(claim):
+        return Outcome.FINISHED
     return outcome_of(spool, claim)
 
 
