@@ -435,15 +435,15 @@ class Spool:
             log.warning("stale leftover %s blocks a claim; quarantining it", dest)
             self.quarantine(dest, "leftover in scheduled/ blocked a claim")
             return None
-        crashpoint("claim.renamed")
-        if self.durable and message:
-            # The move is durable before the status written for its new place
-            # (else a power loss could leave enqueued/X saying SCHEDULED).
-            # A claim without a message writes nothing: its first write
-            # makes the move durable first (TaskDir).
-            fsutil.fsync_dir(self.layout.enqueued)
-            fsutil.fsync_dir(self.layout.server_dir(server))
         try:
+            crashpoint("claim.renamed")
+            if self.durable and message:
+                # The move is durable before the status written for its new
+                # place (else a power loss could leave enqueued/X saying
+                # SCHEDULED). A claim without a message writes nothing: its
+                # first write makes the move durable first (TaskDir).
+                fsutil.fsync_dir(self.layout.enqueued)
+                fsutil.fsync_dir(self.layout.server_dir(server))
             with self._task(dest, as_stored=True) as task:
                 if cancelled_while_waiting(Place.ENQUEUED, task.state):
                     # Its cancel was interrupted before its move: complete
@@ -477,8 +477,9 @@ class Spool:
             self.quarantine(dest, f"the worker cannot write into it: {exc.strerror} (fix its modes: chmod -R g+rwX)")
             return None
         except OSError:
-            # The status could not be written (disk full): undo the claim,
-            # or the task would sit in scheduled/ of a live server for good.
+            # The claim could not be made durable or its status written (an
+            # I/O error, a full disk): undo it, or the task would sit in
+            # scheduled/ of a live server until its timeout.
             # A move backwards: under the enqueue lock, like every other one,
             # so a lookup under that lock cannot miss the task.
             try:

@@ -359,6 +359,10 @@ def worker(root: str, server: str, options: dict) -> int:
             armed[0] = False
 
         os.register_at_fork(after_in_child=arm, after_in_parent=disarm)
+    if os.environ.get("SPOOLQ_FAIL_AT"):
+        # An I/O error armed for the daemon is the daemon's alone: its
+        # handler processes (which re-read the variable) do not inherit it.
+        os.register_at_fork(after_in_child=lambda: os.environ.pop("SPOOLQ_FAIL_AT", None))
     setup_logging()
     try:
         return Worker(Spool(root), server, **options).run()

@@ -499,9 +499,54 @@ def test_an_io_error_in_a_handler_process_loses_nothing_and_is_one_line(point: s
         # written again (by the next claim, by the daemon), so those finish.
         failed = {(t, i): sc.spool.status(t, i).doc["message"] for t, i in sc.present()
                   if t == "N" and sc.spool.status(t, i).state == State.FAILED}
+        assert not _timed_out(sc), "a task waited for its timeout to get over the error"
         if "store_response" in hit:
             assert len(failed) == 1 and "injected at" in next(iter(failed.values())), failed
         else:
             assert not failed, failed
+    finally:
+        sc.kill_all()
+
+
+def _timed_out(sc: Scenario) -> list[tuple[str, str]]:
+    """The tasks taken away for their timeout (type N's is 30 s, longer than
+    any of these runs should need)."""
+    return [(t, i) for t, i in sc.present()
+            if any("timed out" in r.message for r in sc.spool.log_records(t, i))]
+
+
+# The points the daemon's main process reaches: the claims, the sweeps, the
+# take-aways and hand-backs (their status and file writes), the loop.
+_DAEMON_FAILS = ["claim.renamed", "move.renamed", "status.tmp_written", "status.logged", "status.replaced",
+                 "file.written", "file.appended", "sweep.taken_away", "retire.renamed", "sweep.retired",
+                 "daemon.loop"]
+
+
+@pytest.mark.parametrize("point", _DAEMON_FAILS)
+def test_an_io_error_in_the_daemon_loses_nothing_and_is_one_line(point: str, tmp_path: Path) -> None:
+    """The same with the error in the daemon's main process (its first hit
+    of the point): it logs one line and goes on; every task ends once."""
+    sc = Scenario(tmp_path)
+    try:
+        sc.plant(orphan=False, slow=False)
+        case = Case(point)
+        producer = sc.producer()
+        worker = sc.worker("w1", {"SPOOLQ_FAIL_AT": case.spec, "SPOOLQ_CRASH_LOG": str(sc.hits_path),
+                                  "CRASH_ROLE": "worker"})
+        hit = _wait_for_hit(sc, case, worker)
+        assert producer.wait(DEADLINE) == 0, sc.stderr(producer)
+        wait_until(sc.settled, what="every task to reach FINISHED or FAILED")
+        assert worker.poll() is None, sc.stderr(worker)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(DEADLINE) == 0, sc.stderr(worker)
+        err = sc.stderr(worker)
+        print(f"\n{case.spec} hit: {' '.join(hit[1:])}\n{err}")
+        assert "Traceback" not in err, err
+        assert [line for line in err.splitlines() if f"(injected at {point})" in line], "reported nowhere"
+        verify(sc, None)
+        failed = {(t, i): sc.spool.status(t, i).doc for t, i in sc.present()
+                  if t == "N" and sc.spool.status(t, i).state == State.FAILED}
+        assert not failed, failed
+        assert not _timed_out(sc), "a task waited for its timeout to get over the error"
     finally:
         sc.kill_all()
