@@ -473,46 +473,15 @@ def test_an_io_error_in_a_handler_process_loses_nothing_and_is_one_line(point: s
     """One write of a handler process fails with EIO (``SPOOLQ_FAIL_AT``), in
     its first handler process only; the daemon lives on. Every task still
     ends once, checked as after a crash; the error is reported in one line
-    (the daemon's log or the task's message), never as a traceback."""
-    sc = Scenario(tmp_path)
-    try:
-        sc.plant(orphan=False, slow=False)
-        case = Case(point, role="slot", nth=nth)
-        producer = sc.producer()
-        worker = sc.worker("w1", {"SLOT_FAIL_AT": case.spec, "SPOOLQ_CRASH_LOG": str(sc.hits_path),
-                                  "CRASH_ROLE": "slot"})
-        hit = _wait_for_hit(sc, case, worker)
-        assert producer.wait(DEADLINE) == 0, sc.stderr(producer)
-        wait_until(sc.settled, what="every task to reach FINISHED or FAILED")
-        assert worker.poll() is None, sc.stderr(worker)
-        worker.send_signal(signal.SIGTERM)
-        assert worker.wait(DEADLINE) == 0, sc.stderr(worker)
-        err = sc.stderr(worker)
-        print(f"\n{case.spec} hit: {' '.join(hit[1:])}\n{err}")
-        assert "Traceback" not in err, err
-        messages = [sc.spool.status(t, i).doc["message"] for t, i in sc.present()]
-        reported = [line for line in err.splitlines() + messages if f"(injected at {point})" in line]
-        assert reported, "the I/O error is reported nowhere"
-        verify(sc, None)
-        # Only a handler whose own call met the error (its store_response)
-        # fails for it; a start or an end that could not be written is
-        # written again (by the next claim, by the daemon), so those finish.
-        failed = {(t, i): sc.spool.status(t, i).doc["message"] for t, i in sc.present()
-                  if t == "N" and sc.spool.status(t, i).state == State.FAILED}
-        assert not _timed_out(sc), "a task waited for its timeout to get over the error"
-        if "store_response" in hit:
-            assert len(failed) == 1 and "injected at" in next(iter(failed.values())), failed
-        else:
-            assert not failed, failed
-    finally:
-        sc.kill_all()
-
-
-def _timed_out(sc: Scenario) -> list[tuple[str, str]]:
-    """The tasks taken away for their timeout (type N's is 30 s, longer than
-    any of these runs should need)."""
-    return [(t, i) for t, i in sc.present()
-            if any("timed out" in r.message for r in sc.spool.log_records(t, i))]
+    (the daemon's log or the task's message), never as a traceback. Only a
+    handler whose own call met the error (its store_response) fails for it;
+    a start or an end that could not be written is written again (by the
+    next claim, by the daemon), so those tasks finish."""
+    failed, hit = _with_io_error(tmp_path, Case(point, role="slot", nth=nth), "SLOT_FAIL_AT")
+    if "store_response" in hit:
+        assert len(failed) == 1 and "injected at" in next(iter(failed.values())), failed
+    else:
+        assert not failed, failed
 
 
 # The points the daemon's main process reaches: the claims, the sweeps, the
@@ -525,14 +494,22 @@ _DAEMON_FAILS = ["claim.renamed", "move.renamed", "status.tmp_written", "status.
 @pytest.mark.parametrize("point", _DAEMON_FAILS)
 def test_an_io_error_in_the_daemon_loses_nothing_and_is_one_line(point: str, tmp_path: Path) -> None:
     """The same with the error in the daemon's main process (its first hit
-    of the point): it logs one line and goes on; every task ends once."""
+    of the point; not inherited by its handler processes): it logs one line
+    and goes on; no task fails for it."""
+    failed, _ = _with_io_error(tmp_path, Case(point), "SPOOLQ_FAIL_AT")
+    assert not failed, failed
+
+
+def _with_io_error(tmp_path: Path, case: Case, variable: str) -> tuple[dict[tuple[str, str], str], list[str]]:
+    """Run the scenario with one I/O error armed through *variable*; check
+    what the crash cases check, one line for it and no timeout waited for.
+    The FAILED no-op tasks (with their messages), and the hit."""
     sc = Scenario(tmp_path)
     try:
         sc.plant(orphan=False, slow=False)
-        case = Case(point)
         producer = sc.producer()
-        worker = sc.worker("w1", {"SPOOLQ_FAIL_AT": case.spec, "SPOOLQ_CRASH_LOG": str(sc.hits_path),
-                                  "CRASH_ROLE": "worker"})
+        worker = sc.worker("w1", {variable: case.spec, "SPOOLQ_CRASH_LOG": str(sc.hits_path),
+                                  "CRASH_ROLE": case.role})
         hit = _wait_for_hit(sc, case, worker)
         assert producer.wait(DEADLINE) == 0, sc.stderr(producer)
         wait_until(sc.settled, what="every task to reach FINISHED or FAILED")
@@ -542,11 +519,15 @@ def test_an_io_error_in_the_daemon_loses_nothing_and_is_one_line(point: str, tmp
         err = sc.stderr(worker)
         print(f"\n{case.spec} hit: {' '.join(hit[1:])}\n{err}")
         assert "Traceback" not in err, err
-        assert [line for line in err.splitlines() if f"(injected at {point})" in line], "reported nowhere"
+        messages = [sc.spool.status(t, i).doc["message"] for t, i in sc.present()]
+        reported = [line for line in err.splitlines() + messages if f"(injected at {case.point})" in line]
+        assert reported, "the I/O error is reported nowhere"
         verify(sc, None)
-        failed = {(t, i): sc.spool.status(t, i).doc for t, i in sc.present()
-                  if t == "N" and sc.spool.status(t, i).state == State.FAILED}
-        assert not failed, failed
-        assert not _timed_out(sc), "a task waited for its timeout to get over the error"
+        # (type N's timeout is 30 s, longer than any of these runs should need)
+        timed_out = [(t, i) for t, i in sc.present()
+                     if any("timed out" in r.message for r in sc.spool.log_records(t, i))]
+        assert not timed_out, f"tasks waited for their timeout to get over the error: {timed_out}"
+        return {(t, i): sc.spool.status(t, i).doc["message"] for t, i in sc.present()
+                if t == "N" and sc.spool.status(t, i).state == State.FAILED}, hit
     finally:
         sc.kill_all()
