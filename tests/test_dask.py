@@ -201,6 +201,26 @@ def test_a_remote_task_seen_final_has_its_output_and_output_follow_prints_it_all
     assert spool.status("Out", "early").doc["message"] == "done early"
 
 
+def test_a_remote_runs_end_the_spool_host_cannot_write_is_written_by_the_loop(env, cluster):
+    """The spool host's write of a remote run's FINISHED fails once (an I/O
+    error: SPOOLQ_FAIL_AT, its second status write, the first being the
+    start): the loop writes that end through the claim, as under fork; the
+    task does not wait for its timeout."""
+    spool, workers, _ = env
+    spool.register_type("Out", "dask_handlers.printer", executor="dask", timeout=300)
+    spool.enqueue("Out", "t1", {"lines": 1})
+    proc = workers.start(dask_scheduler=cluster.scheduler_address,
+                         env={"SPOOLQ_FAIL_AT": "status.tmp_written@2"})
+    wait_until(lambda: final(spool, "Out", ["t1"]), timeout=30, what="final")
+    info = spool.status("Out", "t1")
+    assert info.state == State.FINISHED and info.doc["restarts"] == 0, info.doc
+    assert spool.queries.output("Out", "t1").startswith(b"remote line 000000\n")
+    code, err = stop(proc)
+    assert code == 0 and "Traceback" not in err, err
+    assert "cannot apply state of Out:t1" in err and "(injected at status.tmp_written)" in err, err
+    assert "recording it as FINISHED here" in err, err
+
+
 def test_the_daemon_killed_with_10_remote_runs_in_flight_then_restarted(env, cluster):
     """Each task ends exactly once in done/; what the lost claims report late
     is refused (and counted); no run overlaps another of the same task."""

@@ -54,7 +54,7 @@ from ..lifecycle import Claim, Outcome, State
 from ..spool import Spool
 from .executor import Ended
 from .remote import outcome_name, run_remote
-from .runner import outcome_of
+from .runner import NotRecorded, outcome_of
 
 log = logging.getLogger("spoolq.dask")
 
@@ -105,6 +105,7 @@ class _Run:
     killed_at: float | None = None
     run_lock: int | None = None  # held here for the remote run: no sweeper takes the task meanwhile
     slot: int | None = None  # a slot of its type's concurrency limit, held here for the remote run
+    unrecorded: NotRecorded | None = None  # the run's end, which this host could not write
 
 
 class DaskExecutor:
@@ -277,12 +278,20 @@ class DaskExecutor:
         if kind == "end":
             self._drop(run)
             outcome = outcome_name(args[0])
+            if outcome is not None and run.unrecorded is not None:
+                return [Ended(claim, Outcome.UNRECORDED, run.unrecorded.note)]
             if outcome is not None:
                 return [Ended(claim, outcome_of(self.spool, claim))]
             if run.lost is not None and not run.killing:  # killed because it was taken for lost
                 return [Ended(claim, None, run.lost, lost=True)]
             return [Ended(claim, None, args[1])]
-        self._refuse_or_apply(claim, kind, args, late=False)
+        error = self._refuse_or_apply(claim, kind, args, late=False)
+        if error is not None and (kind == "retry" or (kind == "state" and State[args[0]].terminal)):
+            # The run's end, not written here (an I/O error): the loop writes
+            # it through the claim once the run has ended, as under fork.
+            state, message = (State.FAILED, args[1] or "the handler asked for a retry") if kind == "retry" \
+                else (State[args[0]], args[1])
+            run.unrecorded = NotRecorded(state, message, error.strerror or str(error))
         return []
 
     def _drop(self, run: _Run) -> None:
@@ -294,8 +303,9 @@ class DaskExecutor:
                 os.close(fd)
         run.run_lock = run.slot = None
 
-    def _refuse_or_apply(self, claim: Claim, kind: str, args: list[Any], *, late: bool) -> None:
-        """One write through the claim; StaleClaim means refused (counted)."""
+    def _refuse_or_apply(self, claim: Claim, kind: str, args: list[Any], *, late: bool) -> OSError | None:
+        """One write through the claim; StaleClaim means refused (counted).
+        The OSError it met (logged), if any."""
         try:
             if kind == "state":
                 self.spool.set_state(claim, State[args[0]], args[1])
@@ -313,8 +323,12 @@ class DaskExecutor:
             self.refused += 1
             what = "late message from lost claim" if late else "message of a run whose task was taken away"
             log.info("refused a %s %s (%s): %s (%d refused so far)", what, claim, kind, exc, self.refused)
-        except (SpoolqError, OSError) as exc:
+        except SpoolqError as exc:
             log.error("cannot apply %s of %s: %s", kind, claim, exc)
+        except OSError as exc:
+            log.error("cannot apply %s of %s: %s", kind, claim, exc)
+            return exc
+        return None
 
     def _future_done(self, claim: Claim, status: str, now: float) -> None:
         run = self.runs.get(claim)
