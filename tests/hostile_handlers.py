@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import time
 
 
@@ -124,3 +126,55 @@ def succeed_then_raise(ts, inp):
 
 def record_pid(ts, inp):
     _note(inp, "start")
+
+
+def change_process(ts, inp):
+    """Change one piece of its process's state (inp["what"]) and return: a
+    process that runs task after task must not pass it on (.hygiene)."""
+    import logging
+    import resource
+    import shutil
+    import tempfile
+
+    what = inp["what"]
+    if what == "streams":
+        sys.stdout.close()
+        sys.stderr.close()
+    elif what == "environment":
+        os.environ.clear()
+    elif what == "umask":
+        os.umask(0o777)
+    elif what == "working directory":
+        gone = tempfile.mkdtemp()
+        os.chdir(gone)
+        shutil.rmtree(gone)
+    elif what == "signal handlers":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    elif what == "timers":
+        signal.alarm(1)  # would kill the process during the next task
+    elif what == "logging":
+        logging.disable(logging.CRITICAL)
+    elif what == "niceness":
+        os.nice(5)
+    elif what == "resource limits":  # hard: cannot be raised again without privilege
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def check_process(ts, inp):
+    """Record its pid; fail unless its process is as a fresh one would be."""
+    import logging
+    import resource
+
+    _note(inp, "check")
+    print("stdout works", flush=True)
+    assert os.environ.get("PATH"), "the environment is gone"
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert mask == inp["umask"], oct(mask)
+    assert os.getcwd() == inp["cwd"], os.getcwd()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert not logging.root.manager.disable
+    assert os.getpriority(os.PRIO_PROCESS, 0) == inp["nice"]
+    assert resource.getrlimit(resource.RLIMIT_CORE) == tuple(inp["core"])
+    time.sleep(inp.get("seconds", 0))

@@ -406,6 +406,51 @@ def test_an_exception_whose_str_raises_keeps_its_traceback_and_the_slot(env):
     assert len(pids) == 1, "the handler process survived the first task"
 
 
+CHANGES = ["streams", "environment", "umask", "working directory", "signal handlers", "timers", "logging",
+           "niceness", "resource limits"]
+
+
+def test_what_a_handler_changes_in_its_process_never_reaches_the_next_task(env):
+    """One handler process runs task after task: each change a handler makes
+    to it (a closed sys.stdout, an alarm, a cleared environment, …) is put
+    back before the next task, said in one line; what cannot be put back (a
+    lowered hard limit) retires the process instead."""
+    spool, root, workers, tmp = env
+    register(spool, "Change", "change_process")
+    register(spool, "Check", "check_process")
+    rec = tmp / "rec"
+    mask = os.umask(0o022)
+    os.umask(mask)
+    fresh = {"record": str(rec), "umask": mask, "cwd": os.getcwd(), "nice": os.getpriority(os.PRIO_PROCESS, 0),
+             "core": list(resource.getrlimit(resource.RLIMIT_CORE)), "seconds": 0}
+    for what in CHANGES:
+        spool.enqueue("Change", what.replace(" ", "-"), {"what": what})
+        # (1.2 s: a pending alarm of 1 s would go off during the check)
+        spool.enqueue("Check", f"after-{what.replace(' ', '-')}", {**fresh, "seconds": 1.2 if what == "timers" else 0})
+    proc = workers.start("w1", concurrency=1)
+    checks = [f"after-{what.replace(' ', '-')}" for what in CHANGES]
+    wait_until(lambda: all(spool.status("Check", c).state.terminal for c in checks), timeout=60, what="all checked")
+    for what, check in zip(CHANGES, checks):
+        info = spool.status("Check", check)
+        assert info.state == State.FINISHED, (what, info.doc["message"])
+        assert spool.queries.output("Check", check) == b"stdout works\n", what
+        assert spool.status("Change", what.replace(" ", "-")).state == State.FINISHED, what
+    # The umask was put back: the next task's files are its owner's to read
+    # (a umask of 0777 left them ----rw----).
+    for name in os.listdir(root / "done" / "Check:after-umask"):
+        mode = (root / "done" / "Check:after-umask" / name).stat().st_mode
+        assert mode & 0o660 == 0o660, (name, oct(mode))
+    err = stderr_of(proc)
+    assert "Traceback" not in err and "Logging error" not in err, err
+    for what in CHANGES[:-1]:
+        label = "sys.stdout, sys.stderr" if what == "streams" else what
+        assert f"its handler changed its process's {label}; put back" in err, (what, err)
+    assert "changed its process's resource limits, which cannot be put back: the process retires" in err, err
+    # One process ran every task up to the hard limit's change; then a fresh one.
+    pids = [pid for event, pid, _ in notes(rec) if event == "check"]
+    assert len(pids) == len(CHANGES) and len(set(pids[:-1])) == 1 and pids[-1] != pids[0], pids
+
+
 def test_success_then_raise_stays_finished_and_is_reported_so(env):
     spool, root, workers, tmp = env
     register(spool, "S", "succeed_then_raise")

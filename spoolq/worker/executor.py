@@ -59,6 +59,7 @@ from ..lifecycle import Claim, Outcome
 from ..spool import Spool
 from . import proctree
 from .limits import Limits
+from .hygiene import ProcessState
 from .runner import HandlerUnavailable, NoRoom, NotRecorded, NotStarted, run_claim
 
 log = logging.getLogger("spoolq.executor")
@@ -294,8 +295,11 @@ class ForkExecutor:
             except BaseException:  # noqa: BLE001
                 traceback.print_exc()
             finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
+                for stream in (sys.stdout, sys.stderr):
+                    try:
+                        stream.flush()
+                    except Exception:  # noqa: BLE001 - closed or replaced by a handler: exit all the same
+                        pass
                 os._exit(code)
         os.close(cmd_r)
         os.close(res_w)
@@ -438,6 +442,7 @@ def _slot_main(spool: Spool, commands: int, results: int) -> int:
     reader = os.fdopen(commands, "rb", buffering=0)
     pending = b""
     deadline = _SelfDeadline()
+    born = ProcessState.take()
     while True:
         while b"\n" not in pending:
             chunk = reader.read(4096)
@@ -451,7 +456,7 @@ def _slot_main(spool: Spool, commands: int, results: int) -> int:
         limited = bool(Limits.for_type(spool, claim.type))
         note = ""
         try:
-            outcome = run_claim(spool, claim, capture=True)
+            outcome = run_claim(spool, claim, capture=True, hygiene=None if limited else born)
         except HandlerUnavailable as exc:
             outcome, note = Outcome.NO_HANDLER, " ".join(str(exc).split())
         except NoRoom as exc:
@@ -463,7 +468,10 @@ def _slot_main(spool: Spool, commands: int, results: int) -> int:
         deadline.set(math.inf)
         # Limits cannot all be lifted (niceness): after a limited task this
         # process retires; the worker replaces it (docs: spoolq.worker.limits).
-        flag = RETIRING if limited else ""
+        # So does a process whose handler changed what cannot be put back
+        # (the runner put back the rest as the handler returned: .hygiene).
+        retire = limited or born.retire
+        flag = RETIRING if retire else ""
         os.write(results, f"{outcome.value}\t{flag}\t{note}\n".encode())
-        if limited:
+        if retire:
             return 0

@@ -62,6 +62,7 @@ from ..store import fsutil
 from ..store.codec import INPUT_JSON
 from ..store.output import compose
 from ..store.registry import TaskType
+from .hygiene import ProcessState
 from .limits import Limits
 from .runner import run_claim
 
@@ -198,6 +199,7 @@ def slot_main(commands: int, results: int, parent: int) -> int:
         pass
     if os.getppid() != parent:
         return 0  # the Dask worker died before we could ask to die with it
+    born = ProcessState.take()
     while True:
         spec = read_frame(commands)
         if spec is None:
@@ -209,12 +211,13 @@ def slot_main(commands: int, results: int, parent: int) -> int:
         output_dir = _open_dir(spec.get("output_dir"))
         try:
             outcome = run_claim(spool, spool.claim, import_first=False, take_slot=False,  # type: ignore[arg-type]
-                                output_dir=output_dir)
+                                output_dir=output_dir, hygiene=None if limited else born)
         finally:
             if output_dir is not None:
                 os.close(output_dir)
-        write_frame(results, ("end", outcome.value, limited))
-        if limited:
+        retire = limited or born.retire  # (what cannot be put back: .hygiene)
+        write_frame(results, ("end", outcome.value, retire))
+        if retire:
             return 0
 
 

@@ -37,6 +37,7 @@ from ..store.registry import TaskType
 from ..task import Retry, TaskContext
 from . import proctree
 from .capture import Capture, task_dir_of_run
+from .hygiene import ProcessState
 from .limits import Limits
 
 log = logging.getLogger("spoolq.runner")
@@ -99,7 +100,7 @@ class NotStarted(Exception):
 
 def run_claim(
     spool: Spool, claim: Claim, *, import_first: bool = True, take_slot: bool = True, capture: bool = False,
-    output_dir: int | None = None,
+    output_dir: int | None = None, hygiene: ProcessState | None = None,
 ) -> Outcome:
     """Run one claimed task to a final state in this process, holding its
     run lock throughout. With *import_first*, the handler is imported before
@@ -114,7 +115,9 @@ def run_claim(
     and 2 go to the task's ``output`` while it runs, and its progress to the
     task's ``progress`` (:mod:`.capture`). With *output_dir* (a directory
     fd; the dask executor's remote side), the output is captured there
-    instead."""
+    instead. With *hygiene* (a process that runs task after task), what the
+    handler changed in its process is put back as it returns
+    (:mod:`.hygiene`)."""
     try:
         ttype: TaskType | None = spool.get_type(claim.type)
     except SpoolqError:
@@ -149,7 +152,7 @@ def run_claim(
         try:
             if task_dir is not None and started.starts > 1:
                 clear_run_files(task_dir)  # an earlier run's output and progress
-            return _run_started(spool, claim, started.handler, started.input, task_dir, output_dir)
+            return _run_started(spool, claim, started.handler, started.input, task_dir, output_dir, hygiene)
         finally:
             if task_dir is not None:
                 os.close(task_dir)
@@ -169,7 +172,7 @@ def _output(spool: Spool, claim: Claim, directory: int | None) -> contextlib.Abs
 
 def _run_started(
     spool: Spool, claim: Claim, handler_path: str, value: Any, task_dir: int | None = None,
-    output_dir: int | None = None,
+    output_dir: int | None = None, hygiene: ProcessState | None = None,
 ) -> Outcome:
     context = TaskContext(spool, claim, task_dir=task_dir)
     try:
@@ -198,6 +201,8 @@ def _run_started(
         # once the task is final, a worker killed now would leave them
         # running with nobody to kill them (its task needs no taking back).
         proctree.kill_descendants()
+        if hygiene is not None:  # (never a task with limits: its process retires after it)
+            hygiene.put_back(claim)
         context.flush_progress()
         if isinstance(capture, Capture) and capture.error is not None:
             # Not durable state, no reason to fail the run; but said once.
