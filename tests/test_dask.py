@@ -99,8 +99,12 @@ def test_200_sequence_sums_give_the_same_responses_and_logs_as_fork_and_ran_on_d
         spool.enqueue("SeqFork", task_id, (1, 2, 3, 4, i))
         spool.enqueue("SeqDask", task_id, (1, 2, 3, 4, i))
     proc = workers.start(concurrency=2, dask_scheduler=cluster.scheduler_address)
-    wait_until(lambda: final(spool, "SeqFork", ids) and final(spool, "SeqDask", ids), timeout=120,
-               what="400 tasks final")
+    try:
+        wait_until(lambda: final(spool, "SeqFork", ids) and final(spool, "SeqDask", ids), timeout=120,
+                   what="400 tasks final")
+    except AssertionError:
+        print(spool.counts(), stderr_of(proc)[-6000:])
+        raise
     for task_id in ids:
         fork, dask = spool.status("SeqFork", task_id), spool.status("SeqDask", task_id)
         assert fork.state == dask.state == State.FINISHED, (fork.doc, dask.doc)
