@@ -26,8 +26,9 @@ each run, compares and puts back (:meth:`ProcessState.restore`):
 
 Cost per task: a handful of system calls (the umask, the working
 directory, three timers, the signal mask, the niceness, one ``getrlimit``
-per limit) and
-some dictionary comparisons; a few microseconds. What it does not cover:
+per limit) and some comparisons: 27 us with a service's environment of 6
+variables, 60-70 us with 38 (comparing ``os.environ`` decodes each
+variable). What it does not cover:
 module-level state of imported code (a handler that monkeypatches a
 library changes it for the next task, as in any long-lived worker
 process), threads a handler leaves running, and descriptors it leaves open
