@@ -158,6 +158,9 @@ def change_process(ts, inp):
         os.nice(5)
     elif what == "resource limits":  # hard: cannot be raised again without privilege
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    elif what == "user ids":  # root dropping privileges: the process can no longer write the spool
+        os.setgid(65534)
+        os.setuid(65534)
 
 
 def check_process(ts, inp):

@@ -21,7 +21,9 @@ each run, compares and puts back (:meth:`ProcessState.restore`):
 * the resource limits and the niceness: lowered soft limits are raised
   back; a hard limit, which an unprivileged process cannot raise again, or
   a niceness it cannot lower again, cannot be put back: then the slot must
-  retire (the worker forks a fresh one). (A task of a type with limits
+  retire (the worker forks a fresh one). So must a slot whose user or group
+  ids changed (a handler that dropped privileges can no longer write the
+  spool). (A task of a type with limits
   retires its slot anyway: :mod:`.limits`.)
 
 Cost per task: a handful of system calls (the umask, the working
@@ -101,6 +103,7 @@ class ProcessState:
         self.recursion = 1000
         self.limits: dict[int, tuple[int, int]] = {}
         self.niceness = 0
+        self.ids: tuple[Any, ...] = ()
         self.retire = False  # something could not be put back: the process must not run another task
 
     @classmethod
@@ -124,6 +127,7 @@ class ProcessState:
         state.recursion = sys.getrecursionlimit()
         state.limits = {which: resource.getrlimit(which) for which in _LIMITS}
         state.niceness = os.getpriority(os.PRIO_PROCESS, 0)
+        state.ids = _ids()
         return state
 
     def put_back(self, claim: object) -> None:
@@ -227,6 +231,11 @@ class ProcessState:
             done.note("logging")
 
     def _limits(self, done: Restored) -> None:
+        if _ids() != self.ids:
+            # A handler that dropped privileges leaves a process that can no
+            # longer write the spool; one that gained them, one that should
+            # not run the next task. Never put back: retired.
+            done.note("user or group ids", put_back=False)
         if os.getpriority(os.PRIO_PROCESS, 0) != self.niceness:
             try:
                 os.setpriority(os.PRIO_PROCESS, 0, self.niceness)
@@ -242,6 +251,10 @@ class ProcessState:
                 done.note("resource limits")
             except (OSError, ValueError):
                 done.note("resource limits", put_back=False)
+
+
+def _ids() -> tuple[Any, ...]:
+    return os.getresuid(), os.getresgid(), sorted(os.getgroups())
 
 
 def _reopen(fd: int, mode: str, old: TextIO | None) -> TextIO:
