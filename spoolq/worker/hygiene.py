@@ -163,6 +163,11 @@ class ProcessState:
             sys.setrecursionlimit(self.recursion)
             done.note("recursion limit")
         self._limits(done)
+        if _ids() != self.ids:
+            # A handler that dropped privileges leaves a process that can no
+            # longer write the spool; one that gained them, one that should
+            # not run the next task. Never put back: retired.
+            done.note("user or group ids", put_back=False)
         return done
 
     def _streams(self, done: Restored) -> None:
@@ -231,11 +236,6 @@ class ProcessState:
             done.note("logging")
 
     def _limits(self, done: Restored) -> None:
-        if _ids() != self.ids:
-            # A handler that dropped privileges leaves a process that can no
-            # longer write the spool; one that gained them, one that should
-            # not run the next task. Never put back: retired.
-            done.note("user or group ids", put_back=False)
         if os.getpriority(os.PRIO_PROCESS, 0) != self.niceness:
             try:
                 os.setpriority(os.PRIO_PROCESS, 0, self.niceness)
