@@ -54,7 +54,7 @@ from ..lifecycle import Claim, Outcome, State
 from ..spool import Spool
 from .executor import Ended
 from .remote import outcome_name, run_remote
-from .runner import NotRecorded, outcome_of
+from .runner import RETRY_ASKED, NotRecorded, outcome_of
 
 log = logging.getLogger("spoolq.dask")
 
@@ -289,7 +289,7 @@ class DaskExecutor:
         if error is not None and (kind == "retry" or (kind == "state" and State[args[0]].terminal)):
             # The run's end, not written here (an I/O error): the loop writes
             # it through the claim once the run has ended, as under fork.
-            state, message = (State.FAILED, args[1] or "the handler asked for a retry") if kind == "retry" \
+            state, message = (State.FAILED, args[1] or RETRY_ASKED) if kind == "retry" \
                 else (State[args[0]], args[1])
             run.unrecorded = NotRecorded(state, message, error.strerror or str(error))
         return []

@@ -42,6 +42,8 @@ from .limits import Limits
 
 log = logging.getLogger("spoolq.runner")
 
+RETRY_ASKED = "the handler asked for a retry"  # the failure a retry without a message is written as, if it must be
+
 
 def load_handler(path: str) -> Callable[..., Any]:
     """Import ``pkg.mod.func`` and return the function."""
@@ -231,7 +233,7 @@ def _failure_of(caught: BaseException | None, limits: Limits) -> str:
     if caught is None or (isinstance(caught, SystemExit) and caught.code in (None, 0)):
         return ""
     if isinstance(caught, Retry):
-        return caught.message or "the handler asked for a retry"
+        return caught.message or RETRY_ASKED
     if isinstance(caught, SystemExit):
         return f"handler called sys.exit({caught.code!r})"
     return limits.explain(caught) or f"{type(caught).__name__}: {safe_text(caught)}"
