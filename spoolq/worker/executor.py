@@ -456,7 +456,7 @@ def _slot_main(spool: Spool, commands: int, results: int) -> int:
         limited = bool(Limits.for_type(spool, claim.type))
         note = ""
         try:
-            outcome = run_claim(spool, claim, capture=True, hygiene=None if limited else born)
+            outcome = run_claim(spool, claim, capture=True, hygiene=born)
         except HandlerUnavailable as exc:
             outcome, note = Outcome.NO_HANDLER, " ".join(str(exc).split())
         except NoRoom as exc:

@@ -211,7 +211,7 @@ def slot_main(commands: int, results: int, parent: int) -> int:
         output_dir = _open_dir(spec.get("output_dir"))
         try:
             outcome = run_claim(spool, spool.claim, import_first=False, take_slot=False,  # type: ignore[arg-type]
-                                output_dir=output_dir, hygiene=None if limited else born)
+                                output_dir=output_dir, hygiene=born)
         finally:
             if output_dir is not None:
                 os.close(output_dir)

@@ -119,7 +119,8 @@ def run_claim(
     fd; the dask executor's remote side), the output is captured there
     instead. With *hygiene* (a process that runs task after task), what the
     handler changed in its process is put back as it returns
-    (:mod:`.hygiene`)."""
+    (:mod:`.hygiene`), unless the type has limits (the process retires
+    after such a task)."""
     try:
         ttype: TaskType | None = spool.get_type(claim.type)
     except SpoolqError:
@@ -203,7 +204,7 @@ def _run_started(
         # once the task is final, a worker killed now would leave them
         # running with nobody to kill them (its task needs no taking back).
         proctree.kill_descendants()
-        if hygiene is not None:  # (never a task with limits: its process retires after it)
+        if hygiene is not None and not limits:  # (with limits, the process retires after the task)
             hygiene.put_back(claim)
         context.flush_progress()
         if isinstance(capture, Capture) and capture.error is not None:
