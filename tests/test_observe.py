@@ -365,6 +365,38 @@ def test_a_capture_that_cannot_start_leaves_fds_1_and_2_alone(tmp_path):
     assert [(s.st_dev, s.st_ino) for s in (os.fstat(1), os.fstat(2))] == [(s.st_dev, s.st_ino) for s in before]
 
 
+def test_a_handler_that_closes_fds_1_and_2_keeps_its_output_and_spins_nothing(tmp_path):
+    """Closing fds 1 and 2 mid-run leaves the pipe with no writer: the
+    mover thread must stop watching it (a level-triggered hang-up would
+    wake it forever: it then spent 1.0 s of CPU a second), the capture's
+    files must not take the freed numbers 1 and 2, what was printed before
+    is kept, and fds 1 and 2 come back for the next run."""
+    import time
+
+    from spoolq.worker.capture import Capture
+
+    before = [os.fstat(fd) for fd in (1, 2)]
+    dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with Capture(dfd, 1024) as capture:
+            os.write(1, b"before\n")
+            os.close(1)
+            os.close(2)
+            cpu = time.process_time()
+            time.sleep(1.0)  # a window to measure a spin in, not a wait for something
+            cpu = time.process_time() - cpu
+        assert capture.error is None
+        assert [(s.st_dev, s.st_ino) for s in (os.fstat(1), os.fstat(2))] == [(s.st_dev, s.st_ino) for s in before]
+        assert (tmp_path / "output").read_bytes() == b"before\n"
+        assert cpu < 0.2, f"the process spent {cpu:.2f} s of CPU in 1 s with nothing to do"
+        with Capture(dfd, 1024) as capture:
+            os.write(2, b"again\n")
+        assert capture.error is None
+        assert (tmp_path / "output").read_bytes() == b"again\n"
+    finally:
+        os.close(dfd)
+
+
 def test_output_is_made_when_the_first_byte_comes_and_not_before(tmp_path):
     """A run that prints nothing leaves no output file (one inode less a
     task); one that prints makes it; a task directory that is gone by then

@@ -7,6 +7,9 @@ whatever its subprocesses write (they inherit fds 1 and 2), goes through
 that pipe. A thread of the handler process moves it into the task's files
 with ``splice(2)``: the kernel moves the pages from the pipe into the page
 cache of the file, and no byte passes through Python or through the daemon.
+The thread sleeps in ``epoll_wait`` and wakes only when bytes come; at the
+run's end the run's own side takes the pipe back and moves what is left, so
+a run that prints nothing costs no thread switch.
 
 * The first ``head`` bytes (half the type's ``max_output_bytes``) go into
   ``output``, created when the first byte comes (a run that prints nothing
@@ -37,12 +40,10 @@ import array
 import errno
 import fcntl
 import os
-import queue
 import select
 import sys
 import termios
 import threading
-from collections.abc import Callable
 
 from ..faults import crashpoint
 from ..store import fsutil
@@ -67,8 +68,8 @@ class Capture:
         self.parts: list[tuple[int, int]] = []  # (index, fd) of the parts on disk, oldest first
         self.part_written = 0
         self._saved: list[int] = []
-        self._read = self._write = self._stop_r = self._stop_w = -1
-        self._moved: threading.Event | None = None  # set by the mover thread when the run's output is in
+        self._read = self._write = -1
+        self._mover: _Mover | None = None  # the thread watching the pipe while the run lasts
         self._splice = _SPLICE
         self.error: Exception | None = None
 
@@ -85,47 +86,54 @@ class Capture:
         return self
 
     def _undo_start(self) -> None:
+        if self._mover is not None:
+            self._mover.forget(self, self._read)
+            self._mover = None
         for target, saved in zip((1, 2), self._saved):
             os.dup2(saved, target)
-        for fd in (*self._saved, self._read, self._write, self._stop_r, self._stop_w, self.out):
+        for fd in (*self._saved, self._read, self._write, self.out):
             if fd >= 0:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
         self._saved = []
-        self._moved = None
-        self._read = self._write = self._stop_r = self._stop_w = self.out = -1
+        self._read = self._write = self.out = -1
 
     def _start(self) -> None:
         _flush()
+        mover = _the_mover()
         self._read, self._write = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(self._read, False)
         try:
             fcntl.fcntl(self._write, _F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
             pass  # the default buffer (64 KiB) works too, with more wake-ups
-        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self._saved = [os.dup(1), os.dup(2)]
+        mover.watch(self, self._read)  # before the first byte can come
+        self._mover = mover
         os.dup2(self._write, 1)
         os.dup2(self._write, 2)
         os.close(self._write)
         self._write = -1
-        self._moved = threading.Event()
-        _the_mover().take(self._move_all)
 
     def __exit__(self, *exc: object) -> None:
-        if self._moved is None:
+        if self._mover is None:
             return  # it never started
         _flush()
+        # From here on this side alone moves the run's bytes: the thread lets
+        # go of the pipe (once a move it is in the middle of is done).
+        self._mover.forget(self, self._read)
+        self._mover = None
         for target, saved in zip((1, 2), self._saved):
             os.dup2(saved, target)
             os.close(saved)
         self._saved = []
-        os.write(self._stop_w, b"x")
-        self._moved.wait()
-        for fd in (self._read, self._stop_r, self._stop_w):
-            os.close(fd)
+        # Take what is in the pipe, not what a leftover process may go on
+        # writing (it gets EPIPE once the read end is closed).
+        self.take(budget=2 * PIPE_SIZE)
+        os.close(self._read)
+        self._read = -1
         try:
             self._finish()
         except OSError as exc:  # disk full: the output is not worth failing the run for
@@ -138,37 +146,31 @@ class Capture:
                 os.close(self.out)
             self.out = -1
 
-    # ------------------------------------------------------------------ the mover thread
+    # ------------------------------------------------------------------ moving (one side at a time)
 
-    def _move_all(self) -> None:
-        """The mover thread's work for this run; tells the run's side when done."""
+    def take(self, *, budget: int = 1 << 62) -> bool:
+        """Move what the pipe holds now, up to about *budget* bytes; after an
+        error, read it and drop it, so writers never block on a full pipe.
+        True at EOF (every writer is gone)."""
         try:
-            self._move()
-        except Exception as exc:  # noqa: BLE001 - a bug here must not hang the run
-            self.error = exc
-        finally:
-            assert self._moved is not None
-            self._moved.set()
-
-    def _move(self) -> None:
-        try:
-            while True:
-                ready, _, _ = select.select([self._read, self._stop_r], [], [])
-                if self._read in ready and self._pump() < 0:
-                    return  # EOF: every writer is gone
-                if self._stop_r in ready:
-                    # The run is over: take what is in the pipe, not what a
-                    # leftover process may go on writing.
-                    budget = 2 * PIPE_SIZE
-                    while budget > 0:
-                        moved = self._pump()
-                        if moved <= 0:
-                            break
-                        budget -= moved
-                    return
+            while budget > 0:
+                moved = self._pump() if self.error is None else self._drop()
+                if moved <= 0:
+                    return moved < 0
+                budget -= moved
         except OSError as exc:  # disk full and the like: the rest is not kept
             self.error = exc
-            self._discard()
+        return False
+
+    def _drop(self) -> int:
+        """Read and drop one call's worth: the count, 0 when empty, -1 at EOF."""
+        try:
+            data = os.read(self._read, 1 << 16)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            return -1
+        return len(data) if data else -1
 
     def _pump(self) -> int:
         """Move what the pipe holds (one call's worth): the bytes moved, 0
@@ -176,7 +178,7 @@ class Capture:
         if self.written_head < self.head:
             if self.out < 0:
                 if not _pending(self._read):
-                    return -1  # woken by the end of the run (EOF), nothing printed
+                    return 0  # nothing printed yet (EOF, if it is, is seen by the caller)
                 self._open_output()
             target, room = self.out, self.head - self.written_head
         else:
@@ -219,13 +221,13 @@ class Capture:
     def _open_output(self) -> None:
         """Create ``output`` when the first bytes come: most handlers print
         nothing, and a file per run would be one more inode a task."""
-        self.out = os.open(OUTPUT, _O_OUT, 0o660, dir_fd=self.dfd)
+        self.out = _above_std(os.open(OUTPUT, _O_OUT, 0o660, dir_fd=self.dfd))
         fsutil.share_with_group(self.out)
 
     def _roll(self) -> None:
         """Start the next part; keep only the two latest."""
         index = self.parts[-1][0] + 1 if self.parts else 0
-        fd = os.open(part_name(index), _O_OUT, 0o660, dir_fd=self.dfd)
+        fd = _above_std(os.open(part_name(index), _O_OUT, 0o660, dir_fd=self.dfd))
         fsutil.share_with_group(fd)
         self.parts.append((index, fd))
         self.part_written = 0
@@ -233,15 +235,6 @@ class Capture:
             old, old_fd = self.parts.pop(0)
             os.close(old_fd)
             _unlink(self.dfd, part_name(old))
-
-    def _discard(self) -> None:
-        """After an error: empty the pipe so writers never block on it."""
-        try:
-            os.set_blocking(self._read, False)
-            while os.read(self._read, 1 << 16):
-                pass
-        except OSError:
-            pass
 
     # ------------------------------------------------------------------ the end
 
@@ -265,22 +258,57 @@ class Capture:
 
 
 class _Mover:
-    """The thread of a handler process that moves its runs' output, one run
-    at a time (a process runs one handler at a time). Started at the first
-    run and kept: a thread per run cost about 15 syscalls and a thread start
-    a task. A child the handler forks has no such thread, so it forgets it."""
+    """The thread of a handler process that moves its runs' output while
+    they last. It sleeps in ``epoll_wait`` on the pipes of the runs under
+    way (one at a time in a fork slot) and wakes only when bytes come or
+    every writer is gone. A run registers its pipe at its start and takes
+    it back at its end (:meth:`forget` waits for a move under way), then
+    moves what is left itself: a run that prints nothing never wakes the
+    thread. Started at the first run and kept: a thread per run cost about
+    15 syscalls and a thread start a task, and handing each run to a
+    waiting thread and back two thread switches. A child the handler forks
+    has no such thread, so it forgets it."""
 
     def __init__(self) -> None:
-        self._runs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        threading.Thread(target=self._serve, name="spoolq-output", daemon=True).start()
+        self._lock = threading.Lock()  # held while bytes are moved, by either side
+        self._runs: dict[int, Capture] = {}  # by the read end of their pipe
+        self._epoll = select.epoll()
+        try:
+            threading.Thread(target=self._serve, name="spoolq-output", daemon=True).start()
+        except RuntimeError:
+            self._epoll.close()
+            raise
 
-    def take(self, work: Callable[[], None]) -> None:
-        """Run *work* (one run's moving, which reports its own end) next."""
-        self._runs.put(work)
+    def watch(self, run: Capture, fd: int) -> None:
+        """Move *run*'s bytes from the pipe *fd* as they come, from now on."""
+        with self._lock:
+            self._epoll.register(fd, select.EPOLLIN)
+            self._runs[fd] = run
+
+    def forget(self, run: Capture, fd: int) -> None:
+        """Stop moving *run*'s bytes (after the move under way, if any)."""
+        with self._lock:
+            if self._runs.get(fd) is run:
+                del self._runs[fd]
+                self._epoll.unregister(fd)
 
     def _serve(self) -> None:
         while True:
-            self._runs.get()()
+            try:
+                events = self._epoll.poll()
+            except InterruptedError:
+                continue
+            for fd, mask in events:
+                with self._lock:
+                    run = self._runs.get(fd)  # None: taken back since (the fd may be another run's by now)
+                    if run is None:
+                        continue
+                    eof = run.take()
+                    if eof or (mask & (select.EPOLLHUP | select.EPOLLERR) and not _pending(fd)):
+                        # Every writer is gone (the handler closed fds 1 and 2): nothing
+                        # more comes, and a level-triggered hang-up would wake us forever.
+                        del self._runs[fd]
+                        self._epoll.unregister(fd)
 
 
 _mover: _Mover | None = None
@@ -333,6 +361,18 @@ def _copy(src: int, dst: int, offset: int, length: int) -> None:
             return
         offset += n
         length -= n
+
+
+def _above_std(fd: int) -> int:
+    """*fd*, or a copy of it numbered 3 or more if it is 0, 1 or 2: a
+    handler that closed its fds 1 and 2 would get the capture's files back
+    as them (and the run's end puts the saved ones over them)."""
+    if fd > 2:
+        return fd
+    try:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    finally:
+        os.close(fd)
 
 
 def _pending(fd: int) -> int:
