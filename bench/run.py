@@ -263,20 +263,24 @@ PARTS = ("fscost", "lifecycle", "lifecycle-tmpfs", "syscalls", "e2e", "wakeup", 
 
 
 def measured_at() -> str:
-    """The commit(s) the parts' JSON were measured at, oldest first: each part
-    ran the working tree as it was when the part started."""
-    metas = sorted((d["meta"] for d in (common.read_json(f"{p}.json") for p in PARTS) if d),
-                   key=lambda m: m["date"])
-    if not metas:
+    """The commit the parts' JSON were measured at (each part ran the working
+    tree as it was when it started), and the parts measured at another one
+    (e.g. a part a default run skips, left from an earlier ``--full`` run)."""
+    found = [(p, d["meta"]) for p, d in ((p, common.read_json(f"{p}.json")) for p in PARTS) if d]
+    if not found:
         return "no results"
-    revs = list(dict.fromkeys(m.get("git_rev") for m in metas))
-    dirty = sorted({f for m in metas for f in m.get("dirty") or []})
-    text = f"git {revs[0]}" if len(revs) == 1 else (
-        f"git {revs[0]} to {revs[-1]} (others committed to spoolq during the run; each part ran the "
-        f"working tree as it was when the part started)")
+    latest = max(m["date"] for _, m in found)
+    rev = next(m.get("git_rev") for _, m in found if m["date"] == latest)
+    text = f"git {rev}"
+    older = [f"{p} at {m.get('git_rev')}, {m['date'][:16].replace('T', ' ')} UTC"
+             for p, m in found if m.get("git_rev") != rev]
+    if older:
+        text += f" (except {'; '.join(older)})"
+    dirty = sorted({f for _, m in found for f in m.get("dirty") or []})
     if dirty:
         text += f", with uncommitted changes to {', '.join(dirty)}"
-    return text + f", {metas[0]['date'][:16].replace('T', ' ')} UTC"
+    first = min(m["date"] for _, m in found if m.get("git_rev") == rev)
+    return text + f", {first[:16].replace('T', ' ')} UTC"
 
 
 def targets_table() -> str:
