@@ -136,10 +136,23 @@ def _source(frame: str) -> str:
         return ""
 
 
+# Waits for work that py-spy still samples as non-idle (a thread blocked in
+# these calls was seen to make no syscall for hundreds of tasks): the main
+# loop's select, a slot's read of its command pipe, the sleeps of a slot's
+# output and deadline threads. Left out of "busy" (counted as "waiting").
+_WAIT_LINES = ("select.select(", "reader.read(", "self._epoll.poll(")
+_WAIT_FUNCS = ("Condition.wait (threading.py)", "Event.wait (threading.py)")
+
+
+def _is_wait(frame: str) -> bool:
+    return _func(frame) in _WAIT_FUNCS or any(w in _source(frame) for w in _WAIT_LINES)
+
+
 def analyse_pyspy(path: str, n: int, rate: int) -> dict:
     self_line = {"main": collections.Counter(), "slot": collections.Counter()}
     incl = {"main": collections.Counter(), "slot": collections.Counter()}
     total = collections.Counter()
+    waiting = collections.Counter()
     with open(path) as f:
         for line in f:
             stack, _, count = line.rstrip("\n").rpartition(" ")
@@ -148,6 +161,9 @@ def analyse_pyspy(path: str, n: int, rate: int) -> dict:
             procs = [x for x in frames if x.startswith("process ")]
             frames = [x for x in frames if not x.startswith("process ")]
             role = "main" if len(procs) <= 1 else "slot"
+            if frames and _is_wait(frames[-1]):
+                waiting[role] += count
+                continue
             total[role] += count
             if frames:
                 self_line[role][frames[-1]] += count
@@ -155,7 +171,8 @@ def analyse_pyspy(path: str, n: int, rate: int) -> dict:
                     incl[role][fr] += count
     ms = 1000.0 / rate / n  # one sample, in ms per task
 
-    out = {"samples": dict(total), "ms_per_task": {r: round(c * ms, 3) for r, c in total.items()}}
+    out = {"samples": dict(total), "ms_per_task": {r: round(c * ms, 3) for r, c in total.items()},
+           "waiting_ms_per_task": {r: round(c * ms, 3) for r, c in waiting.items()}}
     for role in ("main", "slot"):
         tot = max(1, total[role])
         out[f"{role}_self"] = [[fr, _source(fr), round(c * ms, 3), round(100.0 * c / tot, 1)]
@@ -233,12 +250,15 @@ def report(data) -> str:
              f"load average {m['load1_before']:.1f} on {m['cpus']} CPUs."]
     p = data.get("pyspy")
     if p and "samples" in p:
-        busy = p["ms_per_task"]
+        busy, waited = p["ms_per_task"], p.get("waiting_ms_per_task", {})
         parts.append(
             f"**py-spy** ({p['rate']} Hz, non-idle samples only: on a CPU or runnable, or in a syscall "
             f"that is not a wait; the drain took {p['drain_s']:.2f} s = {p['drain_s'] / m['n'] * 1e3:.1f} ms "
             f"per task of wall time). Busy time per task: daemon main process {busy.get('main', 0):.2f} ms, "
-            f"slots {busy.get('slot', 0):.2f} ms (both slots together).")
+            f"slots {busy.get('slot', 0):.2f} ms (both slots together). Left out: samples in a wait for work "
+            f"that py-spy still counts as non-idle (the main loop's `select`, a slot's read of its command "
+            f"pipe, the sleeps of a slot's output and deadline threads): "
+            f"{waited.get('main', 0):.2f} ms a task in the main process, {waited.get('slot', 0):.2f} in the slots.")
         for role, title in (("main", "Daemon main process"), ("slot", "Handler slots")):
             rows = [[f"`{fr}`", f"`{src}`" if src else "", f"{msv:.3f}", f"{pct:.1f}%"]
                     for fr, src, msv, pct in p[f"{role}_self"][:10]]
@@ -281,20 +301,29 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--skip", default="", help="comma list: pyspy, strace")
     ap.add_argument("--no-md", action="store_true", help="do not write bench/profile.md")
+    ap.add_argument("--reanalyse", action="store_true",
+                    help="no run: analyse the py-spy stacks kept in bench/results again, into profile.json/.md")
     common.add_base_dir_arg(ap)
     a = ap.parse_args(argv)
     skip = set(a.skip.split(","))
     os.makedirs(common.RESULTS_DIR, exist_ok=True)
     load = os.getloadavg()[0]
     data = {}
-    if "pyspy" not in skip:
+    if a.reanalyse:
+        data = common.read_json("profile.json")
+        if not data or "samples" not in data.get("pyspy", {}):
+            ap.error("no earlier py-spy run in bench/results to analyse")
+        data["pyspy"].update(analyse_pyspy(RAW, data["meta"]["n"], data["pyspy"]["rate"]))
+        skip = {"pyspy", "strace"}
+    elif "pyspy" not in skip:
         if shutil.which("py-spy"):
             data["pyspy"] = run_pyspy(a)
         else:
             data["pyspy"] = {"skipped": "py-spy not found (pip install py-spy)"}
     if "strace" not in skip:
         data["strace"] = run_strace(a)
-    data["meta"] = common.meta(a.dir, n=a.n, concurrency=a.concurrency, load1_before=load)
+    if not a.reanalyse:
+        data["meta"] = common.meta(a.dir, n=a.n, concurrency=a.concurrency, load1_before=load)
     text = report(data)
     print(text)
     common.write_json("profile.json", data)

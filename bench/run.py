@@ -17,6 +17,7 @@ A part that fails is reported and the others still run; exit status 1 then.
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import subprocess
 import sys
@@ -269,8 +270,9 @@ def measured_at() -> str:
     found = [(p, d["meta"]) for p, d in ((p, common.read_json(f"{p}.json")) for p in PARTS) if d]
     if not found:
         return "no results"
-    latest = max(m["date"] for _, m in found)
-    rev = next(m.get("git_rev") for _, m in found if m["date"] == latest)
+    # The commit most parts ran at (of two as common, the later one).
+    counts = collections.Counter(m.get("git_rev") for _, m in found)
+    rev = max(found, key=lambda pm: (counts[pm[1].get("git_rev")], pm[1]["date"]))[1].get("git_rev")
     text = f"git {rev}"
     older = [f"{p} at {m.get('git_rev')}, {m['date'][:16].replace('T', ' ')} UTC"
              for p, m in found if m.get("git_rev") != rev]
