@@ -100,7 +100,7 @@ CAUSES = {
     "lifecycle-huey": (
         "spoolq's own work and this disk's file costs together. Without the disk (tmpfs) spoolq is "
         "{sq_huey_tmpfs} huey FileStorage ({sc_spoolq} syscalls a task against {sc_huey}); on this disk spoolq "
-        "creates {sq_inodes} inodes and renames {sq_renames} times a task (3 of them status.json rewrites "
+        "creates {sq_inodes} inodes and renames {sq_renames} times a task (2 of them status.json rewrites "
         "replacing a file a rename put in place), huey about 3 inodes and renames only to new names (fscost: an inode {inode}, such "
         "a replace {replace}). The floor (spoolq's layout with plain os calls) is {floor_huey} huey "
         "FileStorage in this run"),

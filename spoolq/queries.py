@@ -25,11 +25,11 @@ from .errors import CorruptTask, NoResponse, SpoolqError, TaskNotFound
 from .lifecycle import PLACE_OF, PLACE_ORDER, Place, State
 from .names import split_task_name, task_name
 from .store import codec, fsutil, queue
-from .store.codec import LOG, RESPONSE, LogRecord
+from .store.codec import LOG, RESPONSE, RESPONSE_MIME_ATTRIBUTE, LogRecord
 from .store.layout import Layout
 from .store.output import compose, read_progress
 from .store.registry import TypeRegistry
-from .store.taskdir import UNLIMITED, open_task_dir, read_status, read_status_and_claim
+from .store.taskdir import UNLIMITED, open_task_dir, read_status, read_status_and_claim, response_mime
 
 # How often `wait_for` re-reads the status even without a file event: a
 # safety net for a missed event, not the mechanism.
@@ -181,15 +181,6 @@ class Queries:
                 os.close(dfd)
         raise TaskNotFound(type_name, task_id)  # pragma: no cover
 
-    def _read_file(self, type_name: str, task_id: str, filename: str) -> bytes:
-        """Content of one file of the task; FileNotFoundError if it has none."""
-        for _path, dfd in self._open(type_name, task_id):
-            try:
-                return fsutil.read_file(dfd, filename, limit=UNLIMITED)
-            finally:
-                os.close(dfd)
-        raise TaskNotFound(type_name, task_id)  # pragma: no cover
-
     def log_records(self, type_name: str, task_id: str) -> list[LogRecord]:
         """The task's log, oldest first. A torn last line (a crash in the
         middle of an append) is ignored. A claim made by its move alone
@@ -212,13 +203,22 @@ class Queries:
         raise TaskNotFound(type_name, task_id)  # pragma: no cover - _open raises first
 
     def response(self, type_name: str, task_id: str) -> tuple[bytes, str]:
-        """(data, MIME type) of the stored response; raises NoResponse."""
-        try:
-            data = self._read_file(type_name, task_id, RESPONSE)
-        except FileNotFoundError:
-            raise NoResponse(type_name, task_id) from None
-        mime = self.status(type_name, task_id).doc.get("response_mime")
-        return data, mime or "application/octet-stream"
+        """(data, MIME type) of the stored response; raises NoResponse. The
+        type is read with the data, from the same file (an attribute of it);
+        a response stored where the filesystem keeps no attributes has its
+        type in the status."""
+        for path, dfd in self._open(type_name, task_id):
+            try:
+                data, attribute = fsutil.read_with_attribute(dfd, RESPONSE, RESPONSE_MIME_ATTRIBUTE, limit=UNLIMITED)
+                if attribute is not None:
+                    return data, attribute.decode("utf-8", "replace")
+                mime = read_status(dfd, path, claimed_in=self.layout.server_of_path(path)).get("response_mime")
+                return data, mime or "application/octet-stream"
+            except FileNotFoundError:
+                raise NoResponse(type_name, task_id) from None
+            finally:
+                os.close(dfd)
+        raise TaskNotFound(type_name, task_id)  # pragma: no cover - _open raises first
 
     # ------------------------------------------------------------------ listings
 
@@ -379,7 +379,14 @@ def _info(type_name: str, task_id: str, path: str, dfd: int, layout: Layout) -> 
     """The status of the task open as *dfd*, with its progress (a claim made
     by its move alone read as recorded)."""
     doc = read_status(dfd, path, claimed_in=layout.server_of_path(path))
-    return TaskInfo(type_name, task_id, codec.state_of(doc), path, doc, read_progress(dfd))
+    state = codec.state_of(doc)
+    if not state.terminal:
+        # A response stored during the run keeps its type with it until
+        # the final status copies it (Spool.store_response).
+        mime = response_mime(dfd)
+        if mime is not None:
+            doc["response_mime"] = mime
+    return TaskInfo(type_name, task_id, state, path, doc, read_progress(dfd))
 
 
 def format_log(records: list[LogRecord]) -> list[str]:

@@ -73,7 +73,7 @@ from .store.queue import WaitingIndex
 from .store.registry import DEFAULT_MAX_RESTARTS, DEFAULT_RETENTION, DEFAULT_TIMEOUT, TaskType, TypeRegistry
 from .store.servers import ServerLocks
 from .store.slots import TypeSlots
-from .store.taskdir import LockBusy, Moved, TaskDir, peek_status, read_status, run_alive, run_lock_holders
+from .store.taskdir import LockBusy, Moved, TaskDir, peek_status, read_status, response_mime, run_alive, run_lock_holders
 from .store.taskdir import hold_run_lock as hold_run_lock_fd
 
 log = logging.getLogger("spoolq.spool")
@@ -105,6 +105,14 @@ class SweepAction:
     id: str
     action: Action
     reason: str
+
+
+def _final_fields(task: TaskDir) -> dict[str, Any]:
+    """What a final status copies from the task's files: the MIME type kept
+    with its response (the status is not rewritten when a response is
+    stored), so ``status.json`` says it once the task is final."""
+    mime = response_mime(task.fd)
+    return {} if mime is None else {"response_mime": mime}
 
 
 def _remove(path: str) -> None:
@@ -695,9 +703,10 @@ class Spool:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise InvalidInput(f"a response must be bytes or str, not {type(data).__name__}")
         with self._claimed(claim, HELD_STATES) as task:
-            task.replace_file(RESPONSE, bytes(data))
+            typed = task.store_response(bytes(data), str(mime_type))
             crashpoint("response.stored")
-            task.write(task.state, task.doc.get("message", ""), record=False, response_mime=str(mime_type))
+            if not typed:  # no extended attributes here, or the claim's first write: the status says it
+                task.write(task.state, task.doc.get("message", ""), record=False, response_mime=str(mime_type))
 
     def store_progress(self, claim: Claim | str, doc: dict[str, Any]) -> None:
         """Replace the task's ``progress`` (contract §12.3) through its claim:
@@ -743,7 +752,7 @@ class Spool:
 
     def _finish_locked(self, task: TaskDir, state: State, message: str, **changes: Any) -> None:
         now = self.clock()
-        task.write(state, message, finished_at=codec.iso(now), **changes)
+        task.write(state, message, finished_at=codec.iso(now), **_final_fields(task), **changes)
         crashpoint("finish.status_written")
         task.move(self._path(Place.DONE, task.name), mtime_ns=int(now * 1e9))
         crashpoint("finish.moved")
@@ -877,7 +886,8 @@ class Spool:
         the move leaves a FAILED task where it was; whoever meets it next
         completes the move: a claim, the sweep, fsck.)"""
         now = self.clock()
-        task.write(State.FAILED, f"cancelled: {reason}", finished_at=codec.iso(now), cancelled=True)
+        task.write(State.FAILED, f"cancelled: {reason}", finished_at=codec.iso(now), cancelled=True,
+                   **_final_fields(task))
         crashpoint("cancel.unstarted")
         dest = self._path(Place.DONE, task.name)
         try:

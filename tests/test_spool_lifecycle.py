@@ -326,6 +326,58 @@ def test_store_response_adds_no_record_and_replaces_data_and_mime(spool: Spool) 
     assert spool.response("T", "a") == ("grüße".encode(), "text/plain")
 
 
+def test_a_response_carries_its_mime_type_and_the_final_status_copies_it(spool: Spool) -> None:
+    """The MIME type is an attribute of the response file, published with
+    it by one rename (no status rewrite a response): every reader sees the
+    pair, in this process and in another, while the task runs and once it
+    is final; the final status.json says it; a requeue forgets both."""
+    claim = run_to_running(spool)
+    status_before = Path(spool.locate("T", "a"), "status.json").read_bytes()
+    spool.store_response(claim, b"{}", "application/json")
+    path = Path(spool.locate("T", "a"))
+    assert (path / "status.json").read_bytes() == status_before  # not rewritten
+    assert os.getxattr(path / "response", "user.spoolq.response_mime") == b"application/json"
+    assert spool.response("T", "a") == (b"{}", "application/json")
+    assert spool.status("T", "a").doc["response_mime"] == "application/json"
+    other = Spool(spool.root)  # another reader: nothing remembered
+    assert other.response("T", "a") == (b"{}", "application/json")
+    assert other.status("T", "a").doc["response_mime"] == "application/json"
+    spool.set_state(claim, State.FAILED, "no")
+    assert stored(spool, "T", "a")["response_mime"] == "application/json"  # what cat shows, once final
+    assert other.status("T", "a").doc["response_mime"] == "application/json"
+    spool.requeue("T", "a")
+    assert stored(spool, "T", "a")["response_mime"] is None
+    with pytest.raises(NoResponse):
+        spool.response("T", "a")
+
+
+def test_without_extended_attributes_the_status_keeps_the_response_type(spool: Spool) -> None:
+    """A filesystem that keeps no user attributes (the attribute's write
+    fails: injected with SPOOLQ_FAIL_AT in a process of its own): the
+    response is stored all the same and its type goes into the status, as
+    before attributes were used."""
+    import subprocess
+    import sys
+
+    claim = run_to_running(spool)
+    code = (
+        "import sys; from spoolq import Spool; "
+        "Spool(sys.argv[1]).store_response(sys.argv[2], b'<r/>', 'text/html')"
+    )
+    env = {**os.environ, "SPOOLQ_FAIL_AT": "file.attribute"}
+    done = subprocess.run([sys.executable, "-c", code, spool.root, str(claim)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    path = Path(spool.locate("T", "a"))
+    with pytest.raises(OSError):
+        os.getxattr(path / "response", "user.spoolq.response_mime")
+    assert stored(spool, "T", "a")["response_mime"] == "text/html"
+    assert spool.response("T", "a") == (b"<r/>", "text/html")
+    spool.set_state(claim, State.FINISHED)
+    assert stored(spool, "T", "a")["response_mime"] == "text/html"
+    assert spool.response("T", "a") == (b"<r/>", "text/html")
+
+
 def test_log_messages_round_trip_with_newlines_and_tabs(spool: Spool) -> None:
     claim = run_to_running(spool)
     text = "line one\nline\ttwo \\ back"

@@ -26,6 +26,9 @@ from ..lifecycle import State
 STATUS = "status.json"
 LOG = "log"
 RESPONSE = "response"
+# The response's MIME type, an extended attribute of the response file
+# itself: bytes and type are published by one rename (docs/design.md §6).
+RESPONSE_MIME_ATTRIBUTE = "user.spoolq.response_mime"
 INPUT_PICKLE = "input.pkl"
 INPUT_JSON = "input.json"
 INPUT_NAMES = (INPUT_PICKLE, INPUT_JSON)

@@ -148,13 +148,19 @@ def rename_noreplace(src: str, dst: str) -> None:
     os.rename(src, dst)
 
 
-def write_new(dir_fd: int, name: str, data: bytes, *, sync: bool) -> None:
+def write_new(dir_fd: int, name: str, data: bytes, *, sync: bool,
+              attribute: tuple[str, bytes] | None = None) -> bool:
     """Create file *name* in *dir_fd* (it must not exist) holding *data*.
 
     With *sync*, the data is fsynced before returning; the directory entry is
     the caller's to sync (one directory fsync covers several new files).
+    With *attribute* (an extended attribute's name and value), it is set
+    before the fsync, which makes it durable with the data. Returns False
+    if the filesystem would not keep the attribute (the file is written all
+    the same), else True.
     """
     fd = os.open(name, _O_NEW, 0o660, dir_fd=dir_fd)
+    kept = True
     try:
         if _GROUP_MASKED:
             # Just created by this process, 0660 less the umask: no need
@@ -162,31 +168,65 @@ def write_new(dir_fd: int, name: str, data: bytes, *, sync: bool) -> None:
             os.fchmod(fd, 0o660)
         _write_all(fd, data)
         crashpoint("file.written")  # written, not yet fsynced
+        if attribute is not None:
+            try:
+                crashpoint("file.attribute")
+                os.setxattr(fd, attribute[0], attribute[1])
+            except OSError:  # ENOTSUP (no user attributes here), EDQUOT, EIO: the caller's fallback
+                kept = False
         if sync:
             os.fsync(fd)
     finally:
         os.close(fd)
+    return kept
 
 
-def replace_file(dir_fd: int, name: str, data: bytes, *, sync: bool) -> None:
+def attribute_of(dir_fd: int, name: str, attribute: str) -> bytes | None:
+    """Extended attribute *attribute* of file *name* in *dir_fd* (never
+    through a symlink); None if the file or the attribute is not there."""
+    try:
+        fd = os.open(name, _O_READ, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        return read_attribute(fd, attribute)
+    finally:
+        os.close(fd)
+
+
+def read_attribute(fd: int, name: str) -> bytes | None:
+    """Extended attribute *name* of open file *fd*; None if it has none (or
+    the filesystem keeps none)."""
+    try:
+        return os.getxattr(fd, name)
+    except OSError:
+        return None
+
+
+def replace_file(dir_fd: int, name: str, data: bytes, *, sync: bool,
+                 attribute: tuple[str, bytes] | None = None) -> bool:
     """Replace file *name* in *dir_fd* atomically (tmp + fsync + rename).
 
-    Readers see the old or the new content, never a torn file. The rename is
-    made durable by the caller's fsync of the directory.
+    Readers see the old or the new content, never a torn file; an
+    *attribute* set on the new file is published with it (what
+    :func:`write_new` returns). The rename is made durable by the caller's
+    fsync of the directory.
     """
     tmp = name + ".tmp"
-    write_new_replacing(dir_fd, tmp, data, sync=sync)
+    kept = write_new_replacing(dir_fd, tmp, data, sync=sync, attribute=attribute)
     os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    return kept
 
 
-def write_new_replacing(dir_fd: int, name: str, data: bytes, *, sync: bool) -> None:
+def write_new_replacing(dir_fd: int, name: str, data: bytes, *, sync: bool,
+                        attribute: tuple[str, bytes] | None = None) -> bool:
     """Like :func:`write_new`, removing a leftover *name* from a crash
     first (only when there is one: the exclusive create says so)."""
     try:
-        write_new(dir_fd, name, data, sync=sync)
+        return write_new(dir_fd, name, data, sync=sync, attribute=attribute)
     except FileExistsError:
         os.unlink(name, dir_fd=dir_fd)
-        write_new(dir_fd, name, data, sync=sync)
+        return write_new(dir_fd, name, data, sync=sync, attribute=attribute)
 
 
 def append(dir_fd: int, name: str, data: bytes, *, sync: bool) -> None:
@@ -208,20 +248,36 @@ def read_file(dir_fd: int | None, name: str, *, limit: int = READ_LIMIT) -> byte
     anything over *limit* bytes (EFBIG)."""
     fd = os.open(name, _O_READ, dir_fd=dir_fd)
     try:
-        size = _check_regular(fd, name)
-        if size <= limit:
-            # One read for the common case: as many bytes as fstat said,
-            # asked one more, means the whole file (a file that grew or
-            # shrank meanwhile is read on to its end as below).
-            first = os.read(fd, size + 1)
-            if len(first) == size:
-                return first
-            if len(first) > limit:
-                raise OSError(errno.EFBIG, f"more than {limit} bytes", name)
-            return first + read_limited(fd, limit - len(first), name)
-        return read_limited(fd, limit, name)
+        return _read_open(fd, name, limit)
     finally:
         os.close(fd)
+
+
+def read_with_attribute(dir_fd: int, name: str, attribute: str, *,
+                        limit: int = READ_LIMIT) -> tuple[bytes, bytes | None]:
+    """What :func:`read_file` reads, and the file's extended attribute
+    *attribute* (None if it has none), through one open: a file and an
+    attribute replaced together are read together."""
+    fd = os.open(name, _O_READ, dir_fd=dir_fd)
+    try:
+        return _read_open(fd, name, limit), read_attribute(fd, attribute)
+    finally:
+        os.close(fd)
+
+
+def _read_open(fd: int, name: str, limit: int) -> bytes:
+    size = _check_regular(fd, name)
+    if size <= limit:
+        # One read for the common case: as many bytes as fstat said,
+        # asked one more, means the whole file (a file that grew or
+        # shrank meanwhile is read on to its end as below).
+        first = os.read(fd, size + 1)
+        if len(first) == size:
+            return first
+        if len(first) > limit:
+            raise OSError(errno.EFBIG, f"more than {limit} bytes", name)
+        return first + read_limited(fd, limit - len(first), name)
+    return read_limited(fd, limit, name)
 
 
 def read_limited(fd: int, limit: int, name: str = "input") -> bytes:

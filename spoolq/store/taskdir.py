@@ -35,7 +35,7 @@ from ..errors import CorruptTask
 from ..faults import crashpoint
 from ..lifecycle import Place, State, as_claimed, claimed_by_move
 from . import codec, fsutil
-from .codec import LOG, STATUS
+from .codec import LOG, RESPONSE, RESPONSE_MIME_ATTRIBUTE, STATUS
 
 UNLIMITED = 1 << 62  # logs and responses have no size limit of their own
 
@@ -166,6 +166,14 @@ def peek_status(path: str, *, claimed_in: str | None = None) -> dict[str, Any]:
         return read_status(dfd, path, claimed_in=claimed_in)
     finally:
         os.close(dfd)
+
+
+def response_mime(dfd: int) -> str | None:
+    """The MIME type stored with the response of the task open as *dfd*;
+    None if it has no response, or one stored where the filesystem keeps no
+    extended attributes (its type is then in the status)."""
+    value = fsutil.attribute_of(dfd, RESPONSE, RESPONSE_MIME_ATTRIBUTE)
+    return None if value is None else value.decode("utf-8", "replace")
 
 
 def open_task_dir(path: str) -> int:
@@ -375,6 +383,26 @@ class TaskDir:
     def replace_file(self, filename: str, data: bytes) -> None:
         """Replace one of the task's files atomically (tmp + rename)."""
         fsutil.replace_file(self.fd, filename, data, sync=self.durable)
+
+    def store_response(self, data: bytes, mime_type: str) -> bool:
+        """Replace ``response`` atomically, its MIME type an extended
+        attribute of the new file: one rename publishes both, and the status
+        is not rewritten (a final status copies the type: :func:`response_mime`).
+        Durable: the claim's move first (if not yet), the file with its
+        attribute fsynced before the rename, the directory after it. False
+        if the filesystem keeps no such attribute: the response is stored,
+        and the caller writes its type into the status instead (whose write
+        then makes the rename durable). False too through a claim not
+        recorded yet: the first write through a claim records it, and this
+        one writes no status."""
+        self._claim_move_durable()
+        typed = fsutil.replace_file(self.fd, RESPONSE, data, sync=self.durable,
+                                    attribute=(RESPONSE_MIME_ATTRIBUTE, mime_type.encode("utf-8", "replace")))
+        if not typed or self.unrecorded_claim is not None:
+            return False
+        if self.durable:
+            os.fsync(self.fd)
+        return True
 
     def move(self, dest: str, *, mtime_ns: int | None = None) -> None:
         """Rename the locked directory to *dest* and make the move durable
