@@ -140,6 +140,8 @@ def change_process(ts, inp):
     if what == "streams":
         sys.stdout.close()
         sys.stderr.close()
+    elif what == "fd 0":
+        os.close(0)  # its number goes to the next file the process opens
     elif what == "environment":
         os.environ.clear()
     elif what == "umask":
@@ -171,6 +173,9 @@ def check_process(ts, inp):
     _note(inp, "check")
     print("stdout works", flush=True)
     assert os.environ.get("PATH"), "the environment is gone"
+    if inp.get("stdin"):
+        st = os.fstat(0)
+        assert [st.st_dev, st.st_ino] == inp["stdin"], "fd 0 is not what the process was born with"
     mask = os.umask(0o022)
     os.umask(mask)
     assert mask == inp["umask"], oct(mask)

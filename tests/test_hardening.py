@@ -406,9 +406,19 @@ def test_an_exception_whose_str_raises_keeps_its_traceback_and_the_slot(env):
     assert len(pids) == 1, "the handler process survived the first task"
 
 
-CHANGES = ["streams", "environment", "umask", "working directory", "signal handlers", "timers", "logging",
+CHANGES = ["streams", "fd 0", "environment", "umask", "working directory", "signal handlers", "timers", "logging",
            "niceness", "resource limits"] + (["user ids"] if os.geteuid() == 0 else [])
 RETIRING = {"resource limits": "resource limits", "user ids": "user or group ids"}  # cannot be put back
+
+
+def _stdin_identity() -> list[int] | None:
+    """What fd 0 of this process is open on (the worker and its handler
+    processes inherit it); None if it is closed."""
+    try:
+        st = os.fstat(0)
+    except OSError:
+        return None
+    return [st.st_dev, st.st_ino]
 
 
 def test_what_a_handler_changes_in_its_process_never_reaches_the_next_task(env):
@@ -423,7 +433,7 @@ def test_what_a_handler_changes_in_its_process_never_reaches_the_next_task(env):
     mask = os.umask(0o022)
     os.umask(mask)
     fresh = {"record": str(rec), "umask": mask, "cwd": os.getcwd(), "nice": os.getpriority(os.PRIO_PROCESS, 0),
-             "core": list(resource.getrlimit(resource.RLIMIT_CORE)), "seconds": 0}
+             "core": list(resource.getrlimit(resource.RLIMIT_CORE)), "seconds": 0, "stdin": _stdin_identity()}
     for what in CHANGES:
         spool.enqueue("Change", what.replace(" ", "-"), {"what": what})
         # (1.2 s: a pending alarm of 1 s would go off during the check)

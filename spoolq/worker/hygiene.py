@@ -12,7 +12,8 @@ each run, compares and puts back (:meth:`ProcessState.restore`):
 
 * the standard streams (``sys.stdin``, ``sys.stdout``, ``sys.stderr``),
   replaced or closed: opened afresh on fds 0, 1 and 2 (and so are the
-  logging handlers that wrote to a closed one);
+  logging handlers that wrote to a closed one); fd 0 itself, closed or
+  replaced (fds 1 and 2 the output capture puts back after each run);
 * the environment, the umask, the working directory;
 * the dispositions of the signals a slot relies on, the signal mask, and
   the interval timers (``alarm``, ``setitimer``), cancelled;
@@ -26,7 +27,7 @@ each run, compares and puts back (:meth:`ProcessState.restore`):
   spool). (A task of a type with limits
   retires its slot anyway: :mod:`.limits`.)
 
-Cost per task: a handful of system calls (the umask, the working
+Cost per task: a handful of system calls (fd 0, the umask, the working
 directory, three timers, the signal mask, the niceness, one ``getrlimit``
 per limit) and some comparisons: 27 us with a service's environment of 6
 variables, 60-70 us with 38 (comparing ``os.environ`` decodes each
@@ -41,6 +42,7 @@ own to close).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import logging
 import os
@@ -91,6 +93,8 @@ class ProcessState:
 
     def __init__(self) -> None:
         self.streams: dict[str, TextIO | None] = {}
+        self.stdin: tuple[int, int] | None = None  # what fd 0 is (None: it was closed)
+        self.stdin_copy = -1  # a copy of it, to put back on fd 0
         self.environ: dict[str, str] = {}
         self.umask = 0o022
         self.cwd = ""
@@ -111,6 +115,9 @@ class ProcessState:
         """The state of this process now (a slot, before its first task)."""
         state = cls()
         state.streams = {name: getattr(sys, name) for name, _, _ in _STREAMS}
+        state.stdin = _identity(0)
+        if state.stdin is not None:
+            state.stdin_copy = fcntl.fcntl(0, fcntl.F_DUPFD_CLOEXEC, 3)
         state.environ = dict(os.environ)
         state.umask = os.umask(0o022)
         os.umask(state.umask)
@@ -171,6 +178,12 @@ class ProcessState:
         return done
 
     def _streams(self, done: Restored) -> None:
+        # fd 0 itself (fds 1 and 2 are the capture's to put back): closed,
+        # its number would go to the next file this process opens, and the
+        # next handler's stdin would be that file.
+        if self.stdin_copy >= 0 and _identity(0) != self.stdin:
+            os.dup2(self.stdin_copy, 0, inheritable=True)
+            done.note("fd 0")
         for name, fd, mode in _STREAMS:
             born = self.streams.get(name)
             now = getattr(sys, name)
@@ -251,6 +264,15 @@ class ProcessState:
                 done.note("resource limits")
             except (OSError, ValueError):
                 done.note("resource limits", put_back=False)
+
+
+def _identity(fd: int) -> tuple[int, int] | None:
+    """(device, inode) of what *fd* is open on; None if it is closed."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _ids() -> tuple[Any, ...]:
