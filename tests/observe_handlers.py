@@ -88,3 +88,16 @@ def noisy_first_run(ts, inp):
         ts.progress(1, 2, "first run")
         time.sleep(1000)
     print("second run", flush=True)
+
+
+def leave_a_printer(ts, inp):
+    """Print a line, leave behind a process (in a session of its own) that
+    prints without end to the inherited fds 1 and 2, and return at once."""
+    print("before", flush=True)
+    subprocess.Popen([sys.executable, "-c", "import sys\nwhile True: sys.stdout.write('leftover\\n')"],
+                     start_new_session=True)
+
+
+def say(ts, inp):
+    """Print inp["text"]."""
+    print(inp["text"], flush=True)

@@ -145,6 +145,41 @@ def test_output_within_the_cap_is_whole_and_json_has_its_fields(env):
     assert types[0]["max_output_bytes"] == 1 << 20
 
 
+def test_a_leftover_that_prints_without_end_neither_holds_the_run_nor_reaches_the_next_task(env):
+    """A handler returns and leaves a process printing to its fds 1 and 2
+    for ever: the run still ends (the capture takes what the pipe holds, at
+    most twice its size, then closes it: the leftover gets EPIPE and the
+    runner kills it), the output stays within its cap, and the next task
+    run by the same process gets only its own output."""
+    cap = 64 << 10
+    register(env, "L", "leave_a_printer", max_output_bytes=cap)
+    register(env, "S", "say")
+    env.spool.enqueue_json("L", "leaves", {})
+    env.spool.enqueue_json("S", "next", {"text": "only mine"})
+    env.worker(concurrency=1)
+    assert env.final("L", "leaves") == State.FINISHED
+    assert env.final("S", "next") == State.FINISHED
+    out = env.spool.queries.output("L", "leaves")
+    assert out.startswith(b"before\n") and len(out) <= cap + len(marker(1 << 40)), len(out)
+    assert env.spool.queries.output("S", "next") == b"only mine\n"
+    wait_until(lambda: not _leftover_printers(), what="the leftover printer to be gone")
+
+
+def _leftover_printers() -> list[int]:
+    """Processes whose command line is the leftover printer's (it left the
+    handler's session, so it is looked for by its command line)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"sys.stdout.write('leftover" in cmd:
+                found.append(int(entry))
+    return found
+
+
 def test_a_task_without_output_prints_nothing(env):
     register(env, "P", "printer")
     env.spool.enqueue_json("P", "waiting", {"mib": 0})
