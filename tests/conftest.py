@@ -45,6 +45,20 @@ class FakeClock:
         return self.now
 
 
+def pids_with_cmdline(*needles: bytes) -> set[int]:
+    """Live processes whose command line holds every one of *needles*."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if all(needle in cmdline for needle in needles):
+                found.add(int(entry))
+    return found
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
     """Poll *predicate* until it returns something truthy; fail after
     *timeout* seconds. Returns the truthy value."""

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import wait_until
+from conftest import pids_with_cmdline, wait_until
 
 from spoolq import Spool, State
 from spoolq.store.output import marker
@@ -162,22 +162,8 @@ def test_a_leftover_that_prints_without_end_neither_holds_the_run_nor_reaches_th
     out = env.spool.queries.output("L", "leaves")
     assert out.startswith(b"before\n") and len(out) <= cap + len(marker(1 << 40)), len(out)
     assert env.spool.queries.output("S", "next") == b"only mine\n"
-    wait_until(lambda: not _leftover_printers(), what="the leftover printer to be gone")
-
-
-def _leftover_printers() -> list[int]:
-    """Processes whose command line is the leftover printer's (it left the
-    handler's session, so it is looked for by its command line)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"sys.stdout.write('leftover" in cmd:
-                found.append(int(entry))
-    return found
+    # (it left the handler's session: looked for by its command line)
+    wait_until(lambda: not pids_with_cmdline(b"sys.stdout.write('leftover"), what="the leftover printer to be gone")
 
 
 def test_a_task_without_output_prints_nothing(env):

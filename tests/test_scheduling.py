@@ -18,6 +18,7 @@ import pytest
 
 from spoolq import Spool, State, sweeps
 from spoolq.errors import InvalidInput, QueueFull, WrongState
+from conftest import pids_with_cmdline
 from test_daemon import Workers, wait_until
 
 HERE = Path(__file__).parent
@@ -262,16 +263,7 @@ def _alive(pid: int) -> bool:
 
 def _slots(root: Path) -> set[int]:
     """The worker's live handler processes (idle ones are fine)."""
-    out = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"worker_runner.py" in cmdline and str(root).encode() in cmdline:
-                out.add(int(entry))
-    return out
+    return pids_with_cmdline(b"worker_runner.py", str(root).encode())
 
 
 def test_requeue_failed_of_a_type(env):
