@@ -694,19 +694,17 @@ class Spool:
         with self._claimed(claim, HELD_STATES) as task:
             task.append_log(self.clock(), task.state, message)
 
-    def store_response(self, claim: Claim | str, data: bytes | str, mime_type: str = "text/xml") -> None:
+    def store_response(self, claim: Claim | str, data: bytes | str, mime_type: str | None = "text/xml") -> None:
         """Store (or replace) the response and its MIME type; a str is stored
-        as UTF-8. Atomic: readers see the old or the new response."""
+        as UTF-8, a MIME type of None is ``text/xml`` (codec.response_of says
+        what is refused). Atomic: readers see the old or the new response."""
         claim = Claim.parse(claim)
-        if isinstance(data, str):
-            data = data.encode("utf-8")
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise InvalidInput(f"a response must be bytes or str, not {type(data).__name__}")
+        data, mime_type = codec.response_of(data, mime_type)
         with self._claimed(claim, HELD_STATES) as task:
-            typed = task.store_response(bytes(data), str(mime_type))
+            typed = task.store_response(data, mime_type)
             crashpoint("response.stored")
             if not typed:  # no extended attributes here, or the claim's first write: the status says it
-                task.write(task.state, task.doc.get("message", ""), record=False, response_mime=str(mime_type))
+                task.write(task.state, task.doc.get("message", ""), record=False, response_mime=mime_type)
 
     def store_progress(self, claim: Claim | str, doc: dict[str, Any]) -> None:
         """Replace the task's ``progress`` (contract §12.3) through its claim:

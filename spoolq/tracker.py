@@ -141,7 +141,7 @@ def stopTaskSuccessIfNotFinished(task_id: str, message: str = "") -> None:
     _get_spool().finish_if_not_finished(task_id, message)
 
 
-def setTaskResponse(task_id: str, response: bytes | str, mimeType: str = "text/xml") -> None:
+def setTaskResponse(task_id: str, response: bytes | str, mimeType: str | None = "text/xml") -> None:
     _get_spool().store_response(task_id, response, mimeType)
 
 

@@ -351,6 +351,26 @@ def test_a_response_carries_its_mime_type_and_the_final_status_copies_it(spool: 
         spool.response("T", "a")
 
 
+def test_a_response_type_must_be_a_short_line_of_text_and_none_means_text_xml(spool: Spool) -> None:
+    """None is ATP's default type; anything that is not 1 to 255 printable
+    characters is refused in one line, and nothing is stored."""
+    from spoolq import InvalidInput
+
+    claim = run_to_running(spool)
+    spool.store_response(claim, b"<r/>", None)
+    assert spool.response("T", "a") == (b"<r/>", "text/xml")
+    path = Path(spool.locate("T", "a"))
+    before = task_files(spool, "T", "a")
+    for bad in ("", "t" * 256, "text/plain\nX-Injected: 1", 5, b"text/plain"):
+        with pytest.raises(InvalidInput) as caught:
+            spool.store_response(claim, b"other", bad)
+        assert "\n" not in str(caught.value), str(caught.value)
+        assert task_files(spool, "T", "a") == before, bad
+    assert not (path / "response.tmp").exists()
+    spool.store_response(claim, b"ok", "t" * 255)
+    assert spool.response("T", "a") == (b"ok", "t" * 255)
+
+
 def test_without_extended_attributes_the_status_keeps_the_response_type(spool: Spool) -> None:
     """A filesystem that keeps no user attributes (the attribute's write
     fails: injected with SPOOLQ_FAIL_AT in a process of its own): the

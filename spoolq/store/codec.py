@@ -29,6 +29,8 @@ RESPONSE = "response"
 # The response's MIME type, an extended attribute of the response file
 # itself: bytes and type are published by one rename (docs/design.md §6).
 RESPONSE_MIME_ATTRIBUTE = "user.spoolq.response_mime"
+DEFAULT_RESPONSE_MIME = "text/xml"  # ATP's
+MIME_MAX = 255  # characters; RFC 6838 allows 127 for each of type and subtype
 INPUT_PICKLE = "input.pkl"
 INPUT_JSON = "input.json"
 INPUT_NAMES = (INPUT_PICKLE, INPUT_JSON)
@@ -62,6 +64,24 @@ def iso(ts: float) -> str:
     if second[0] != sec:
         second = _SECOND = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
     return f"{second[1]}.{us:06d}+00:00"
+
+
+def response_of(data: Any, mime_type: Any) -> tuple[bytes, str]:
+    """A response as it is stored: its bytes (a str in UTF-8) and its MIME
+    type (None: ATP's ``text/xml``). InvalidInput for anything else: data
+    that is neither bytes nor str, a type that is not 1 to MIME_MAX
+    characters of text without control characters."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidInput(f"a response must be bytes or str, not {type(data).__name__}")
+    if mime_type is None:
+        mime_type = DEFAULT_RESPONSE_MIME
+    if not isinstance(mime_type, str):
+        raise InvalidInput(f"a MIME type must be a str, not {type(mime_type).__name__}")
+    if not 0 < len(mime_type) <= MIME_MAX or not mime_type.isprintable():
+        raise InvalidInput(f"a MIME type is 1 to {MIME_MAX} printable characters, not {mime_type[:40]!r}")
+    return bytes(data), mime_type
 
 
 def from_iso(text: str) -> float:

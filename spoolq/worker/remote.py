@@ -54,12 +54,12 @@ import tempfile
 import threading
 from typing import Any
 
-from ..errors import CorruptTask, InvalidInput, SpoolError, StaleClaim
+from ..errors import CorruptTask, SpoolError, StaleClaim
 from ..lifecycle import HELD_STATES, Claim, Outcome, State, sources_of
 from ..queries import TaskInfo
 from ..spool import StartedTask
 from ..store import fsutil
-from ..store.codec import INPUT_JSON
+from ..store.codec import INPUT_JSON, response_of
 from ..store.output import compose
 from ..store.registry import TaskType
 from .hygiene import ProcessState
@@ -170,14 +170,11 @@ class RemoteSpool:
         self._check(claim, HELD_STATES)
         self.report("log", str(message))
 
-    def store_response(self, claim: Claim | str, data: bytes | str, mime_type: str = "text/xml") -> None:
-        if isinstance(data, str):
-            data = data.encode("utf-8")
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise InvalidInput(f"a response must be bytes or str, not {type(data).__name__}")
+    def store_response(self, claim: Claim | str, data: bytes | str, mime_type: str | None = "text/xml") -> None:
+        data, mime_type = response_of(data, mime_type)  # refused here, in the handler's own call
         self._check(claim, HELD_STATES)
-        self.doc["response_mime"] = str(mime_type)
-        self.report("response", bytes(data), str(mime_type))
+        self.doc["response_mime"] = mime_type
+        self.report("response", data, mime_type)
 
     def store_progress(self, claim: Claim | str, doc: dict[str, Any]) -> None:
         """The handler's progress (already coalesced by its TaskContext: at
