@@ -418,6 +418,32 @@ def test_a_handler_that_closes_fds_1_and_2_keeps_its_output_and_spins_nothing(tm
         os.close(dfd)
 
 
+def test_after_an_output_error_a_handler_that_prints_on_is_never_blocked(tmp_path):
+    """The task directory is gone, so the output cannot be kept: from the
+    error on, the run's bytes are read and dropped, so a handler that then
+    prints three times the pipe's buffer does not wait for ever on a full
+    pipe (the first design stopped reading at the error: it hung here)."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    script = (
+        "import os, sys, time\n"
+        "from spoolq.worker.capture import Capture, PIPE_SIZE\n"
+        "dfd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)\n"
+        "os.rmdir(sys.argv[1])\n"
+        "with Capture(dfd, 1024) as capture:\n"
+        "    os.write(1, b'first')\n"
+        "    deadline = time.monotonic() + 30\n"
+        "    while capture.error is None and time.monotonic() < deadline:\n"
+        "        time.sleep(0.01)  # until the thread met the error\n"
+        "    chunk = b'x' * 65536\n"
+        "    for _ in range(3 * PIPE_SIZE // len(chunk)):\n"
+        "        os.write(1, chunk)\n"
+        "print(type(capture.error).__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(gone)], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "FileNotFoundError\n", "")
+
+
 def test_output_is_made_when_the_first_byte_comes_and_not_before(tmp_path):
     """A run that prints nothing leaves no output file (one inode less a
     task); one that prints makes it; a task directory that is gone by then

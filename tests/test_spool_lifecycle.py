@@ -371,6 +371,22 @@ def test_a_response_type_must_be_a_short_line_of_text_and_none_means_text_xml(sp
     assert spool.response("T", "a") == (b"ok", "t" * 255)
 
 
+def test_a_task_cancelled_while_waiting_for_its_retry_keeps_its_response_type(spool: Spool) -> None:
+    """A run stored a response, then failed into a retry; a cancel while the
+    task waits ends it without a run: its final status copies the type too."""
+    spool.register_type("R", "x.y", retries=1)
+    spool.enqueue("R", "r", 1)
+    claim = spool.claim("s1")
+    spool.start(claim)
+    spool.store_response(claim, b"partial", "text/csv")
+    assert spool.set_state(claim, State.FAILED, "try again") is State.ENQUEUED
+    assert stored(spool, "R", "r")["response_mime"] is None  # not copied while not final
+    spool.cancel("R", "r", "not wanted")
+    assert stored(spool, "R", "r")["state"] == "FAILED"
+    assert stored(spool, "R", "r")["response_mime"] == "text/csv"
+    assert spool.response("R", "r") == (b"partial", "text/csv")
+
+
 def test_without_extended_attributes_the_status_keeps_the_response_type(spool: Spool) -> None:
     """A filesystem that keeps no user attributes (the attribute's write
     fails: injected with SPOOLQ_FAIL_AT in a process of its own): the
