@@ -67,7 +67,7 @@ from .names import check_type, split_task_name
 from .producer import BatchResult, Item, Producer, StampClock, due_time
 from .queries import Census, Queries, TaskInfo
 from .store import codec, fsutil
-from .store.codec import INPUT_JSON, INPUT_NAMES, INPUT_PICKLE, RESPONSE, LogRecord
+from .store.codec import DEFAULT_RESPONSE_MIME, INPUT_JSON, INPUT_NAMES, INPUT_PICKLE, RESPONSE, LogRecord
 from .store.layout import Layout, Settings
 from .store.queue import WaitingIndex
 from .store.registry import DEFAULT_MAX_RESTARTS, DEFAULT_RETENTION, DEFAULT_TIMEOUT, TaskType, TypeRegistry
@@ -694,7 +694,7 @@ class Spool:
         with self._claimed(claim, HELD_STATES) as task:
             task.append_log(self.clock(), task.state, message)
 
-    def store_response(self, claim: Claim | str, data: bytes | str, mime_type: str | None = "text/xml") -> None:
+    def store_response(self, claim: Claim | str, data: bytes | str, mime_type: str | None = DEFAULT_RESPONSE_MIME) -> None:
         """Store (or replace) the response and its MIME type; a str is stored
         as UTF-8, a MIME type of None is ``text/xml`` (codec.response_of says
         what is refused). Atomic: readers see the old or the new response."""

@@ -16,7 +16,7 @@ from .errors import SpoolqError
 from .lifecycle import Claim, State
 from .queries import TaskInfo
 from .spool import Spool
-from .store.codec import iso
+from .store.codec import DEFAULT_RESPONSE_MIME, iso
 from .store.output import progress_doc, write_progress
 
 # Progress is written at most this often (seconds), and once more when the
@@ -83,7 +83,7 @@ class TaskContext:
         """A free-text log record; the state does not change."""
         self.spool.log_message(self.claim, message)
 
-    def store_response(self, data: bytes | str, mime_type: str | None = "text/xml") -> None:
+    def store_response(self, data: bytes | str, mime_type: str | None = DEFAULT_RESPONSE_MIME) -> None:
         """Store or replace the response (str is stored as UTF-8)."""
         self.spool.store_response(self.claim, data, mime_type)
 
@@ -148,7 +148,7 @@ class TaskContext:
     def setRunning(self, msg: str = "") -> None:
         self.set_running(msg)
 
-    def storeResponse(self, response: bytes | str, mimeType: str | None = "text/xml") -> None:
+    def storeResponse(self, response: bytes | str, mimeType: str | None = DEFAULT_RESPONSE_MIME) -> None:
         self.store_response(response, mimeType)
 
     def getStatus(self) -> tuple[int, str]:

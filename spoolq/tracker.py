@@ -20,6 +20,7 @@ from . import sweeps
 from .errors import QueueEmpty, QueueException, QueueFull, SpoolqError, StaleClaim, TaskNotFound, UnknownType
 from .lifecycle import Claim, State
 from .spool import Spool
+from .store.codec import DEFAULT_RESPONSE_MIME
 from .store.layout import resolve_root
 from .task import TaskContext
 
@@ -141,7 +142,7 @@ def stopTaskSuccessIfNotFinished(task_id: str, message: str = "") -> None:
     _get_spool().finish_if_not_finished(task_id, message)
 
 
-def setTaskResponse(task_id: str, response: bytes | str, mimeType: str | None = "text/xml") -> None:
+def setTaskResponse(task_id: str, response: bytes | str, mimeType: str | None = DEFAULT_RESPONSE_MIME) -> None:
     _get_spool().store_response(task_id, response, mimeType)
 
 

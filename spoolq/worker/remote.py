@@ -59,7 +59,7 @@ from ..lifecycle import HELD_STATES, Claim, Outcome, State, sources_of
 from ..queries import TaskInfo
 from ..spool import StartedTask
 from ..store import fsutil
-from ..store.codec import INPUT_JSON, response_of
+from ..store.codec import DEFAULT_RESPONSE_MIME, INPUT_JSON, response_of
 from ..store.output import compose
 from ..store.registry import TaskType
 from .hygiene import ProcessState
@@ -170,7 +170,7 @@ class RemoteSpool:
         self._check(claim, HELD_STATES)
         self.report("log", str(message))
 
-    def store_response(self, claim: Claim | str, data: bytes | str, mime_type: str | None = "text/xml") -> None:
+    def store_response(self, claim: Claim | str, data: bytes | str, mime_type: str | None = DEFAULT_RESPONSE_MIME) -> None:
         data, mime_type = response_of(data, mime_type)  # refused here, in the handler's own call
         self._check(claim, HELD_STATES)
         self.doc["response_mime"] = mime_type
