@@ -38,14 +38,18 @@ FINAL = (State.FINISHED, State.FAILED)
 class Cluster:
     """A LocalCluster in a process of its own (tests/dask_cluster.py)."""
 
-    def __init__(self, workers: int, port: int = 0) -> None:
+    def __init__(self, workers: int, port: int = 0, tmpdir: Path | None = None) -> None:
         # The checkout and tests/ first on the path of the cluster and its
         # worker processes: they run this tree's spoolq and the test handlers,
-        # whatever copy of spoolq is installed.
+        # whatever copy of spoolq is installed. *tmpdir*, the cluster's TMPDIR
+        # (Dask's scratch space goes there too): what the runs leave is seen.
         path = os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")])
+        env = dict(os.environ, PYTHONPATH=path)
+        if tmpdir is not None:
+            env["TMPDIR"] = str(tmpdir)
+        self.tmpdir = tmpdir
         self.proc = subprocess.Popen([sys.executable, str(HERE / "dask_cluster.py"), str(workers), str(port)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     env=dict(os.environ, PYTHONPATH=path))
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         line = self.proc.stdout.readline()  # type: ignore[union-attr]
         if not line:
             raise RuntimeError(f"the Dask cluster did not start (exit {self.proc.wait(30)})")
@@ -69,8 +73,8 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    cluster = Cluster(2)
+def cluster(tmp_path_factory):
+    cluster = Cluster(2, tmpdir=tmp_path_factory.mktemp("dask-tmp"))
     yield cluster
     cluster.close()
 
@@ -283,6 +287,12 @@ def test_a_dask_worker_killed_mid_task_costs_one_restart_and_the_task_finishes(e
     assert not [r for r in records(rec) if r[0] == "overlap"], records(rec)
     assert stop(proc)[0] == 0
     assert cluster.ask("wait 2") == "ok"  # the nanny replaced it
+    # The killed run's output directory is not left behind: it was made in
+    # the Dask worker's local directory, which Dask purged when the nanny
+    # started the replacement (it used to stay in TMPDIR for good).
+    assert not list(cluster.tmpdir.glob("spoolq-output-*")), sorted(cluster.tmpdir.iterdir())
+    wait_until(lambda: not list(cluster.tmpdir.rglob("spoolq-output-*")), timeout=10,
+               what="no run's output directory left anywhere in the cluster's TMPDIR")
 
 
 def free_port() -> int:

@@ -313,8 +313,12 @@ def run_remote(spec: dict[str, Any]) -> str:
     # The run's output is captured into a directory of its own here, and
     # forwarded (capped, as under fork) in one message before the message
     # that ends the run's hold on the task, so that whoever sees the task
-    # final (a waiter, ``output --follow``) finds its output there.
-    output_dir = tempfile.mkdtemp(prefix="spoolq-output-")
+    # final (a waiter, ``output --follow``) finds its output there. The
+    # directory is made in the Dask worker's own local directory: when the
+    # worker is killed before the ``finally`` below, Dask purges a dead
+    # worker's directory when the next worker starts, instead of it staying
+    # in /tmp for good.
+    output_dir = tempfile.mkdtemp(prefix="spoolq-output-", dir=worker.local_directory)
     spec = {**spec, "output_dir": output_dir}
     try:
         return _start_and_follow(worker, key, spec, _OutputBeforeEnds(send, output_dir))
