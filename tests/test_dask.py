@@ -44,12 +44,12 @@ class Cluster:
         # whatever copy of spoolq is installed. *tmpdir*, the cluster's TMPDIR
         # (Dask's scratch space goes there too): what the runs leave is seen.
         path = os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")])
-        env = dict(os.environ, PYTHONPATH=path)
+        environ = dict(os.environ, PYTHONPATH=path)
         if tmpdir is not None:
-            env["TMPDIR"] = str(tmpdir)
+            environ["TMPDIR"] = str(tmpdir)
         self.tmpdir = tmpdir
         self.proc = subprocess.Popen([sys.executable, str(HERE / "dask_cluster.py"), str(workers), str(port)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=environ)
         line = self.proc.stdout.readline()  # type: ignore[union-attr]
         if not line:
             raise RuntimeError(f"the Dask cluster did not start (exit {self.proc.wait(30)})")
