@@ -108,8 +108,11 @@ CAUSES = {
         "the same file costs in the daemon (profile.md: creating and renaming status.json.tmp is "
         "{slot_status} of the slots' busy time, the claim {main_claim} of the main process's). {producer}"),
     "e2e-durable": (
-        "each transition's own fsyncs (14 a task in the daemon after the enqueue, one transition after another), none shared "
-        "between tasks: the group commit this target asks for is not built (bench/README.md, \"Durability\")"),
+        "the producer: one durable enqueue call per task, whose flushes no later call can share (it has returned), "
+        "on a device the daemon's 14 fsyncs a task also flush (ext4 without a journal: each fsync its own cache "
+        "flush). Group commit is built where transitions are in flight together, Spool.enqueue_many: durable, "
+        "{bulk_durable} against {single_nd} tasks/s for single non-durable enqueues (bench/README.md, "
+        "\"Durability\")"),
     "lookup": "none found: a lookup is a fixed number of stats (see Scaling); this is the machine's noise",
     "rss": "the daemon's index of enqueued/ (a heap entry and a set entry per waiting task)",
 }
@@ -120,7 +123,7 @@ def _cause_facts() -> dict:
     facts = {k: "n/a" for k in ("floor_huey", "inode", "replace", "spoolq_enq", "huey_enq", "drain_ratio",
                                 "producer", "sq_tmpfs", "fl_tmpfs", "sq_floor_tmpfs", "sq_huey_tmpfs",
                                 "sc_spoolq", "sc_floor", "sc_huey", "slot_status", "main_claim", "sq_inodes",
-                                "sq_renames")}
+                                "sq_renames", "bulk_durable", "single_nd")}
     for r in (common.read_json("syscalls.json") or {}).get("results", []):
         if r["mode"] == "non-durable":
             key = {"spoolq": "sc_spoolq", "floor": "sc_floor", "huey.FileStorage": "sc_huey"}.get(r["backend"])
@@ -150,6 +153,11 @@ def _cause_facts() -> dict:
     if fc:
         facts["inode"] = f"{min(fc['create empty'], fc['mkdir']) * 1e3:.1f}–{max(fc['create + write'], fc['mkdir']) * 1e3:.1f} ms"
         facts["replace"] = f"{fc['rename over again'] * 1e3:.1f} ms"
+    for row in ((common.read_json("bulk.json") or {}).get("summary") or {}).get("rows", []):
+        key = {("durable", "bulk"): "bulk_durable", ("non-durable", "single"): "single_nd"}.get(
+            (row.get("mode"), row.get("variant")))
+        if key and row.get("tasks_per_s_median"):
+            facts[key] = f"{row['tasks_per_s_median']:,.0f}"
     ee = common.read_json("e2e.json") or {}
     sp = _summary(ee, daemon="spoolq") or {}
     se, he = sp.get("enqueue_s_median"), (_summary(ee, daemon="huey") or {}).get("enqueue_s_median")
@@ -210,6 +218,11 @@ def targets() -> list[list[str]]:
     add("lifecycle on tmpfs (CPU only): spoolq's time a task / the floor's",
         "<= 2x", "n/a" if not v else f"{1 / v:.2f}x ({facts['sq_tmpfs']} vs {facts['fl_tmpfs']})",
         None if not v else 1 / v <= 2, "lifecycle-floor")
+    for row in ((common.read_json("bulk.json") or {}).get("summary") or {}).get("rows", []):
+        key = {("durable", "bulk"): "bulk_durable", ("non-durable", "single"): "single_nd"}.get(
+            (row.get("mode"), row.get("variant")))
+        if key and row.get("tasks_per_s_median"):
+            facts[key] = f"{row['tasks_per_s_median']:,.0f}"
     ee = common.read_json("e2e.json") or {}
     s = _summary(ee, daemon="spoolq")
     v = s.get("ratio_huey_median") if s else None
