@@ -291,8 +291,15 @@ def test_a_dask_worker_killed_mid_task_costs_one_restart_and_the_task_finishes(e
     # the Dask worker's local directory, which Dask purged when the nanny
     # started the replacement (it used to stay in TMPDIR for good).
     assert not list(cluster.tmpdir.glob("spoolq-output-*")), sorted(cluster.tmpdir.iterdir())
-    wait_until(lambda: not list(cluster.tmpdir.rglob("spoolq-output-*")), timeout=10,
+    wait_until(lambda: not output_dirs_under(cluster.tmpdir), timeout=10,
                what="no run's output directory left anywhere in the cluster's TMPDIR")
+
+
+def output_dirs_under(top: Path) -> list[str]:
+    """Run output directories anywhere under *top*. os.walk, not rglob: Dask
+    removes directories while it is walked, and os.walk skips those."""
+    return [os.path.join(d, name) for d, subdirs, _ in os.walk(top) for name in subdirs
+            if name.startswith("spoolq-output-")]
 
 
 def free_port() -> int:
