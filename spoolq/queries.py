@@ -25,11 +25,11 @@ from .errors import CorruptTask, NoResponse, SpoolqError, TaskNotFound
 from .lifecycle import PLACE_OF, PLACE_ORDER, Place, State
 from .names import split_task_name, task_name
 from .store import codec, fsutil, queue
-from .store.codec import LOG, RESPONSE, RESPONSE_MIME_ATTRIBUTE, LogRecord
+from .store.codec import LOG, LogRecord
 from .store.layout import Layout
 from .store.output import compose, read_progress
 from .store.registry import TypeRegistry
-from .store.taskdir import UNLIMITED, open_task_dir, read_status, read_status_and_claim, response_mime
+from .store.taskdir import UNLIMITED, open_task_dir, read_response, read_status, read_status_and_claim, response_mime
 
 # How often `wait_for` re-reads the status even without a file event: a
 # safety net for a missed event, not the mechanism.
@@ -209,9 +209,9 @@ class Queries:
         type in the status."""
         for path, dfd in self._open(type_name, task_id):
             try:
-                data, attribute = fsutil.read_with_attribute(dfd, RESPONSE, RESPONSE_MIME_ATTRIBUTE, limit=UNLIMITED)
-                if attribute is not None:
-                    return data, attribute.decode("utf-8", "replace")
+                data, mime = read_response(dfd)
+                if mime is not None:
+                    return data, mime
                 mime = read_status(dfd, path, claimed_in=self.layout.server_of_path(path)).get("response_mime")
                 return data, mime or "application/octet-stream"
             except FileNotFoundError:

@@ -172,7 +172,19 @@ def response_mime(dfd: int) -> str | None:
     """The MIME type stored with the response of the task open as *dfd*;
     None if it has no response, or one stored where the filesystem keeps no
     extended attributes (its type is then in the status)."""
-    value = fsutil.attribute_of(dfd, RESPONSE, RESPONSE_MIME_ATTRIBUTE)
+    return _mime_of(fsutil.attribute_of(dfd, RESPONSE, RESPONSE_MIME_ATTRIBUTE))
+
+
+def read_response(dfd: int) -> tuple[bytes, str | None]:
+    """The response of the task open as *dfd* and the MIME type stored with
+    it (None as for :func:`response_mime`), read through one open: a response
+    replaced meanwhile is read whole with its own type. FileNotFoundError if
+    the task has no response."""
+    data, value = fsutil.read_with_attribute(dfd, RESPONSE, RESPONSE_MIME_ATTRIBUTE, limit=UNLIMITED)
+    return data, _mime_of(value)
+
+
+def _mime_of(value: bytes | None) -> str | None:
     return None if value is None else value.decode("utf-8", "replace")
 
 
