@@ -16,7 +16,7 @@ import os
 import signal
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 from .errors import CorruptTask, SpoolqError
@@ -253,42 +253,59 @@ def delete_retired(spool: Spool) -> list[SweepAction]:
     """Remove tasks in ``done/`` older than their type's retention (from the
     finishing time, the directory's mtime). One lstat per task, no status
     parsing; retention <= 0 keeps tasks forever."""
+    return [action for action in retire_steps(spool) if action is not None]
+
+
+def retire_steps(spool: Spool) -> Iterator[SweepAction | None]:
+    """:func:`delete_retired` one task at a time: yields the action for each
+    task retired and None for each entry of ``done/`` looked at and kept, so
+    a caller may stop between any two (the daemon spreads a long pass over
+    its loop's turns: removing a task's files is a disk write each, and tens
+    of thousands of them expiring together must not hold up claims, time
+    limits or the watchdog). ``done/`` is read as the pass goes, not listed
+    up front; an entry retired meanwhile by another sweeper is skipped."""
     now = spool.clock()
     layout = spool.layout
-    actions = []
     types: dict[str, TaskType | None] = {}
+    retired_any = False
     with os.scandir(layout.done) as it:
-        entries = list(it)
-    for entry in entries:
-        parts = split_task_name(entry.name)
-        if not parts:
-            continue
-        if parts[0] not in types:
-            types[parts[0]] = spool.registry.find(parts[0])
-        ttype = types[parts[0]]
-        if ttype is None:
-            continue
-        try:
-            finished = entry.stat(follow_symlinks=False).st_mtime
-        except FileNotFoundError:
-            continue
-        if finished > now + CLOCK_SLACK:
-            _restamp(entry.path)  # the clock stepped back: its retention starts now
-            continue
-        if not retired(now, finished, ttype.retention):
-            continue
-        trash = layout.trash_path(entry.name)
-        try:
-            os.rename(entry.path, trash)
-        except FileNotFoundError:
-            continue  # another sweeper or a delete took it
-        crashpoint("retire.renamed")
-        spool.remove_trash(trash)
-        crashpoint("sweep.retired")
-        actions.append(SweepAction(parts[0], parts[1], Action.RETIRED, f"older than {ttype.retention:g} s"))
-    if actions and spool.durable:
+        for entry in it:
+            action = _retire_entry(spool, entry, now, types)
+            retired_any = retired_any or action is not None
+            yield action
+    if retired_any and spool.durable:
         fsutil.fsync_dir(layout.done)
-    return actions
+
+
+def _retire_entry(spool: Spool, entry: os.DirEntry[str], now: float,
+                  types: dict[str, TaskType | None]) -> SweepAction | None:
+    """Retire the ``done/`` entry *entry* if its retention is over; the action, else None."""
+    parts = split_task_name(entry.name)
+    if not parts:
+        return None
+    if parts[0] not in types:
+        types[parts[0]] = spool.registry.find(parts[0])
+    ttype = types[parts[0]]
+    if ttype is None:
+        return None
+    try:
+        finished = entry.stat(follow_symlinks=False).st_mtime
+    except FileNotFoundError:
+        return None
+    if finished > now + CLOCK_SLACK:
+        _restamp(entry.path)  # the clock stepped back: its retention starts now
+        return None
+    if not retired(now, finished, ttype.retention):
+        return None
+    trash = spool.layout.trash_path(entry.name)
+    try:
+        os.rename(entry.path, trash)
+    except FileNotFoundError:
+        return None  # another sweeper or a delete took it
+    crashpoint("retire.renamed")
+    spool.remove_trash(trash)
+    crashpoint("sweep.retired")
+    return SweepAction(parts[0], parts[1], Action.RETIRED, f"older than {ttype.retention:g} s")
 
 
 def _restamp(path: str) -> None:
@@ -327,5 +344,21 @@ def clean_tmp(spool: Spool, *, grace: float = TMP_GRACE) -> int:
 def sweep(spool: Spool) -> tuple[list[SweepAction], int]:
     """One full maintenance pass: zombies, retirement, ``tmp/``; the actions
     and the number of ``tmp/`` leftovers removed."""
-    actions = reenqueue_zombies(spool) + delete_retired(spool)
-    return actions, clean_tmp(spool)
+    steps = sweep_steps(spool)
+    actions = []
+    while True:
+        try:
+            action = next(steps)
+        except StopIteration as end:
+            return actions, end.value
+        if action is not None:
+            actions.append(action)
+
+
+def sweep_steps(spool: Spool) -> Generator[SweepAction | None, None, int]:
+    """:func:`sweep` a step at a time, as :func:`retire_steps`; returns the
+    number of ``tmp/`` leftovers removed (``tmp/`` is cleaned last, in one
+    step: it holds only what interrupted writes and deletes left)."""
+    yield from reenqueue_zombies(spool)
+    yield from retire_steps(spool)
+    return clean_tmp(spool)

@@ -407,3 +407,49 @@ def test_handler_processes_are_recycled_after_max_tasks_per_child(env):
     assert len(set(pids)) == 3 and Counter(pids).most_common(1)[0][1] == 2, pids
     assert all(state(spool, "T", i) == State.FINISHED for i in ids)
     assert stop(proc)[0] == 0
+
+
+def copy_finished_task(spool: Spool, template: str, type_name: str, count: int, *, age: float) -> None:
+    """*count* copies of the finished task *template* (a name in done/), as
+    TYPE:old<i>, all of them and the template finished *age* seconds ago: a
+    backlog of expired tasks made in a second instead of a full lifecycle
+    each."""
+    done = Path(spool.root, "done")
+    files = {p.name: p.read_bytes() for p in (done / template).iterdir()}
+    when = time.time() - age
+    os.utime(done / template, (when, when))
+    for i in range(count):
+        task = done / f"{type_name}:old{i}"
+        task.mkdir()
+        for name, data in files.items():
+            (task / name).write_bytes(data)
+        os.utime(task, (when, when))
+
+
+def test_a_long_retirement_pass_does_not_hold_up_new_tasks(env):
+    """Thousands of tasks expiring together are retired a slice at a time
+    between the loop's other duties: a task enqueued meanwhile starts at
+    once. (The whole pass used to run in one turn: the task waited for all of
+    it, and a pass longer than WatchdogSec got the daemon killed.)"""
+    spool, workers, _ = env
+    register(spool, "T", "noop")
+    register(spool, "O", "noop", retention=1)
+    spool.enqueue("O", "template", None)
+    claim = spool.claim("elsewhere")
+    spool.start(claim)
+    spool.set_state(claim, State.FINISHED)
+    n = 3000
+    copy_finished_task(spool, "O:template", "O", n, age=100)
+    done = Path(spool.root, "done")
+    proc = workers.start(sweep_interval=3600, sweep_slice=0.01)
+    wait_until(lambda: len(os.listdir(done)) <= n, what="the retirement pass to begin")
+    spool.enqueue("T", "probe", None)
+    wait_until(lambda: state(spool, "T", "probe") == State.FINISHED, what="the probe task to finish")
+    wait_until(lambda: os.listdir(done) == ["T:probe"], timeout=120, what="the retirement pass to end")
+    code, log_text = stop(proc)
+    assert code == 0, log_text
+    lines = log_text.splitlines()
+    started = next(i for i, line in enumerate(lines) if "started T:probe" in line)
+    retired_later = sum("sweep: retired O:" in line for line in lines[started:])
+    assert retired_later > 0, "the probe started only after the whole pass"
+    assert sum("sweep: retired O:" in line for line in lines) == n + 1

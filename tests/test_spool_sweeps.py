@@ -303,6 +303,23 @@ def test_terminal_tasks_are_retired_after_their_retention(sp: Spool, clock) -> N
     del running
 
 
+def test_a_retirement_pass_goes_one_task_at_a_time_and_may_stop_between_any_two(sp: Spool, clock) -> None:
+    for i in range(3):
+        sp.set_state(started(sp, f"r{i}"), State.FINISHED)
+    clock.advance(601)
+    young = started(sp, "young2")
+    sp.set_state(young, State.FINISHED)
+    steps = sweeps.retire_steps(sp)
+    first = next(a for a in steps if a is not None)  # None: an entry looked at and kept
+    assert (first.type, first.action) == ("Z", "retired")
+    done = sorted(os.listdir(Path(sp.root, "done")))
+    assert len(done) == 3 and "Z:young2" in done  # one retired so far, nothing else touched
+    steps.close()  # stopped midway: the rest stays, and the next pass finds it
+    assert sorted(os.listdir(Path(sp.root, "done"))) == done
+    assert len(sweeps.delete_retired(sp)) == 2
+    assert os.listdir(Path(sp.root, "done")) == ["Z:young2"]
+
+
 def test_retention_counts_from_the_finish_not_the_enqueue(sp: Spool, clock) -> None:
     claim = started(sp, "a")
     clock.advance(550)

@@ -42,14 +42,14 @@ import select
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 from .. import faults, sweeps
 from ..errors import CorruptTask, ServerBusy, SpoolError, SpoolqError, StaleClaim, TaskNotFound
 from ..lifecycle import Action, Claim, Outcome, Place, State
 from ..names import check_server, check_type, split_task_name
-from ..spool import Spool
+from ..spool import Spool, SweepAction
 from ..store.metrics import ServerCounters
 from ..store.queue import WaitingIndex
 from ..systemd import Notifier, setup_logging, task_fields
@@ -69,6 +69,10 @@ SETTLE_RETRY = 0.2  # seconds between tries to settle a run whose leftovers stil
 # answer settles them and nothing is read. A cancel or a delete is still acted
 # on well within a second.
 TASK_EVENT_DELAY = 0.05
+# Seconds of sweeping a turn of the loop does at most (after at least one
+# step); a longer pass goes on in the next turns, with claims, time limits,
+# file events and the watchdog in between.
+SWEEP_SLICE = 0.05
 FDS_PER_SLOT = 4  # descriptors a handler process costs the worker (two pipes), with room to spare
 FDS_RESERVED = 32  # the worker's own: spool, locks, inotify, signals, logging, a sweep
 
@@ -114,6 +118,7 @@ class Worker:
     nothing; finish what the server holds, then exit), ``grace`` (seconds
     SIGTERM waits for running handlers), ``poll`` (no inotify: rescan every
     ``rescan_interval``), ``heartbeat_interval``, ``sweep_interval``,
+    ``sweep_slice`` (most seconds of a maintenance pass one turn does),
     ``max_tasks_per_child`` (for the fork executor; 0: never recycle a
     handler process), ``executor`` (default: a :class:`ForkExecutor`),
     ``dask_scheduler`` (the address for types whose executor is ``dask``),
@@ -134,6 +139,7 @@ class Worker:
         rescan_interval: float | None = None,
         heartbeat_interval: float = 5.0,
         sweep_interval: float = 15.0,
+        sweep_slice: float = SWEEP_SLICE,
         max_tasks_per_child: int = 1000,
         executor: Executor | None = None,
         dask_scheduler: str | None = None,
@@ -149,6 +155,7 @@ class Worker:
         self.rescan_interval = rescan_interval if rescan_interval is not None else (1.0 if poll else 30.0)
         self.heartbeat_interval = heartbeat_interval
         self.sweep_interval = sweep_interval
+        self.sweep_slice = sweep_slice
         self.executor: Executor = executor or ForkExecutor(
             spool, max_tasks_per_child=max_tasks_per_child, close_in_child=self._close_in_child
         )
@@ -178,6 +185,7 @@ class Worker:
         self._task_watches: TaskWatches | None = None  # cancel requests of our running tasks
         self._next_heartbeat = 0.0
         self._next_sweep = 0.0
+        self._sweeping: Generator[SweepAction | None, None, int] | None = None  # a pass under way
         self._next_rescan = 0.0
         self._next_status = 0.0
         self._claims_paused_until = 0.0
@@ -221,6 +229,7 @@ class Worker:
                 executor.close()
             for watcher in self._watchers():
                 watcher.close()
+            self._end_sweep()
             self.spool.release_server(self.server)
         log.info("server %s stopped: %d finished, %d failed", self.server, self.finished, self.failed)
         return code
@@ -248,6 +257,13 @@ class Worker:
                 pass
         for watcher in self._watchers():
             watcher.close()
+        self._end_sweep()
+
+    def _end_sweep(self) -> None:
+        """Drop a maintenance pass under way (it holds ``done/`` open)."""
+        if self._sweeping is not None:
+            self._sweeping.close()
+            self._sweeping = None
 
     def _watchers(self) -> list[DirWatcher | TaskWatches]:
         return [w for w in (self._watcher, self._departures, self._types_watch, self._task_watches) if w is not None]
@@ -778,20 +794,33 @@ class Worker:
             self._kill(job, "task deleted", charge=False)
 
     def _sweep(self) -> None:
-        self._next_sweep = time.monotonic() + self.sweep_interval
+        """A slice of the maintenance pass (sweeps.sweep_steps): at most
+        ``sweep_slice`` seconds of it; the rest in the next turns, which then
+        do not wait (the pass is due again at once). A new pass starts
+        ``sweep_interval`` after the last one ended."""
+        if self._sweeping is None:
+            self._sweeping = sweeps.sweep_steps(self.spool)
+        until = time.monotonic() + self.sweep_slice
         try:
-            actions, _removed = sweeps.sweep(self.spool)
-            for action in actions:
-                if action.action is Action.FAILED:  # gave up on a task (no restarts left): it ended here
-                    self.counters.ended(action.type, action.id)
-                if action.action is Action.RETIRED:
-                    log.info("sweep: retired %s:%s", action.type, action.id, extra=task_fields(action))
-                else:
-                    log.warning("sweep: %s %s:%s (%s)", action.action, action.type, action.id, action.reason,
-                                extra=task_fields(action))
+            for action in self._sweeping:
+                if action is not None:
+                    self._report_sweep(action)
+                if time.monotonic() >= until:
+                    return  # _next_sweep stays in the past: the pass goes on next turn
         except (SpoolqError, OSError) as exc:
             self._check_spool()
             log.error("sweep failed: %s", exc)
+        self._sweeping = None
+        self._next_sweep = time.monotonic() + self.sweep_interval
+
+    def _report_sweep(self, action: SweepAction) -> None:
+        if action.action is Action.FAILED:  # gave up on a task (no restarts left): it ended here
+            self.counters.ended(action.type, action.id)
+        if action.action is Action.RETIRED:
+            log.info("sweep: retired %s:%s", action.type, action.id, extra=task_fields(action))
+        else:
+            log.warning("sweep: %s %s:%s (%s)", action.action, action.type, action.id, action.reason,
+                        extra=task_fields(action))
 
     def _status_text(self) -> str:
         if self.stopping:
