@@ -384,6 +384,35 @@ def test_sd_notify_ready_status_watchdog_stopping(env, abstract):
     sock.close()
 
 
+def test_ready_comes_before_the_first_pass_over_a_backlog_and_claims_wait_for_its_end(env, tmp_path):
+    """The first rescan of enqueued/ (an lstat and a status read per task:
+    tens of seconds for a few hundred thousand with a cold cache) is spread
+    over the loop's turns, so READY and the watchdog do not wait for it (a
+    start-up past WatchdogSec or TimeoutStartSec got the daemon killed); no
+    task is claimed before the pass has seen them all, so the first to start
+    is still the first in the queue."""
+    spool, workers, _ = env
+    register(spool, "T", "noop")
+    n = 2000
+    rec = tmp_path / "runs"
+    spool.enqueue_many("T", [{"id": f"t{i}", "input": {"record": str(rec)}} for i in range(n)])
+    spool.enqueue("T", "urgent", {"record": str(rec)}, priority=10)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    address = str(tmp_path / "notify.sock")
+    sock.bind(address)
+    sock.settimeout(20)
+    proc = workers.start(env={"NOTIFY_SOCKET": address}, concurrency=1, pass_slice=0.001)
+    ready = ""
+    while "READY=1" not in ready:
+        ready = sock.recv(4096).decode()
+    sock.close()
+    queued = int(ready.split(" running, ")[1].split(" queued")[0])
+    assert queued < n + 1, ready  # ready before the pass had indexed the backlog
+    wait_until(lambda: rec.exists() and len(rec.read_text().splitlines()) >= 4, what="two tasks run")
+    assert rec.read_text().split()[1] == "T:urgent"  # the first started is the first in the queue
+    assert stop(proc)[0] == 0
+
+
 def test_no_notify_socket_means_nothing_is_sent_and_it_still_works(env):
     spool, workers, _ = env
     register(spool, "T", "add")
@@ -441,7 +470,7 @@ def test_a_long_retirement_pass_does_not_hold_up_new_tasks(env):
     n = 3000
     copy_finished_task(spool, "O:template", "O", n, age=100)
     done = Path(spool.root, "done")
-    proc = workers.start(sweep_interval=3600, sweep_slice=0.01)
+    proc = workers.start(sweep_interval=3600, pass_slice=0.01)
     wait_until(lambda: len(os.listdir(done)) <= n, what="the retirement pass to begin")
     spool.enqueue("T", "probe", None)
     wait_until(lambda: state(spool, "T", "probe") == State.FINISHED, what="the probe task to finish")

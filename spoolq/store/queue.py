@@ -18,7 +18,7 @@ from __future__ import annotations
 import heapq
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from ..errors import CorruptTask
 from ..lifecycle import Place, State, WaitKey, cancelled_while_waiting, due, wait_order_key
@@ -111,6 +111,10 @@ class WaitingIndex:
         self._ready: list[WaitKey] = []  # due: by key
         self._later: list[tuple[int, WaitKey]] = []  # due later: by due time
         self._keys: dict[str, tuple[WaitKey, int]] = {}  # name -> (its current key, the mtime read with it)
+        self._pass_seen: set[str] | None = None  # during a rescan pass: the names it must keep
+        self.complete = False
+        """True once a rescan has covered the whole directory: until then the
+        index may lack tasks that should be claimed before those it holds."""
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -132,6 +136,8 @@ class WaitingIndex:
 
     def _push(self, key: WaitKey, mtime: int) -> None:
         self._keys[key[-1]] = (key, mtime)
+        if self._pass_seen is not None:
+            self._pass_seen.add(key[-1])
         if due(key, time.time_ns()):
             heapq.heappush(self._ready, key)
         else:
@@ -140,20 +146,47 @@ class WaitingIndex:
     def rescan(self) -> None:
         """Rebuild from the directory itself: the safety net for lost events.
         An entry known with the same mtime keeps its key (no status read)."""
-        known, self._keys = self._keys, {}
-        self._ready, self._later = [], []
-        with os.scandir(self.layout.enqueued) as it:
-            for entry in it:
-                if self.accept is not None and not self.accept(entry.name):
-                    continue
-                try:
-                    mtime = _settle_future(entry.path, entry.stat(follow_symlinks=False).st_mtime_ns)
-                except FileNotFoundError:
-                    continue
-                old = known.get(entry.name)
-                key = old[0] if old is not None and old[1] == mtime else read_key(
-                    self.layout.enqueued, entry.name, mtime)
-                self._push(key, mtime)
+        for _ in self.rescan_steps():
+            pass
+
+    def rescan_steps(self) -> Iterator[None]:
+        """:meth:`rescan` one entry of ``enqueued/`` at a time, so that a
+        caller may spread a pass over a huge queue across its other duties
+        (a pass costs an ``lstat`` per entry, and a status read per entry not
+        known yet: seconds for a few hundred thousand, more with a cold
+        cache). What the pass finds goes into the index as it is found, and
+        arrivals meanwhile (:meth:`add`) too; when the pass ends, names it
+        did not find and nobody added meanwhile (gone) are dropped, and the
+        index is :attr:`complete`. A pass dropped midway (``close()``) keeps
+        what it found and drops nothing. One pass at a time."""
+        self._pass_seen = seen = set()
+        try:
+            with os.scandir(self.layout.enqueued) as it:
+                for entry in it:
+                    yield
+                    if self.accept is not None and not self.accept(entry.name):
+                        continue
+                    try:
+                        mtime = _settle_future(entry.path, entry.stat(follow_symlinks=False).st_mtime_ns)
+                    except FileNotFoundError:
+                        continue
+                    seen.add(entry.name)
+                    known = self._keys.get(entry.name)
+                    if known is None or known[1] != mtime:
+                        self._push(read_key(self.layout.enqueued, entry.name, mtime), mtime)
+            self._keys = {name: known for name, known in self._keys.items() if name in seen}
+            now = time.time_ns()
+            self._ready, self._later = [], []
+            for key, _ in self._keys.values():
+                if due(key, now):
+                    self._ready.append(key)
+                else:
+                    self._later.append((key[1], key))
+            heapq.heapify(self._ready)
+            heapq.heapify(self._later)
+            self.complete = True
+        finally:
+            self._pass_seen = None
 
     def _mature(self) -> None:
         """Move the tasks whose due time has come to the ready heap."""

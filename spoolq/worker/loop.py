@@ -42,7 +42,7 @@ import select
 import signal
 import sys
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
 from .. import faults, sweeps
@@ -69,10 +69,11 @@ SETTLE_RETRY = 0.2  # seconds between tries to settle a run whose leftovers stil
 # answer settles them and nothing is read. A cancel or a delete is still acted
 # on well within a second.
 TASK_EVENT_DELAY = 0.05
-# Seconds of sweeping a turn of the loop does at most (after at least one
-# step); a longer pass goes on in the next turns, with claims, time limits,
-# file events and the watchdog in between.
-SWEEP_SLICE = 0.05
+# Seconds a turn of the loop spends at most on a long pass over a directory
+# (the maintenance sweep, a rescan of enqueued/), after at least one step of
+# it; the pass goes on in the next turns, with claims, time limits, file
+# events and the watchdog in between.
+PASS_SLICE = 0.05
 FDS_PER_SLOT = 4  # descriptors a handler process costs the worker (two pipes), with room to spare
 FDS_RESERVED = 32  # the worker's own: spool, locks, inotify, signals, logging, a sweep
 
@@ -118,7 +119,7 @@ class Worker:
     nothing; finish what the server holds, then exit), ``grace`` (seconds
     SIGTERM waits for running handlers), ``poll`` (no inotify: rescan every
     ``rescan_interval``), ``heartbeat_interval``, ``sweep_interval``,
-    ``sweep_slice`` (most seconds of a maintenance pass one turn does),
+    ``pass_slice`` (most seconds of a sweep or rescan pass one turn does),
     ``max_tasks_per_child`` (for the fork executor; 0: never recycle a
     handler process), ``executor`` (default: a :class:`ForkExecutor`),
     ``dask_scheduler`` (the address for types whose executor is ``dask``),
@@ -139,7 +140,7 @@ class Worker:
         rescan_interval: float | None = None,
         heartbeat_interval: float = 5.0,
         sweep_interval: float = 15.0,
-        sweep_slice: float = SWEEP_SLICE,
+        pass_slice: float = PASS_SLICE,
         max_tasks_per_child: int = 1000,
         executor: Executor | None = None,
         dask_scheduler: str | None = None,
@@ -155,7 +156,7 @@ class Worker:
         self.rescan_interval = rescan_interval if rescan_interval is not None else (1.0 if poll else 30.0)
         self.heartbeat_interval = heartbeat_interval
         self.sweep_interval = sweep_interval
-        self.sweep_slice = sweep_slice
+        self.pass_slice = pass_slice
         self.executor: Executor = executor or ForkExecutor(
             spool, max_tasks_per_child=max_tasks_per_child, close_in_child=self._close_in_child
         )
@@ -186,6 +187,7 @@ class Worker:
         self._next_heartbeat = 0.0
         self._next_sweep = 0.0
         self._sweeping: Generator[SweepAction | None, None, int] | None = None  # a pass under way
+        self._rescanning: Iterator[None] | None = None  # likewise
         self._next_rescan = 0.0
         self._next_status = 0.0
         self._claims_paused_until = 0.0
@@ -210,7 +212,7 @@ class Worker:
         self._types_watch = DirWatcher(self.spool.layout.types, poll=self.poll)
         if not self.draining:
             self._watcher = DirWatcher(self.spool.layout.enqueued, poll=self.poll)
-            self._rescan()
+            self._rescan()  # its first slice: the rest in the loop, which claims once it is complete
         for claim in held:
             self._launch(claim)
         watching = self._watcher is not None and self._watcher.watching
@@ -229,7 +231,7 @@ class Worker:
                 executor.close()
             for watcher in self._watchers():
                 watcher.close()
-            self._end_sweep()
+            self._end_passes()
             self.spool.release_server(self.server)
         log.info("server %s stopped: %d finished, %d failed", self.server, self.finished, self.failed)
         return code
@@ -257,13 +259,14 @@ class Worker:
                 pass
         for watcher in self._watchers():
             watcher.close()
-        self._end_sweep()
+        self._end_passes()
 
-    def _end_sweep(self) -> None:
-        """Drop a maintenance pass under way (it holds ``done/`` open)."""
+    def _end_passes(self) -> None:
+        """Drop the passes under way (they hold ``done/`` and ``enqueued/`` open)."""
         if self._sweeping is not None:
             self._sweeping.close()
             self._sweeping = None
+        self._end_rescan()
 
     def _watchers(self) -> list[DirWatcher | TaskWatches]:
         return [w for w in (self._watcher, self._departures, self._types_watch, self._task_watches) if w is not None]
@@ -464,22 +467,43 @@ class Worker:
         if self._watcher.overflowed:
             log.warning("inotify dropped events (queue overflow); rescanning enqueued/")
             self._watcher.clear_overflow()
+            self._end_rescan()
             self._guard("rescanning enqueued/", self._rescan)
             return
         for name in names:
             self.waiting.add(name)
 
     def _rescan(self) -> None:
-        """Rebuild the index of ``enqueued/`` from the directory itself: the
-        safety net for lost events, and the only source in poll mode."""
-        if self._watcher is not None:
-            self._watcher.drain()  # what arrives from now on is not lost
-        self.waiting.rescan()
+        """A slice of a pass that rebuilds the index of ``enqueued/`` from
+        the directory itself (WaitingIndex.rescan_steps): the safety net for
+        lost events, and the only source in poll mode. At most
+        ``pass_slice`` seconds of it a turn; the rest in the next turns,
+        which then do not wait (the rescan is due again at once). A new pass
+        starts ``rescan_interval`` after the last one ended."""
+        if self._rescanning is None:
+            if self._watcher is not None:
+                self._watcher.drain()  # what arrives from now on is not lost
+            self._rescanning = self.waiting.rescan_steps()
+        until = time.monotonic() + self.pass_slice
+        try:
+            for _ in self._rescanning:
+                if time.monotonic() >= until:
+                    return  # _next_rescan stays in the past: the pass goes on next turn
+        except BaseException:
+            self._rescanning = None
+            raise
+        self._rescanning = None
         self._next_rescan = time.monotonic() + self.rescan_interval
 
+    def _end_rescan(self) -> None:
+        """Drop a rescan under way (it holds ``enqueued/`` open)."""
+        if self._rescanning is not None:
+            self._rescanning.close()
+            self._rescanning = None
+
     def _fill_slots(self) -> None:
-        if time.monotonic() < self._claims_paused_until:
-            return
+        if time.monotonic() < self._claims_paused_until or not self.waiting.complete:
+            return  # (until the first rescan is complete, a task claimed might not be the first)
         self.gates.check_executors(self.notifier.status)
         self.gates.reopen(self.waiting)
         while self.gates.room_anywhere():
@@ -795,12 +819,12 @@ class Worker:
 
     def _sweep(self) -> None:
         """A slice of the maintenance pass (sweeps.sweep_steps): at most
-        ``sweep_slice`` seconds of it; the rest in the next turns, which then
+        ``pass_slice`` seconds of it; the rest in the next turns, which then
         do not wait (the pass is due again at once). A new pass starts
         ``sweep_interval`` after the last one ended."""
         if self._sweeping is None:
             self._sweeping = sweeps.sweep_steps(self.spool)
-        until = time.monotonic() + self.sweep_slice
+        until = time.monotonic() + self.pass_slice
         try:
             for action in self._sweeping:
                 if action is not None:
