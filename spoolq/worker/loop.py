@@ -44,6 +44,7 @@ import sys
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 from .. import faults, sweeps
 from ..errors import CorruptTask, ServerBusy, SpoolError, SpoolqError, StaleClaim, TaskNotFound
@@ -74,6 +75,7 @@ TASK_EVENT_DELAY = 0.05
 # it; the pass goes on in the next turns, with claims, time limits, file
 # events and the watchdog in between.
 PASS_SLICE = 0.05
+T = TypeVar("T")
 FDS_PER_SLOT = 4  # descriptors a handler process costs the worker (two pipes), with room to spare
 FDS_RESERVED = 32  # the worker's own: spool, locks, inotify, signals, logging, a sweep
 
@@ -484,16 +486,26 @@ class Worker:
             if self._watcher is not None:
                 self._watcher.drain()  # what arrives from now on is not lost
             self._rescanning = self.waiting.rescan_steps()
-        until = time.monotonic() + self.pass_slice
         try:
-            for _ in self._rescanning:
-                if time.monotonic() >= until:
-                    return  # _next_rescan stays in the past: the pass goes on next turn
+            ended = self._advance(self._rescanning)
         except BaseException:
             self._rescanning = None
             raise
-        self._rescanning = None
-        self._next_rescan = time.monotonic() + self.rescan_interval
+        if ended:
+            self._rescanning = None
+            self._next_rescan = time.monotonic() + self.rescan_interval
+        # else _next_rescan stays in the past: the pass goes on next turn
+
+    def _advance(self, steps: Iterator[T], on_step: Callable[[T], object] | None = None) -> bool:
+        """Take steps of a pass for at most ``pass_slice`` seconds (at least
+        one), calling *on_step* with each; True if the pass ended."""
+        until = time.monotonic() + self.pass_slice
+        for step in steps:
+            if on_step is not None:
+                on_step(step)
+            if time.monotonic() >= until:
+                return False
+        return True
 
     def _end_rescan(self) -> None:
         """Drop a rescan under way (it holds ``enqueued/`` open)."""
@@ -824,20 +836,20 @@ class Worker:
         ``sweep_interval`` after the last one ended."""
         if self._sweeping is None:
             self._sweeping = sweeps.sweep_steps(self.spool)
-        until = time.monotonic() + self.pass_slice
         try:
-            for action in self._sweeping:
-                if action is not None:
-                    self._report_sweep(action)
-                if time.monotonic() >= until:
-                    return  # _next_sweep stays in the past: the pass goes on next turn
+            ended = self._advance(self._sweeping, self._report_sweep)
         except (SpoolqError, OSError) as exc:
             self._check_spool()
             log.error("sweep failed: %s", exc)
-        self._sweeping = None
-        self._next_sweep = time.monotonic() + self.sweep_interval
+            ended = True
+        if ended:
+            self._sweeping = None
+            self._next_sweep = time.monotonic() + self.sweep_interval
+        # else _next_sweep stays in the past: the pass goes on next turn
 
-    def _report_sweep(self, action: SweepAction) -> None:
+    def _report_sweep(self, action: SweepAction | None) -> None:
+        if action is None:  # an entry looked at, nothing done
+            return
         if action.action is Action.FAILED:  # gave up on a task (no restarts left): it ended here
             self.counters.ended(action.type, action.id)
         if action.action is Action.RETIRED:
