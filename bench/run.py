@@ -104,9 +104,7 @@ CAUSES = {
         "replacing a file a rename put in place), huey about 3 inodes and renames only to new names (fscost: an inode {inode}, such "
         "a replace {replace}). The floor (spoolq's layout with plain os calls) is {floor_huey} huey "
         "FileStorage in this run"),
-    "e2e": (
-        "the same file costs in the daemon (profile.md: creating and renaming status.json.tmp is "
-        "{slot_status} of the slots' busy time, the claim {main_claim} of the main process's). {producer}"),
+    "e2e": "the same file costs in the daemon{profile}. {producer}",
     "e2e-durable": (
         "the producer: one durable enqueue call per task, whose flushes no later call can share (it has returned), "
         "on a device the daemon's 14 fsyncs a task also flush (ext4 without a journal: each fsync its own cache "
@@ -123,7 +121,7 @@ def _cause_facts() -> dict:
     facts = {k: "n/a" for k in ("floor_huey", "inode", "replace", "spoolq_enq", "huey_enq", "drain_ratio",
                                 "producer", "sq_tmpfs", "fl_tmpfs", "sq_floor_tmpfs", "sq_huey_tmpfs",
                                 "sc_spoolq", "sc_floor", "sc_huey", "slot_status", "main_claim", "sq_inodes",
-                                "sq_renames", "bulk_durable", "single_nd")}
+                                "sq_renames", "bulk_durable", "single_nd", "profile")}
     for r in (common.read_json("syscalls.json") or {}).get("results", []):
         if r["mode"] == "non-durable":
             key = {"spoolq": "sc_spoolq", "floor": "sc_floor", "huey.FileStorage": "sc_huey"}.get(r["backend"])
@@ -139,6 +137,11 @@ def _cause_facts() -> dict:
     claim = next((pct for fr, _, pct in py.get("main_inclusive", []) if fr.startswith("Spool.claim ")), None)
     if claim is not None:
         facts["main_claim"] = f"{claim:.0f}%"
+    if facts["slot_status"] != "n/a" and facts["main_claim"] != "n/a":
+        facts["profile"] = (f" (profile.md: creating and renaming status.json.tmp is {facts['slot_status']} of "
+                            f"the slots' busy time, the claim {facts['main_claim']} of the main process's)")
+    else:
+        facts["profile"] = " (profile.md, which `--full` or `python bench/profile.py` measures, says where)"
     lt = common.read_json("lifecycle-tmpfs.json") or {}
     sq, fl = _summary(lt, backend="spoolq"), _summary(lt, backend="floor")
     if sq and fl and sq.get("tasks_per_s_median") and fl.get("tasks_per_s_median"):
