@@ -263,14 +263,16 @@ def retire_steps(spool: Spool) -> Iterator[SweepAction | None]:
     its loop's turns: removing a task's files is a disk write each, and tens
     of thousands of them expiring together must not hold up claims, time
     limits or the watchdog). ``done/`` is read as the pass goes, not listed
-    up front; an entry retired meanwhile by another sweeper is skipped."""
-    now = spool.clock()
+    up front; an entry retired meanwhile by another sweeper is skipped.
+    Each entry is judged by the clock when it is reached: a pass may last
+    longer than the slack for a clock stepping back, and a task finished
+    since the pass began is not from the future."""
     layout = spool.layout
     types: dict[str, TaskType | None] = {}
     retired_any = False
     with os.scandir(layout.done) as it:
         for entry in it:
-            action = _retire_entry(spool, entry, now, types)
+            action = _retire_entry(spool, entry, spool.clock(), types)
             retired_any = retired_any or action is not None
             yield action
     if retired_any and spool.durable:

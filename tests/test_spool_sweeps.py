@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -318,6 +319,24 @@ def test_a_retirement_pass_goes_one_task_at_a_time_and_may_stop_between_any_two(
     assert sorted(os.listdir(Path(sp.root, "done"))) == done
     assert len(sweeps.delete_retired(sp)) == 2
     assert os.listdir(Path(sp.root, "done")) == ["Z:young2"]
+
+
+def test_a_long_retirement_pass_reads_the_clock_at_each_task(make_spool, tmp_path) -> None:
+    """A pass spread over minutes meets tasks finished after it began: they
+    are not taken for tasks from the future (a clock stepped back), which
+    would restamp them and log a warning."""
+    readings = iter([0.0, 120.0, 240.0, 360.0])
+    base = time.time() - 10_000  # every time here is long past for the real clock
+    sp = make_spool(clock=lambda: base + next(readings, 480.0))
+    for name in ("a", "b"):
+        task = Path(sp.root, "done", f"T:{name}")
+        task.mkdir()
+        when = base + 90  # finished 90 s after the pass began: in the future only for its first look
+        os.utime(task, (when, when))
+    steps = sweeps.retire_steps(sp)
+    assert list(steps) == [None, None]  # kept (retention 600 s)
+    restamped = [e.name for e in os.scandir(Path(sp.root, "done")) if e.stat().st_mtime > base + 1_000]
+    assert len(restamped) == 1, restamped  # only the first, looked at when the clock said 0 s
 
 
 def test_retention_counts_from_the_finish_not_the_enqueue(sp: Spool, clock) -> None:
