@@ -328,19 +328,25 @@ def _restamp(path: str) -> None:
 def clean_tmp(spool: Spool, *, grace: float = TMP_GRACE) -> int:
     """Remove staging leftovers older than *grace* seconds and any trash
     (interrupted deletes). Returns how many entries were removed."""
-    now = spool.clock()
-    removed = 0
+    return sum(clean_tmp_steps(spool, grace=grace))
+
+
+def clean_tmp_steps(spool: Spool, *, grace: float = TMP_GRACE) -> Iterator[bool]:
+    """:func:`clean_tmp` one entry of ``tmp/`` at a time, as
+    :func:`retire_steps`: yields True for each entry removed, False for each
+    kept (a batch enqueue killed midway can leave tens of thousands of
+    stages, each a directory to remove)."""
     with os.scandir(spool.layout.tmp) as it:
-        entries = list(it)
-    for entry in entries:
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except FileNotFoundError:
-            continue
-        if entry.name.startswith(".trash.") or now - st.st_mtime > grace:
-            spool.remove_trash(entry.path)
-            removed += 1
-    return removed
+        for entry in it:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                yield False
+                continue
+            gone = entry.name.startswith(".trash.") or spool.clock() - st.st_mtime > grace
+            if gone:
+                spool.remove_trash(entry.path)
+            yield gone
 
 
 def sweep(spool: Spool) -> tuple[list[SweepAction], int]:
@@ -359,8 +365,11 @@ def sweep(spool: Spool) -> tuple[list[SweepAction], int]:
 
 def sweep_steps(spool: Spool) -> Generator[SweepAction | None, None, int]:
     """:func:`sweep` a step at a time, as :func:`retire_steps`; returns the
-    number of ``tmp/`` leftovers removed (``tmp/`` is cleaned last, in one
-    step: it holds only what interrupted writes and deletes left)."""
+    number of ``tmp/`` leftovers removed."""
     yield from reenqueue_zombies(spool)
     yield from retire_steps(spool)
-    return clean_tmp(spool)
+    removed = 0
+    for gone in clean_tmp_steps(spool):
+        removed += gone
+        yield None
+    return removed

@@ -378,6 +378,19 @@ def test_a_crash_mid_enqueue_leaves_no_task_and_clean_tmp_removes_the_stage(sp: 
     assert sp.status("Z", "a").state == State.ENQUEUED
 
 
+def test_cleaning_tmp_goes_one_entry_at_a_time_and_may_stop_between_any_two(sp: Spool) -> None:
+    tmp = Path(sp.root, "tmp")
+    for i in range(3):
+        (tmp / f".trash.{i}").mkdir()  # an interrupted delete's leftover: removed at once
+    steps = sweeps.clean_tmp_steps(sp)
+    assert next(steps) is True
+    assert len(os.listdir(tmp)) == 2
+    steps.close()
+    assert len(os.listdir(tmp)) == 2
+    pass_steps = list(sweeps.sweep_steps(sp))  # the daemon's pass: a step per entry of tmp/ too
+    assert pass_steps.count(None) >= 2 and os.listdir(tmp) == []
+
+
 def test_clean_tmp_removes_trash_at_once_and_young_stages_never(sp: Spool) -> None:
     tmp = Path(sp.root, "tmp")
     (tmp / ".trash.Z:x.abc").mkdir()
