@@ -388,7 +388,7 @@ def test_ready_comes_before_the_first_pass_over_a_backlog_and_claims_wait_for_it
     """The first rescan of enqueued/ (an lstat and a status read per task:
     tens of seconds for a few hundred thousand with a cold cache) is spread
     over the loop's turns, so READY and the watchdog do not wait for it (a
-    start-up past WatchdogSec or TimeoutStartSec got the daemon killed); no
+    start-up past WatchdogSec or TimeoutStartSec would get the daemon killed); no
     task is claimed before the pass has seen them all, so the first to start
     is still the first in the queue."""
     spool, workers, _ = env
@@ -459,7 +459,7 @@ def test_a_long_retirement_pass_does_not_hold_up_new_tasks(env):
     """Thousands of tasks expiring together are retired a slice at a time
     between the loop's other duties: a task enqueued meanwhile starts at
     once. (The whole pass used to run in one turn: the task waited for all of
-    it, and a pass longer than WatchdogSec got the daemon killed.)"""
+    it, and a pass longer than WatchdogSec would get the daemon killed.)"""
     spool, workers, _ = env
     register(spool, "T", "noop")
     register(spool, "O", "noop", retention=1)
