@@ -325,14 +325,23 @@ def test_a_long_retirement_pass_reads_the_clock_at_each_task(make_spool, tmp_pat
     """A pass spread over minutes meets tasks finished after it began: they
     are not taken for tasks from the future (a clock stepped back), which
     would restamp them and log a warning."""
-    readings = iter([0.0, 120.0, 240.0, 360.0])
     base = time.time() - 10_000  # every time here is long past for the real clock
-    sp = make_spool(clock=lambda: base + next(readings, 480.0))
+    ticks = {"armed": False, "n": 0}
+
+    def clock() -> float:
+        """base until armed; then 0, 120, 240 ... s later, one step a reading."""
+        if not ticks["armed"]:
+            return base
+        ticks["n"] += 1
+        return base + 120.0 * (ticks["n"] - 1)
+
+    sp = make_spool(clock=clock)
     for name in ("a", "b"):
         task = Path(sp.root, "done", f"T:{name}")
         task.mkdir()
         when = base + 90  # finished 90 s after the pass began: in the future only for its first look
         os.utime(task, (when, when))
+    ticks["armed"] = True  # the pass begins: 0 s for its first reading
     steps = sweeps.retire_steps(sp)
     assert list(steps) == [None, None]  # kept (retention 600 s)
     restamped = [e.name for e in os.scandir(Path(sp.root, "done")) if e.stat().st_mtime > base + 1_000]

@@ -138,7 +138,11 @@ class WaitingIndex:
         self._keys[key[-1]] = (key, mtime)
         if self._pass_seen is not None:
             self._pass_seen.add(key[-1])
-        if due(key, time.time_ns()):
+        self._file(key, time.time_ns())
+
+    def _file(self, key: WaitKey, now: int) -> None:
+        """Put *key* on its heap: the due ones, or the ones due later."""
+        if due(key, now):
             heapq.heappush(self._ready, key)
         else:
             heapq.heappush(self._later, (key[1], key))
@@ -174,16 +178,12 @@ class WaitingIndex:
                     known = self._keys.get(entry.name)
                     if known is None or known[1] != mtime:
                         self._push(read_key(self.layout.enqueued, entry.name, mtime), mtime)
+            # The heaps are rebuilt from what is left: superseded and gone keys go too.
             self._keys = {name: known for name, known in self._keys.items() if name in seen}
             now = time.time_ns()
             self._ready, self._later = [], []
             for key, _ in self._keys.values():
-                if due(key, now):
-                    self._ready.append(key)
-                else:
-                    self._later.append((key[1], key))
-            heapq.heapify(self._ready)
-            heapq.heapify(self._later)
+                self._file(key, now)
             self.complete = True
         finally:
             self._pass_seen = None
