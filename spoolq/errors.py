@@ -164,6 +164,13 @@ def safe_text(exc: BaseException) -> str:
             return f"<{type(exc).__name__} whose str() fails>"
 
 
+def describe(exc: BaseException) -> str:
+    """``ExceptionName: text``, or ``ExceptionName`` alone when the text is
+    empty (a bare ``KeyboardInterrupt``): how a failure names its cause."""
+    text = safe_text(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class WrongState(SpoolqError):
     """Task (``type``, ``id``) is in ``state``, where the asked action does
     not apply (cancel a final task, requeue one that is not FAILED). Nothing

@@ -146,6 +146,7 @@ class Outcome(enum.Enum):
     NO_ROOM = "NO_ROOM"  # never started: its type's concurrency limit was reached meanwhile
     NOT_STARTED = "NOT_STARTED"  # never started: the start could not be written (disk full, I/O error)
     UNRECORDED = "UNRECORDED"  # the run ended, but its end could not be written: the worker loop writes it
+    QUARANTINED = "QUARANTINED"  # its task directory could not be trusted at the end: set aside in quarantine/
 
 
 class Action(str, enum.Enum):

@@ -245,7 +245,7 @@ class Producer:
             "finished_at": None,
             "updated_at": codec.iso(now),
             "response_mime": None,
-            "message": message,
+            "message": codec.bounded(message, codec.STATUS_MESSAGE_MAX),
         }
 
     def _publish(self, stage: _Stage, waiting: int) -> None:

@@ -48,7 +48,7 @@ from .errors import (
     TaskNotFound,
     TypeInUse,
     WrongState,
-    safe_text,
+    describe,
 )
 from .faults import crashpoint
 from .lifecycle import (
@@ -602,7 +602,7 @@ class Spool:
             try:
                 value = json.loads(raw) if input_name == INPUT_JSON else pickle.loads(raw)
             except (Exception, SystemExit) as exc:
-                reason = f"input cannot be loaded: {type(exc).__name__}: {safe_text(exc)}"
+                reason = f"input cannot be loaded: {describe(exc)}"
                 self._finish_locked(task, State.FAILED, reason)
                 raise CorruptTask(task.path, f"task {claim.type}/{claim.id}: {reason}") from None
             run_lock = hold_run_lock_fd(task.fd) if hold_run_lock else None

@@ -160,6 +160,18 @@ def change_process(ts, inp):
         os.nice(5)
     elif what == "resource limits":  # hard: cannot be raised again without privilege
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    elif what == "thread":  # would print into the next task's output, in its process
+        import threading
+
+        def chatter():
+            for _ in range(2000):
+                try:
+                    os.write(1, b"LEAK\n")
+                except OSError:
+                    pass  # a pipe of the run that ended
+                time.sleep(0.005)
+
+        threading.Thread(target=chatter, daemon=True).start()
     elif what == "user ids":  # root dropping privileges: the process can no longer write the spool
         os.setgid(65534)
         os.setuid(65534)
@@ -186,3 +198,43 @@ def check_process(ts, inp):
     assert os.getpriority(os.PRIO_PROCESS, 0) == inp["nice"]
     assert resource.getrlimit(resource.RLIMIT_CORE) == tuple(inp["core"])
     time.sleep(inp.get("seconds", 0))
+
+
+def huge_failure(ts, inp):
+    """Fails with an exception text of 20 MB (over the 16 MiB read limit)."""
+    raise ValueError("z" * 20_000_000)
+
+
+def huge_running_message(ts, inp):
+    """Sets a 17 MB message on its RUNNING status, then returns."""
+    ts.set_running("m" * 17_000_000)
+
+
+def symlink_own_log(ts, inp):
+    """Replaces its own log with a symlink to a file outside the spool."""
+    log = os.path.join(ts.info().path, "log")
+    os.unlink(log)
+    os.symlink(inp["victim"], log)
+
+
+def success_then_hang(ts, inp):
+    """Gives its task its final state, then overruns its time limit."""
+    ts.set_success("done early")
+    time.sleep(100)
+
+
+def leave_child_with_few_fds(ts, inp):
+    """Forks a child that sleeps, records its pid, then lowers its own
+    open-files limit to 3 (its soft limit only) and returns."""
+    import resource
+
+    child = os.fork()
+    if child == 0:
+        try:
+            time.sleep(1000)
+        finally:
+            os._exit(0)
+    with open(inp["pidfile"] + ".tmp", "w") as fh:
+        fh.write(str(child))
+    os.rename(inp["pidfile"] + ".tmp", inp["pidfile"])
+    resource.setrlimit(resource.RLIMIT_NOFILE, (3, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))

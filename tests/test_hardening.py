@@ -407,8 +407,9 @@ def test_an_exception_whose_str_raises_keeps_its_traceback_and_the_slot(env):
 
 
 CHANGES = ["streams", "fd 0", "environment", "umask", "working directory", "signal handlers", "timers", "logging",
-           "niceness", "resource limits"] + (["user ids"] if os.geteuid() == 0 else [])
-RETIRING = {"resource limits": "resource limits", "user ids": "user or group ids"}  # cannot be put back
+           "niceness", "resource limits", "thread"] + (["user ids"] if os.geteuid() == 0 else [])
+RETIRING = {"resource limits": "resource limits", "thread": "threads (one left running)",  # cannot be put back
+            "user ids": "user or group ids"}
 
 
 def _stdin_identity() -> list[int] | None:
@@ -549,6 +550,34 @@ def test_a_handler_that_does_not_import_makes_its_tasks_wait_not_fail(env):
         assert proc.wait(30) == 0, log.read_text()
 
 
+def test_a_function_added_to_a_module_already_imported_is_found_without_a_restart(env):
+    """The module imports but lacks the function (a newcomer adds it after
+    registering): the handler process that tried has the old module in
+    sys.modules, so it retires and the retry imports the module afresh."""
+    spool, root, workers, tmp = env
+    code = tmp / "code"
+    code.mkdir()
+    module = code / "jobs_in_progress.py"
+    module.write_text("def other(ts, inp):\n    pass\n")
+    spool.register_type("N", "jobs_in_progress.newfn")
+    spool.enqueue("N", "n1", 5)
+    log = tmp / "worker.log"
+    env_vars = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]))
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "spoolq", "--root", str(root), "worker", "w1",
+                                 "--pythonpath", str(code), "--concurrency", "1"], env=env_vars, stderr=fh)
+    try:
+        wait_until(lambda: "cannot be imported" in log.read_text(), what="the import error, said")
+        with open(module, "a") as fh:
+            fh.write("def newfn(ts, inp):\n    ts.store_response(str(inp * 2), 'text/plain')\n")
+        wait_until(lambda: spool.status("N", "n1").state == State.FINISHED, timeout=60, what="the task, once the "
+                   "function is there")
+        assert spool.response("N", "n1") == (b"10", "text/plain")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
+
+
 def test_register_warns_about_a_handler_it_cannot_find_and_worker_refuses_a_bad_pythonpath(env):
     spool, root, workers, tmp = env
     done = spoolq_cli("register", "N", "no_such_module_here.func", root=root)
@@ -574,3 +603,84 @@ def test_deleting_a_running_task_stops_its_handler_within_a_second(env):
     wait_until(lambda: not alive(pid), timeout=5, what="the handler to stop")
     last_tick = max(t for e, p, t in notes(rec) if e == "tick")
     assert last_tick - deleted < 1.0, f"the handler ran {last_tick - deleted:.2f} s past the delete"
+
+
+# --------------------------------------------------------------------------- a hostile handler (outside test, round 2)
+
+
+def test_a_failure_message_of_megabytes_leaves_a_readable_task(env):
+    """A 20 MB exception text, or a 17 MB RUNNING message, once made a
+    status.json over the read limit: the task dropped out of status, list,
+    stats and wait, and the second one was never finished. The status keeps
+    the message's first STATUS_MESSAGE_MAX characters, the log's record the
+    first LOG_MESSAGE_MAX, each saying how much was cut."""
+    from spoolq.store.codec import LOG_MESSAGE_MAX, STATUS_MESSAGE_MAX
+
+    spool, root, workers, tmp = env
+    register(spool, "Big", "huge_failure", max_restarts=0)
+    register(spool, "Run", "huge_running_message")
+    spool.enqueue("Big", "x", None)
+    spool.enqueue("Run", "y", None)
+    proc = workers.start("w1")
+    wait_until(lambda: spool.status("Big", "x").state.terminal and spool.status("Run", "y").state.terminal,
+               timeout=60, what="both ended")
+    failed, finished = spool.status("Big", "x"), spool.status("Run", "y")
+    assert failed.state == State.FAILED and finished.state == State.FINISHED
+    message = failed.doc["message"]
+    assert message.startswith("ValueError: zzz") and message.endswith("more characters cut]"), message[-80:]
+    assert STATUS_MESSAGE_MAX <= len(message) < STATUS_MESSAGE_MAX + 100
+    assert os.path.getsize(root / "done" / "Big:x" / "status.json") < 16 << 10
+    assert max(len(r.message) for r in spool.log_records("Run", "y")) < LOG_MESSAGE_MAX + 100
+    listed = spoolq_cli("list", "--json", root=root)
+    assert listed.returncode == 0 and "Big" in listed.stdout, listed.stderr
+    assert spoolq_cli("status", "Big", "x", root=root).returncode == 0
+    err = stderr_of(proc)
+    assert "Traceback" not in err, err[-2000:]
+    assert "failed Big:x: ValueError: zzz" in err
+    assert "cannot be read" not in err
+
+
+def test_a_handler_that_breaks_its_own_log_gets_its_task_quarantined_in_one_line(env):
+    spool, root, workers, tmp = env
+    register(spool, "L", "symlink_own_log")
+    spool.register_type("T", "daemon_handlers.add")
+    victim = tmp / "victim.txt"
+    victim.write_text("untouched\n")
+    spool.enqueue("L", "bad", {"victim": str(victim)})
+    proc = workers.start("w1")
+    wait_until(lambda: any(n.startswith("L:bad") for n in os.listdir(root / "quarantine")), what="quarantined")
+    assert not (root / "running" / "L:bad").exists()
+    assert victim.read_text() == "untouched\n"
+    spool.enqueue("T", "good", [1, 2])
+    wait_until(lambda: spool.status("T", "good").state == State.FINISHED, what="the next task")
+    err = stderr_of(proc)
+    assert "Traceback" not in err, err
+    assert "quarantined L:bad" in err, err
+
+
+def test_a_task_finished_by_its_handler_before_a_timeout_kill_is_reported(env):
+    """set_success, then a hang past the time limit: the kill finds nothing
+    to take back, and the run is still counted and logged as finished."""
+    spool, root, workers, tmp = env
+    register(spool, "H", "success_then_hang", timeout=1, max_restarts=0)
+    spool.enqueue("H", "z", None)
+    proc = workers.start("w1")
+    wait_until(lambda: "finished H:z" in stderr_of(proc), timeout=30, what="the daemon's line")
+    info = spool.status("H", "z")
+    assert info.state == State.FINISHED and info.doc["restarts"] == 0
+    wait_until(lambda: '"FINISHED": 1' in (root / "metrics" / "w1.json").read_text()
+               if (root / "metrics" / "w1.json").exists() else False, timeout=30, what="counted")
+
+
+def test_a_handler_that_lowers_its_open_files_limit_still_has_its_leftovers_killed(env):
+    """With a soft limit of 3 descriptors, /proc could not be read: the
+    leftover kill saw no child, waited 10 s, and the child outlived the
+    task. What the handler changed is put back first."""
+    spool, root, workers, tmp = env
+    register(spool, "F", "leave_child_with_few_fds")
+    pidfile = tmp / "pid"
+    spool.enqueue("F", "n", {"pidfile": str(pidfile)})
+    workers.start("w1")
+    wait_until(lambda: Path(root, "done", "F:n").is_dir(), timeout=30, what="task moved to done/")
+    assert spool.status("F", "n").state == State.FINISHED
+    assert not alive(int(pidfile.read_text())), "the handler's child outlived its task"

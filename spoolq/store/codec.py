@@ -93,7 +93,26 @@ def parse_time(text: str) -> datetime:
     return datetime.fromisoformat(text)
 
 
-def _escape(message: str) -> str:
+# A message is a line of text, not a payload: a handler's exception text of
+# megabytes would otherwise make a status.json over fsutil.READ_LIMIT, which
+# every reader refuses (the task would drop out of every view).
+STATUS_MESSAGE_MAX = 4096  # characters of the last message kept in status.json
+LOG_MESSAGE_MAX = 1 << 20  # characters of one log record's message (a traceback, say)
+
+
+def bounded(message: str, limit: int) -> str:
+    """*message* cut to its first *limit* characters, the cut said at its end;
+    InvalidInput unless it is a str."""
+    if not isinstance(message, str):
+        raise InvalidInput(f"a message must be a str, not {type(message).__name__}")
+    if len(message) <= limit:
+        return message
+    return f"{message[:limit]}... [{len(message) - limit:,} more characters cut]"
+
+
+def one_line(message: str) -> str:
+    """*message* on one line: newline, tab, carriage return and backslash
+    written ``\\n``, ``\\t``, ``\\r``, ``\\\\`` (how the log stores it)."""
     return message.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
 
 
@@ -205,7 +224,7 @@ def state_of(doc: dict[str, Any]) -> State:
 
 
 def log_line(ts: float, state: State, message: str) -> bytes:
-    return f"{iso(ts)}\t{state.name}\t{_escape(message)}\n".encode()
+    return f"{iso(ts)}\t{state.name}\t{one_line(bounded(message, LOG_MESSAGE_MAX))}\n".encode()
 
 
 def parse_log(raw: bytes) -> Iterator[LogRecord]:

@@ -329,6 +329,7 @@ class TaskDir:
         (fdatasynced) → rename of the status into place → fsync of the task
         directory. A claim not recorded yet gets its SCHEDULED record
         first, in the same append."""
+        kept = codec.bounded(message, codec.STATUS_MESSAGE_MAX)  # (the log record keeps more)
         self._claim_move_durable()
         now = self.clock()
         claimed = self.unrecorded_claim
@@ -339,7 +340,7 @@ class TaskDir:
         self.doc.update(changes)
         self.doc["state"] = state.name
         self.doc["updated_at"] = codec.iso(now)
-        self.doc["message"] = message
+        self.doc["message"] = kept
         sync = self.durable
         fsutil.write_new_replacing(self.fd, STATUS + ".tmp", codec.encode_status(self.doc), sync=sync)
         crashpoint("status.tmp_written")

@@ -470,7 +470,10 @@ def _slot_main(spool: Spool, commands: int, results: int) -> int:
         # process retires; the worker replaces it (docs: spoolq.worker.limits).
         # So does a process whose handler changed what cannot be put back
         # (the runner put back the rest as the handler returned: .hygiene).
-        retire = limited or born.retire
+        # And one that could not import a handler: the module may be half
+        # imported in sys.modules, and the retry after a fix of the code must
+        # import it afresh (a fresh fork of the worker, which imports none).
+        retire = limited or born.retire or outcome is Outcome.NO_HANDLER
         flag = RETIRING if retire else ""
         os.write(results, f"{outcome.value}\t{flag}\t{note}\n".encode())
         if retire:

@@ -34,9 +34,10 @@ variables, 60-70 us with 38 (comparing ``os.environ`` decodes each
 variable). What it does not cover:
 module-level state of imported code (a handler that monkeypatches a
 library changes it for the next task, as in any long-lived worker
-process), threads a handler leaves running, and descriptors it leaves open
-(its leftovers are killed by the runner; descriptors are the handler's
-own to close).
+process) and descriptors it leaves open (its leftovers are killed by the
+runner; descriptors are the handler's own to close). A thread a handler
+leaves running cannot be put back: the process retires after the task
+(one ``stat`` before and after the run counts the threads).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from typing import Any, TextIO
+
+from . import proctree
 
 log = logging.getLogger("spoolq.hygiene")
 
@@ -108,6 +111,7 @@ class ProcessState:
         self.limits: dict[int, tuple[int, int]] = {}
         self.niceness = 0
         self.ids: tuple[Any, ...] = ()
+        self.threads = 0  # threads of the process as the handler was called (:meth:`before_run`)
         self.retire = False  # something could not be put back: the process must not run another task
 
     @classmethod
@@ -136,6 +140,12 @@ class ProcessState:
         state.niceness = os.getpriority(os.PRIO_PROCESS, 0)
         state.ids = _ids()
         return state
+
+    def before_run(self) -> None:
+        """Right before a handler is called: what :meth:`restore` compares
+        that is not the slot's own (the threads it runs, output capture's
+        included)."""
+        self.threads = proctree.thread_count()
 
     def put_back(self, claim: object) -> None:
         """Right after *claim*'s handler returned (before its end is written,
@@ -170,6 +180,11 @@ class ProcessState:
             sys.setrecursionlimit(self.recursion)
             done.note("recursion limit")
         self._limits(done)
+        if self.threads and proctree.thread_count() > self.threads:
+            # A thread the handler left running would go on inside the next
+            # task (print into its output, report its progress, exit its
+            # process): it cannot be stopped from outside, only left behind.
+            done.note("threads (one left running)", put_back=False)
         if _ids() != self.ids:
             # A handler that dropped privileges leaves a process that can no
             # longer write the spool; one that gained them, one that should

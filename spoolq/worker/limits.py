@@ -157,6 +157,10 @@ class Limits:
                 return self.describe_cpu()
             if isinstance(cause, MemoryError) and self.memory_max is not None:
                 return f"{self.describe_memory()} (MemoryError)"
+            if (isinstance(cause, RuntimeError) and "can't start new thread" in str(cause)
+                    and self.memory_max is not None):
+                # A thread's stack is address space: the limit refuses it too.
+                return f"{self.describe_memory()} ({type(cause).__name__}: {cause})"
             if isinstance(cause, OSError) and cause.errno == errno.EMFILE and self.max_open_files is not None:
                 return f"open files limit {self.max_open_files} reached ({type(cause).__name__}: {cause})"
         return None

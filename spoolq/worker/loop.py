@@ -51,6 +51,7 @@ from ..errors import CorruptTask, ServerBusy, SpoolError, SpoolqError, StaleClai
 from ..lifecycle import Action, Claim, Outcome, Place, State
 from ..names import check_server, check_type, split_task_name
 from ..spool import Spool, SweepAction
+from ..store import codec
 from ..store.metrics import ServerCounters
 from ..store.queue import WaitingIndex
 from ..systemd import Notifier, setup_logging, task_fields
@@ -648,6 +649,10 @@ class Worker:
                 log.error("failed %s: %s (no restarts left)", job.label, reason, extra=task_fields(job.claim, "FAILED"))
             elif result is Action.REENQUEUED:
                 log.warning("re-enqueued %s: %s", job.label, reason, extra=task_fields(job.claim, "ENQUEUED"))
+            else:
+                # Nothing to take away: its handler gave it its final state
+                # before it was killed (and then hung), or it was deleted.
+                self._report(job, outcome_of(self.spool, job.claim))
             return
         self._record_end(job, State.FAILED, ended.reason)
 
@@ -664,9 +669,14 @@ class Worker:
         except StaleClaim:
             # It reached a final state (or was taken away) before dying.
             self._report(job, outcome_of(self.spool, job.claim))
+        except CorruptTask as exc:
+            # Tampered with (by its handler, say): set aside, not left running.
+            log.error("cannot record the end of %s (%s): %s; quarantining it", job.label, message or state.name,
+                      exc, extra=task_fields(job.claim))
+            self.spool.quarantine(exc.path, str(exc))
         except (SpoolqError, OSError) as exc:
-            # Disk full, or the task directory was tampered with: it stays
-            # as it is until its timeout re-enqueues it; the daemon goes on.
+            # Disk full, say: it stays as it is until its timeout re-enqueues
+            # it; the daemon goes on.
             log.error("cannot record the end of %s (%s): %s", job.label, message or state.name, exc)
 
     def _finish_cancel(self, job: _Job) -> None:
@@ -728,12 +738,16 @@ class Worker:
                 message = self.spool.status(job.claim.type, job.claim.id).doc.get("message", "")
             except SpoolqError:
                 message = ""
+            message = codec.one_line(str(message))  # one line per event, whatever the handler raised
             if outcome is Outcome.RETRY:
                 log.warning("%s: %s", job.label, message,  # "retry k/N in X s: why"
                             extra=task_fields(job.claim, "ENQUEUED"))
             else:
                 self.failed += 1
                 log.error("failed %s: %s", job.label, message, extra=task_fields(job.claim, "FAILED"))
+        elif outcome is Outcome.QUARANTINED:
+            log.error("quarantined %s: its task directory could not be trusted when it ended", job.label,
+                      extra=task_fields(job.claim))
         else:
             log.info("%s was taken away or deleted while it ran", job.label, extra=task_fields(job.claim))
 

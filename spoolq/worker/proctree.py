@@ -23,6 +23,7 @@ systemd, the unit's cgroup is killed as a whole when the worker dies.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import signal
 import time
@@ -54,32 +55,54 @@ def die_with_parent(sig: int = signal.SIGKILL) -> bool:
     return _call_prctl(_PR_SET_PDEATHSIG, int(sig))
 
 
+# The look at /proc itself failed for want of descriptors or memory (a
+# handler that lowered its open-files limit): "no child" would be a guess.
+_NO_LOOK = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
+
+
 def children(pid: int | None = None) -> list[int]:
     """The live children of *pid* (default: this process), from
-    ``/proc/PID/task/*/children`` (each thread's own)."""
+    ``/proc/PID/task/*/children`` (each thread's own). OSError when /proc
+    cannot be read for want of descriptors or memory."""
     pid = os.getpid() if pid is None else pid
     out: list[int] = []
     try:
         tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
+    except OSError as exc:
+        if exc.errno in _NO_LOOK:
+            raise
+        return out  # the process is gone
     for tid in tids:
-        # os.open/os.read: a handler process reads these after every run,
-        # and open() would add a stat, an isatty and two seeks each time.
-        try:
-            fd = os.open(f"/proc/{pid}/task/{tid}/children", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            chunks = []
-            while chunk := os.read(fd, 1 << 16):
-                chunks.append(chunk)
-        except OSError:
-            continue
-        finally:
-            os.close(fd)
-        out += [int(x) for x in b"".join(chunks).split()]
+        out += thread_children(pid, int(tid))
     return out
+
+
+def thread_children(pid: int, tid: int) -> list[int]:
+    """The live children that thread *tid* of process *pid* forked (or that
+    were re-parented to it); OSError as :func:`children`."""
+    # os.open/os.read: a handler process reads these after every run,
+    # and open() would add a stat, an isatty and two seeks each time.
+    try:
+        fd = os.open(f"/proc/{pid}/task/{tid}/children", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in _NO_LOOK:
+            raise
+        return []  # the thread is gone
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    except OSError:
+        return []
+    finally:
+        os.close(fd)
+    return [int(x) for x in b"".join(chunks).split()]
+
+
+def thread_count() -> int:
+    """How many threads this process has: one ``stat`` (procfs counts a
+    process's threads in the link count of its ``task`` directory)."""
+    return os.stat("/proc/self/task").st_nlink - 2
 
 
 def kill_children(keep: frozenset[int] = frozenset()) -> list[int]:
@@ -99,7 +122,8 @@ def kill_children(keep: frozenset[int] = frozenset()) -> list[int]:
 def kill_descendants(*, timeout: float = 10.0) -> None:
     """Kill and reap every descendant of this process (a subreaper): its
     children, then the grandchildren re-parented to it as their parents die,
-    until none is left or *timeout* seconds passed."""
+    until none is left or *timeout* seconds passed. OSError when /proc
+    cannot be read (:func:`children`): then nobody knows what is left."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         # No child at all, alive or unreaped (ECHILD): no descendant either,

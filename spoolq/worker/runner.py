@@ -29,7 +29,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import CorruptTask, SpoolqError, StaleClaim, TaskNotFound, safe_text
+from ..errors import CorruptTask, SpoolqError, StaleClaim, TaskNotFound, describe, safe_text
 from ..lifecycle import Claim, Outcome, Place, State
 from ..spool import Spool
 from ..store.output import clear_run_files
@@ -130,7 +130,7 @@ def run_claim(
             load_handler(ttype.handler)  # cached in sys.modules for the run
         except Exception as exc:  # noqa: BLE001 - whatever the import raises
             raise HandlerUnavailable(
-                f"handler {ttype.handler!r} cannot be imported: {type(exc).__name__}: {safe_text(exc)}"
+                f"handler {ttype.handler!r} cannot be imported: {describe(exc)}"
             ) from None
     slot = None
     if take_slot and ttype is not None and ttype.concurrency:
@@ -183,7 +183,7 @@ def _run_started(
             handler = load_handler(handler_path)
         except Exception as exc:
             return _outcome_for(fail(
-                spool, claim, f"cannot import handler {handler_path!r}: {type(exc).__name__}: {safe_text(exc)}", exc))
+                spool, claim, f"cannot import handler {handler_path!r}: {describe(exc)}", exc))
         limits = Limits.for_type(spool, claim.type)
         # The output is captured from before the limits are applied (the
         # capture's thread and pipes count against none of them) until the
@@ -196,16 +196,28 @@ def _run_started(
             except OSError as exc:
                 caught = exc
             else:
+                if hygiene is not None:
+                    hygiene.before_run()
                 try:
                     handler(context, value)
                 except BaseException as exc:  # noqa: BLE001 - judged below
                     caught = exc
-        # What the handler left behind dies before its outcome is recorded:
+        # First what the handler changed in its own process (a lowered
+        # open-files limit would keep the leftover kill below from reading
+        # /proc), then its leftovers die, before its outcome is recorded:
         # once the task is final, a worker killed now would leave them
         # running with nobody to kill them (its task needs no taking back).
-        proctree.kill_descendants()
+        if lift is not None:
+            lift()
         if hygiene is not None and not limits:  # (with limits, the process retires after the task)
             hygiene.put_back(claim)
+        try:
+            proctree.kill_descendants()
+        except OSError as exc:
+            # Not knowing what it left running, this process cannot vouch for
+            # the run's end: it exits unrecorded, and the worker, whose
+            # children its orphans become, kills them and settles the task.
+            raise OSError(exc.errno, f"cannot see what the handler left running: {exc.strerror}") from None
         context.flush_progress()
         if isinstance(capture, Capture) and capture.error is not None:
             # Not durable state, no reason to fail the run; but said once.
@@ -213,13 +225,18 @@ def _run_started(
         if isinstance(caught, StaleClaim):
             raise caught  # the handler's own status call found its task taken away
         if lift is not None:
-            lift()
             failure = _failure_of(caught, limits)
         else:  # the limits could not be applied: the handler never ran
             assert isinstance(caught, OSError)
             failure = str(caught.strerror or caught)
         try:
             return _record_end(spool, claim, caught, failure)
+        except CorruptTask as exc:
+            # The handler broke its own task's files (its log a symlink, its
+            # status gone or garbage): nothing there can be trusted any more.
+            log.error("%s: %s; quarantining it", claim, exc)
+            spool.quarantine(exc.path, str(exc))
+            return Outcome.QUARANTINED
         except OSError as exc:
             raise NotRecorded(State.FAILED if failure else State.FINISHED, failure,
                               exc.strerror or str(exc)) from None
@@ -237,7 +254,7 @@ def _failure_of(caught: BaseException | None, limits: Limits) -> str:
         return caught.message or RETRY_ASKED
     if isinstance(caught, SystemExit):
         return f"handler called sys.exit({caught.code!r})"
-    return limits.explain(caught) or f"{type(caught).__name__}: {safe_text(caught)}"
+    return limits.explain(caught) or describe(caught)
 
 
 def _record_end(spool: Spool, claim: Claim, caught: BaseException | None, failure: str) -> Outcome:
@@ -291,7 +308,7 @@ def fail(spool: Spool, claim: Claim, message: str, exc: BaseException) -> State:
     try:
         trace = "".join(traceback.format_exception(exc)).rstrip()
     except Exception:  # noqa: BLE001 - an exception whose str() fails
-        trace = "".join(traceback.format_tb(exc.__traceback__)).rstrip() + f"\n{type(exc).__name__}: {safe_text(exc)}"
+        trace = "".join(traceback.format_tb(exc.__traceback__)).rstrip() + f"\n{describe(exc)}"
     try:
         spool.log_message(claim, trace)
         return spool.set_state(claim, State.FAILED, message)
