@@ -434,13 +434,30 @@ def enqueue(
         fd = os.open(input_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             payload = spool.read_input(fd)
+        except OSError as exc:  # a directory, say: name it
+            raise OSError(exc.errno, exc.strerror, input_path) from None
         finally:
             os.close(fd)
     when = {"priority": priority, "not_before": at, "delay": in_}
-    if json_in:
-        _print_json(_task_json(spool.enqueue_json(type_name, task_id, payload, **when)))
-    else:
-        spool.enqueue_pickled(type_name, task_id, payload, **when)
+    try:
+        if json_in:
+            _print_json(_task_json(spool.enqueue_json(type_name, task_id, payload, **when)))
+        else:
+            spool.enqueue_pickled(type_name, task_id, payload, **when)
+    except InvalidInput as exc:
+        if exc.limit is not None:
+            raise
+        raise InvalidInput(f"{exc}{_other_format_hint(payload, json_in)}") from None
+
+
+def _other_format_hint(payload: bytes, json_in: bool) -> str:
+    """A hint when the input looks like the other format than the one asked for."""
+    head = payload.lstrip()[:1]
+    if json_in and payload[:1] == b"\x80":  # every pickle of protocol 2 or later starts so
+        return " (it looks like a pickle: leave out --json)"
+    if not json_in and head and head in b'[{"-0123456789tfn':
+        return " (it looks like JSON: add --json)"
+    return ""
 
 
 @_command(examples=["spoolq status SequenceSum Task001",

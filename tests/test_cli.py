@@ -166,6 +166,12 @@ def test_enqueue_errors_are_one_line(root: Path, pickled: Path, tmp_path: Path) 
     for what, proc in cases.items():
         assert proc.returncode == 1, (what, proc.stderr)
         assert_one_line_error(proc, 1)
+    assert cases["input is a directory"].stderr.decode().rstrip().endswith(f": {tmp_path}")
+    # Input in the other format than the one asked for: the line says so.
+    json_as_pickle = spoolq("enqueue", TYPE, "a", "-", root=root, stdin=b"[1, 2, 3]")
+    assert assert_one_line_error(json_as_pickle, 1).rstrip().endswith("(it looks like JSON: add --json)")
+    pickle_as_json = spoolq("enqueue", TYPE, "a", "-", "--json", root=root, stdin=pickle.dumps([1]))
+    assert assert_one_line_error(pickle_as_json, 1).rstrip().endswith("(it looks like a pickle: leave out --json)")
     assert [i.id for i in Spool(root).list_tasks()] == ["dup"]
 
 
