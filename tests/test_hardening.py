@@ -684,3 +684,86 @@ def test_a_handler_that_lowers_its_open_files_limit_still_has_its_leftovers_kill
     wait_until(lambda: Path(root, "done", "F:n").is_dir(), timeout=30, what="task moved to done/")
     assert spool.status("F", "n").state == State.FINISHED
     assert not alive(int(pidfile.read_text())), "the handler's child outlived its task"
+
+
+# --------------------------------------------------------------------------- an operator (outside test, round 2)
+
+
+def test_a_removed_server_lock_file_is_put_back_and_a_second_server_still_refused(env):
+    """`rm locks/servers/w1.lock` under a live worker made it look dead: a
+    sweep took its tasks and killed its handlers, a second w1 started. The
+    worker locks a new file within seconds."""
+    spool, root, workers, tmp = env
+    spool.register_type("T", "daemon_handlers.add")
+    proc = workers.start("w1")
+    lock = root / "locks" / "servers" / "w1.lock"
+    wait_until(lambda: spool.server_alive("w1"), what="w1 alive")
+    lock.unlink()
+    assert not spool.server_alive("w1")
+    wait_until(lambda: lock.exists() and spool.server_alive("w1"), timeout=10, what="the lock file put back")
+    assert lock.read_text().strip() == str(proc.pid)
+    second = workers.start("w1")
+    assert second.wait(30) == 78, stderr_of(second)
+    assert "already running" in stderr_of(second)
+    spool.enqueue("T", "after", [1, 2])
+    wait_until(lambda: spool.status("T", "after").state == State.FINISHED, what="work goes on")
+    assert proc.poll() is None
+
+
+def test_a_worker_whose_lock_file_another_process_took_over_stops_with_78(env):
+    import fcntl
+
+    spool, root, workers, tmp = env
+    proc = workers.start("w1")
+    lock = root / "locks" / "servers" / "w1.lock"
+    wait_until(lambda: spool.server_alive("w1"), what="w1 alive")
+    deadline = time.monotonic() + 10
+    while True:  # the worker may put its own file back between the rm and our lock
+        lock.unlink(missing_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o660)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            os.close(fd)
+            assert time.monotonic() < deadline
+    try:
+        assert proc.wait(30) == 78, stderr_of(proc)
+        assert "another process holds it now: stopping" in stderr_of(proc)
+    finally:
+        os.close(fd)
+
+
+def test_a_moment_of_unsafe_modes_sends_tasks_back_instead_of_failing_them(env):
+    """`chmod o+w enqueued/` for a few seconds: each start refused (as it
+    must: unpickling runs code) used to kill the handler process with a
+    traceback and fail its task with 'exited with status 70'."""
+    spool, root, workers, tmp = env
+    spool.register_type("T", "daemon_handlers.add")
+    for i in range(3):
+        spool.enqueue("T", f"u{i}", [i, 1], delay=2)
+    proc = workers.start("w1")
+    wait_until(lambda: " ready on " in stderr_of(proc), what="ready")
+    os.chmod(root / "enqueued", 0o2777)  # after the worker's own check at its start, which refuses
+    wait_until(lambda: "cannot start it" in stderr_of(proc), what="a start refused")
+    os.chmod(root / "enqueued", 0o2770)
+    wait_until(lambda: all(spool.status("T", f"u{i}").state == State.FINISHED for i in range(3)), timeout=30,
+               what="all finished once the modes are right again")
+    assert all(spool.status("T", f"u{i}").doc["restarts"] == 0 for i in range(3))
+    err = stderr_of(proc)
+    assert "Traceback" not in err, err
+
+
+def test_a_type_file_edited_into_garbage_makes_its_tasks_wait_not_fail(env):
+    spool, root, workers, tmp = env
+    spool.register_type("T", "daemon_handlers.add")
+    spool.enqueue("T", "w", [2, 3])
+    path = root / "types" / "T.json"
+    good = path.read_text()
+    path.write_text(good.replace(",", "", 1))
+    proc = workers.start("w1")
+    wait_until(lambda: "not claiming T tasks until its type's file reads again" in stderr_of(proc), what="said")
+    assert spool.status("T", "w").state == State.ENQUEUED
+    path.write_text(good)
+    wait_until(lambda: spool.status("T", "w").state == State.FINISHED, timeout=30, what="finished once it reads")
+    assert "Traceback" not in stderr_of(proc)

@@ -37,7 +37,7 @@ class ServerLocks:
         check_server(server)
         if server in self._held:
             return
-        fd = os.open(self.layout.server_lock(server), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o660)
+        fd = self._open_lock(server)
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -49,13 +49,61 @@ class ServerLocks:
                     raise ServerBusy(server, f"server {server!r} is already running on {self.layout.root}") from None
                 time.sleep(0.02)
         try:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
+            _write_pid(fd)
             self._make_server_dir(server)
         except BaseException:
             os.close(fd)
             raise
         self._held[server] = fd
+
+    def _open_lock(self, server: str) -> int:
+        """Open (or create) *server*'s lock file; one the group can open,
+        whatever this process's umask (the next holder may be another member,
+        or the service user after root ran the worker by hand)."""
+        path = self.layout.server_lock(server)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o660)
+        except PermissionError:
+            owner = _owner_of(path)
+            raise ServerBusy(server, f"{path} cannot be opened (Permission denied; it belongs to {owner}): "
+                                     f"remove it (rm {path}) while no server {server!r} runs") from None
+        try:
+            if os.fstat(fd).st_uid == os.geteuid():
+                fsutil.share_with_group(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def keep(self, server: str) -> bool:
+        """Check that the file at *server*'s lock path is still the one this
+        process locked, and lock the new one when someone removed or replaced
+        it (else the server looks dead: a sweep would take its tasks and kill
+        its handlers, a second worker could start as it). False when another
+        process holds the file now there: it took the server over."""
+        fd = self._held.get(server)
+        if fd is None:
+            return False
+        mine = os.fstat(fd)
+        try:
+            there = os.stat(self.layout.server_lock(server), follow_symlinks=False)
+            if (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
+                return True
+        except FileNotFoundError:
+            pass
+        new = self._open_lock(server)
+        try:
+            fcntl.flock(new, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _write_pid(new)
+        except BlockingIOError:
+            os.close(new)
+            return False
+        except BaseException:
+            os.close(new)
+            raise
+        self._held[server] = new
+        os.close(fd)
+        return True
 
     def _make_server_dir(self, server: str) -> None:
         """Create ``scheduled/SERVER/`` if missing, under the enqueue lock: so
@@ -134,3 +182,21 @@ class ServerLocks:
     def known(self) -> list[str]:
         """Every server that ever claimed here (has a scheduled/ directory)."""
         return sorted(os.listdir(self.layout.scheduled))
+
+
+def _write_pid(fd: int) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+
+def _owner_of(path: str) -> str:
+    try:
+        uid = os.stat(path, follow_symlinks=False).st_uid
+    except OSError:
+        return "another user"
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"

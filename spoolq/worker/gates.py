@@ -164,17 +164,19 @@ class Gates:
 
     # ------------------------------------------------------------------ handlers that do not import
 
-    def handler_missing(self, claim: Claim, why: str) -> None:
-        """The type's handler does not import here: a deployment error, not
-        the task's. Its claim goes back (uncharged, never started) and this
-        server claims no task of the type until a retry, with backoff, finds
-        the import working. Said once, and once more when it works again."""
+    def handler_missing(self, claim: Claim, why: str, *, until: str = "it imports") -> None:
+        """The type's handler does not import here (or its type's file cannot
+        be read, *until* says which): a deployment error, not the task's. Its
+        claim goes back (uncharged, never started) and this server claims no
+        task of the type until a retry, with backoff, finds it working. Said
+        once, and once more when it works again."""
         self.spool.hand_back(claim, f"not started on server {self.server}: {why}")
         block = self._no_handler.get(claim.type)
         if block is None:
             block = self._no_handler[claim.type] = _Backoff()
-            log.error("server %s: %s; not claiming %s tasks until it imports (they wait; trying again with "
-                      "backoff; see worker --pythonpath)", self.server, why, claim.type)
+            hint = "; see worker --pythonpath" if until == "it imports" else ""
+            log.error("server %s: %s; not claiming %s tasks until %s (they wait; trying again with backoff%s)",
+                      self.server, why, claim.type, until, hint)
         block.fail()
 
     def handler_found(self, type_name: str) -> None:

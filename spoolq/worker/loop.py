@@ -188,6 +188,7 @@ class Worker:
         self._types_watch: DirWatcher | None = None  # holds and releases
         self._task_watches: TaskWatches | None = None  # cancel requests of our running tasks
         self._next_heartbeat = 0.0
+        self.lost_server = False  # another process took the server's lock file over
         self._next_sweep = 0.0
         self._sweeping: Generator[SweepAction | None, None, int] | None = None  # a pass under way
         self._rescanning: Iterator[None] | None = None  # likewise
@@ -225,6 +226,8 @@ class Worker:
         code = 0
         try:
             self._loop()
+            if self.lost_server:
+                code = EX_CONFIG  # a second server of this name: not to be restarted into a fight
         except SpoolGone as exc:
             log.error("%s; stopping", exc)
             code = 1
@@ -385,6 +388,7 @@ class Worker:
         if now >= self._next_sweep:
             self._sweep()
         if now >= self._next_status:
+            self._keep_server_lock()
             self.notifier.status(self._status_text())
             self._next_status = now + 2.0
         self.notifier.watchdog()
@@ -440,6 +444,23 @@ class Worker:
         (its source need not be read this turn: a file event or result that
         comes later makes the next wait return at once)."""
         return self._ready is not None and fd in self._selected and fd not in self._ready
+
+    def _keep_server_lock(self) -> None:
+        """Put the server's lock file back if someone removed or replaced it
+        (two system calls every two seconds when nobody did); stop when
+        another process holds the file now there."""
+        try:
+            kept = self.spool.server_locks.keep(self.server)
+        except (OSError, SpoolqError) as exc:
+            log.error("server %s: cannot check its lock file: %s", self.server, exc)
+            return
+        if kept or self.stopping:
+            return
+        log.error("server %s: its lock file was replaced and another process holds it now: stopping", self.server)
+        self.lost_server = True
+        self.stopping = True
+        self.stop_deadline = time.monotonic() + self.grace
+        self.notifier.stopping("another process took over the server")
 
     def _handle_signals(self) -> None:
         while self._signals:
@@ -563,11 +584,9 @@ class Worker:
         try:
             timeout = self.spool.get_type(claim.type).timeout
         except SpoolqError as exc:
-            log.error("%s: %s; failing it", claim, exc)
-            try:
-                self.spool.set_state(claim, State.FAILED, str(exc))
-            except SpoolqError:
-                pass
+            # Its type's file hand-edited into garbage, say: a deployment
+            # error like a handler that does not import; the tasks wait.
+            self.gates.handler_missing(claim, str(exc), until="its type's file reads again")
             return
         now = time.monotonic()
         route = self.gates.executor_of(claim.type)

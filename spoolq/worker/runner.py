@@ -29,7 +29,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import CorruptTask, SpoolqError, StaleClaim, TaskNotFound, describe, safe_text
+from ..errors import CorruptTask, SpoolqError, StaleClaim, TaskNotFound, UnsafeSpool, describe, safe_text
 from ..lifecycle import Claim, Outcome, Place, State
 from ..spool import Spool
 from ..store.output import clear_run_files
@@ -146,6 +146,10 @@ def run_claim(
             return Outcome.GONE  # taken away before it started: nothing to do
         except OSError as exc:
             raise NotStarted(f"cannot start it: {exc.strerror or exc}") from None
+        except UnsafeSpool as exc:
+            # Modes slipped for a moment (a chmod o+w): not the task's fault;
+            # it goes back unstarted and claims pause, as for a full disk.
+            raise NotStarted(f"cannot start it: {exc}") from None
         except CorruptTask as exc:
             log.error("%s: %s", claim, exc)
             return outcome_of(spool, claim)  # start() already failed or quarantined it
