@@ -299,7 +299,9 @@ def test_a_deleted_task_ends_its_follow_with_exit_2(env):
     register(env, "C", "chatty")
     env.spool.enqueue_json("C", "d", {})
     follow = env.popen("log", "C", "d", "--follow")
-    time.sleep(0.5)
+    # Its first record printed: it found the task and follows it (a fixed
+    # sleep lost the race on a loaded machine: "no task C/d").
+    assert b"ENQUEUED" in follow.stdout.readline()
     assert follow.poll() is None
     env.spool.delete("C", "d")
     out, err = follow.communicate(timeout=20)
