@@ -38,6 +38,7 @@ from ._version import __version__
 from .errors import InvalidInput, NoSpool, QueueFull, SpoolqError, TaskNotFound, TypeInUse, UnknownType
 from .lifecycle import State
 from .names import check_type, task_name
+from .producer import check_due
 from .queries import Census, TaskInfo, format_log
 from .spool import Spool
 from .store.layout import DEFAULT_ROOT, ROOT_ENV, resolve_root
@@ -119,7 +120,8 @@ def _delay_option(text: str) -> float:
 
 
 def _time_option(text: str) -> float:
-    """--at: an ISO 8601 time (without an offset: local time), not in the past."""
+    """--at: an ISO 8601 time (without an offset: local time), not in the
+    past, nor further ahead than a due time may be (producer.check_due)."""
     from datetime import datetime
     import time
 
@@ -128,9 +130,13 @@ def _time_option(text: str) -> float:
     except ValueError:
         raise typer.BadParameter(f"{text!r} is not an ISO 8601 time such as 2026-12-24T18:00 or "
                                  "2026-12-24T18:00:00+01:00") from None
-    if when < time.time() - 1:
+    now = time.time()
+    if when < now - 1:
         raise typer.BadParameter(f"{text!r} is in the past")
-    return when
+    try:
+        return check_due(when, now, repr(text))
+    except InvalidInput as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 # (function, typer settings) of every command, in the order of `spoolq --help`.
 _COMMANDS: list[tuple[Callable[..., Any], dict[str, Any]]] = []

@@ -42,7 +42,6 @@ from typing import Any
 
 from .errors import (
     CorruptTask,
-    InvalidInput,
     SpoolError,
     StaleClaim,
     TaskNotFound,
@@ -64,7 +63,7 @@ from .lifecycle import (
     sources_of,
 )
 from .names import check_type, split_task_name
-from .producer import BatchResult, Item, Producer, StampClock, due_time
+from .producer import BatchResult, Item, Producer, StampClock, check_delay, due_time
 from .queries import Census, Queries, TaskInfo
 from .store import codec, fsutil
 from .store.codec import DEFAULT_RESPONSE_MIME, INPUT_JSON, INPUT_NAMES, INPUT_PICKLE, RESPONSE, LogRecord
@@ -637,8 +636,8 @@ class Spool:
         *delay* seconds (None: the type's backoff), using up a retry; FAILED
         with *message* when none is left. Returns the state it is in now
         (ENQUEUED or FAILED)."""
-        if delay is not None and (isinstance(delay, bool) or not isinstance(delay, (int, float)) or delay < 0):
-            raise InvalidInput(f"a retry delay is a number of seconds >= 0, not {delay!r}")
+        if delay is not None:
+            delay = check_delay(delay)
         return self._fail(Claim.parse(claim), message or "retry asked for by the handler", delay=delay)
 
     def _fail(self, claim: Claim, message: str, *, delay: float | None) -> State:

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -160,6 +162,58 @@ def test_the_queue_limit_counts_delayed_tasks_and_bad_times_are_refused(env):
         proc = cli(root, "enqueue", "D", "x", "-", "--json", *args, stdin=b"{}")
         one_line(proc, code)
     assert sorted(t.id for t in spool.list_tasks()) == ["a", "b"]
+
+
+# --------------------------------------------------------------------------- due times spoolq can store
+
+CENTURY = 36525 * 86400  # the most a due time may be from now (contract §11.2)
+
+
+def test_a_due_time_over_100_years_ahead_is_refused_and_a_running_worker_loses_nothing(env):
+    """The operator's report: `enqueue --in 3000000d` exited 0, then the
+    worker quarantined the task, whose due time (year 10240) its status could
+    not be read back with. Every way in now refuses such a time, writing
+    nothing; one at the bound is stored, read back and left waiting."""
+    spool, root, workers, tmp = env
+    assert cli(root, "register", "Job", "spoolq.tracker.dummyHandler").returncode == 0
+    register(spool, "F", "fail_until")
+    one = tmp / "one.pkl"
+    one.write_bytes(pickle.dumps(1))
+    spool.enqueue("F", "failed", {"record": str(tmp / "rec"), "counter": str(tmp / "n"), "succeed_on": 2})
+    workers.start("w1")
+    wait_until(lambda: final(spool, "F", "failed"), what="the task to requeue FAILED")
+
+    err = one_line(cli(root, "enqueue", "Job", "later", one, "--in", "3000000d"), 2)
+    assert "'3000000d' is longer than 100 years" in err, err
+    for args in (["--at", "2999-01-01T00:00"], ["--at", "10240-08-24T18:55:33+00:00"], ["--in", f"{CENTURY + 60}"]):
+        one_line(cli(root, "enqueue", "Job", "later", one, *args), 2)
+    for args in (["--in", "3000000d"], ["--at", "2999-01-01T00:00"]):
+        one_line(cli(root, "requeue", "F", "failed", *args), 2)
+    batch = b'{"id": "m1", "input": 1, "in": "3000000d"}\n{"id": "m2", "input": 1, "at": "2999-01-01T00:00"}\n'
+    proc = cli(root, "enqueue-many", "Job", "-", stdin=batch)
+    assert proc.returncode == 1 and proc.stdout == b"0\n", proc
+    assert [line.split(":")[1] for line in proc.stderr.decode().splitlines()] == [" line 1", " line 2"], proc.stderr
+    for when in ({"delay": 1e12}, {"delay": CENTURY + 60}, {"not_before": time.time() + CENTURY + 60},
+                 {"not_before": datetime(9999, 12, 31)}, {"not_before": -1e12}):
+        with pytest.raises(InvalidInput, match="100 years"):
+            spool.enqueue("Job", "later", 1, **when)
+        with pytest.raises(InvalidInput, match="100 years"):
+            spool.requeue("F", "failed", **when)
+    results = spool.enqueue_many("Job", [{"id": "m3", "input": 1, "delay": 1e12}])
+    assert [r.error.__class__ for r in results] == [InvalidInput]
+
+    # At the bound: stored, and the worker reads its due time and leaves it.
+    assert cli(root, "enqueue", "Job", "edge", one, "--in", f"{CENTURY - 60}").returncode == 0
+    assert cli(root, "enqueue", "Job", "now", one).returncode == 0
+    wait_until(lambda: spool.status("Job", "now").state == State.FINISHED, what="the worker past the edge task")
+    edge = spool.status("Job", "edge")
+    assert edge.state == State.ENQUEUED
+    assert datetime.fromisoformat(edge.doc["not_before"]).timestamp() > time.time() + CENTURY - 3600
+    assert spool.status("F", "failed").state == State.FAILED
+    proc = cli(root, "status", "Job", "later")
+    assert proc.returncode == 1 and b"no task Job/later" in proc.stderr
+    assert sorted(t.id for t in spool.list_tasks()) == ["edge", "failed", "now"]
+    assert os.listdir(root / "quarantine") == [] and os.listdir(root / "tmp") == []
 
 
 # --------------------------------------------------------------------------- cancel and requeue
