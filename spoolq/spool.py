@@ -74,6 +74,7 @@ from .store.servers import ServerLocks
 from .store.slots import TypeSlots
 from .store.taskdir import LockBusy, Moved, TaskDir, peek_status, read_status, response_mime, run_alive, run_lock_holders
 from .store.taskdir import hold_run_lock as hold_run_lock_fd
+from .units import MAX_DURATION
 
 log = logging.getLogger("spoolq.spool")
 
@@ -660,6 +661,10 @@ class Spool:
         now = self.clock()
         if delay is None:
             delay = retry_delay(attempt, ttype.retry_backoff, ttype.retry_backoff_max, random.random())
+        # A due time spoolq computes is one it can store and read back, whatever
+        # the type's settings say: a time past year 9999 would be written, then
+        # found unreadable by the next reader and the task quarantined (lost).
+        delay = min(delay, MAX_DURATION)
         task.write(
             State.ENQUEUED, f"retry {attempt}/{ttype.retries} in {delay:.3g} s: {message}",
             server=None, claimed_at=None, retries=attempt, not_before=codec.iso(now + delay),

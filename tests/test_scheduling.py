@@ -5,6 +5,7 @@ worker processes on real spools; handlers record what they do
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -214,6 +215,50 @@ def test_a_due_time_over_100_years_ahead_is_refused_and_a_running_worker_loses_n
     assert proc.returncode == 1 and b"no task Job/later" in proc.stderr
     assert sorted(t.id for t in spool.list_tasks()) == ["edge", "failed", "now"]
     assert os.listdir(root / "quarantine") == [] and os.listdir(root / "tmp") == []
+
+
+def test_a_retry_of_a_type_with_a_backoff_past_year_9999_stays_readable(env):
+    """The operator's retry case: a type whose backoff puts a retry past the
+    year 9999 (`--retry-backoff 99999999999d`, which register now refuses,
+    test_cli.py; here stored by a spoolq before the bound) and whose handler
+    fails. Its retry is due within 100 years, readable, not quarantined."""
+    spool, root, workers, tmp = env
+    old = {"handler": "sched_handlers.fail_until", "retries": 1, "retry_backoff": 99999999999 * 86400.0,
+           "retry_backoff_max": 99999999999 * 86400.0, "timeout": 8.64e18, "max_restarts": 10**23}
+    (root / "types" / "R.json").write_text(json.dumps(old))
+    spool.enqueue("R", "t", {"record": str(tmp / "rec"), "counter": str(tmp / "n"), "succeed_on": 2})
+    workers.start("w1")
+    wait_until(lambda: spool.status("R", "t").doc.get("retries") == 1, what="the retry scheduled")
+    register(spool, "D", "run")
+    spool.enqueue("D", "after", {"record": str(tmp / "rec")})  # the worker has looked at the queue since
+    wait_until(lambda: final(spool, "D", "after"), what="a task enqueued after the retry")
+    proc = cli(root, "status", "R", "t", "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["state"] == "ENQUEUED" and doc["retries"] == 1
+    due = datetime.fromisoformat(doc["not_before"]).timestamp()
+    assert time.time() + CENTURY / 2 - 3600 < due <= time.time() + CENTURY
+    assert os.listdir(root / "quarantine") == []
+    ttype = {t["name"]: t for t in json.loads(cli(root, "types", "--json").stdout)}["R"]  # read at the bounds
+    assert (ttype["retry_backoff"], ttype["timeout"], ttype["max_restarts"]) == (CENTURY, CENTURY, 10_000)
+
+
+def test_a_retry_is_never_due_more_than_100_years_ahead_whatever_its_type_says(env, monkeypatch):
+    """Defence in depth: were a type's backoff past every bound (a TaskType
+    built in code, not read from types/), the due time spoolq computes for
+    its retry is still cut to 100 years, one a status holds and reads back."""
+    spool, root, workers, tmp = env
+    register(spool, "R", "fail_until", retries=1)
+    huge = dataclasses.replace(spool.get_type("R"), retry_backoff=8.64e15, retry_backoff_max=8.64e15)
+    monkeypatch.setattr(spool.registry, "find", lambda name: huge)
+    spool.enqueue("R", "t", {})
+    claim = spool.claim("s1")
+    spool.start(claim)
+    assert spool.retry(claim) == State.ENQUEUED
+    doc = Spool(root).status("R", "t").doc  # another reader, from the disk
+    due = datetime.fromisoformat(doc["not_before"]).timestamp()
+    assert time.time() + CENTURY / 2 - 3600 < due <= time.time() + CENTURY
+    assert os.listdir(root / "quarantine") == []
 
 
 # --------------------------------------------------------------------------- cancel and requeue
