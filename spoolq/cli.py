@@ -38,10 +38,11 @@ from ._version import __version__
 from .errors import InvalidInput, NoSpool, QueueFull, SpoolqError, TaskNotFound, TypeInUse, UnknownType
 from .lifecycle import State
 from .names import check_type, task_name
+from .producer import check_due
 from .queries import Census, TaskInfo, format_log
 from .spool import Spool
 from .store.layout import DEFAULT_ROOT, ROOT_ENV, resolve_root
-from .store.registry import DEFAULT_MAX_OUTPUT, EXECUTORS
+from .store.registry import DEFAULT_MAX_OUTPUT, EXECUTORS, MAX_COUNT
 from .units import parse_duration, parse_size
 
 if TYPE_CHECKING:
@@ -119,7 +120,8 @@ def _delay_option(text: str) -> float:
 
 
 def _time_option(text: str) -> float:
-    """--at: an ISO 8601 time (without an offset: local time), not in the past."""
+    """--at: an ISO 8601 time (without an offset: local time), not in the
+    past, nor further ahead than a due time may be (producer.check_due)."""
     from datetime import datetime
     import time
 
@@ -128,9 +130,13 @@ def _time_option(text: str) -> float:
     except ValueError:
         raise typer.BadParameter(f"{text!r} is not an ISO 8601 time such as 2026-12-24T18:00 or "
                                  "2026-12-24T18:00:00+01:00") from None
-    if when < time.time() - 1:
+    now = time.time()
+    if when < now - 1:
         raise typer.BadParameter(f"{text!r} is in the past")
-    return when
+    try:
+        return check_due(when, now, repr(text))
+    except InvalidInput as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 # (function, typer settings) of every command, in the order of `spoolq --help`.
 _COMMANDS: list[tuple[Callable[..., Any], dict[str, Any]]] = []
@@ -261,7 +267,8 @@ def register(
         metavar="DURATION", parser=_signed_duration,
         help="How long a FINISHED or FAILED task is kept; 0 or less: forever.")] = -1,
     max_restarts: Annotated[int, typer.Option(
-        metavar="N", help="How often a timed-out or abandoned task goes back to the queue before it FAILS.")] = 2,
+        max=MAX_COUNT, metavar="N",
+        help="How often a timed-out or abandoned task goes back to the queue before it FAILS.")] = 2,
     executor: Annotated[
         ExecutorName, typer.Option(case_sensitive=False, help="Where handlers run: fork (the worker's child processes) or dask.")
     ] = ExecutorName.fork,  # type: ignore[attr-defined]
@@ -276,7 +283,8 @@ def register(
     nice: Annotated[Optional[int], typer.Option(min=0, max=19, help="Niceness of the handler process, 0-19.")] = None,
     max_open_files: Annotated[Optional[int], typer.Option(min=1, metavar="N", help="Open files a handler process may hold.")] = None,
     retries: Annotated[int, typer.Option(
-        min=0, metavar="N", help="Runs again after a handler failure (raised, set FAILED, died); 0: a failure is final.")] = 0,
+        min=0, max=MAX_COUNT, metavar="N",
+        help="Runs again after a handler failure (raised, set FAILED, died); 0: a failure is final.")] = 0,
     retry_backoff: Annotated[float, typer.Option(
         metavar="DURATION", parser=_duration_option,
         help="Wait before the first retry, doubling each time (jittered into its upper half).")] = 10.0,
@@ -285,7 +293,8 @@ def register(
     priority: Annotated[int, typer.Option(
         min=-100, max=100, metavar="P", help="Priority of its tasks (-100 to 100, higher first) unless enqueued with one.")] = 0,
     concurrency: Annotated[int, typer.Option(
-        min=0, metavar="N", help="Most of its tasks RUNNING or PAUSED at once, over every server; 0: no limit.")] = 0,
+        min=0, max=MAX_COUNT, metavar="N",
+        help="Most of its tasks RUNNING or PAUSED at once, over every server; 0: no limit.")] = 0,
     max_output_bytes: Annotated[
         int,
         typer.Option(metavar="SIZE", parser=_size_option,

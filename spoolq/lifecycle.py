@@ -314,7 +314,9 @@ def retry_delay(attempt: int, backoff: float, backoff_max: float, jitter: float)
     """Seconds before retry number *attempt* (1, 2, …): ``d = min(backoff_max,
     backoff * 2**(attempt-1))``, spread over ``[d/2, d]`` by *jitter* in
     [0, 1] (so that tasks that failed together do not come back together)."""
-    d = min(backoff_max, backoff * 2 ** (attempt - 1))
+    # Doubled at most 1023 times: 2**1024 is past every float, and a count of
+    # retries may go higher (registry.MAX_COUNT); the cap has long been reached.
+    d = min(backoff_max, backoff * 2.0 ** min(attempt - 1, 1023))
     return d / 2 + min(1.0, max(0.0, jitter)) * d / 2
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import time
@@ -39,6 +40,7 @@ from .store import codec, fsutil
 from .store.codec import INPUT_JSON, STATUS
 from .store.layout import Layout
 from .store.registry import TaskType, TypeRegistry, check_priority
+from .units import MAX_DURATION, MAX_DURATION_TEXT, parse_duration
 
 
 class StampClock:
@@ -53,24 +55,49 @@ class StampClock:
         return stamp
 
 
+def check_delay(delay: Any) -> float:
+    """*delay* as seconds; InvalidInput unless it is a number from 0 to
+    units.MAX_DURATION (100 years): a delay of an enqueue, a requeue or a
+    handler's retry."""
+    if isinstance(delay, bool) or not isinstance(delay, (int, float)):
+        raise InvalidInput(f"a delay is a number of seconds, not {delay!r}")
+    try:
+        return parse_duration(delay)
+    except ValueError as exc:
+        raise InvalidInput(f"delay {exc}") from None
+
+
+def check_due(due: float, now: float, what: str) -> float:
+    """*due* (seconds since the epoch) if it is within units.MAX_DURATION of
+    *now*, else InvalidInput naming *what* was given. Within it the time is
+    one status.json holds and reads back (a four-digit year) for thousands of
+    years yet; further ahead is no real schedule, and further back no more
+    "due now" than a recent past."""
+    if not abs(due - now) <= MAX_DURATION:  # `not <=`: NaN too
+        raise InvalidInput(f"{what} is not within {MAX_DURATION_TEXT} of now")
+    return due
+
+
 def due_time(not_before: datetime | float | None, delay: float | None, now: float) -> float | None:
     """The due time (seconds since the epoch) of a task enqueued with
     *not_before* (a datetime; naive means local time) or *delay* (seconds
     from *now*), or None for "now". InvalidInput when both are given, or
-    *delay* is negative or not a number."""
+    when either is not a number or is out of range (:func:`check_delay`,
+    :func:`check_due`)."""
     if not_before is not None and delay is not None:
         raise InvalidInput("give a due time or a delay, not both")
     if delay is not None:
-        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not delay >= 0:
-            raise InvalidInput(f"a delay is a number of seconds >= 0, not {delay!r}")
-        return now + float(delay)
+        return now + check_delay(delay)
     if not_before is None:
         return None
-    if isinstance(not_before, datetime):
-        return not_before.timestamp()  # naive: local time, as datetime does
-    if isinstance(not_before, (int, float)) and not isinstance(not_before, bool):
-        return float(not_before)
-    raise InvalidInput(f"not_before must be a datetime, not {type(not_before).__name__}")
+    if isinstance(not_before, bool) or not isinstance(not_before, (datetime, int, float)):
+        raise InvalidInput(f"not_before must be a datetime, not {type(not_before).__name__}")
+    is_datetime = isinstance(not_before, datetime)
+    try:
+        due = not_before.timestamp() if is_datetime else float(not_before)  # naive: local time, as datetime does
+    except (ValueError, OverflowError):  # year 1 local may be year 0 in UTC; an int past every float
+        due = math.nan
+    return check_due(due, now, f"not_before {not_before.isoformat() if is_datetime else repr(not_before)}")
 
 
 @dataclass(frozen=True)
@@ -333,4 +360,4 @@ class Producer:
                 os.close(dfd)
 
 
-__all__ = ["BatchResult", "Item", "Producer", "StampClock", "due_time"]
+__all__ = ["BatchResult", "Item", "Producer", "StampClock", "check_delay", "check_due", "due_time"]

@@ -42,7 +42,6 @@ from typing import Any
 
 from .errors import (
     CorruptTask,
-    InvalidInput,
     SpoolError,
     StaleClaim,
     TaskNotFound,
@@ -64,7 +63,7 @@ from .lifecycle import (
     sources_of,
 )
 from .names import check_type, split_task_name
-from .producer import BatchResult, Item, Producer, StampClock, due_time
+from .producer import BatchResult, Item, Producer, StampClock, check_delay, due_time
 from .queries import Census, Queries, TaskInfo
 from .store import codec, fsutil
 from .store.codec import DEFAULT_RESPONSE_MIME, INPUT_JSON, INPUT_NAMES, INPUT_PICKLE, RESPONSE, LogRecord
@@ -75,6 +74,7 @@ from .store.servers import ServerLocks
 from .store.slots import TypeSlots
 from .store.taskdir import LockBusy, Moved, TaskDir, peek_status, read_status, response_mime, run_alive, run_lock_holders
 from .store.taskdir import hold_run_lock as hold_run_lock_fd
+from .units import MAX_DURATION
 
 log = logging.getLogger("spoolq.spool")
 
@@ -637,8 +637,8 @@ class Spool:
         *delay* seconds (None: the type's backoff), using up a retry; FAILED
         with *message* when none is left. Returns the state it is in now
         (ENQUEUED or FAILED)."""
-        if delay is not None and (isinstance(delay, bool) or not isinstance(delay, (int, float)) or delay < 0):
-            raise InvalidInput(f"a retry delay is a number of seconds >= 0, not {delay!r}")
+        if delay is not None:
+            delay = check_delay(delay)
         return self._fail(Claim.parse(claim), message or "retry asked for by the handler", delay=delay)
 
     def _fail(self, claim: Claim, message: str, *, delay: float | None) -> State:
@@ -661,6 +661,10 @@ class Spool:
         now = self.clock()
         if delay is None:
             delay = retry_delay(attempt, ttype.retry_backoff, ttype.retry_backoff_max, random.random())
+        # A due time spoolq computes is one it can store and read back, whatever
+        # the type's settings say: a time past year 9999 would be written, then
+        # found unreadable by the next reader and the task quarantined (lost).
+        delay = min(delay, MAX_DURATION)
         task.write(
             State.ENQUEUED, f"retry {attempt}/{ttype.retries} in {delay:.3g} s: {message}",
             server=None, claimed_at=None, retries=attempt, not_before=codec.iso(now + delay),

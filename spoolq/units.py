@@ -9,12 +9,21 @@ Pure functions, no spoolq imports, so every layer (and the CLI) can use them:
   (``64MiB``, ``512KB``) is accepted and means the same.
 
 Errors are ``ValueError`` with a one-line message that names the bad text.
+
+Every span of time spoolq takes is at most :data:`MAX_DURATION`, 100 years.
 """
 
 from __future__ import annotations
 
 import math
 import re
+
+# The longest duration spoolq takes (a delay, a timeout, a retention, a retry
+# backoff), 100 years of 365.25 days. Longer means "never" in every use, and
+# now plus a duration must stay a time status.json holds (ISO 8601 with a
+# four-digit year, contract §3.2): past 9999 it would be written but never read.
+MAX_DURATION = 36525 * 86400.0
+MAX_DURATION_TEXT = "100 years (36525d)"
 
 _DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -27,9 +36,13 @@ def parse_duration(text: str | float | int, *, allow_negative: bool = False) -> 
     """Seconds in *text*: ``90``, ``1.5``, ``30s``, ``5m``, ``2h``, ``1d``.
 
     A negative value is refused unless *allow_negative* (``--timeout -1``
-    style settings, where the sign has a meaning of its own)."""
+    style settings, where the sign has a meaning of its own); so is one
+    longer than :data:`MAX_DURATION`."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value = float(text)
+        try:
+            value = float(text)
+        except OverflowError:  # an int past every float
+            value = math.inf
     else:
         match = _DURATION_RE.fullmatch(str(text))
         if not match:
@@ -40,6 +53,8 @@ def parse_duration(text: str | float | int, *, allow_negative: bool = False) -> 
         raise ValueError(f"{text!r} is not a finite duration")
     if value < 0 and not allow_negative:
         raise ValueError(f"{text!r}: a duration cannot be negative")
+    if value > MAX_DURATION:
+        raise ValueError(f"{text!r} is longer than {MAX_DURATION_TEXT}, the longest duration spoolq takes")
     return value
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from spoolq import Spool, State
+from spoolq import Spool, SpoolError, State
 
 TYPE = "SequenceSum"
 HANDLER = "spoolq.demo.sequence_sum"
@@ -118,6 +118,36 @@ def test_register_and_types(root: Path) -> None:
 @pytest.mark.parametrize("args", [["../x", "pkg.mod.func"], ["Good", "nodots"]])
 def test_register_refuses_bad_input(root: Path, args: list[str]) -> None:
     assert_one_line_error(spoolq("register", *args, root=root), 1)
+
+
+@pytest.mark.parametrize("args", [
+    ["--timeout", "99999999999999d"], ["--retention", "99999999999999d"], ["--retry-backoff", "99999999999d"],
+    ["--retry-backoff-max", "99999999999d"], ["--cpu-time", "36526d"], ["--timeout", "36525.5d"],
+    ["--max-restarts", "99999999999999999999999"], ["--retries", "10001"], ["--concurrency", "10001"],
+])
+def test_register_refuses_a_duration_over_100_years_or_a_count_over_10000(root: Path, args: list[str]) -> None:
+    err = assert_one_line_error(spoolq("register", "Absurd", "pkg.mod.func", *args, root=root), 2)
+    assert args[0] in err, err
+    assert "Absurd" not in out(spoolq("types", root=root))
+    setting = args[0][2:].replace("-", "_")
+    value = 10**23 if setting in ("max_restarts", "retries", "concurrency") else 1e20
+    with pytest.raises(SpoolError, match=setting):
+        Spool(root).register_type("Absurd", "pkg.mod.func", **{setting: value})
+    assert "Absurd" not in out(spoolq("types", root=root))
+
+
+def test_register_takes_the_bounds_and_still_normalises(root: Path) -> None:
+    proc = spoolq("register", "Edge", "pkg.mod.func", "--timeout", "36525d", "--retention", "36525d",
+                  "--retry-backoff", "36525d", "--retry-backoff-max", "36525d", "--max-restarts", "10000",
+                  "--retries", "10000", "--concurrency", "10000", root=root)
+    assert proc.returncode == 0, proc.stderr
+    assert spoolq("register", "Low", "pkg.mod.func", "--timeout", "-99999999999999d", "--retention", "0",
+                  "--max-restarts", "-3", root=root).returncode == 0
+    types = {t["name"]: t for t in json.loads(out(spoolq("types", "--json", root=root)))}
+    century = 36525 * 86400.0
+    assert [types["Edge"][k] for k in ("timeout", "retention", "retry_backoff", "retry_backoff_max")] == [century] * 4
+    assert [types["Edge"][k] for k in ("max_restarts", "retries", "concurrency")] == [10_000] * 3
+    assert (types["Low"]["timeout"], types["Low"]["retention"], types["Low"]["max_restarts"]) == (0.0, -1.0, 0)
 
 
 # --------------------------------------------------------------------------- enqueue and one task

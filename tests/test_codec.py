@@ -32,6 +32,15 @@ def test_iso_is_the_text_datetime_gives_rounding_included() -> None:
     assert codec.from_iso(codec.iso(1_700_000_000.25)) == 1_700_000_000.25
 
 
+def test_iso_writes_no_time_it_cannot_read_back() -> None:
+    last = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp()
+    assert codec.from_iso(codec.iso(last)) == last
+    # The operator's due time (year 10240), and times past what gmtime takes: refused, not written.
+    for ts in (last + 1, 259_176_000_000.0, -1e12, 1e20):
+        with pytest.raises(ValueError, match="four-digit year"):
+            codec.iso(ts)
+
+
 def _doc(**changes):
     doc = {"type": "T", "id": "a", "state": "RUNNING", "claim": 5, "server": "s1", "message": "", "priority": 0,
            "not_before": None, "updated_at": codec.iso(1_700_000_000.0)}

@@ -192,6 +192,11 @@ def test_retry_delay_doubles_up_to_its_cap_with_jitter(attempt, low, high):
     assert low <= retry_delay(attempt, 10, 100, 0.37) <= high
 
 
+def test_retry_delay_stays_a_number_after_any_count_of_retries():
+    # 2**1024 is past every float (a type stores its backoff as one): the ten-thousandth retry waits the cap.
+    assert retry_delay(10_000, 10.0, 3600.0, 1.0) == 3600 and retry_delay(1025, 10.0, 3600.0, 0.0) == 1800
+
+
 def test_states_print_as_their_names():
     assert str(State.ENQUEUED) == "ENQUEUED" and f"{State.FAILED}" == "FAILED"
     assert int(State.PAUSED) == 4

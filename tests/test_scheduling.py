@@ -5,13 +5,16 @@ worker processes on real spools; handlers record what they do
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -160,6 +163,102 @@ def test_the_queue_limit_counts_delayed_tasks_and_bad_times_are_refused(env):
         proc = cli(root, "enqueue", "D", "x", "-", "--json", *args, stdin=b"{}")
         one_line(proc, code)
     assert sorted(t.id for t in spool.list_tasks()) == ["a", "b"]
+
+
+# --------------------------------------------------------------------------- due times spoolq can store
+
+CENTURY = 36525 * 86400  # the most a due time may be from now (contract §11.2)
+
+
+def test_a_due_time_over_100_years_ahead_is_refused_and_a_running_worker_loses_nothing(env):
+    """The operator's report: `enqueue --in 3000000d` exited 0, then the
+    worker quarantined the task, whose due time (year 10240) its status could
+    not be read back with. Every way in now refuses such a time, writing
+    nothing; one at the bound is stored, read back and left waiting."""
+    spool, root, workers, tmp = env
+    assert cli(root, "register", "Job", "spoolq.tracker.dummyHandler").returncode == 0
+    register(spool, "F", "fail_until")
+    one = tmp / "one.pkl"
+    one.write_bytes(pickle.dumps(1))
+    spool.enqueue("F", "failed", {"record": str(tmp / "rec"), "counter": str(tmp / "n"), "succeed_on": 2})
+    workers.start("w1")
+    wait_until(lambda: final(spool, "F", "failed"), what="the task to requeue FAILED")
+
+    err = one_line(cli(root, "enqueue", "Job", "later", one, "--in", "3000000d"), 2)
+    assert "'3000000d' is longer than 100 years" in err, err
+    for args in (["--at", "2999-01-01T00:00"], ["--at", "10240-08-24T18:55:33+00:00"], ["--in", f"{CENTURY + 60}"]):
+        one_line(cli(root, "enqueue", "Job", "later", one, *args), 2)
+    for args in (["--in", "3000000d"], ["--at", "2999-01-01T00:00"]):
+        one_line(cli(root, "requeue", "F", "failed", *args), 2)
+    batch = b'{"id": "m1", "input": 1, "in": "3000000d"}\n{"id": "m2", "input": 1, "at": "2999-01-01T00:00"}\n'
+    proc = cli(root, "enqueue-many", "Job", "-", stdin=batch)
+    assert proc.returncode == 1 and proc.stdout == b"0\n", proc
+    assert [line.split(":")[1] for line in proc.stderr.decode().splitlines()] == [" line 1", " line 2"], proc.stderr
+    for when in ({"delay": 1e12}, {"delay": CENTURY + 60}, {"not_before": time.time() + CENTURY + 60},
+                 {"not_before": datetime(9999, 12, 31)}, {"not_before": -1e12}):
+        with pytest.raises(InvalidInput, match="100 years"):
+            spool.enqueue("Job", "later", 1, **when)
+        with pytest.raises(InvalidInput, match="100 years"):
+            spool.requeue("F", "failed", **when)
+    results = spool.enqueue_many("Job", [{"id": "m3", "input": 1, "delay": 1e12}])
+    assert [r.error.__class__ for r in results] == [InvalidInput]
+
+    # At the bound: stored, and the worker reads its due time and leaves it.
+    assert cli(root, "enqueue", "Job", "edge", one, "--in", f"{CENTURY - 60}").returncode == 0
+    assert cli(root, "enqueue", "Job", "now", one).returncode == 0
+    wait_until(lambda: spool.status("Job", "now").state == State.FINISHED, what="the worker past the edge task")
+    edge = spool.status("Job", "edge")
+    assert edge.state == State.ENQUEUED
+    assert datetime.fromisoformat(edge.doc["not_before"]).timestamp() > time.time() + CENTURY - 3600
+    assert spool.status("F", "failed").state == State.FAILED
+    proc = cli(root, "status", "Job", "later")
+    assert proc.returncode == 1 and b"no task Job/later" in proc.stderr
+    assert sorted(t.id for t in spool.list_tasks()) == ["edge", "failed", "now"]
+    assert os.listdir(root / "quarantine") == [] and os.listdir(root / "tmp") == []
+
+
+def test_a_retry_of_a_type_with_a_backoff_past_year_9999_stays_readable(env):
+    """The operator's retry case: a type whose backoff puts a retry past the
+    year 9999 (`--retry-backoff 99999999999d`, which register now refuses,
+    test_cli.py; here stored by a spoolq before the bound) and whose handler
+    fails. Its retry is due within 100 years, readable, not quarantined."""
+    spool, root, workers, tmp = env
+    old = {"handler": "sched_handlers.fail_until", "retries": 1, "retry_backoff": 99999999999 * 86400.0,
+           "retry_backoff_max": 99999999999 * 86400.0, "timeout": 8.64e18, "max_restarts": 10**23}
+    (root / "types" / "R.json").write_text(json.dumps(old))
+    spool.enqueue("R", "t", {"record": str(tmp / "rec"), "counter": str(tmp / "n"), "succeed_on": 2})
+    workers.start("w1")
+    wait_until(lambda: spool.status("R", "t").doc.get("retries") == 1, what="the retry scheduled")
+    register(spool, "D", "run")
+    spool.enqueue("D", "after", {"record": str(tmp / "rec")})  # the worker has looked at the queue since
+    wait_until(lambda: final(spool, "D", "after"), what="a task enqueued after the retry")
+    proc = cli(root, "status", "R", "t", "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["state"] == "ENQUEUED" and doc["retries"] == 1
+    due = datetime.fromisoformat(doc["not_before"]).timestamp()
+    assert time.time() + CENTURY / 2 - 3600 < due <= time.time() + CENTURY
+    assert os.listdir(root / "quarantine") == []
+    ttype = {t["name"]: t for t in json.loads(cli(root, "types", "--json").stdout)}["R"]  # read at the bounds
+    assert (ttype["retry_backoff"], ttype["timeout"], ttype["max_restarts"]) == (CENTURY, CENTURY, 10_000)
+
+
+def test_a_retry_is_never_due_more_than_100_years_ahead_whatever_its_type_says(env, monkeypatch):
+    """Defence in depth: were a type's backoff past every bound (a TaskType
+    built in code, not read from types/), the due time spoolq computes for
+    its retry is still cut to 100 years, one a status holds and reads back."""
+    spool, root, workers, tmp = env
+    register(spool, "R", "fail_until", retries=1)
+    huge = dataclasses.replace(spool.get_type("R"), retry_backoff=8.64e15, retry_backoff_max=8.64e15)
+    monkeypatch.setattr(spool.registry, "find", lambda name: huge)
+    spool.enqueue("R", "t", {})
+    claim = spool.claim("s1")
+    spool.start(claim)
+    assert spool.retry(claim) == State.ENQUEUED
+    doc = Spool(root).status("R", "t").doc  # another reader, from the disk
+    due = datetime.fromisoformat(doc["not_before"]).timestamp()
+    assert time.time() + CENTURY / 2 - 3600 < due <= time.time() + CENTURY
+    assert os.listdir(root / "quarantine") == []
 
 
 # --------------------------------------------------------------------------- cancel and requeue

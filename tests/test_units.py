@@ -22,6 +22,14 @@ def test_bad_durations_are_refused_with_the_text_in_the_message(text):
     assert repr(text) in str(info.value) and "\n" not in str(info.value)
 
 
+def test_a_duration_is_at_most_100_years():
+    assert parse_duration("36525d") == 36525 * 86400  # units.MAX_DURATION
+    for text in ("36525.01d", "3000000d", 1e12, 10**400):
+        with pytest.raises(ValueError, match="longer than 100 years|not a finite"):
+            parse_duration(text)
+    assert parse_duration("-3000000d", allow_negative=True) == -3000000 * 86400  # "no limit", as before
+
+
 def test_negative_durations_only_where_allowed():
     with pytest.raises(ValueError, match="negative"):
         parse_duration("-1")

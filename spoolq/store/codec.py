@@ -52,7 +52,8 @@ def iso(ts: float) -> str:
     """A timestamp as ISO 8601 UTC with microseconds (how every time is stored):
     the text of ``datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec=
     "microseconds")``, microseconds rounded as it rounds them, with the whole
-    second's text kept from the last call (a task's steps share seconds)."""
+    second's text kept from the last call (a task's steps share seconds).
+    ValueError for a time outside the years 1000 to 9999."""
     global _SECOND
     frac, sec = math.modf(ts)
     us = round(frac * 1e6)
@@ -62,8 +63,23 @@ def iso(ts: float) -> str:
         sec, us = sec - 1, us + 1_000_000
     second = _SECOND  # one read: another thread may replace it meanwhile
     if second[0] != sec:
-        second = _SECOND = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
+        second = _SECOND = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", _utc(ts, sec)))
     return f"{second[1]}.{us:06d}+00:00"
+
+
+def _utc(ts: float, sec: float) -> time.struct_time:
+    """*sec* as UTC; ValueError unless its year has four digits. Outside
+    them the text would be written but :func:`from_iso` could never read it
+    back, and the task would be lost to quarantine: the callers bound the
+    times they compute (a due time is at most units.MAX_DURATION ahead), so
+    this is the last guard, not the rule."""
+    try:
+        utc = time.gmtime(sec)
+    except (OverflowError, OSError):
+        utc = None
+    if utc is None or not 1000 <= utc.tm_year <= 9999:
+        raise ValueError(f"{ts!r} is not a time ISO 8601 holds with a four-digit year")
+    return utc
 
 
 def response_of(data: Any, mime_type: Any) -> tuple[bytes, str]:

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..errors import InvalidName, SpoolError, UnknownType
 from ..names import check_type
+from ..units import MAX_DURATION, parse_duration
 from . import fsutil
 from .layout import Layout
 
@@ -29,6 +30,14 @@ EXECUTORS = ("fork", "dask")  # where handlers may run (contract §13.1)
 NICE_RANGE = (0, 19)
 PRIORITY_RANGE = (-100, 100)
 DEFAULT_MAX_OUTPUT = 1 << 20  # bytes of a handler's output kept (contract §12.1)
+# The most a count setting may be. Past it a restart or retry limit is no
+# limit at all, and a concurrency is more slot files than a look at the type's
+# room should open (locks/types/, one file a slot); a stored number stays one
+# any JSON reader takes exactly.
+MAX_COUNT = 10_000
+# The settings bounded by units.MAX_DURATION (seconds) and by MAX_COUNT.
+DURATIONS = ("timeout", "retention", "cpu_time", "retry_backoff", "retry_backoff_max")
+COUNTS = ("max_restarts", "retries", "concurrency")
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,12 @@ class TaskType:
         for field in dataclasses.fields(cls)[2:]:
             if field.name in raw and raw[field.name] is not None:
                 values[field.name] = _COERCE[field.name](raw[field.name])
+        # A file written before the bounds existed reads at the bound: the
+        # same "never" or "no limit" it meant, and its retries' due times
+        # stay ones a status can hold.
+        for name in DURATIONS + COUNTS:
+            if values.get(name) is not None:
+                values[name] = min(values[name], MAX_DURATION if name in DURATIONS else MAX_COUNT)
         ttype = cls(**values)
         check_settings(ttype)
         return ttype
@@ -131,6 +146,16 @@ def check_settings(ttype: TaskType) -> None:
     check_priority(ttype.priority)
     if ttype.concurrency < 0:
         raise SpoolError(f"concurrency must be 0 (no limit) or more, not {ttype.concurrency!r}")
+    for name in DURATIONS:
+        value = getattr(ttype, name)
+        if value is not None:
+            try:
+                parse_duration(value, allow_negative=True)  # finite, at most 100 years
+            except ValueError as exc:
+                raise SpoolError(f"{name}: {exc}") from None
+    for name in COUNTS:
+        if getattr(ttype, name) > MAX_COUNT:
+            raise SpoolError(f"{name} must be at most {MAX_COUNT}, not {getattr(ttype, name)!r}")
 
 
 def check_output_cap(max_output_bytes: int) -> None:
