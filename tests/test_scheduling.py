@@ -22,7 +22,7 @@ import pytest
 from spoolq import Spool, State, sweeps
 from spoolq.errors import InvalidInput, QueueFull, WrongState
 from conftest import pids_with_cmdline
-from test_daemon import Workers, wait_until
+from test_daemon import Workers, stderr_of, wait_until
 
 HERE = Path(__file__).parent
 
@@ -559,3 +559,19 @@ def test_a_crash_in_the_middle_of_a_batch_leaves_only_whole_tasks(env):
     assert spool.counts()["ENQUEUED"] == 1500
     sweeps.clean_tmp(spool, grace=0)
     assert not os.listdir(root / "tmp")
+
+
+def test_a_retry_asked_with_a_delay_spoolq_cannot_take_fails_with_a_reason(env):
+    """raise spoolq.Retry(delay=-5) (or one past 100 years): the handler
+    process used to die on the InvalidInput (exit 70, a traceback in the
+    worker's log). The task fails with the reason instead."""
+    spool, root, workers, tmp = env
+    register(spool, "R", "ask_retry", max_restarts=0)
+    spool.enqueue("R", "neg", {"record": str(tmp / "rec"), "marker": str(tmp / "m1"), "delay": -5})
+    spool.enqueue("R", "far", {"record": str(tmp / "rec"), "marker": str(tmp / "m2"), "delay": 1e12})
+    proc = workers.start("w1")
+    for task_id in ("neg", "far"):
+        wait_until(lambda t=task_id: spool.status("R", t).state == State.FAILED, what=f"{task_id} failed")
+        message = spool.status("R", task_id).doc["message"]
+        assert message.startswith("the handler asked for a retry spoolq cannot make: "), message
+    assert "Traceback" not in stderr_of(proc)

@@ -29,7 +29,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import CorruptTask, SpoolqError, StaleClaim, TaskNotFound, UnsafeSpool, describe, safe_text
+from ..errors import CorruptTask, InvalidInput, SpoolqError, StaleClaim, TaskNotFound, UnsafeSpool, describe, safe_text
 from ..lifecycle import Claim, Outcome, Place, State
 from ..spool import Spool
 from ..store.output import clear_run_files
@@ -265,7 +265,10 @@ def _record_end(spool: Spool, claim: Claim, caught: BaseException | None, failur
     """Write how the run ended (*failure*, from :func:`_failure_of`) through
     its claim; the outcome the task is left with."""
     if isinstance(caught, Retry):
-        return _outcome_for(spool.retry(claim, caught.delay, caught.message))
+        try:
+            return _outcome_for(spool.retry(claim, caught.delay, caught.message))
+        except InvalidInput as exc:  # Retry(delay=-5), or one past the longest spoolq takes
+            return _failed(spool, claim, f"the handler asked for a retry spoolq cannot make: {exc}", None)
     if isinstance(caught, SystemExit) and failure:
         return _failed(spool, claim, failure, None)
     if failure:
