@@ -35,7 +35,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 
 from ._version import __version__
-from .errors import InvalidInput, NoSpool, QueueFull, SpoolqError, TaskNotFound, TypeInUse, UnknownType
+from .errors import InvalidInput, NoSpool, QueueFull, SpoolError, SpoolqError, TaskNotFound, TypeInUse, UnknownType
 from .lifecycle import State
 from .names import check_type, task_name
 from .queries import Census, TaskInfo, format_log
@@ -148,8 +148,11 @@ def _command(name: str | None = None, *, examples: list[str]) -> Callable[[Calla
 
 
 def _use_root(root: str | None, command: str | None) -> None:
-    _run.root = resolve_root(root)
     _run.command = command
+    try:
+        _run.root = resolve_root(root)
+    except SpoolError as exc:  # only an empty root: a mistake in the call, not in the spool
+        raise UsageError(str(exc)) from None
     # Handlers and child processes using spoolq.tracker find the same spool.
     os.environ[ROOT_ENV] = _run.root
 
@@ -1059,10 +1062,11 @@ def _version(value: bool) -> None:
 
 def _global(
     ctx: typer.Context,
+    # No envvar= here: click would take an empty $SPOOLQ_ROOT for an unset
+    # one, which resolve_root refuses.
     root: Annotated[
-        str, typer.Option("--root", envvar=ROOT_ENV, metavar="PATH", show_envvar=False, show_default=False,
-                          help=ROOT_HELP)
-    ] = DEFAULT_ROOT,
+        Optional[str], typer.Option("--root", metavar="PATH", show_default=False, help=ROOT_HELP)
+    ] = None,
     version: Annotated[
         Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = None,

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from spoolq import Spool, State
+from spoolq.errors import SpoolError
 
 TYPE = "SequenceSum"
 HANDLER = "spoolq.demo.sequence_sum"
@@ -588,6 +589,29 @@ def test_root_values_and_errors(root: Path, spool: Spool, tmp_path: Path) -> Non
     assert "--root" in err
     # After `--` nothing is an option: "--root" is then a (bad) task id.
     assert_one_line_error(spoolq("status", TYPE, "--", "--root", root=root), 1)
+
+
+@pytest.mark.parametrize("args, env_root", [
+    (("--root", "", "types"), "spool"),  # typer's path; SPOOLQ_ROOT names a real spool
+    (("types", "--root="), "spool"),  # after the command
+    (("--root=", "status", TYPE, "t"), "spool"),  # the quick path
+    (("types",), ""),  # SPOOLQ_ROOT set but empty
+    (("status", TYPE, "t"), ""),
+])
+def test_an_empty_root_is_a_usage_error_never_another_spool(root: Path, spool: Spool, monkeypatch: pytest.MonkeyPatch,
+                                                             args: tuple[str, ...], env_root: str) -> None:
+    """An empty variable in a script must not send it to $SPOOLQ_ROOT or to
+    the default spool (the production one)."""
+    spool.enqueue(TYPE, "t", None)
+    env = {"SPOOLQ_ROOT": str(root) if env_root else ""}
+    err = assert_one_line_error(spoolq(*args, env=env), 2)
+    assert "empty" in err
+    monkeypatch.setenv("SPOOLQ_ROOT", str(root))
+    with pytest.raises(SpoolError, match="empty"):
+        Spool("")
+    monkeypatch.setenv("SPOOLQ_ROOT", "")
+    with pytest.raises(SpoolError, match="SPOOLQ_ROOT is set but empty"):
+        Spool()
 
 
 def test_bare_spoolq_prints_the_help_once_as_a_usage_error() -> None:

@@ -51,8 +51,23 @@ PARENT_MODE = 0o755  # missing parents `init` creates: only their owner writes t
 
 def resolve_root(root: str | os.PathLike[str] | None = None) -> str:
     """The spool root: *root* if given, else ``$SPOOLQ_ROOT``, else
-    ``/var/spool/spoolq``; always absolute."""
-    return os.path.abspath(os.fspath(root or os.environ.get(ROOT_ENV) or DEFAULT_ROOT))
+    ``/var/spool/spoolq``; always absolute.
+
+    An empty path, given or in a set ``$SPOOLQ_ROOT``, is refused
+    (SpoolError), not taken for "the default": it is far more often a
+    script's empty variable than a wish, and the default is the production
+    spool."""
+    if root is None:
+        root = os.environ.get(ROOT_ENV)
+        if root == "":
+            raise SpoolError(f"{ROOT_ENV} is set but empty: set it to the spool's directory, or unset it "
+                             f"for the default ({DEFAULT_ROOT})")
+        if root is None:
+            return DEFAULT_ROOT
+    path = os.fspath(root)
+    if not path:
+        raise SpoolError("the spool root given is empty: name the spool's directory")
+    return os.path.abspath(path)
 
 
 @dataclass(frozen=True)
