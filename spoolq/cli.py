@@ -35,13 +35,15 @@ from enum import Enum
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 
 from ._version import __version__
-from .errors import InvalidInput, NoSpool, QueueFull, SpoolError, SpoolqError, TaskNotFound, TypeInUse, UnknownType
+from .errors import (
+    InvalidInput, InvalidName, NoSpool, QueueFull, SpoolError, SpoolqError, TaskNotFound, TypeInUse, UnknownType,
+)
 from .lifecycle import State
 from .names import check_type, task_name
 from .queries import Census, TaskInfo, format_log
 from .spool import Spool
-from .store.layout import DEFAULT_ROOT, ROOT_ENV, resolve_root
-from .store.registry import DEFAULT_MAX_OUTPUT, EXECUTORS
+from .store.layout import DEFAULT_ROOT, ROOT_ENV, check_setting, resolve_root
+from .store.registry import DEFAULT_MAX_OUTPUT, EXECUTORS, check_output_cap
 from .units import parse_duration, parse_size
 
 if TYPE_CHECKING:
@@ -132,6 +134,46 @@ def _time_option(text: str) -> float:
         raise typer.BadParameter(f"{text!r} is in the past")
     return when
 
+def _spool_setting(key: str) -> Callable[[Optional[int]], Optional[int]]:
+    """The check of --max-queue or --max-input-bytes: a value the setting
+    *key* does not allow (spoolq.store.layout.check_setting) is a usage error."""
+
+    def check(value: Optional[int]) -> Optional[int]:
+        try:
+            return None if value is None else check_setting(key, value)
+        except SpoolError as exc:
+            raise typer.BadParameter(str(exc)) from None
+
+    return check
+
+
+def _output_cap_option(text: str) -> int:
+    """--max-output-bytes: a size (as --memory-max) the output cap allows."""
+    value = _size_option(text)
+    try:
+        check_output_cap(value)
+    except SpoolError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return value
+
+
+def _lane(text: Optional[str]) -> Optional[list[str]]:
+    """--types A,B: the type names, each checked; a bad one is a usage error."""
+    if text is None:
+        return None
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    for name in names:
+        try:
+            check_type(name)
+        except InvalidName as exc:
+            raise typer.BadParameter(str(exc)) from None
+    return names
+
+
+def _lane_option(text: Optional[str]) -> Optional[str]:
+    _lane(text)  # checked while parsing, so a bad name is a usage error (exit 2), not the worker's 78
+    return text
+
 # (function, typer settings) of every command, in the order of `spoolq --help`.
 _COMMANDS: list[tuple[Callable[..., Any], dict[str, Any]]] = []
 
@@ -220,7 +262,8 @@ IdArg: Any = None
 def init(
     max_queue: Annotated[
         Optional[int],
-        typer.Option(metavar="N", help="Most ENQUEUED tasks at once; 0: unlimited. Default: keep the stored value (0)."),
+        typer.Option(metavar="N", callback=_spool_setting("max_queue"),
+                     help="Most ENQUEUED tasks at once; 0: unlimited. Default: keep the stored value (0)."),
     ] = None,
     durable: Annotated[
         Optional[bool],
@@ -229,7 +272,7 @@ def init(
     ] = None,
     max_input_bytes: Annotated[
         Optional[int],
-        typer.Option(metavar="N",
+        typer.Option(metavar="N", callback=_spool_setting("max_input_bytes"),
                      help="Largest task input in bytes. Default: keep the stored value (64 MiB)."),
     ] = None,
     json_out: JsonFlag = False,
@@ -291,7 +334,7 @@ def register(
         min=0, metavar="N", help="Most of its tasks RUNNING or PAUSED at once, over every server; 0: no limit.")] = 0,
     max_output_bytes: Annotated[
         int,
-        typer.Option(metavar="SIZE", parser=_size_option,
+        typer.Option(metavar="SIZE", parser=_output_cap_option,
                      help="Output of a handler kept in the task's output file: its start and its latest end, "
                           "e.g. 64K, 1M. Default: 1M."),
     ] = DEFAULT_MAX_OUTPUT,
@@ -860,7 +903,8 @@ def worker(
                      help="A directory to import handler modules from, ahead of the rest (repeatable).")
     ] = None,
     types: Annotated[Optional[str], typer.Option(
-        "--types", metavar="A,B", help="Claim tasks of these types only (a lane); recovery and sweeps cover all.")] = None,
+        "--types", metavar="A,B", callback=_lane_option,
+        help="Claim tasks of these types only (a lane); recovery and sweeps cover all.")] = None,
 ) -> int:
     """Run the worker daemon for SERVER.
 
@@ -875,7 +919,7 @@ def worker(
         _run.root, server, concurrency=concurrency, drain=drain, grace=grace, poll=poll,
         max_tasks_per_child=max_tasks_per_child, dask_scheduler=dask_scheduler or None,
         dask_concurrency=dask_concurrency, pythonpath=pythonpath,
-        types=[t.strip() for t in types.split(",") if t.strip()] if types is not None else None,
+        types=_lane(types),
     )
 
 

@@ -68,7 +68,7 @@ from .producer import BatchResult, Item, Producer, StampClock, due_time
 from .queries import Census, Queries, TaskInfo
 from .store import codec, fsutil
 from .store.codec import DEFAULT_RESPONSE_MIME, INPUT_JSON, INPUT_NAMES, INPUT_PICKLE, RESPONSE, LogRecord
-from .store.layout import Layout, Settings
+from .store.layout import Layout, Settings, check_setting
 from .store.queue import WaitingIndex
 from .store.registry import DEFAULT_MAX_RESTARTS, DEFAULT_RETENTION, DEFAULT_TIMEOUT, TaskType, TypeRegistry
 from .store.servers import ServerLocks
@@ -174,10 +174,10 @@ class Spool:
         members may produce, others get nothing, and the setgid bit keeps
         new entries in the spool's group.
         """
-        if max_queue is not None and max_queue < 0:
-            raise SpoolError("max_queue must be 0 (unlimited) or positive")
-        if max_input_bytes is not None and max_input_bytes <= 0:
-            raise SpoolError("max_input_bytes must be positive")
+        if max_queue is not None:
+            check_setting("max_queue", max_queue)
+        if max_input_bytes is not None:
+            check_setting("max_input_bytes", max_input_bytes)
         layout = Layout(root)
         layout.create()
         stored = layout.read_settings()

@@ -121,6 +121,25 @@ def test_register_refuses_bad_input(root: Path, args: list[str]) -> None:
     assert_one_line_error(spoolq("register", *args, root=root), 1)
 
 
+@pytest.mark.parametrize("args, option", [
+    (("init", "--max-queue", "-1"), "--max-queue"),
+    (("init", "--max-input-bytes", "0"), "--max-input-bytes"),
+    (("register", "Other", "pkg.mod.func", "--max-output-bytes", "1"), "--max-output-bytes"),
+    (("worker", "w1", "--types", "Good,Bad Name"), "--types"),
+])
+def test_a_value_out_of_range_is_a_usage_error_and_nothing_is_written(root: Path, tmp_path: Path,
+                                                                      args: tuple[str, ...], option: str) -> None:
+    """Contract §4.3 and §4.12: a bad option value is a usage error (exit 2),
+    named in the line; nothing is created, stored or started."""
+    before = (root / "spool.json").read_bytes(), sorted(os.listdir(root / "types"))
+    err = assert_one_line_error(spoolq(*args, root=root), 2)
+    assert option in err, err
+    assert ((root / "spool.json").read_bytes(), sorted(os.listdir(root / "types"))) == before
+    if args[0] == "init":  # on a new spool: nothing made
+        assert_one_line_error(spoolq(*args, root=tmp_path / "new"), 2)
+        assert not (tmp_path / "new").exists()
+
+
 # --------------------------------------------------------------------------- enqueue and one task
 
 

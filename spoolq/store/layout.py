@@ -261,11 +261,25 @@ def layout_problems(root: str) -> list[LayoutProblem]:
     return out
 
 
-def _setting(path: str, raw: dict[str, Any], key: str, default: int, *, minimum: int) -> int:
-    value = raw.get(key, default)
+# The least value of each whole-number setting: max_queue 0 is "no limit".
+SETTING_MINIMUM = {"max_queue": 0, "max_input_bytes": 1}
+
+
+def check_setting(key: str, value: object) -> int:
+    """*value* if it is allowed for the whole-number setting *key*, else
+    SpoolError: the one rule for ``spool.json``, ``Spool.init`` and the
+    options of ``spoolq init``."""
+    minimum = SETTING_MINIMUM[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SpoolError(f"{path}: {key} must be a whole number >= {minimum}, not {str(value)[:40]}: fix or remove it")
+        raise SpoolError(f"{key} must be a whole number >= {minimum}, not {str(value)[:40]}")
     return value
+
+
+def _setting(path: str, raw: dict[str, Any], key: str, default: int) -> int:
+    try:
+        return check_setting(key, raw.get(key, default))
+    except SpoolError as exc:
+        raise SpoolError(f"{path}: {exc}: fix or remove it") from None
 
 
 def _flag(path: str, raw: dict[str, Any], key: str, default: bool) -> bool:
@@ -396,9 +410,9 @@ class Layout:
         if not isinstance(raw, dict):
             raise SpoolError(f"{self.settings_file} must hold a JSON object: fix or remove it")
         return Settings(
-            max_queue=_setting(self.settings_file, raw, "max_queue", 0, minimum=0),
+            max_queue=_setting(self.settings_file, raw, "max_queue", 0),
             durable=_flag(self.settings_file, raw, "durable", True),
-            max_input_bytes=_setting(self.settings_file, raw, "max_input_bytes", DEFAULT_MAX_INPUT, minimum=1),
+            max_input_bytes=_setting(self.settings_file, raw, "max_input_bytes", DEFAULT_MAX_INPUT),
         )
 
     def create(self) -> None:
