@@ -568,6 +568,20 @@ def test_init_creates_missing_parents_writable_by_their_owner_only(tmp_path: Pat
     assert "Not a directory" in err and str(blocked) in err
 
 
+def test_init_refuses_a_spool_others_may_write_before_making_anything(tmp_path: Path) -> None:
+    """A root, or a directory above it, that any user may write is refused
+    (exit 1) with nothing made: not a whole layout left behind."""
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)  # not sticky: others could swap whatever is made inside
+    for root in (open_dir, open_dir / "spool", open_dir / "a" / "b" / "spool"):
+        err = assert_one_line_error(spoolq("init", root=root), 1)
+        assert "any user" in err and "chmod o-w" in err, err
+        assert os.listdir(open_dir) == [], root
+    open_dir.chmod(0o1777)  # sticky, as /tmp: others cannot rename what is not theirs
+    assert spoolq("init", root=open_dir / "spool").returncode == 0
+
+
 ROOT_AFTER_THE_COMMAND = [
     ("types",), ("status", TYPE, "t"), ("log", TYPE, "t"), ("list",), ("stats",), ("sweep",), ("fsck",),
     ("register", "Other", "pkg.mod.func"), ("init",), ("wait", TYPE, "done", "--timeout", "5"),

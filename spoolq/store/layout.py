@@ -159,10 +159,10 @@ def _ancestor_problems(root: str) -> list[LayoutProblem]:
     parent = os.path.dirname(root)
     while True:
         try:
-            st = os.stat(parent)
+            st: os.stat_result | None = os.stat(parent)
         except OSError:
-            break
-        if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+            st = None  # not made yet (init makes it): those above it count all the same
+        if st is not None and st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
             out.append(LayoutProblem(
                 "permissions", ".",
                 f"inside {parent}, which any user may write (mode {stat.S_IMODE(st.st_mode):04o}, not sticky): "
@@ -195,6 +195,16 @@ def _trust_paths(root: str) -> dict[str, bool]:
         parent = os.path.dirname(parent)
 
 
+def _root_problems(root: str, root_st: os.stat_result | None) -> list[LayoutProblem]:
+    """The problems of the root (*root_st*: its stat, None if it is not made
+    yet) and of the directories above it: those that need no state
+    directory to be seen, so `init` looks for them before it makes any."""
+    if root_st is not None and not stat.S_ISDIR(root_st.st_mode):
+        return [LayoutProblem("unsafe-dir", ".", "not a directory: a spool root must be one")]
+    problem = _mode_problem(".", root, root_st) if root_st is not None else None
+    return ([problem] if problem else []) + _ancestor_problems(root)
+
+
 def layout_problems(root: str) -> list[LayoutProblem]:
     """Every problem of the spool's skeleton at *root*, in a fixed order:
 
@@ -204,17 +214,13 @@ def layout_problems(root: str) -> list[LayoutProblem]:
     * all must share one filesystem (tasks move by rename, never by copy);
     * state directories are owned by the root's owner (or by root).
     """
-    out: list[LayoutProblem] = []
     try:
         root_st = os.stat(root)
     except FileNotFoundError:
         return [LayoutProblem("missing-dir", ".", "missing")]
+    out = _root_problems(root, root_st)
     if not stat.S_ISDIR(root_st.st_mode):
-        return [LayoutProblem("unsafe-dir", ".", "not a directory: a spool root must be one")]
-    problem = _mode_problem(".", root, root_st)
-    if problem:
-        out.append(problem)
-    out += _ancestor_problems(root)
+        return out
     shared = root_st.st_mode & 0o070 == 0o070  # the group may use the spool: so it must use all of it
     for name in STATE_DIRS:
         path = os.path.join(root, name)
@@ -423,7 +429,18 @@ class Layout:
         Missing parents of the root are created first, as ``mkdir -p`` does,
         but with mode :data:`PARENT_MODE` (less the umask) whatever the umask:
         only their owner may write them, so nobody else can rename the spool
-        away and put a directory of their own in its place."""
+        away and put a directory of their own in its place.
+
+        A root, or a directory above it, that others may write is refused
+        (UnsafeSpool) before anything is made: a spool there could not be
+        opened, and what was made would be left for the operator to remove."""
+        try:
+            root_st: os.stat_result | None = os.stat(self.root)
+        except FileNotFoundError:
+            root_st = None
+        for problem in _root_problems(self.root, root_st):
+            if problem.fatal:
+                raise problem.as_error(self.root)
         missing = []
         parent = os.path.dirname(self.root)
         while not os.path.lexists(parent):
