@@ -262,24 +262,29 @@ class _Checker:
                 self.check_state(place)
 
     def check_root(self) -> None:
-        for name in _listdir(self.root):
-            path = os.path.join(self.root, name)
+        for name, path, st in _entries(self.root):
             if name in ROOT_ENTRIES:
                 continue
-            if name == SETTINGS + ".tmp":
-                finding = self.add("leftover-tmp", path, "staging file of an interrupted 'spoolq init'")
-            else:
-                finding = self.add("unknown-entry", path, f"{_what(path)} that is not part of a spool")
+            # SETTINGS + ".tmp": what earlier versions staged it as (one name for every writer).
+            if fsutil.is_staging(name, SETTINGS) or name == SETTINGS + ".tmp":
+                self.staging(path, st, "spoolq init")
+                continue
+            finding = self.add("unknown-entry", path, f"{_what(path)} that is not part of a spool")
             self.quarantine(finding, path)
 
+    def staging(self, path: str, st: os.stat_result, command: str) -> None:
+        """A staging file of *command* (a write not yet renamed in place): in
+        progress while it is younger than the grace; older, a leftover of
+        an interrupted write, quarantined."""
+        if self.spool.clock() - st.st_mtime <= self.grace:
+            return
+        finding = self.add("leftover-tmp", path, f"staging file of an interrupted '{command}'")
+        self.quarantine(finding, path)
+
     def check_types(self) -> None:
-        now = self.spool.clock()
         for name, path, st in _entries(self.spool.layout.types):
             if name.startswith("."):
-                if now - st.st_mtime <= self.grace:
-                    continue  # a registration in progress
-                finding = self.add("leftover-tmp", path, "staging file of an interrupted 'spoolq register'")
-                self.quarantine(finding, path)
+                self.staging(path, st, "spoolq register")
                 continue
             type_name = name[:-5]
             named = name.endswith(".json") and _valid(check_type, type_name)

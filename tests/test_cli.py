@@ -100,6 +100,40 @@ def test_init_prints_the_path_and_keeps_settings(tmp_path: Path) -> None:
     assert (spool.max_queue, spool.durable, spool.max_input_bytes) == (3, False, 1000)
 
 
+def test_init_without_a_change_writes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "spool"
+    assert spoolq("init", "--max-queue", "3", root=path).returncode == 0
+    settings = path / "spool.json"
+    before = settings.stat()
+    for args in (("init",), ("init", "--max-queue", "3", "--durable")):  # nothing new: spool.json untouched
+        assert spoolq(*args, root=path).returncode == 0
+        after = settings.stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), args
+    assert spoolq("init", "--max-queue", "4", root=path).returncode == 0
+    assert settings.stat().st_ino != before.st_ino and Spool(path).max_queue == 4
+
+
+def test_settings_changed_at_once_are_all_kept(tmp_path: Path) -> None:
+    """Four inits at once, three of them each changing another setting:
+    every one succeeds, no change is lost, no staging file is left."""
+    path = tmp_path / "spool"
+    Spool.init(path)
+    env = {k: v for k, v in os.environ.items() if k != "SPOOLQ_ROOT"}
+    for round_ in range(8):
+        durable = round_ % 2 == 0
+        calls = [("--max-queue", str(round_)), ("--max-input-bytes", str(1000 + round_)),
+                 ("--durable" if durable else "--no-durable",), ()]
+        procs = [subprocess.Popen([sys.executable, "-m", "spoolq", "--root", str(path), "init", *args],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env) for args in calls]
+        for proc, args in zip(procs, calls):
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, (round_, args, err.decode())
+        spool = Spool(path)
+        assert (spool.max_queue, spool.max_input_bytes, spool.durable) == (round_, 1000 + round_, durable), round_
+    assert sorted(os.listdir(path)) == sorted(["spool.json", "metrics", "types", "tmp", "enqueued", "scheduled",
+                                               "running", "done", "quarantine", "locks"])
+
+
 def test_register_and_types(root: Path) -> None:
     proc = spoolq("register", "Other", "pkg.mod.func", "--timeout", "5", "--retention", "10", "--max-restarts", "1",
                   root=root)

@@ -347,6 +347,22 @@ def test_permissions_are_reported_with_the_fix_not_changed(spool):
     assert run_fsck(str(root), repair=False, out=io.StringIO()) == 0
 
 
+def test_a_settings_change_in_progress_is_left_alone_and_an_old_one_set_aside(spool):
+    """spool.json is staged under a name of its writer's own: fsck takes a
+    fresh one for a change in progress, an old one (or the single name of
+    earlier versions) for the leftover of an interrupted init."""
+    root = Path(spool.root)
+    fresh, stale, legacy = root / ".spool.json.123.abcd1234", root / ".spool.json.456.00ff00ff", root / "spool.json.tmp"
+    for path in (fresh, stale, legacy):
+        path.write_bytes(b"{}")
+    for path in (stale, legacy):
+        os.utime(path, (OLD, OLD))
+    report = check(Spool(root), repair=True)
+    assert kinds(report) == {stale.name: "leftover-tmp", legacy.name: "leftover-tmp"}
+    assert all(f.action and f.action.startswith("quarantined") for f in report.findings)
+    assert fresh.exists() and not stale.exists() and not legacy.exists()
+
+
 def test_an_unsafe_layout_is_reported_whole_without_opening_the_spool(spool, tmp_path):
     root = Path(spool.root)
     os.chmod(root, 0o777)

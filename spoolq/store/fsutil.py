@@ -148,6 +148,18 @@ def rename_noreplace(src: str, dst: str) -> None:
     os.rename(src, dst)
 
 
+def staging_name(name: str) -> str:
+    """A fresh name to write file *name* under, in its own directory, before
+    the rename that publishes it: hidden (a leading dot), and this writer's
+    alone (pid and random), so writers that race never share one."""
+    return f".{name}.{os.getpid()}.{os.urandom(4).hex()}"
+
+
+def is_staging(entry: str, name: str) -> bool:
+    """Whether *entry* is a :func:`staging_name` of file *name*."""
+    return entry.startswith(f".{name}.")
+
+
 def write_new(dir_fd: int, name: str, data: bytes, *, sync: bool,
               attribute: tuple[str, bytes] | None = None) -> bool:
     """Create file *name* in *dir_fd* (it must not exist) holding *data*.

@@ -20,6 +20,7 @@ and ``spoolq fsck`` share.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -472,14 +473,36 @@ class Layout:
         finally:
             os.close(fd)
 
-    def write_settings(self, settings: Settings) -> None:
-        """Replace ``spool.json`` atomically and durably (tmp + fsync + rename)."""
+    def change_settings(self, **changes: Any) -> Settings:
+        """Store the settings of *changes* that are not None (the others keep
+        their stored value) and return them all. Under the spool-wide lock,
+        so changes made at once are made one after the other and none is
+        lost. ``spool.json`` is written only when a value changes, or when
+        there is none yet: a call that changes nothing writes nothing."""
+        with self.enqueue_lock:
+            stored = self.read_settings()
+            wanted = dataclasses.replace(stored, **{k: v for k, v in changes.items() if v is not None})
+            if wanted != stored or not os.path.lexists(self.settings_file):
+                self._write_settings(wanted)
+        return wanted
+
+    def _write_settings(self, settings: Settings) -> None:
+        """Replace ``spool.json`` atomically and durably (a staging file of
+        this writer's own + fsync + rename); the caller holds the
+        spool-wide lock (:meth:`change_settings`)."""
         dfd = fsutil.open_dir(self.root)
+        tmp = fsutil.staging_name(SETTINGS)
         try:
             data = json.dumps(settings.to_json(), indent=1).encode() + b"\n"
-            fsutil.write_new_replacing(dfd, SETTINGS + ".tmp", data, sync=True)
-            os.rename(SETTINGS + ".tmp", SETTINGS, src_dir_fd=dfd, dst_dir_fd=dfd)
+            fsutil.write_new(dfd, tmp, data, sync=True)
+            os.rename(tmp, SETTINGS, src_dir_fd=dfd, dst_dir_fd=dfd)
             os.fsync(dfd)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=dfd)  # nothing half-written left behind
+            except FileNotFoundError:
+                pass  # never made, or already published
+            raise
         finally:
             os.close(dfd)
 
