@@ -20,7 +20,8 @@ kind                      what is wrong                                    repai
                           task file)
 ``group-access``          on a spool its group shares, a state directory,  the modes of what this user owns are
                           task directory or task file the group cannot     fixed; others: the message names the
-                          use                                              ``chmod``
+                          use; spool.json, a type or lock file the group   ``chmod`` (or the ``chgrp``: fsck
+                          cannot read, or of another group                 changes no owner)
 ``unknown-entry``         something that is not part of a spool            quarantined
 ``bad-name``              not a ``TYPE:ID`` (or server) name               quarantined
 ``symlink``               a symlink where a task or one of its files       quarantined (the link; never followed)
@@ -193,7 +194,9 @@ class _Checker:
         self.places: dict[str, list[_Place]] = defaultdict(list)
         # The group shares the spool (the root is group rwx): then it must be
         # able to use every task in it.
-        self.shared = os.stat(self.root).st_mode & 0o070 == 0o070
+        root_st = os.stat(self.root)
+        self.shared = root_st.st_mode & 0o070 == 0o070
+        self.group = root_st.st_gid
         self.types: set[str] = set()
         self._alive: dict[str, bool] = {}
 
@@ -263,6 +266,8 @@ class _Checker:
 
     def check_root(self) -> None:
         for name, path, st in _entries(self.root):
+            if name == SETTINGS and stat.S_ISREG(st.st_mode):
+                self.readable_by_group(path, st, "every command of its members fails on it")
             if name in ROOT_ENTRIES:
                 continue
             # SETTINGS + ".tmp": what earlier versions staged it as (one name for every writer).
@@ -291,6 +296,7 @@ class _Checker:
             if not self.sound(path, st, named, ("unknown-entry", "that is not a type file (<TYPE>.json)"),
                               "a type file", "corrupt-type"):
                 continue
+            self.readable_by_group(path, st, "its members' commands and workers cannot read the type")
             try:
                 self.spool.get_type(type_name)
             except (SpoolError, OSError) as exc:
@@ -323,15 +329,28 @@ class _Checker:
         at their first enqueue (or a worker at its start)."""
         locks = self.spool.layout.locks
         for name, path, st in [*_entries(locks), *_entries(os.path.join(locks, "servers"))]:
-            if stat.S_ISREG(st.st_mode) and self.shared and st.st_mode & 0o040 != 0o040:
-                finding = self.add(
-                    "group-access", path,
-                    f"not readable by the spool's group (mode {stat.S_IMODE(st.st_mode):04o}): "
-                    f"its members cannot lock it: fix with: chmod g+r {path}",
-                )
-                if self.repair and st.st_uid == os.geteuid():
-                    os.chmod(path, stat.S_IMODE(st.st_mode) | 0o060, follow_symlinks=False)
-                    finding.action = "made group-readable"
+            if stat.S_ISREG(st.st_mode):
+                self.readable_by_group(path, st, "its members cannot lock it")
+
+    def readable_by_group(self, path: str, st: os.stat_result, why: str) -> None:
+        """On a spool its group shares, a file all its members read (spool.json,
+        a type file, a lock file) must be in the spool's group and readable
+        by it, or *why*. --repair gives the group access to what this user
+        owns; a file in another group is reported with the chgrp (fsck
+        changes no owner)."""
+        mode = stat.S_IMODE(st.st_mode)
+        if not self.shared or (st.st_gid == self.group and mode & 0o040):
+            return
+        fixes = [f"chgrp {self.group} {path}"] if st.st_gid != self.group else []
+        fixes += [] if mode & 0o040 else [f"chmod g+r {path}"]
+        finding = self.add(
+            "group-access", path,
+            f"not readable by the spool's group {self.group} (group {st.st_gid}, mode {mode:04o}): {why}: "
+            f"fix with: {' && '.join(fixes)}",
+        )
+        if self.repair and st.st_gid == self.group and st.st_uid == os.geteuid():
+            os.chmod(path, mode | 0o060, follow_symlinks=False)
+            finding.action = "made group-readable"
 
     def check_metrics(self) -> None:
         """``metrics/<SERVER>.json``: each server's counters (contract §12.5),

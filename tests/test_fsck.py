@@ -363,6 +363,32 @@ def test_a_settings_change_in_progress_is_left_alone_and_an_old_one_set_aside(sp
     assert fresh.exists() and not stale.exists() and not legacy.exists()
 
 
+def test_files_every_member_reads_must_be_the_groups_to_read(spool):
+    """On a shared spool, spool.json, a type file or a lock file in another
+    group, or that the group may not read, stops the members: reported with
+    the fix; --repair adds the group's read to what fsck's user owns, and
+    never changes a group."""
+    root = Path(spool.root)
+    gid = os.stat(root).st_gid
+    os.chown(root / "spool.json", -1, gid + 4242)  # what init as root left in a root without setgid
+    os.chmod(root / "types/T.json", 0o600)
+    os.chmod(root / "locks/enqueue.lock", 0o600)
+    out = io.StringIO()
+    assert run_fsck(str(root), repair=True, out=out) == 1
+    lines = out.getvalue().splitlines()
+    assert lines[0] == (f"group-access: spool.json: not readable by the spool's group {gid} (group {gid + 4242}, "
+                        f"mode 0660): every command of its members fails on it: fix with: chgrp {gid} {root}/spool.json")
+    assert lines[1].startswith("group-access: types/T.json: ") and lines[1].endswith(" -> made group-readable")
+    assert lines[2].startswith("group-access: locks/enqueue.lock: ") and lines[2].endswith(" -> made group-readable")
+    assert os.stat(root / "spool.json").st_gid == gid + 4242  # reported, not changed
+    assert stat.S_IMODE(os.stat(root / "types/T.json").st_mode) == 0o660
+    os.chown(root / "spool.json", -1, gid)
+    assert run_fsck(str(root), repair=False, out=io.StringIO()) == 0
+    os.chmod(root, 0o2700)  # not shared: the group's access does not count
+    os.chown(root / "spool.json", -1, gid + 4242)
+    assert run_fsck(str(root), repair=False, out=io.StringIO()) == 0
+
+
 def test_an_unsafe_layout_is_reported_whole_without_opening_the_spool(spool, tmp_path):
     root = Path(spool.root)
     os.chmod(root, 0o777)

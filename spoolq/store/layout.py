@@ -296,6 +296,27 @@ def _flag(path: str, raw: dict[str, Any], key: str, default: bool) -> bool:
     return value
 
 
+def _make_dir(path: str, owner: tuple[int, int] | None) -> None:
+    """Make directory *path* unless it is there: mode :data:`DIR_MODE`
+    whatever the umask and, with *owner* (uid, gid), theirs. An existing
+    one keeps the mode and owner its operator gave it."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    # Through a descriptor, never the path: in a root its group may write,
+    # a member could swap the new directory for a symlink to root's files.
+    fd = fsutil.open_dir(path)
+    try:
+        if owner is not None:
+            os.fchown(fd, *owner)
+        # mkdir ignores the setgid bit and applies the umask: set the mode
+        # outright (after the chown, which may clear setgid).
+        os.fchmod(fd, DIR_MODE)
+    finally:
+        os.close(fd)
+
+
 class Layout:
     """The paths of one spool, and the few operations on the tree as a whole
     (settings, creating it, quarantining an entry)."""
@@ -432,6 +453,10 @@ class Layout:
         only their owner may write them, so nobody else can rename the spool
         away and put a directory of their own in its place.
 
+        Run as root on a root someone else owns (the spool's user, which
+        packaging makes it with ``install -d``), what it makes is given to
+        that owner and the root's group (:meth:`owner_of_new`).
+
         A root, or a directory above it, that others may write is refused
         (UnsafeSpool) before anything is made: a spool there could not be
         opened, and what was made would be left for the operator to remove."""
@@ -452,16 +477,12 @@ class Layout:
                 os.mkdir(directory, PARENT_MODE)
             except FileExistsError:
                 continue
+        _make_dir(self.root, None)
+        owner = self.owner_of_new()
         # metrics/ (contract §12.5) is not a state directory: a spool made
         # before it existed is complete without it, and gets it on first use.
-        for sub in ("", *STATE_DIRS, os.path.join("locks", "servers"), "metrics"):
-            directory = self.path(sub) if sub else self.root
-            try:
-                os.mkdir(directory, 0o700)
-            except FileExistsError:
-                continue
-            # mkdir ignores the setgid bit and applies the umask: set the mode outright.
-            os.chmod(directory, DIR_MODE)
+        for sub in (*STATE_DIRS, os.path.join("locks", "servers"), "metrics"):
+            _make_dir(self.path(sub), owner)
         # The spool-wide lock file, made now with the group's access, so that
         # no member's umask decides who may lock it later.
         try:
@@ -469,9 +490,23 @@ class Layout:
         except FileExistsError:
             return
         try:
+            if owner is not None:
+                os.fchown(fd, *owner)
             os.fchmod(fd, 0o660)
         finally:
             os.close(fd)
+
+    def owner_of_new(self) -> tuple[int, int] | None:
+        """Whom what this process makes in the spool must be given to: as
+        root, the root directory's owner and group, since its users cannot
+        use what belongs to root (and its group, where the root lacks the
+        setgid bit, as a root made by ``install -d`` does). None for anyone
+        else: only root may give a file away, and the setgid bit keeps the
+        group."""
+        if os.geteuid() != 0:
+            return None
+        st = os.stat(self.root)
+        return st.st_uid, st.st_gid
 
     def change_settings(self, **changes: Any) -> Settings:
         """Store the settings of *changes* that are not None (the others keep
@@ -494,7 +529,7 @@ class Layout:
         tmp = fsutil.staging_name(SETTINGS)
         try:
             data = json.dumps(settings.to_json(), indent=1).encode() + b"\n"
-            fsutil.write_new(dfd, tmp, data, sync=True)
+            fsutil.write_new(dfd, tmp, data, sync=True, owner=self.owner_of_new())
             os.rename(tmp, SETTINGS, src_dir_fd=dfd, dst_dir_fd=dfd)
             os.fsync(dfd)
         except BaseException:
