@@ -968,13 +968,14 @@ def fsck(
 
     if not json_out:
         return checker.run_fsck(_run.root, repair)
-    try:
-        report = checker.check(Spool(_run.root), repair=repair)
+    spool, found = checker.open_spool(_run.root, repair=repair)
+    if spool is None:  # the spool cannot be opened: its layout is what is wrong
+        findings = remaining = found
+        tasks = quarantined = 0
+    else:
+        report = checker.check(spool, repair=repair, found=found)
         findings, remaining = report.findings, report.remaining
         tasks, quarantined = report.tasks, report.quarantined
-    except SpoolqError as exc:  # the spool cannot be opened: its layout is what is wrong
-        findings = remaining = checker.layout_findings(_run.root) or [checker.Finding("spool", ".", str(exc))]
-        tasks = quarantined = 0
 
     def doc(f: Any) -> dict[str, Any]:
         return {"kind": f.kind, "path": f.path, "message": f.message, "action": f.action}

@@ -160,6 +160,32 @@ def layout_findings(root: str) -> list[Finding]:
     return out
 
 
+def _make_missing(root: str, findings: list[Finding]) -> None:
+    """--repair of the missing-dir findings of state directories: they are
+    made, as ``spoolq init`` makes them."""
+    missing = [f for f in findings if f.kind == "missing-dir" and f.path != "."]
+    if missing:
+        Spool.init(root)
+        for finding in missing:
+            finding.action = "created (spoolq init)"
+
+
+def open_spool(root: str, *, repair: bool) -> tuple[Spool | None, list[Finding]]:
+    """The spool at *root*, opened to be checked, and the layout findings to
+    report. A spool kept from opening only by missing state directories
+    gets them with *repair* (reported as made: pass them to :func:`check`).
+    A spool that cannot be opened is None, with every layout finding (or
+    the error) as what is wrong."""
+    made: list[Finding] = []
+    if repair and all(p.kind == "missing-dir" and p.rel != "." for p in layout_problems(root) if p.fatal):
+        made = [f for f in layout_findings(root) if f.kind == "missing-dir"]
+        _make_missing(root, made)
+    try:
+        return Spool(root), made
+    except SpoolError as exc:
+        return None, made + (layout_findings(root) or [Finding("spool", ".", str(exc))])
+
+
 # --------------------------------------------------------------------------- the check
 
 
@@ -243,11 +269,10 @@ class _Checker:
     # ------------------------------------------------------------------ passes
 
     def run(self) -> None:
-        for finding in layout_findings(self.root):
-            self.findings.append(finding)
-            if finding.kind == "missing-dir" and self.repair and finding.path != ".":
-                Spool.init(self.root)
-                finding.action = "created (spoolq init)"
+        layout = layout_findings(self.root)
+        if self.repair:
+            _make_missing(self.root, layout)
+        self.findings += layout
         self.check_root()
         self.check_types()
         self.check_tmp()
@@ -649,10 +674,13 @@ _ACTION_TEXT = {
 # --------------------------------------------------------------------------- entry points
 
 
-def check(spool: Spool, *, repair: bool = False, tmp_grace: float = TMP_GRACE) -> FsckReport:
+def check(spool: Spool, *, repair: bool = False, tmp_grace: float = TMP_GRACE,
+          found: list[Finding] | None = None) -> FsckReport:
     """Check *spool*; with *repair*, fix what can be fixed (see the module
-    docstring), then check again read-only to tell what remains."""
+    docstring), then check again read-only to tell what remains. *found*:
+    what :func:`open_spool` found (and repaired) before, reported first."""
     checker = _Checker(spool, repair, tmp_grace)
+    checker.findings += found or []
     checker.run()
     if repair:
         again = _Checker(spool, False, tmp_grace)
@@ -669,15 +697,13 @@ def run_fsck(root: str | None, repair: bool, out: TextIO = sys.stdout) -> int:
     action]``) and a summary; 0 when the spool is consistent (after repair),
     1 otherwise."""
     path = resolve_root(root)
-    try:
-        spool = Spool(path)
-    except SpoolError as exc:
-        findings = layout_findings(path) or [Finding("spool", ".", str(exc))]
-        for finding in findings:
+    spool, found = open_spool(path, repair=repair)
+    if spool is None:
+        for finding in found:
             print(finding, file=out)
-        print(f"fsck {path}: {len(findings)} problem(s) in the spool's layout; fix them, then run fsck again", file=out)
+        print(f"fsck {path}: {len(found)} problem(s) in the spool's layout; fix them, then run fsck again", file=out)
         return 1
-    report = check(spool, repair=repair)
+    report = check(spool, repair=repair, found=found)
     for finding in report.findings:
         print(finding, file=out)
     printed = {(f.kind, f.path) for f in report.findings if f.action is None}
@@ -780,4 +806,4 @@ def _moved(path: str, dfd: int) -> bool:
     return (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev)
 
 
-__all__ = ["Finding", "FsckReport", "TMP_GRACE", "check", "layout_findings", "run_fsck"]
+__all__ = ["Finding", "FsckReport", "TMP_GRACE", "check", "layout_findings", "open_spool", "run_fsck"]

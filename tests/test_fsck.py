@@ -389,6 +389,37 @@ def test_files_every_member_reads_must_be_the_groups_to_read(spool):
     assert run_fsck(str(root), repair=False, out=io.StringIO()) == 0
 
 
+def test_repair_makes_missing_state_directories_as_init_does(spool):
+    """A missing state directory keeps the spool from opening; --repair
+    makes it (reliability.md: "creates it, as spoolq init does"), unless
+    something else about the layout is wrong too."""
+    root = Path(spool.root)
+    spool.enqueue("T", "a", None)
+    os.rmdir(root / "running")
+    os.rmdir(root / "locks/servers")
+    assert run_fsck(str(root), repair=False, out=io.StringIO()) == 1
+    assert not (root / "running").exists()
+    out = io.StringIO()
+    assert run_fsck(str(root), repair=True, out=out) == 0, out.getvalue()
+    lines = out.getvalue().splitlines()
+    assert lines[:2] == [f"missing-dir: {rel}: missing: fix with: spoolq --root {root} init -> created (spoolq init)"
+                         for rel in ("running", "locks/servers")]
+    assert "1 task(s), 2 problem(s), 2 repaired, 0 remain" in lines[2]
+    assert stat.S_IMODE(os.stat(root / "running").st_mode) == 0o2770
+    os.rmdir(root / "done")  # the same through the command, with --json
+    env = {k: v for k, v in os.environ.items() if k != "SPOOLQ_ROOT"}
+    proc = subprocess.run([sys.executable, "-m", "spoolq", "--root", str(root), "fsck", "--repair", "--json"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    doc = json.loads(proc.stdout)
+    assert proc.returncode == 0 and doc["ok"], proc.stdout + proc.stderr
+    assert [(f["kind"], f["path"], f["action"]) for f in doc["findings"]] == [
+        ("missing-dir", "done", "created (spoolq init)")]
+    os.rmdir(root / "running")  # with an unsafe root too: left to the operator, nothing made
+    os.chmod(root, 0o2777)
+    assert run_fsck(str(root), repair=True, out=io.StringIO()) == 1
+    assert not (root / "running").exists()
+
+
 def test_an_unsafe_layout_is_reported_whole_without_opening_the_spool(spool, tmp_path):
     root = Path(spool.root)
     os.chmod(root, 0o777)
