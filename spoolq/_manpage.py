@@ -120,7 +120,8 @@ def render() -> str:
         command.format_epilog(sub, body)
         lines += body.lines
     lines += [".SH ENVIRONMENT", ".TP", ".B SPOOLQ_ROOT",
-              escape("The spool directory when --root is not given (default /var/spool/spoolq). "
+              escape("The spool directory when --root is not given (default /var/spool/spoolq); set but empty, "
+                     "it is refused (exit 2), as an empty --root is. "
                      "spoolq sets it for its own process and the handlers it runs.")]
     lines += [".SH EXIT STATUS"]
     for code, text in EXIT_STATUSES:

@@ -35,14 +35,16 @@ from enum import Enum
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 
 from ._version import __version__
-from .errors import InvalidInput, NoSpool, QueueFull, SpoolqError, TaskNotFound, TypeInUse, UnknownType
+from .errors import (
+    InvalidInput, InvalidName, NoSpool, QueueFull, SpoolError, SpoolqError, TaskNotFound, TypeInUse, UnknownType,
+)
 from .lifecycle import State
 from .names import check_type, task_name
 from .producer import check_due
 from .queries import Census, TaskInfo, format_log
 from .spool import Spool
-from .store.layout import DEFAULT_ROOT, ROOT_ENV, resolve_root
-from .store.registry import DEFAULT_MAX_OUTPUT, EXECUTORS, MAX_COUNT
+from .store.layout import DEFAULT_ROOT, ROOT_ENV, check_setting, resolve_root
+from .store.registry import DEFAULT_MAX_OUTPUT, EXECUTORS, MAX_COUNT, check_output_cap
 from .units import parse_duration, parse_size
 
 if TYPE_CHECKING:
@@ -138,6 +140,46 @@ def _time_option(text: str) -> float:
     except InvalidInput as exc:
         raise typer.BadParameter(str(exc)) from None
 
+def _spool_setting(key: str) -> Callable[[Optional[int]], Optional[int]]:
+    """The check of --max-queue or --max-input-bytes: a value the setting
+    *key* does not allow (spoolq.store.layout.check_setting) is a usage error."""
+
+    def check(value: Optional[int]) -> Optional[int]:
+        try:
+            return None if value is None else check_setting(key, value)
+        except SpoolError as exc:
+            raise typer.BadParameter(str(exc)) from None
+
+    return check
+
+
+def _output_cap_option(text: str) -> int:
+    """--max-output-bytes: a size (as --memory-max) the output cap allows."""
+    value = _size_option(text)
+    try:
+        check_output_cap(value)
+    except SpoolError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return value
+
+
+def _lane(text: Optional[str]) -> Optional[list[str]]:
+    """--types A,B: the type names, each checked; a bad one is a usage error."""
+    if text is None:
+        return None
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    for name in names:
+        try:
+            check_type(name)
+        except InvalidName as exc:
+            raise typer.BadParameter(str(exc)) from None
+    return names
+
+
+def _lane_option(text: Optional[str]) -> Optional[str]:
+    _lane(text)  # checked while parsing, so a bad name is a usage error (exit 2), not the worker's 78
+    return text
+
 # (function, typer settings) of every command, in the order of `spoolq --help`.
 _COMMANDS: list[tuple[Callable[..., Any], dict[str, Any]]] = []
 
@@ -154,8 +196,11 @@ def _command(name: str | None = None, *, examples: list[str]) -> Callable[[Calla
 
 
 def _use_root(root: str | None, command: str | None) -> None:
-    _run.root = resolve_root(root)
     _run.command = command
+    try:
+        _run.root = resolve_root(root)
+    except SpoolError as exc:  # only an empty root: a mistake in the call, not in the spool
+        raise UsageError(str(exc)) from None
     # Handlers and child processes using spoolq.tracker find the same spool.
     os.environ[ROOT_ENV] = _run.root
 
@@ -223,7 +268,8 @@ IdArg: Any = None
 def init(
     max_queue: Annotated[
         Optional[int],
-        typer.Option(metavar="N", help="Most ENQUEUED tasks at once; 0: unlimited. Default: keep the stored value (0)."),
+        typer.Option(metavar="N", callback=_spool_setting("max_queue"),
+                     help="Most ENQUEUED tasks at once; 0: unlimited. Default: keep the stored value (0)."),
     ] = None,
     durable: Annotated[
         Optional[bool],
@@ -232,7 +278,7 @@ def init(
     ] = None,
     max_input_bytes: Annotated[
         Optional[int],
-        typer.Option(metavar="N",
+        typer.Option(metavar="N", callback=_spool_setting("max_input_bytes"),
                      help="Largest task input in bytes. Default: keep the stored value (64 MiB)."),
     ] = None,
     json_out: JsonFlag = False,
@@ -297,7 +343,7 @@ def register(
         help="Most of its tasks RUNNING or PAUSED at once, over every server; 0: no limit.")] = 0,
     max_output_bytes: Annotated[
         int,
-        typer.Option(metavar="SIZE", parser=_size_option,
+        typer.Option(metavar="SIZE", parser=_output_cap_option,
                      help="Output of a handler kept in the task's output file: its start and its latest end, "
                           "e.g. 64K, 1M. Default: 1M."),
     ] = DEFAULT_MAX_OUTPUT,
@@ -866,7 +912,8 @@ def worker(
                      help="A directory to import handler modules from, ahead of the rest (repeatable).")
     ] = None,
     types: Annotated[Optional[str], typer.Option(
-        "--types", metavar="A,B", help="Claim tasks of these types only (a lane); recovery and sweeps cover all.")] = None,
+        "--types", metavar="A,B", callback=_lane_option,
+        help="Claim tasks of these types only (a lane); recovery and sweeps cover all.")] = None,
 ) -> int:
     """Run the worker daemon for SERVER.
 
@@ -881,7 +928,7 @@ def worker(
         _run.root, server, concurrency=concurrency, drain=drain, grace=grace, poll=poll,
         max_tasks_per_child=max_tasks_per_child, dask_scheduler=dask_scheduler or None,
         dask_concurrency=dask_concurrency, pythonpath=pythonpath,
-        types=[t.strip() for t in types.split(",") if t.strip()] if types is not None else None,
+        types=_lane(types),
     )
 
 
@@ -930,13 +977,14 @@ def fsck(
 
     if not json_out:
         return checker.run_fsck(_run.root, repair)
-    try:
-        report = checker.check(Spool(_run.root), repair=repair)
+    spool, found = checker.open_spool(_run.root, repair=repair)
+    if spool is None:  # the spool cannot be opened: its layout is what is wrong
+        findings = remaining = found
+        tasks = quarantined = 0
+    else:
+        report = checker.check(spool, repair=repair, found=found)
         findings, remaining = report.findings, report.remaining
         tasks, quarantined = report.tasks, report.quarantined
-    except SpoolqError as exc:  # the spool cannot be opened: its layout is what is wrong
-        findings = remaining = checker.layout_findings(_run.root) or [checker.Finding("spool", ".", str(exc))]
-        tasks = quarantined = 0
 
     def doc(f: Any) -> dict[str, Any]:
         return {"kind": f.kind, "path": f.path, "message": f.message, "action": f.action}
@@ -1068,10 +1116,11 @@ def _version(value: bool) -> None:
 
 def _global(
     ctx: typer.Context,
+    # No envvar= here: click would take an empty $SPOOLQ_ROOT for an unset
+    # one, which resolve_root refuses.
     root: Annotated[
-        str, typer.Option("--root", envvar=ROOT_ENV, metavar="PATH", show_envvar=False, show_default=False,
-                          help=ROOT_HELP)
-    ] = DEFAULT_ROOT,
+        Optional[str], typer.Option("--root", metavar="PATH", show_default=False, help=ROOT_HELP)
+    ] = None,
     version: Annotated[
         Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = None,

@@ -20,7 +20,8 @@ kind                      what is wrong                                    repai
                           task file)
 ``group-access``          on a spool its group shares, a state directory,  the modes of what this user owns are
                           task directory or task file the group cannot     fixed; others: the message names the
-                          use                                              ``chmod``
+                          use; spool.json, a type or lock file the group   ``chmod`` (or the ``chgrp``: fsck
+                          cannot read, or of another group                 changes no owner)
 ``unknown-entry``         something that is not part of a spool            quarantined
 ``bad-name``              not a ``TYPE:ID`` (or server) name               quarantined
 ``symlink``               a symlink where a task or one of its files       quarantined (the link; never followed)
@@ -159,6 +160,32 @@ def layout_findings(root: str) -> list[Finding]:
     return out
 
 
+def _make_missing(root: str, findings: list[Finding]) -> None:
+    """--repair of the missing-dir findings of state directories: they are
+    made, as ``spoolq init`` makes them."""
+    missing = [f for f in findings if f.kind == "missing-dir" and f.path != "."]
+    if missing:
+        Spool.init(root)
+        for finding in missing:
+            finding.action = "created (spoolq init)"
+
+
+def open_spool(root: str, *, repair: bool) -> tuple[Spool | None, list[Finding]]:
+    """The spool at *root*, opened to be checked, and the layout findings to
+    report. A spool kept from opening only by missing state directories
+    gets them with *repair* (reported as made: pass them to :func:`check`).
+    A spool that cannot be opened is None, with every layout finding (or
+    the error) as what is wrong."""
+    made: list[Finding] = []
+    if repair and all(p.kind == "missing-dir" and p.rel != "." for p in layout_problems(root) if p.fatal):
+        made = [f for f in layout_findings(root) if f.kind == "missing-dir"]
+        _make_missing(root, made)
+    try:
+        return Spool(root), made
+    except SpoolError as exc:
+        return None, made + (layout_findings(root) or [Finding("spool", ".", str(exc))])
+
+
 # --------------------------------------------------------------------------- the check
 
 
@@ -193,7 +220,9 @@ class _Checker:
         self.places: dict[str, list[_Place]] = defaultdict(list)
         # The group shares the spool (the root is group rwx): then it must be
         # able to use every task in it.
-        self.shared = os.stat(self.root).st_mode & 0o070 == 0o070
+        root_st = os.stat(self.root)
+        self.shared = root_st.st_mode & 0o070 == 0o070
+        self.group = root_st.st_gid
         self.types: set[str] = set()
         self._alive: dict[str, bool] = {}
 
@@ -240,11 +269,10 @@ class _Checker:
     # ------------------------------------------------------------------ passes
 
     def run(self) -> None:
-        for finding in layout_findings(self.root):
-            self.findings.append(finding)
-            if finding.kind == "missing-dir" and self.repair and finding.path != ".":
-                Spool.init(self.root)
-                finding.action = "created (spoolq init)"
+        layout = layout_findings(self.root)
+        if self.repair:
+            _make_missing(self.root, layout)
+        self.findings += layout
         self.check_root()
         self.check_types()
         self.check_tmp()
@@ -262,30 +290,38 @@ class _Checker:
                 self.check_state(place)
 
     def check_root(self) -> None:
-        for name in _listdir(self.root):
-            path = os.path.join(self.root, name)
+        for name, path, st in _entries(self.root):
+            if name == SETTINGS and stat.S_ISREG(st.st_mode):
+                self.readable_by_group(path, st, "every command of its members fails on it")
             if name in ROOT_ENTRIES:
                 continue
-            if name == SETTINGS + ".tmp":
-                finding = self.add("leftover-tmp", path, "staging file of an interrupted 'spoolq init'")
-            else:
-                finding = self.add("unknown-entry", path, f"{_what(path)} that is not part of a spool")
+            # SETTINGS + ".tmp": what earlier versions staged it as (one name for every writer).
+            if fsutil.is_staging(name, SETTINGS) or name == SETTINGS + ".tmp":
+                self.staging(path, st, "spoolq init")
+                continue
+            finding = self.add("unknown-entry", path, f"{_what(path)} that is not part of a spool")
             self.quarantine(finding, path)
 
+    def staging(self, path: str, st: os.stat_result, command: str) -> None:
+        """A staging file of *command* (a write not yet renamed in place): in
+        progress while it is younger than the grace; older, a leftover of
+        an interrupted write, quarantined."""
+        if self.spool.clock() - st.st_mtime <= self.grace:
+            return
+        finding = self.add("leftover-tmp", path, f"staging file of an interrupted '{command}'")
+        self.quarantine(finding, path)
+
     def check_types(self) -> None:
-        now = self.spool.clock()
         for name, path, st in _entries(self.spool.layout.types):
             if name.startswith("."):
-                if now - st.st_mtime <= self.grace:
-                    continue  # a registration in progress
-                finding = self.add("leftover-tmp", path, "staging file of an interrupted 'spoolq register'")
-                self.quarantine(finding, path)
+                self.staging(path, st, "spoolq register")
                 continue
             type_name = name[:-5]
             named = name.endswith(".json") and _valid(check_type, type_name)
             if not self.sound(path, st, named, ("unknown-entry", "that is not a type file (<TYPE>.json)"),
                               "a type file", "corrupt-type"):
                 continue
+            self.readable_by_group(path, st, "its members' commands and workers cannot read the type")
             try:
                 self.spool.get_type(type_name)
             except (SpoolError, OSError) as exc:
@@ -318,15 +354,28 @@ class _Checker:
         at their first enqueue (or a worker at its start)."""
         locks = self.spool.layout.locks
         for name, path, st in [*_entries(locks), *_entries(os.path.join(locks, "servers"))]:
-            if stat.S_ISREG(st.st_mode) and self.shared and st.st_mode & 0o040 != 0o040:
-                finding = self.add(
-                    "group-access", path,
-                    f"not readable by the spool's group (mode {stat.S_IMODE(st.st_mode):04o}): "
-                    f"its members cannot lock it: fix with: chmod g+r {path}",
-                )
-                if self.repair and st.st_uid == os.geteuid():
-                    os.chmod(path, stat.S_IMODE(st.st_mode) | 0o060, follow_symlinks=False)
-                    finding.action = "made group-readable"
+            if stat.S_ISREG(st.st_mode):
+                self.readable_by_group(path, st, "its members cannot lock it")
+
+    def readable_by_group(self, path: str, st: os.stat_result, why: str) -> None:
+        """On a spool its group shares, a file all its members read (spool.json,
+        a type file, a lock file) must be in the spool's group and readable
+        by it, or *why*. --repair gives the group access to what this user
+        owns; a file in another group is reported with the chgrp (fsck
+        changes no owner)."""
+        mode = stat.S_IMODE(st.st_mode)
+        if not self.shared or (st.st_gid == self.group and mode & 0o040):
+            return
+        fixes = [f"chgrp {self.group} {path}"] if st.st_gid != self.group else []
+        fixes += [] if mode & 0o040 else [f"chmod g+r {path}"]
+        finding = self.add(
+            "group-access", path,
+            f"not readable by the spool's group {self.group} (group {st.st_gid}, mode {mode:04o}): {why}: "
+            f"fix with: {' && '.join(fixes)}",
+        )
+        if self.repair and st.st_gid == self.group and st.st_uid == os.geteuid():
+            os.chmod(path, mode | 0o060, follow_symlinks=False)
+            finding.action = "made group-readable"
 
     def check_metrics(self) -> None:
         """``metrics/<SERVER>.json``: each server's counters (contract §12.5),
@@ -625,10 +674,13 @@ _ACTION_TEXT = {
 # --------------------------------------------------------------------------- entry points
 
 
-def check(spool: Spool, *, repair: bool = False, tmp_grace: float = TMP_GRACE) -> FsckReport:
+def check(spool: Spool, *, repair: bool = False, tmp_grace: float = TMP_GRACE,
+          found: list[Finding] | None = None) -> FsckReport:
     """Check *spool*; with *repair*, fix what can be fixed (see the module
-    docstring), then check again read-only to tell what remains."""
+    docstring), then check again read-only to tell what remains. *found*:
+    what :func:`open_spool` found (and repaired) before, reported first."""
     checker = _Checker(spool, repair, tmp_grace)
+    checker.findings += found or []
     checker.run()
     if repair:
         again = _Checker(spool, False, tmp_grace)
@@ -645,15 +697,13 @@ def run_fsck(root: str | None, repair: bool, out: TextIO = sys.stdout) -> int:
     action]``) and a summary; 0 when the spool is consistent (after repair),
     1 otherwise."""
     path = resolve_root(root)
-    try:
-        spool = Spool(path)
-    except SpoolError as exc:
-        findings = layout_findings(path) or [Finding("spool", ".", str(exc))]
-        for finding in findings:
+    spool, found = open_spool(path, repair=repair)
+    if spool is None:
+        for finding in found:
             print(finding, file=out)
-        print(f"fsck {path}: {len(findings)} problem(s) in the spool's layout; fix them, then run fsck again", file=out)
+        print(f"fsck {path}: {len(found)} problem(s) in the spool's layout; fix them, then run fsck again", file=out)
         return 1
-    report = check(spool, repair=repair)
+    report = check(spool, repair=repair, found=found)
     for finding in report.findings:
         print(finding, file=out)
     printed = {(f.kind, f.path) for f in report.findings if f.action is None}
@@ -756,4 +806,4 @@ def _moved(path: str, dfd: int) -> bool:
     return (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev)
 
 
-__all__ = ["Finding", "FsckReport", "TMP_GRACE", "check", "layout_findings", "run_fsck"]
+__all__ = ["Finding", "FsckReport", "TMP_GRACE", "check", "layout_findings", "open_spool", "run_fsck"]

@@ -67,7 +67,7 @@ from .producer import BatchResult, Item, Producer, StampClock, check_delay, due_
 from .queries import Census, Queries, TaskInfo
 from .store import codec, fsutil
 from .store.codec import DEFAULT_RESPONSE_MIME, INPUT_JSON, INPUT_NAMES, INPUT_PICKLE, RESPONSE, LogRecord
-from .store.layout import Layout, Settings
+from .store.layout import Layout, check_setting
 from .store.queue import WaitingIndex
 from .store.registry import DEFAULT_MAX_RESTARTS, DEFAULT_RETENTION, DEFAULT_TIMEOUT, TaskType, TypeRegistry
 from .store.servers import ServerLocks
@@ -170,22 +170,19 @@ class Spool:
         """Create the layout (idempotent) and store the given settings.
 
         Settings not given keep their stored value (defaults: no queue limit,
-        durable, 64 MiB inputs). Directories are created 2770: group
+        durable, 64 MiB inputs); ``spool.json`` is rewritten only when one
+        changes. Directories are created 2770: group
         members may produce, others get nothing, and the setgid bit keeps
         new entries in the spool's group.
         """
-        if max_queue is not None and max_queue < 0:
-            raise SpoolError("max_queue must be 0 (unlimited) or positive")
-        if max_input_bytes is not None and max_input_bytes <= 0:
-            raise SpoolError("max_input_bytes must be positive")
+        if max_queue is not None:
+            check_setting("max_queue", max_queue)
+        if max_input_bytes is not None:
+            check_setting("max_input_bytes", max_input_bytes)
         layout = Layout(root)
         layout.create()
-        stored = layout.read_settings()
-        layout.write_settings(Settings(
-            max_queue=stored.max_queue if max_queue is None else int(max_queue),
-            durable=stored.durable if durable is None else bool(durable),
-            max_input_bytes=stored.max_input_bytes if max_input_bytes is None else int(max_input_bytes),
-        ))
+        layout.change_settings(max_queue=max_queue, durable=None if durable is None else bool(durable),
+                               max_input_bytes=max_input_bytes)
         return cls(layout.root, clock=clock)
 
     def _task(self, path: str, *, wait: float | None = None, as_stored: bool = False) -> TaskDir:

@@ -99,6 +99,40 @@ def test_init_prints_the_path_and_keeps_settings(tmp_path: Path) -> None:
     assert (spool.max_queue, spool.durable, spool.max_input_bytes) == (3, False, 1000)
 
 
+def test_init_without_a_change_writes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "spool"
+    assert spoolq("init", "--max-queue", "3", root=path).returncode == 0
+    settings = path / "spool.json"
+    before = settings.stat()
+    for args in (("init",), ("init", "--max-queue", "3", "--durable")):  # nothing new: spool.json untouched
+        assert spoolq(*args, root=path).returncode == 0
+        after = settings.stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), args
+    assert spoolq("init", "--max-queue", "4", root=path).returncode == 0
+    assert settings.stat().st_ino != before.st_ino and Spool(path).max_queue == 4
+
+
+def test_settings_changed_at_once_are_all_kept(tmp_path: Path) -> None:
+    """Four inits at once, three of them each changing another setting:
+    every one succeeds, no change is lost, no staging file is left."""
+    path = tmp_path / "spool"
+    Spool.init(path)
+    env = {k: v for k, v in os.environ.items() if k != "SPOOLQ_ROOT"}
+    for round_ in range(8):
+        durable = round_ % 2 == 0
+        calls = [("--max-queue", str(round_)), ("--max-input-bytes", str(1000 + round_)),
+                 ("--durable" if durable else "--no-durable",), ()]
+        procs = [subprocess.Popen([sys.executable, "-m", "spoolq", "--root", str(path), "init", *args],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env) for args in calls]
+        for proc, args in zip(procs, calls):
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, (round_, args, err.decode())
+        spool = Spool(path)
+        assert (spool.max_queue, spool.max_input_bytes, spool.durable) == (round_, 1000 + round_, durable), round_
+    assert sorted(os.listdir(path)) == sorted(["spool.json", "metrics", "types", "tmp", "enqueued", "scheduled",
+                                               "running", "done", "quarantine", "locks"])
+
+
 def test_register_and_types(root: Path) -> None:
     proc = spoolq("register", "Other", "pkg.mod.func", "--timeout", "5", "--retention", "10", "--max-restarts", "1",
                   root=root)
@@ -148,6 +182,25 @@ def test_register_takes_the_bounds_and_still_normalises(root: Path) -> None:
     assert [types["Edge"][k] for k in ("timeout", "retention", "retry_backoff", "retry_backoff_max")] == [century] * 4
     assert [types["Edge"][k] for k in ("max_restarts", "retries", "concurrency")] == [10_000] * 3
     assert (types["Low"]["timeout"], types["Low"]["retention"], types["Low"]["max_restarts"]) == (0.0, -1.0, 0)
+
+
+@pytest.mark.parametrize("args, option", [
+    (("init", "--max-queue", "-1"), "--max-queue"),
+    (("init", "--max-input-bytes", "0"), "--max-input-bytes"),
+    (("register", "Other", "pkg.mod.func", "--max-output-bytes", "1"), "--max-output-bytes"),
+    (("worker", "w1", "--types", "Good,Bad Name"), "--types"),
+])
+def test_a_value_out_of_range_is_a_usage_error_and_nothing_is_written(root: Path, tmp_path: Path,
+                                                                      args: tuple[str, ...], option: str) -> None:
+    """Contract §4.3 and §4.12: a bad option value is a usage error (exit 2),
+    named in the line; nothing is created, stored or started."""
+    before = (root / "spool.json").read_bytes(), sorted(os.listdir(root / "types"))
+    err = assert_one_line_error(spoolq(*args, root=root), 2)
+    assert option in err, err
+    assert ((root / "spool.json").read_bytes(), sorted(os.listdir(root / "types"))) == before
+    if args[0] == "init":  # on a new spool: nothing made
+        assert_one_line_error(spoolq(*args, root=tmp_path / "new"), 2)
+        assert not (tmp_path / "new").exists()
 
 
 # --------------------------------------------------------------------------- enqueue and one task
@@ -578,6 +631,20 @@ def test_init_creates_missing_parents_writable_by_their_owner_only(tmp_path: Pat
     assert "Not a directory" in err and str(blocked) in err
 
 
+def test_init_refuses_a_spool_others_may_write_before_making_anything(tmp_path: Path) -> None:
+    """A root, or a directory above it, that any user may write is refused
+    (exit 1) with nothing made: not a whole layout left behind."""
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)  # not sticky: others could swap whatever is made inside
+    for root in (open_dir, open_dir / "spool", open_dir / "a" / "b" / "spool"):
+        err = assert_one_line_error(spoolq("init", root=root), 1)
+        assert "any user" in err and "chmod o-w" in err, err
+        assert os.listdir(open_dir) == [], root
+    open_dir.chmod(0o1777)  # sticky, as /tmp: others cannot rename what is not theirs
+    assert spoolq("init", root=open_dir / "spool").returncode == 0
+
+
 ROOT_AFTER_THE_COMMAND = [
     ("types",), ("status", TYPE, "t"), ("log", TYPE, "t"), ("list",), ("stats",), ("sweep",), ("fsck",),
     ("register", "Other", "pkg.mod.func"), ("init",), ("wait", TYPE, "done", "--timeout", "5"),
@@ -618,6 +685,29 @@ def test_root_values_and_errors(root: Path, spool: Spool, tmp_path: Path) -> Non
     assert "--root" in err
     # After `--` nothing is an option: "--root" is then a (bad) task id.
     assert_one_line_error(spoolq("status", TYPE, "--", "--root", root=root), 1)
+
+
+@pytest.mark.parametrize("args, env_root", [
+    (("--root", "", "types"), "spool"),  # typer's path; SPOOLQ_ROOT names a real spool
+    (("types", "--root="), "spool"),  # after the command
+    (("--root=", "status", TYPE, "t"), "spool"),  # the quick path
+    (("types",), ""),  # SPOOLQ_ROOT set but empty
+    (("status", TYPE, "t"), ""),
+])
+def test_an_empty_root_is_a_usage_error_never_another_spool(root: Path, spool: Spool, monkeypatch: pytest.MonkeyPatch,
+                                                             args: tuple[str, ...], env_root: str) -> None:
+    """An empty variable in a script must not send it to $SPOOLQ_ROOT or to
+    the default spool (the production one)."""
+    spool.enqueue(TYPE, "t", None)
+    env = {"SPOOLQ_ROOT": str(root) if env_root else ""}
+    err = assert_one_line_error(spoolq(*args, env=env), 2)
+    assert "empty" in err
+    monkeypatch.setenv("SPOOLQ_ROOT", str(root))
+    with pytest.raises(SpoolError, match="empty"):
+        Spool("")
+    monkeypatch.setenv("SPOOLQ_ROOT", "")
+    with pytest.raises(SpoolError, match="SPOOLQ_ROOT is set but empty"):
+        Spool()
 
 
 def test_bare_spoolq_prints_the_help_once_as_a_usage_error() -> None:

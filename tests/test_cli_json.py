@@ -123,7 +123,7 @@ def test_stats(root: Path, spool: Spool) -> None:
 
 
 @pytest.mark.parametrize("args, code", [
-    (("init", "--max-queue", "-1", "--json"), 1),
+    (("init", "--max-queue", "-1", "--json"), 2),  # a usage error (contract §4.2)
     (("register", "T", "nodots", "--json"), 1),
     (("unregister", "Nope", "--json"), 1),
     (("enqueue", TYPE, "bad", "-", "--json"), 1),  # not JSON on stdin

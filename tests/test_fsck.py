@@ -347,6 +347,79 @@ def test_permissions_are_reported_with_the_fix_not_changed(spool):
     assert run_fsck(str(root), repair=False, out=io.StringIO()) == 0
 
 
+def test_a_settings_change_in_progress_is_left_alone_and_an_old_one_set_aside(spool):
+    """spool.json is staged under a name of its writer's own: fsck takes a
+    fresh one for a change in progress, an old one (or the single name of
+    earlier versions) for the leftover of an interrupted init."""
+    root = Path(spool.root)
+    fresh, stale, legacy = root / ".spool.json.123.abcd1234", root / ".spool.json.456.00ff00ff", root / "spool.json.tmp"
+    for path in (fresh, stale, legacy):
+        path.write_bytes(b"{}")
+    for path in (stale, legacy):
+        os.utime(path, (OLD, OLD))
+    report = check(Spool(root), repair=True)
+    assert kinds(report) == {stale.name: "leftover-tmp", legacy.name: "leftover-tmp"}
+    assert all(f.action and f.action.startswith("quarantined") for f in report.findings)
+    assert fresh.exists() and not stale.exists() and not legacy.exists()
+
+
+def test_files_every_member_reads_must_be_the_groups_to_read(spool):
+    """On a shared spool, spool.json, a type file or a lock file in another
+    group, or that the group may not read, stops the members: reported with
+    the fix; --repair adds the group's read to what fsck's user owns, and
+    never changes a group."""
+    root = Path(spool.root)
+    gid = os.stat(root).st_gid
+    os.chown(root / "spool.json", -1, gid + 4242)  # what init as root left in a root without setgid
+    os.chmod(root / "types/T.json", 0o600)
+    os.chmod(root / "locks/enqueue.lock", 0o600)
+    out = io.StringIO()
+    assert run_fsck(str(root), repair=True, out=out) == 1
+    lines = out.getvalue().splitlines()
+    assert lines[0] == (f"group-access: spool.json: not readable by the spool's group {gid} (group {gid + 4242}, "
+                        f"mode 0660): every command of its members fails on it: fix with: chgrp {gid} {root}/spool.json")
+    assert lines[1].startswith("group-access: types/T.json: ") and lines[1].endswith(" -> made group-readable")
+    assert lines[2].startswith("group-access: locks/enqueue.lock: ") and lines[2].endswith(" -> made group-readable")
+    assert os.stat(root / "spool.json").st_gid == gid + 4242  # reported, not changed
+    assert stat.S_IMODE(os.stat(root / "types/T.json").st_mode) == 0o660
+    os.chown(root / "spool.json", -1, gid)
+    assert run_fsck(str(root), repair=False, out=io.StringIO()) == 0
+    os.chmod(root, 0o2700)  # not shared: the group's access does not count
+    os.chown(root / "spool.json", -1, gid + 4242)
+    assert run_fsck(str(root), repair=False, out=io.StringIO()) == 0
+
+
+def test_repair_makes_missing_state_directories_as_init_does(spool):
+    """A missing state directory keeps the spool from opening; --repair
+    makes it (reliability.md: "creates it, as spoolq init does"), unless
+    something else about the layout is wrong too."""
+    root = Path(spool.root)
+    spool.enqueue("T", "a", None)
+    os.rmdir(root / "running")
+    os.rmdir(root / "locks/servers")
+    assert run_fsck(str(root), repair=False, out=io.StringIO()) == 1
+    assert not (root / "running").exists()
+    out = io.StringIO()
+    assert run_fsck(str(root), repair=True, out=out) == 0, out.getvalue()
+    lines = out.getvalue().splitlines()
+    assert lines[:2] == [f"missing-dir: {rel}: missing: fix with: spoolq --root {root} init -> created (spoolq init)"
+                         for rel in ("running", "locks/servers")]
+    assert "1 task(s), 2 problem(s), 2 repaired, 0 remain" in lines[2]
+    assert stat.S_IMODE(os.stat(root / "running").st_mode) == 0o2770
+    os.rmdir(root / "done")  # the same through the command, with --json
+    env = {k: v for k, v in os.environ.items() if k != "SPOOLQ_ROOT"}
+    proc = subprocess.run([sys.executable, "-m", "spoolq", "--root", str(root), "fsck", "--repair", "--json"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    doc = json.loads(proc.stdout)
+    assert proc.returncode == 0 and doc["ok"], proc.stdout + proc.stderr
+    assert [(f["kind"], f["path"], f["action"]) for f in doc["findings"]] == [
+        ("missing-dir", "done", "created (spoolq init)")]
+    os.rmdir(root / "running")  # with an unsafe root too: left to the operator, nothing made
+    os.chmod(root, 0o2777)
+    assert run_fsck(str(root), repair=True, out=io.StringIO()) == 1
+    assert not (root / "running").exists()
+
+
 def test_an_unsafe_layout_is_reported_whole_without_opening_the_spool(spool, tmp_path):
     root = Path(spool.root)
     os.chmod(root, 0o777)

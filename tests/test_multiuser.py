@@ -30,6 +30,7 @@ from system_python import build_venv, clean_env
 
 HERE = Path(__file__).parent
 GROUP, WORKER, PRODUCER = "sqmu", "sqmu-worker", "sqmu-prod"
+ROOT = "root"  # the operator, running spoolq as root (Site.spoolq's who)
 
 HANDLERS = '''
 import os, time
@@ -104,6 +105,8 @@ class Site:
         return dict(clean_env(), PYTHONPATH=str(self.code), HOME="/nonexistent")
 
     def as_user(self, who: str, umask: int) -> dict:
+        if who == ROOT:
+            return {"umask": umask, "env": self.env()}
         uid = self.users["worker" if who == WORKER else "producer"]
         return {"user": uid, "group": self.users["gid"] if who == WORKER else uid,
                 "extra_groups": [self.users["gid"]], "umask": umask, "env": self.env()}
@@ -214,3 +217,62 @@ def test_fsck_finds_what_the_group_cannot_use_and_the_owner_repairs_it(site):
     assert found.returncode == 1 and "group-access: enqueued:" in found.stdout, found.stdout
     refused = site.spoolq(PRODUCER, "enqueue", "W", "x", str(inp), "--json", check=False)
     assert refused.returncode == 1 and "Permission denied" in refused.stderr
+
+
+def owners(root: Path) -> dict[str, tuple[int, int]]:
+    """(uid, gid) of everything below *root*, by relative path."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            st = path.lstat()
+            out[str(path.relative_to(root))] = (st.st_uid, st.st_gid)
+    return out
+
+
+def test_init_as_root_on_the_workers_spool_keeps_it_theirs(site):
+    """The spool as packaging makes it (install -d -m 0770 -o spoolq -g
+    spoolq: no setgid bit), initialised by its user, then `spoolq init` as
+    root: without a setting it writes nothing; with one, spool.json stays
+    the spool's, so its users can go on (it used to become root:root and
+    stop every one of them, while root's fsck found nothing)."""
+    os.chmod(site.root, 0o770)
+    site.spoolq(WORKER, "init", umask=0o022)
+    settings = site.root / "spool.json"
+    before = settings.stat()
+    site.spoolq(ROOT, "init", umask=0o022)
+    assert settings.stat().st_ino == before.st_ino  # not rewritten
+    site.spoolq(ROOT, "init", "--max-queue", "5", umask=0o022)
+    theirs = (site.users["worker"], site.users["gid"])
+    assert set(owners(site.root).values()) == {theirs}, owners(site.root)
+    assert stat.S_IMODE(settings.stat().st_mode) & 0o040
+    for who in (WORKER, PRODUCER):
+        assert json.loads(site.spoolq(who, "init", "--json").stdout)["max_queue"] == 5
+    assert site.spoolq(ROOT, "fsck").returncode == 0
+    os.chown(settings, 0, 0)  # what init as root used to leave
+    refused = site.spoolq(PRODUCER, "types", check=False)
+    assert refused.returncode == 1 and "Permission denied" in refused.stderr
+    found = site.spoolq(ROOT, "fsck", check=False)
+    assert found.returncode == 1 and "group-access: spool.json: not readable by the spool's group" in found.stdout
+    assert f"chgrp {site.users['gid']} {settings}" in found.stdout, found.stdout
+
+
+def test_init_as_root_first_gives_the_whole_spool_to_its_owner(site):
+    """Root makes the layout in the spool user's root: every directory, the
+    lock file and spool.json are the spool user's and group's, and the
+    spool works for its worker and producers."""
+    os.chmod(site.root, 0o770)
+    site.spoolq(ROOT, "init", umask=0o022)
+    made = owners(site.root)
+    assert {"types", "locks/enqueue.lock", "locks/servers", "metrics", "spool.json"} <= set(made)
+    assert set(made.values()) == {(site.users["worker"], site.users["gid"])}, made
+    for sub in ("enqueued", "locks", "locks/servers"):
+        assert stat.S_IMODE(os.stat(site.root / sub).st_mode) == 0o2770, sub
+    site.spoolq(WORKER, "register", "W", "mu_handlers.work")
+    inp = site.base / "in.json"
+    inp.write_text('{"n": 1}')
+    inp.chmod(0o644)
+    site.spoolq(PRODUCER, "enqueue", "W", "t1", str(inp), "--json")
+    site.start_worker()
+    wait_until(lambda: state(site.root, "t1") == State.FINISHED, what="the task")
+    assert site.spoolq(WORKER, "fsck").returncode == 0

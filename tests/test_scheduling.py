@@ -440,7 +440,7 @@ def test_a_lane_claims_its_types_only(env):
     wait_until(lambda: all(final(spool, "A", f"A{i}") for i in range(5)), what="the lane's tasks")
     time.sleep(0.3)
     assert all(spool.status("B", f"B{i}").state == State.ENQUEUED for i in range(5))
-    one_line(cli(root, "worker", "w9", "--types", "bad name"), 78)
+    one_line(cli(root, "worker", "w9", "--types", "bad name"), 2)  # a usage error (contract §4.12)
     one_line(cli(root, "worker", "w9", "--types", ","), 78)
 
 

@@ -148,20 +148,35 @@ def rename_noreplace(src: str, dst: str) -> None:
     os.rename(src, dst)
 
 
+def staging_name(name: str) -> str:
+    """A fresh name to write file *name* under, in its own directory, before
+    the rename that publishes it: hidden (a leading dot), and this writer's
+    alone (pid and random), so writers that race never share one."""
+    return f".{name}.{os.getpid()}.{os.urandom(4).hex()}"
+
+
+def is_staging(entry: str, name: str) -> bool:
+    """Whether *entry* is a :func:`staging_name` of file *name*."""
+    return entry.startswith(f".{name}.")
+
+
 def write_new(dir_fd: int, name: str, data: bytes, *, sync: bool,
-              attribute: tuple[str, bytes] | None = None) -> bool:
+              attribute: tuple[str, bytes] | None = None, owner: tuple[int, int] | None = None) -> bool:
     """Create file *name* in *dir_fd* (it must not exist) holding *data*.
 
     With *sync*, the data is fsynced before returning; the directory entry is
     the caller's to sync (one directory fsync covers several new files).
     With *attribute* (an extended attribute's name and value), it is set
-    before the fsync, which makes it durable with the data. Returns False
-    if the filesystem would not keep the attribute (the file is written all
-    the same), else True.
+    before the fsync, which makes it durable with the data. With *owner*
+    (uid, gid), the file is given to them (root's writes for the spool's
+    owner). Returns False if the filesystem would not keep the attribute
+    (the file is written all the same), else True.
     """
     fd = os.open(name, _O_NEW, 0o660, dir_fd=dir_fd)
     kept = True
     try:
+        if owner is not None:
+            os.fchown(fd, *owner)
         if _GROUP_MASKED:
             # Just created by this process, 0660 less the umask: no need
             # to read the mode (share_with_group) to know what to set.

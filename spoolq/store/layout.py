@@ -20,6 +20,7 @@ and ``spoolq fsck`` share.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -51,8 +52,23 @@ PARENT_MODE = 0o755  # missing parents `init` creates: only their owner writes t
 
 def resolve_root(root: str | os.PathLike[str] | None = None) -> str:
     """The spool root: *root* if given, else ``$SPOOLQ_ROOT``, else
-    ``/var/spool/spoolq``; always absolute."""
-    return os.path.abspath(os.fspath(root or os.environ.get(ROOT_ENV) or DEFAULT_ROOT))
+    ``/var/spool/spoolq``; always absolute.
+
+    An empty path, given or in a set ``$SPOOLQ_ROOT``, is refused
+    (SpoolError), not taken for "the default": it is far more often a
+    script's empty variable than a wish, and the default is the production
+    spool."""
+    if root is None:
+        root = os.environ.get(ROOT_ENV)
+        if root == "":
+            raise SpoolError(f"{ROOT_ENV} is set but empty: set it to the spool's directory, or unset it "
+                             f"for the default ({DEFAULT_ROOT})")
+        if root is None:
+            return DEFAULT_ROOT
+    path = os.fspath(root)
+    if not path:
+        raise SpoolError("the spool root given is empty: name the spool's directory")
+    return os.path.abspath(path)
 
 
 @dataclass(frozen=True)
@@ -144,10 +160,10 @@ def _ancestor_problems(root: str) -> list[LayoutProblem]:
     parent = os.path.dirname(root)
     while True:
         try:
-            st = os.stat(parent)
+            st: os.stat_result | None = os.stat(parent)
         except OSError:
-            break
-        if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+            st = None  # not made yet (init makes it): those above it count all the same
+        if st is not None and st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
             out.append(LayoutProblem(
                 "permissions", ".",
                 f"inside {parent}, which any user may write (mode {stat.S_IMODE(st.st_mode):04o}, not sticky): "
@@ -180,6 +196,16 @@ def _trust_paths(root: str) -> dict[str, bool]:
         parent = os.path.dirname(parent)
 
 
+def _root_problems(root: str, root_st: os.stat_result | None) -> list[LayoutProblem]:
+    """The problems of the root (*root_st*: its stat, None if it is not made
+    yet) and of the directories above it: those that need no state
+    directory to be seen, so `init` looks for them before it makes any."""
+    if root_st is not None and not stat.S_ISDIR(root_st.st_mode):
+        return [LayoutProblem("unsafe-dir", ".", "not a directory: a spool root must be one")]
+    problem = _mode_problem(".", root, root_st) if root_st is not None else None
+    return ([problem] if problem else []) + _ancestor_problems(root)
+
+
 def layout_problems(root: str) -> list[LayoutProblem]:
     """Every problem of the spool's skeleton at *root*, in a fixed order:
 
@@ -189,17 +215,13 @@ def layout_problems(root: str) -> list[LayoutProblem]:
     * all must share one filesystem (tasks move by rename, never by copy);
     * state directories are owned by the root's owner (or by root).
     """
-    out: list[LayoutProblem] = []
     try:
         root_st = os.stat(root)
     except FileNotFoundError:
         return [LayoutProblem("missing-dir", ".", "missing")]
+    out = _root_problems(root, root_st)
     if not stat.S_ISDIR(root_st.st_mode):
-        return [LayoutProblem("unsafe-dir", ".", "not a directory: a spool root must be one")]
-    problem = _mode_problem(".", root, root_st)
-    if problem:
-        out.append(problem)
-    out += _ancestor_problems(root)
+        return out
     shared = root_st.st_mode & 0o070 == 0o070  # the group may use the spool: so it must use all of it
     for name in STATE_DIRS:
         path = os.path.join(root, name)
@@ -246,11 +268,25 @@ def layout_problems(root: str) -> list[LayoutProblem]:
     return out
 
 
-def _setting(path: str, raw: dict[str, Any], key: str, default: int, *, minimum: int) -> int:
-    value = raw.get(key, default)
+# The least value of each whole-number setting: max_queue 0 is "no limit".
+SETTING_MINIMUM = {"max_queue": 0, "max_input_bytes": 1}
+
+
+def check_setting(key: str, value: object) -> int:
+    """*value* if it is allowed for the whole-number setting *key*, else
+    SpoolError: the one rule for ``spool.json``, ``Spool.init`` and the
+    options of ``spoolq init``."""
+    minimum = SETTING_MINIMUM[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SpoolError(f"{path}: {key} must be a whole number >= {minimum}, not {str(value)[:40]}: fix or remove it")
+        raise SpoolError(f"{key} must be a whole number >= {minimum}, not {str(value)[:40]}")
     return value
+
+
+def _setting(path: str, raw: dict[str, Any], key: str, default: int) -> int:
+    try:
+        return check_setting(key, raw.get(key, default))
+    except SpoolError as exc:
+        raise SpoolError(f"{path}: {exc}: fix or remove it") from None
 
 
 def _flag(path: str, raw: dict[str, Any], key: str, default: bool) -> bool:
@@ -258,6 +294,27 @@ def _flag(path: str, raw: dict[str, Any], key: str, default: bool) -> bool:
     if not isinstance(value, bool):
         raise SpoolError(f"{path}: {key} must be true or false, not {str(value)[:40]}: fix or remove it")
     return value
+
+
+def _make_dir(path: str, owner: tuple[int, int] | None) -> None:
+    """Make directory *path* unless it is there: mode :data:`DIR_MODE`
+    whatever the umask and, with *owner* (uid, gid), theirs. An existing
+    one keeps the mode and owner its operator gave it."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    # Through a descriptor, never the path: in a root its group may write,
+    # a member could swap the new directory for a symlink to root's files.
+    fd = fsutil.open_dir(path)
+    try:
+        if owner is not None:
+            os.fchown(fd, *owner)
+        # mkdir ignores the setgid bit and applies the umask: set the mode
+        # outright (after the chown, which may clear setgid).
+        os.fchmod(fd, DIR_MODE)
+    finally:
+        os.close(fd)
 
 
 class Layout:
@@ -381,9 +438,9 @@ class Layout:
         if not isinstance(raw, dict):
             raise SpoolError(f"{self.settings_file} must hold a JSON object: fix or remove it")
         return Settings(
-            max_queue=_setting(self.settings_file, raw, "max_queue", 0, minimum=0),
+            max_queue=_setting(self.settings_file, raw, "max_queue", 0),
             durable=_flag(self.settings_file, raw, "durable", True),
-            max_input_bytes=_setting(self.settings_file, raw, "max_input_bytes", DEFAULT_MAX_INPUT, minimum=1),
+            max_input_bytes=_setting(self.settings_file, raw, "max_input_bytes", DEFAULT_MAX_INPUT),
         )
 
     def create(self) -> None:
@@ -394,7 +451,22 @@ class Layout:
         Missing parents of the root are created first, as ``mkdir -p`` does,
         but with mode :data:`PARENT_MODE` (less the umask) whatever the umask:
         only their owner may write them, so nobody else can rename the spool
-        away and put a directory of their own in its place."""
+        away and put a directory of their own in its place.
+
+        Run as root on a root someone else owns (the spool's user, which
+        packaging makes it with ``install -d``), what it makes is given to
+        that owner and the root's group (:meth:`owner_of_new`).
+
+        A root, or a directory above it, that others may write is refused
+        (UnsafeSpool) before anything is made: a spool there could not be
+        opened, and what was made would be left for the operator to remove."""
+        try:
+            root_st: os.stat_result | None = os.stat(self.root)
+        except FileNotFoundError:
+            root_st = None
+        for problem in _root_problems(self.root, root_st):
+            if problem.fatal:
+                raise problem.as_error(self.root)
         missing = []
         parent = os.path.dirname(self.root)
         while not os.path.lexists(parent):
@@ -405,16 +477,12 @@ class Layout:
                 os.mkdir(directory, PARENT_MODE)
             except FileExistsError:
                 continue
+        _make_dir(self.root, None)
+        owner = self.owner_of_new()
         # metrics/ (contract §12.5) is not a state directory: a spool made
         # before it existed is complete without it, and gets it on first use.
-        for sub in ("", *STATE_DIRS, os.path.join("locks", "servers"), "metrics"):
-            directory = self.path(sub) if sub else self.root
-            try:
-                os.mkdir(directory, 0o700)
-            except FileExistsError:
-                continue
-            # mkdir ignores the setgid bit and applies the umask: set the mode outright.
-            os.chmod(directory, DIR_MODE)
+        for sub in (*STATE_DIRS, os.path.join("locks", "servers"), "metrics"):
+            _make_dir(self.path(sub), owner)
         # The spool-wide lock file, made now with the group's access, so that
         # no member's umask decides who may lock it later.
         try:
@@ -422,18 +490,54 @@ class Layout:
         except FileExistsError:
             return
         try:
+            if owner is not None:
+                os.fchown(fd, *owner)
             os.fchmod(fd, 0o660)
         finally:
             os.close(fd)
 
-    def write_settings(self, settings: Settings) -> None:
-        """Replace ``spool.json`` atomically and durably (tmp + fsync + rename)."""
+    def owner_of_new(self) -> tuple[int, int] | None:
+        """Whom what this process makes in the spool must be given to: as
+        root, the root directory's owner and group, since its users cannot
+        use what belongs to root (and its group, where the root lacks the
+        setgid bit, as a root made by ``install -d`` does). None for anyone
+        else: only root may give a file away, and the setgid bit keeps the
+        group."""
+        if os.geteuid() != 0:
+            return None
+        st = os.stat(self.root)
+        return st.st_uid, st.st_gid
+
+    def change_settings(self, **changes: Any) -> Settings:
+        """Store the settings of *changes* that are not None (the others keep
+        their stored value) and return them all. Under the spool-wide lock,
+        so changes made at once are made one after the other and none is
+        lost. ``spool.json`` is written only when a value changes, or when
+        there is none yet: a call that changes nothing writes nothing."""
+        with self.enqueue_lock:
+            stored = self.read_settings()
+            wanted = dataclasses.replace(stored, **{k: v for k, v in changes.items() if v is not None})
+            if wanted != stored or not os.path.lexists(self.settings_file):
+                self._write_settings(wanted)
+        return wanted
+
+    def _write_settings(self, settings: Settings) -> None:
+        """Replace ``spool.json`` atomically and durably (a staging file of
+        this writer's own + fsync + rename); the caller holds the
+        spool-wide lock (:meth:`change_settings`)."""
         dfd = fsutil.open_dir(self.root)
+        tmp = fsutil.staging_name(SETTINGS)
         try:
             data = json.dumps(settings.to_json(), indent=1).encode() + b"\n"
-            fsutil.write_new_replacing(dfd, SETTINGS + ".tmp", data, sync=True)
-            os.rename(SETTINGS + ".tmp", SETTINGS, src_dir_fd=dfd, dst_dir_fd=dfd)
+            fsutil.write_new(dfd, tmp, data, sync=True, owner=self.owner_of_new())
+            os.rename(tmp, SETTINGS, src_dir_fd=dfd, dst_dir_fd=dfd)
             os.fsync(dfd)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=dfd)  # nothing half-written left behind
+            except FileNotFoundError:
+                pass  # never made, or already published
+            raise
         finally:
             os.close(dfd)
 

@@ -206,7 +206,7 @@ class TypeRegistry:
         check_settings(ttype)
         dfd = fsutil.open_dir(self.layout.types)
         try:
-            tmp = f".{ttype.name}.json.{os.getpid()}.{os.urandom(4).hex()}"
+            tmp = fsutil.staging_name(f"{ttype.name}.json")
             fsutil.write_new(dfd, tmp, json.dumps(ttype.to_json(), indent=1).encode() + b"\n", sync=self.durable)
             os.rename(tmp, f"{ttype.name}.json", src_dir_fd=dfd, dst_dir_fd=dfd)
             if self.durable:
