@@ -269,14 +269,14 @@ def layout_problems(root: str) -> list[LayoutProblem]:
 
 
 # The least value of each whole-number setting: max_queue 0 is "no limit".
-SETTING_MINIMUM = {"max_queue": 0, "max_input_bytes": 1}
+_SETTING_MINIMUM = {"max_queue": 0, "max_input_bytes": 1}
 
 
 def check_setting(key: str, value: object) -> int:
     """*value* if it is allowed for the whole-number setting *key*, else
     SpoolError: the one rule for ``spool.json``, ``Spool.init`` and the
     options of ``spoolq init``."""
-    minimum = SETTING_MINIMUM[key]
+    minimum = _SETTING_MINIMUM[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise SpoolError(f"{key} must be a whole number >= {minimum}, not {str(value)[:40]}")
     return value
