@@ -705,7 +705,7 @@ class Spool:
             typed = task.store_response(data, mime_type)
             crashpoint("response.stored")
             if not typed:  # no extended attributes here, or the claim's first write: the status says it
-                task.write(task.state, task.doc.get("message", ""), record=False, response_mime=mime_type)
+                task.write(task.state, str(task.doc.get("message") or ""), record=False, response_mime=mime_type)
 
     def store_progress(self, claim: Claim | str, doc: dict[str, Any]) -> None:
         """Replace the task's ``progress`` (contract §12.3) through its claim:
@@ -866,7 +866,7 @@ class Spool:
                     if not state.started:
                         self._cancel_unstarted(task, reason)
                         return TaskInfo(type_name, task_id, State.FAILED, task.path, task.doc)
-                    task.write(state, task.doc.get("message", ""), record=False, cancel=reason)
+                    task.write(state, str(task.doc.get("message") or ""), record=False, cancel=reason)
                     crashpoint("cancel.asked")
                     server, claim = task.doc.get("server"), int(task.doc["claim"])
                     path = task.path

@@ -767,3 +767,22 @@ def test_a_type_file_edited_into_garbage_makes_its_tasks_wait_not_fail(env):
     path.write_text(good)
     wait_until(lambda: spool.status("T", "w").state == State.FINISHED, timeout=30, what="finished once it reads")
     assert "Traceback" not in stderr_of(proc)
+
+
+def test_a_status_whose_message_is_null_still_takes_a_cancel_request(env):
+    """Messages are checked to be text where they are written (codec.bounded);
+    a status written elsewhere with "message": null must not make the next
+    change that keeps the message fail."""
+    spool, root, workers, tmp = env
+    spool.register_type("T", "daemon_handlers.add")
+    spool.enqueue("T", "a", [1])
+    claim = spool.claim("S", message="claimed")
+    spool.start(claim)
+    path = root / "running" / "T:a" / "status.json"
+    doc = json.loads(path.read_text())
+    doc["message"] = None
+    (root / "running" / "T:a" / "status.json.new").write_text(json.dumps(doc))
+    os.rename(root / "running" / "T:a" / "status.json.new", path)
+    spool.hold_server("S")
+    spool.cancel("T", "a", reason="changed my mind")
+    assert spool.status("T", "a").doc["cancel"] == "changed my mind"
