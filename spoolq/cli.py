@@ -168,6 +168,8 @@ def _lane(text: Optional[str]) -> Optional[list[str]]:
     if text is None:
         return None
     names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise typer.BadParameter("needs at least one type name")
     for name in names:
         try:
             check_type(name)
