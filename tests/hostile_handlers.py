@@ -166,9 +166,11 @@ def change_process(ts, inp):
         def chatter():
             for _ in range(2000):
                 try:
-                    os.write(1, b"LEAK\n")
-                except OSError:
-                    pass  # a pipe of the run that ended
+                    # print, not os.write(1): what a handler prints goes
+                    # through sys.stdout, which the next run captures too.
+                    print("LEAK", flush=True)
+                except (OSError, ValueError):
+                    pass  # a stream of the run that ended
                 time.sleep(0.005)
 
         threading.Thread(target=chatter, daemon=True).start()
