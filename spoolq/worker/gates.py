@@ -40,6 +40,12 @@ log = logging.getLogger("spoolq.daemon")
 HANDLER_RETRY_MAX = 300.0  # seconds: the longest wait between tries of a handler that does not import
 SLOTS_RECHECK = 1.0  # seconds between looks at a type whose concurrency limit is reached
 
+# Why a type's tasks cannot start here: (what ends the wait, the hint for the operator).
+_MISSING_CAUSES: dict[str, tuple[str, str]] = {
+    "import": ("it imports", "; see worker --pythonpath"),
+    "type file": ("its type's file reads again", ""),
+}
+
 
 @dataclass
 class _Backoff:
@@ -164,17 +170,17 @@ class Gates:
 
     # ------------------------------------------------------------------ handlers that do not import
 
-    def handler_missing(self, claim: Claim, why: str, *, until: str = "it imports") -> None:
-        """The type's handler does not import here (or its type's file cannot
-        be read, *until* says which): a deployment error, not the task's. Its
-        claim goes back (uncharged, never started) and this server claims no
-        task of the type until a retry, with backoff, finds it working. Said
-        once, and once more when it works again."""
+    def handler_missing(self, claim: Claim, why: str, *, cause: str = "import") -> None:
+        """The type's handler does not import here (*cause* "import") or its
+        type's file cannot be read ("type file"): a deployment error, not the
+        task's. Its claim goes back (uncharged, never started) and this
+        server claims no task of the type until a retry, with backoff, finds
+        it working. Said once, and once more when it works again."""
+        until, hint = _MISSING_CAUSES[cause]
         self.spool.hand_back(claim, f"not started on server {self.server}: {why}")
         block = self._no_handler.get(claim.type)
         if block is None:
             block = self._no_handler[claim.type] = _Backoff()
-            hint = "; see worker --pythonpath" if until == "it imports" else ""
             log.error("server %s: %s; not claiming %s tasks until %s (they wait; trying again with backoff%s)",
                       self.server, why, claim.type, until, hint)
         block.fail()

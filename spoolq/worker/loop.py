@@ -458,22 +458,25 @@ class Worker:
             return
         log.error("server %s: its lock file was replaced and another process holds it now: stopping", self.server)
         self.lost_server = True
+        self._begin_stop("another process took over the server")
+
+    def _begin_stop(self, status: str) -> None:
+        """Stop claiming and give the running handlers the grace period;
+        *status* is what systemd is told."""
         self.stopping = True
         self.stop_deadline = time.monotonic() + self.grace
-        self.notifier.stopping("another process took over the server")
+        self.notifier.stopping(status)
 
     def _handle_signals(self) -> None:
         while self._signals:
             signum = self._signals.pop(0)
             if signum in (signal.SIGTERM, signal.SIGINT):
                 if not self.stopping:
-                    self.stopping = True
-                    self.stop_deadline = time.monotonic() + self.grace
                     log.info(
                         "server %s stopping: %d running, waiting up to %g s",
                         self.server, len(self.jobs), self.grace,
                     )
-                    self.notifier.stopping(f"stopping: {len(self.jobs)} running")
+                    self._begin_stop(f"stopping: {len(self.jobs)} running")
                 else:
                     log.warning("server %s: second stop signal, interrupting handlers now", self.server)
                     self.stop_deadline = time.monotonic()
@@ -586,7 +589,7 @@ class Worker:
         except SpoolqError as exc:
             # Its type's file hand-edited into garbage, say: a deployment
             # error like a handler that does not import; the tasks wait.
-            self.gates.handler_missing(claim, str(exc), until="its type's file reads again")
+            self.gates.handler_missing(claim, str(exc), cause="type file")
             return
         now = time.monotonic()
         route = self.gates.executor_of(claim.type)
