@@ -27,6 +27,7 @@ malformed call) goes to typer. Tables are plain aligned text, not rich.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -36,13 +37,14 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 
 from ._version import __version__
 from .errors import (
-    InvalidInput, InvalidName, NoSpool, QueueFull, SpoolError, SpoolqError, TaskNotFound, TypeInUse, UnknownType,
+    InvalidInput, InvalidName, NoSpool, QueueFull, SpoolError, SpoolqError, TypeInUse, UnknownType,
 )
 from .lifecycle import State
 from .names import check_type, task_name
 from .producer import check_due
 from .queries import Census, TaskInfo, format_log
 from .spool import Spool
+from .store import codec
 from .store.layout import DEFAULT_ROOT, ROOT_ENV, check_setting, resolve_root
 from .store.registry import DEFAULT_MAX_OUTPUT, EXECUTORS, MAX_COUNT, check_output_cap
 from .units import parse_duration, parse_size
@@ -55,6 +57,7 @@ EX_USAGE = 2
 EX_WAIT_ERROR = 2
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
+EX_PIPE = 141  # 128 + SIGPIPE: the reader of the output went away
 EX_TIMEOUT = 124
 EX_INTERRUPTED = 130
 
@@ -114,7 +117,8 @@ def _signed_duration(text: str) -> float:
 
 
 def _delay_option(text: str) -> float:
-    """--in: a duration from now, 0 or more."""
+    """--in, and a wait's --timeout: a duration from now, 0 or more (nan or
+    a negative value would wait forever or end at once, silently)."""
     try:
         return parse_duration(text)
     except ValueError as exc:
@@ -197,6 +201,10 @@ def _command(name: str | None = None, *, examples: list[str]) -> Callable[[Calla
     return declare
 
 
+class ReaderGone(Exception):
+    """The reader of the output went away (EPIPE), carried out of typer."""
+
+
 def _use_root(root: str | None, command: str | None) -> None:
     _run.command = command
     try:
@@ -211,15 +219,6 @@ def _spool() -> Spool:
     return Spool(_run.root)
 
 
-def _one_task(spool: Spool, type_name: str, call: Callable[[], Any]) -> Any:
-    """*call()*, with "no task" turned into "unknown task type" when that is why."""
-    try:
-        return call()
-    except TaskNotFound:
-        spool.get_type(type_name)  # raises UnknownType
-        raise
-
-
 def _table(columns: list[str], rows: list[list[Any]]) -> None:
     """Print aligned columns, one row a line. On a terminal a line too long
     is cut with an ellipsis, as ps(1) does; into a pipe nothing is cut.
@@ -228,7 +227,7 @@ def _table(columns: list[str], rows: list[list[Any]]) -> None:
     spool of 3000 tasks took 4-5 s; this takes 5 ms."""
     import shutil
 
-    cells = [columns] + [[str(v).replace("\n", "\\n") for v in row] for row in rows]
+    cells = [columns] + [[codec.one_line(str(v)) for v in row] for row in rows]  # a tab would break the columns
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     limit = shutil.get_terminal_size().columns if sys.stdout.isatty() else 0
     lines = []
@@ -526,7 +525,7 @@ def status(type_name: TypeArg, task_id: IdArg, json_out: JsonFlag = False) -> No
     One of ENQUEUED, SCHEDULED, RUNNING, PAUSED, FINISHED or FAILED. With --json, the whole status document, with "state", "code" and "path" (its directory).
     """
     spool = _spool()
-    info = _one_task(spool, type_name, lambda: spool.status(type_name, task_id))
+    info = spool.status(type_name, task_id)
     if json_out:
         _print_json(info.as_json())
     else:
@@ -569,12 +568,11 @@ def log_(type_name: TypeArg, task_id: IdArg, json_out: JsonFlag = False, follow:
     if follow:
         from .follow import follow_log
 
-        info = _one_task(spool, type_name, lambda: follow_log(spool.queries, type_name, task_id, _write_text,
-                                                             as_json=json_out, timeout=timeout))
+        info = follow_log(spool.queries, type_name, task_id, _write_text, as_json=json_out, timeout=timeout)
         return _follow_exit(info, timeout, type_name, task_id)
     if timeout is not None:
         raise UsageError("--timeout goes with --follow")
-    records = _one_task(spool, type_name, lambda: spool.log_records(type_name, task_id))
+    records = spool.log_records(type_name, task_id)
     if json_out:
         _print_json([{"time": r.time.isoformat(), "state": r.state.name, "message": r.message} for r in records])
         return 0
@@ -602,12 +600,11 @@ def output(type_name: TypeArg, task_id: IdArg, json_out: JsonFlag = False, follo
             raise UsageError("--json and --follow exclude each other for output: give one")
         from .follow import follow_output
 
-        info = _one_task(spool, type_name, lambda: follow_output(spool.queries, type_name, task_id, _write_bytes,
-                                                                timeout=timeout))
+        info = follow_output(spool.queries, type_name, task_id, _write_bytes, timeout=timeout)
         return _follow_exit(info, timeout, type_name, task_id)
     if timeout is not None:
         raise UsageError("--timeout goes with --follow")
-    data = _one_task(spool, type_name, lambda: spool.queries.output(type_name, task_id))
+    data = spool.queries.output(type_name, task_id)
     if json_out:
         info = spool.status(type_name, task_id)
         _print_json({"type": type_name, "id": task_id, "state": info.state.name, "bytes": len(data),
@@ -624,7 +621,7 @@ def result(type_name: TypeArg, task_id: IdArg) -> None:
     Raw bytes, as the handler stored them. (Its MIME type is "response_mime" in `spoolq status --json`.)
     """
     spool = _spool()
-    data, _mime = _one_task(spool, type_name, lambda: spool.response(type_name, task_id))
+    data, _mime = spool.response(type_name, task_id)
     sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()
 
@@ -635,7 +632,7 @@ def delete(type_name: TypeArg, task_id: IdArg) -> None:
 
     A handler still running it can no longer write to it."""
     spool = _spool()
-    _one_task(spool, type_name, lambda: spool.delete(type_name, task_id))
+    spool.delete(type_name, task_id)
 
 
 @_command(examples=["spoolq cancel Report daily-0101", "spoolq cancel Encode v7 --reason 'wrong file' --json",
@@ -658,7 +655,7 @@ def cancel(
     already FINISHED or FAILED, or one that finishes before the cancel takes
     effect. With --json, the task's status document."""
     spool = _spool()
-    info = _one_task(spool, type_name, lambda: spool.cancel(type_name, task_id, reason))
+    info = spool.cancel(type_name, task_id, reason)
     if not no_wait and not info.state.terminal:
         info = spool.wait(type_name, task_id) or info
     if json_out:
@@ -704,7 +701,7 @@ def requeue(
         raise UsageError("give TYPE and ID, or --failed")
     if only_type is not None or (at is not None and in_ is not None):
         raise UsageError("--type goes with --failed; give --at or --in, not both")
-    info = _one_task(spool, type_name, lambda: spool.requeue(type_name, task_id, not_before=at, delay=in_))
+    info = spool.requeue(type_name, task_id, not_before=at, delay=in_)
     if json_out:
         _print_json(info.as_json())
 
@@ -808,9 +805,13 @@ def list_(
     if type_name is not None:
         check_type(type_name)
     spool = _spool()
-    infos = spool.list_tasks(state=State[state.value] if state else None, type_name=type_name)
+    unreadable: list[str] = []
+    infos = spool.list_tasks(state=State[state.value] if state else None, type_name=type_name, unreadable=unreadable)
     if type_name is not None and not infos:
         spool.get_type(type_name)  # an unknown type is an error, not an empty list
+    if unreadable:
+        print(f"spoolq: warning: {len(unreadable)} task(s) left out, their status cannot be read "
+              f"({unreadable[0]}{', …' if len(unreadable) > 1 else ''}): 'spoolq fsck' says why", file=sys.stderr)
     if json_out:
         _print_json([i.as_json() for i in infos])
         return
@@ -854,7 +855,8 @@ def wait(
     task_id: IdArg,
     timeout: Annotated[
         Optional[float],
-        typer.Option(metavar="SECONDS", help="Give up after this many seconds (exit 124). Default: wait forever."),
+        typer.Option(metavar="SECONDS", parser=_delay_option,
+                     help="Give up after this many seconds (exit 124). Default: wait forever."),
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the final status document.")] = False,
 ) -> int:
@@ -866,7 +868,7 @@ def wait(
     """
     spool = _spool()
     try:
-        info = _one_task(spool, type_name, lambda: spool.wait(type_name, task_id, timeout))
+        info = spool.wait(type_name, task_id, timeout)
     except KeyboardInterrupt:
         return EX_INTERRUPTED  # not 1: that means FAILED
     if info is None:
@@ -1148,13 +1150,19 @@ def build_app() -> typer.Typer:
     FollowFlag = Annotated[bool, typer.Option("--follow", "-f",
                                               help="Keep printing as it is written, until the task ends.")]
     FollowTimeout = Annotated[Optional[float], typer.Option(
-        metavar="SECONDS", help="With --follow: give up after this many seconds (exit 124).")]
+        metavar="SECONDS", parser=_delay_option, help="With --follow: give up after this many seconds (exit 124).")]
     TypeArg = Annotated[str, typer.Argument(metavar="TYPE", help="The task's type.")]
     IdArg = Annotated[str, typer.Argument(metavar="ID", help="The task's id (unique within its type).")]
 
     class Command(typer.core.TyperCommand):
         """Help as the contract wants it: ``TYPE ID`` in the usage line,
         arguments without a type tag, ``--root`` listed, examples verbatim."""
+
+        def invoke(self, ctx: Any) -> Any:
+            try:
+                return super().invoke(ctx)
+            except BrokenPipeError:
+                raise ReaderGone() from None  # not an OSError: click would end it with a silent exit 1
 
         def collect_usage_pieces(self, ctx: Any) -> list[str]:
             return [p[1:-1] if p.startswith("{") and p.endswith("}") else p
@@ -1350,6 +1358,7 @@ def main(argv: list[str] | None = None, *, quick: bool = True) -> NoReturn:
     usage block).
     """
     args = sys.argv[1:] if argv is None else list(argv)
+    _standard_streams()
     try:
         args = _hoist_root(args)
         plain = _quick(args) if quick and not _completing() else None
@@ -1362,10 +1371,39 @@ def main(argv: list[str] | None = None, *, quick: bool = True) -> NoReturn:
             result = _FUNCTIONS[command](**kwargs)
         else:
             result = _with_typer(args)
+        sys.stdout.flush()  # here, so that a reader gone away is met below, not at exit
     except UsageError as exc:
         _usage(str(exc))
     except KeyboardInterrupt:
         _fail("interrupted", EX_INTERRUPTED)
+    except (BrokenPipeError, ReaderGone):
+        # The reader went away (`spoolq list | head -1`): quietly, with the
+        # status a shell shows for a tool SIGPIPE ended (128 + 13).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # nothing more to flush into the pipe at exit
+        sys.exit(EX_PIPE)
     except (SpoolqError, OSError) as exc:
         _fail(_error_text(exc), _exit_code(exc))
     sys.exit(result if isinstance(result, int) else 0)
+
+
+def _standard_streams() -> None:
+    """Make fds 0-2 safe to use before anything else is opened.
+
+    A descriptor closed at start (`spoolq worker >&-`) is opened on
+    /dev/null: left free, the next file opened takes its number, and a print
+    (or a handler's output) lands in a lock file or a task's file; Python
+    itself starts with no sys.stdout then. And output that the locale cannot
+    encode (a message with a snowman under LC_ALL=en_US.ISO-8859-1) is
+    written escaped instead of failing the command."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115 - the process's own stream
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")

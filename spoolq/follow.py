@@ -23,7 +23,7 @@ import select
 import time
 from collections.abc import Callable
 
-from .errors import CorruptTask, TaskNotFound
+from .errors import CorruptTask, TaskNotFound, UnknownType
 from .names import task_name
 from .queries import Queries, TaskInfo, format_log
 from .store import codec
@@ -90,7 +90,7 @@ class _Follower:
         try:
             path = self.queries.locate(self.type, self.id)
             now = os.stat(path, follow_symlinks=False)
-        except (TaskNotFound, OSError):
+        except (TaskNotFound, UnknownType, OSError):
             return True
         mine = os.fstat(self.dfd)
         if (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino):

@@ -122,6 +122,12 @@ class Claim:
         number, so no later status of the task matches an old claim."""
         return doc.get("claim") == self.number and doc.get("server") == self.server
 
+    def sent_back(self, doc: Mapping[str, Any]) -> bool:
+        """Whether a task whose status is *doc* went back to the queue from
+        this claim and nobody claimed it since (a re-enqueue keeps the number
+        and clears the server)."""
+        return doc.get("state") == State.ENQUEUED.name and doc.get("claim") == self.number and doc.get("server") is None
+
     @classmethod
     def parse(cls, text: str | Claim) -> Claim:
         if isinstance(text, Claim):

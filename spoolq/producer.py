@@ -136,14 +136,13 @@ class Producer:
 
     def __init__(
         self, layout: Layout, registry: TypeRegistry, queries: Queries, *, clock: Callable[[], float],
-        durable: bool, max_queue: int, max_input_bytes: int, stamps: StampClock,
+        durable: bool, max_input_bytes: int, stamps: StampClock,
     ) -> None:
         self.layout = layout
         self.registry = registry
         self.queries = queries
         self.clock = clock
         self.durable = durable
-        self.max_queue = max_queue
         self.max_input_bytes = max_input_bytes
         self.stamps = stamps
 
@@ -202,7 +201,8 @@ class Producer:
                             sync=self.durable)
         try:
             with self.layout.enqueue_lock:
-                self._publish(stage, self.max_queue and self.queries.count_enqueued())
+                limit = self.layout.settings_now().max_queue
+                self._publish(stage, limit, limit and self.queries.count_enqueued())
         except BaseException:
             shutil.rmtree(stage.path, ignore_errors=True)
             raise
@@ -275,13 +275,14 @@ class Producer:
             "message": codec.bounded(message, codec.STATUS_MESSAGE_MAX),
         }
 
-    def _publish(self, stage: _Stage, waiting: int) -> None:
+    def _publish(self, stage: _Stage, limit: int, waiting: int) -> None:
         """Rename a complete stage into ``enqueued/`` (caller holds the
-        enqueue lock; *waiting* is how many tasks wait, when there is a limit)."""
+        enqueue lock; *waiting* is how many tasks wait, when there is a
+        *limit*)."""
         if self.queries.exists(stage.type, stage.id):
             raise TaskExists(stage.type, stage.id)
-        if self.max_queue and waiting >= self.max_queue:
-            raise QueueFull(self.max_queue)
+        if limit and waiting >= limit:
+            raise QueueFull(limit)
         dest = self.layout.task_path(Place.ENQUEUED, stage.name)
         try:
             fsutil.rename_noreplace(stage.path, dest)
@@ -320,10 +321,11 @@ class Producer:
                 self._barrier([stage for _, stage in stages])
             crashpoint("enqueue.batch_synced")
             with self.layout.enqueue_lock:
-                waiting = self.max_queue and self.queries.count_enqueued()
+                limit = self.layout.settings_now().max_queue
+                waiting = limit and self.queries.count_enqueued()
                 for index, stage in stages:
                     try:
-                        self._publish(stage, waiting)
+                        self._publish(stage, limit, waiting)
                         waiting += 1
                         results[index] = BatchResult(index, stage.id)
                     except SpoolqError as exc:

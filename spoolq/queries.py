@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CorruptTask, NoResponse, SpoolqError, TaskNotFound
+from .errors import CorruptTask, NoResponse, SpoolqError, TaskNotFound, UnknownType
 from .lifecycle import PLACE_OF, PLACE_ORDER, Place, State
 from .names import split_task_name, task_name
 from .store import codec, fsutil, queue
@@ -145,8 +145,19 @@ class Queries:
         with self.layout.enqueue_lock:
             path = self._probe(type_name, task_id)
         if path is None:
-            raise TaskNotFound(type_name, task_id)
+            raise self._missing(type_name, task_id)
         return path
+
+    def _missing(self, type_name: str, task_id: str) -> SpoolqError:
+        """Why task (type, id) is nowhere: UnknownType when its type is not
+        registered (the likelier mistake: a misspelt type), else TaskNotFound."""
+        try:
+            self.registry.get(type_name)
+        except UnknownType as exc:
+            return exc
+        except SpoolqError:
+            pass  # a type file that cannot be read: the task is still not there
+        return TaskNotFound(type_name, task_id)
 
     def _open(self, type_name: str, task_id: str) -> Iterator[tuple[str, int]]:
         """(path, directory fd) of the task, located again when it moved
@@ -262,9 +273,9 @@ class Queries:
                 found[(t, i)] = path
         return [(t, i, path) for (t, i), path in found.items()]
 
-    def _read_listed(self, type_name: str, task_id: str, path: str) -> TaskInfo | None:
+    def _read_listed(self, type_name: str, task_id: str, path: str) -> TaskInfo | str | None:
         """The status of a listed task: at its listed path, or wherever it
-        moved since; None if it is gone or cannot be read."""
+        moved since; None if it is gone, the path if it cannot be read."""
         try:
             dfd = open_task_dir(path)
             try:
@@ -274,21 +285,30 @@ class Queries:
         except FileNotFoundError:
             pass
         except (OSError, CorruptTask):
-            return None
+            return path
         try:
             return self.status(type_name, task_id)
-        except (SpoolqError, OSError):
+        except (TaskNotFound, UnknownType):
             return None
+        except (SpoolqError, OSError):
+            return path
 
-    def list_tasks(self, *, state: State | None = None, type_name: str | None = None) -> list[TaskInfo]:
+    def list_tasks(
+        self, *, state: State | None = None, type_name: str | None = None, unreadable: list[str] | None = None,
+    ) -> list[TaskInfo]:
         """Status of every task (optionally of one state and/or type), each
-        task once, in lifecycle order of where it was listed."""
+        task once, in lifecycle order of where it was listed. The paths of
+        tasks whose status cannot be read (fsck says why) go into
+        *unreadable*, when given."""
         out = []
         for t, i, path in self.snapshot(state):
             if type_name and t != type_name:
                 continue
             info = self._read_listed(t, i, path)
-            if info is not None and (state is None or info.state == state):
+            if isinstance(info, str):
+                if unreadable is not None:
+                    unreadable.append(info)
+            elif info is not None and (state is None or info.state == state):
                 out.append(info)
         return out
 
@@ -390,9 +410,10 @@ def _info(type_name: str, task_id: str, path: str, dfd: int, layout: Layout) -> 
 
 
 def format_log(records: list[LogRecord]) -> list[str]:
-    """Log records as text lines, oldest first: ISO time, state, message
-    (newlines escaped)."""
-    return [f"{r.time.isoformat()}  {r.state.name:<9}  {r.message}".rstrip().replace("\n", "\\n") for r in records]
+    """Log records as text lines, oldest first: ISO time, state, message,
+    escaped as the log stores it (codec.one_line: a tab or carriage return
+    in a message would otherwise break the columns or overwrite the line)."""
+    return [f"{r.time.isoformat()}  {r.state.name:<9}  {codec.one_line(r.message)}".rstrip() for r in records]
 
 
 __all__ = ["Census", "Queries", "TaskInfo", "WAIT_RECHECK", "format_log"]

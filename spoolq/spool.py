@@ -42,6 +42,7 @@ from typing import Any
 
 from .errors import (
     CorruptTask,
+    InvalidInput,
     SpoolError,
     StaleClaim,
     TaskNotFound,
@@ -74,7 +75,7 @@ from .store.servers import ServerLocks
 from .store.slots import TypeSlots
 from .store.taskdir import LockBusy, Moved, TaskDir, peek_status, read_status, response_mime, run_alive, run_lock_holders
 from .store.taskdir import hold_run_lock as hold_run_lock_fd
-from .units import MAX_DURATION
+from .units import MAX_DURATION, parse_duration
 
 log = logging.getLogger("spoolq.spool")
 
@@ -142,8 +143,7 @@ class Spool:
         self.root = self.layout.root
         self.clock = clock
         self.layout.check()
-        settings = self.layout.read_settings()
-        self.max_queue = settings.max_queue
+        settings = self.layout.settings_now()
         self.durable = settings.durable
         self.max_input_bytes = settings.max_input_bytes
         self.registry = TypeRegistry(self.layout, durable=self.durable)
@@ -152,10 +152,15 @@ class Spool:
         self._stamps = StampClock()
         self.producer = Producer(
             self.layout, self.registry, self.queries, clock=clock, durable=self.durable,
-            max_queue=self.max_queue, max_input_bytes=self.max_input_bytes, stamps=self._stamps,
+            max_input_bytes=self.max_input_bytes, stamps=self._stamps,
         )
         self._waiting = WaitingIndex(self.layout)
         self.slots = TypeSlots(self.layout)
+
+    @property
+    def max_queue(self) -> int:
+        """The queue limit as ``spool.json`` says now (0: none)."""
+        return self.layout.settings_now().max_queue
 
     @classmethod
     def init(
@@ -338,9 +343,12 @@ class Spool:
         """(type, id, path) of every task entry, by place."""
         return self.queries.iter_tasks(state)
 
-    def list_tasks(self, *, state: State | None = None, type_name: str | None = None) -> list[TaskInfo]:
-        """Status of every task (optionally of one state and/or type), each once."""
-        return self.queries.list_tasks(state=state, type_name=type_name)
+    def list_tasks(
+        self, *, state: State | None = None, type_name: str | None = None, unreadable: list[str] | None = None,
+    ) -> list[TaskInfo]:
+        """Status of every task (optionally of one state and/or type), each
+        once; the paths of those that cannot be read go into *unreadable*."""
+        return self.queries.list_tasks(state=state, type_name=type_name, unreadable=unreadable)
 
     def count_enqueued(self) -> int:
         """Number of waiting tasks."""
@@ -360,7 +368,13 @@ class Spool:
 
     def wait(self, type_name: str, task_id: str, timeout: float | None = None) -> TaskInfo | None:
         """Block until the task is FINISHED or FAILED (its status), or None
-        after *timeout* seconds; woken by file events."""
+        after *timeout* seconds (InvalidInput unless 0 to 100 years: nan
+        would wait forever); woken by file events."""
+        if timeout is not None:
+            try:
+                timeout = parse_duration(timeout)
+            except ValueError as exc:
+                raise InvalidInput(f"timeout {exc}") from None
         return self.queries.wait_for(type_name, task_id, timeout)
 
     # ------------------------------------------------------------------ servers
@@ -537,13 +551,16 @@ class Spool:
             if ours and state.terminal:
                 raise StaleClaim(f"task {claim.type}/{claim.id} is already {state.name}")
             if ours:
-                raise StaleClaim(f"task {claim.type}/{claim.id} is {state.name}: that change is not allowed")
+                raise WrongState(claim.type, claim.id, state.name, "that change is not allowed")
             raise StaleClaim(f"claim {claim} no longer owns task {claim.type}/{claim.id} (now {state.name})")
         raise StaleClaim(f"claim {claim} no longer owns task {claim.type}/{claim.id} (it was moved or deleted)")
 
-    def start(self, claim: Claim | str, *, hold_run_lock: bool = False, load: bool = True) -> StartedTask:
-        """Move a claimed task to ``running/``, count the start and load its
-        input: (type, id, handler path, input).
+    def start(
+        self, claim: Claim | str, message: str = "", *, hold_run_lock: bool = False, load: bool = True,
+    ) -> StartedTask:
+        """Move a claimed task to ``running/``, count the start (its log
+        record says *message*) and load its input: (type, id, handler path,
+        input).
 
         With *hold_run_lock*, the run lock is taken before the task is
         released and its descriptor returned: keep it open while the handler
@@ -582,7 +599,7 @@ class Spool:
                 task.move(self._path(Place.RUNNING, claim.name))
                 starts = int(task.doc.get("starts", 0)) + 1
                 try:
-                    task.write(State.RUNNING, "", starts=starts, started_at=codec.iso(self.clock()))
+                    task.write(State.RUNNING, message, starts=starts, started_at=codec.iso(self.clock()))
                 except CorruptTask as exc:  # its log is gone or not a file
                     what = str(exc)
             if what is not None:
@@ -995,15 +1012,23 @@ class Spool:
                 continue  # changed meanwhile
         return count
 
-    def delete(self, type_name: str, task_id: str) -> None:
+    def delete(self, type_name: str, task_id: str, *, through: Claim | None = None) -> None:
         """Remove the task in whatever state. Atomic: it is renamed into
         ``tmp/`` first (so it vanishes at once), then removed. A running
-        handler's later writes are refused; the daemon kills it."""
+        handler's later writes are refused; the daemon kills it.
+
+        *through*: a claim of the task (ATP's ``deleteTask(task_id)``); the
+        delete is refused with StaleClaim, and nothing changes, once that
+        claim no longer holds the task (a later life of it is not the
+        caller's to delete)."""
         for _ in range(5):
             path = self.locate(type_name, task_id)
             trash = self.layout.trash_path(os.path.basename(path))
             try:
                 with self._task(path) as task:
+                    if through is not None and not through.owns(task.doc):
+                        raise StaleClaim(f"claim {through} no longer owns task {type_name}/{task_id} "
+                                         f"(now {task.state.name}): not deleted")
                     task.move(trash)
             except (FileNotFoundError, Moved):
                 continue

@@ -63,7 +63,7 @@ def reenqueue_zombies(spool: Spool, message: str = "") -> list[SweepAction]:
     re-enqueued while restarts remain, else FAILED; interrupted finishes and
     re-enqueues are completed; what cannot be trusted is quarantined. Reads
     the status of just these tasks (bounded by the servers' concurrency, not
-    by the spool's size). *message* replaces the reason in the log."""
+    by the spool's size). *message* goes in the log before the reason."""
     now = spool.clock()
     actions: list[SweepAction] = []
     seen: dict[str, bool] = {}
@@ -137,7 +137,7 @@ def _sweep_one(
         again = verdict_for(spool, locked, place, server_dir, spool.server_alive, now)
         if again.verdict is not verdict.verdict:
             return None
-        return message or again.reason
+        return _with_message(message, again.reason)
 
     if verdict.verdict is Verdict.UNTRUSTED:
         spool.quarantine(path, verdict.reason)
@@ -152,7 +152,13 @@ def _sweep_one(
     crashpoint("sweep.taken_away")
     if result in (Action.GONE, Action.BUSY):
         return None
-    return SweepAction(parts[0], parts[1], result, message or verdict.reason)
+    return SweepAction(parts[0], parts[1], result, _with_message(message, verdict.reason))
+
+
+def _with_message(message: str, reason: str) -> str:
+    """The log's reason for a take-away, after the caller's *message*
+    (ATP's ``reenqueueZombieTasks(message)``): the record still says why."""
+    return f"{message}: {reason}" if message else reason
 
 
 def finish_cancel(spool: Spool, path: str, *, expect_claim: int) -> Action:

@@ -58,10 +58,12 @@ class TaskContext:
 
     def set_success(self, msg: str = "") -> None:
         """FINISHED (final); the task moves to done/."""
+        self.flush_progress()  # the last progress before the task is final (after, it is refused)
         self.spool.set_state(self.claim, State.FINISHED, msg)
 
     def set_failure(self, msg: str = "") -> None:
         """FAILED (final); the task moves to done/."""
+        self.flush_progress()
         self.spool.set_state(self.claim, State.FAILED, msg)
 
     def set_paused(self, msg: str = "") -> None:
@@ -77,6 +79,7 @@ class TaskContext:
         the queue, due after *delay* seconds or the type's backoff; FAILED
         when its retries are used up. Return from the handler after it: the
         claim no longer holds the task. The state the task is in now."""
+        self.flush_progress()
         return self.spool.retry(self.claim, delay, message)
 
     def log(self, message: str) -> None:
@@ -92,7 +95,8 @@ class TaskContext:
         short *message*. Adds no log record and changes no status; cheap
         enough for an inner loop: the value is written (to the task's
         ``progress`` file) at most every PROGRESS_INTERVAL seconds, and the
-        last one when the run ends. ``status --json`` shows it."""
+        last one when the run ends or the handler sets a final state.
+        ``status --json`` shows it."""
         if type(done) not in _NUMBER or (total is not None and type(total) not in _NUMBER):
             _bad_progress(done, total)
         now = time.monotonic()

@@ -17,8 +17,22 @@ from datetime import datetime
 from typing import Any
 
 from . import sweeps
-from .errors import QueueEmpty, QueueException, QueueFull, SpoolqError, StaleClaim, TaskNotFound, UnknownType
-from .lifecycle import Claim, State
+from .errors import (
+    InvalidInput,
+    InvalidName,
+    NoResponse,
+    QueueEmpty,
+    QueueException,
+    QueueFull,
+    SpoolqError,
+    StaleClaim,
+    TaskExists,
+    TaskNotFound,
+    TypeInUse,
+    UnknownType,
+    WrongState,
+)
+from .lifecycle import Action, Claim, State
 from .spool import Spool
 from .store.codec import DEFAULT_RESPONSE_MIME
 from .store.layout import resolve_root
@@ -27,7 +41,8 @@ from .task import TaskContext
 __all__ = [
     "QueueException", "QueueFull", "QueueEmpty", "TaskStatus", "STATUS2TEXT", "TEXT2STATUS",
     # spoolq's own conditions, for ATP code that wants to catch them
-    "SpoolqError", "StaleClaim", "TaskNotFound", "UnknownType", "DoesNotExist",
+    "SpoolqError", "StaleClaim", "TaskNotFound", "UnknownType", "DoesNotExist", "NoResponse", "TaskExists",
+    "TypeInUse", "InvalidName", "InvalidInput", "WrongState",
     "registerTaskType", "unregisterTaskType", "enqueueTask", "dequeueTask", "startTask",
     "reenqueueTask", "getQueueSize", "getMaxQueueSize",
     "getTaskStatus", "getTaskStatusByIdentifier", "getTaskInfo", "getTaskIdentifier",
@@ -114,12 +129,14 @@ def dequeueTask(serverID: str, message: str = "") -> list[str]:
 
 
 def startTask(task_id: str, message: str = "") -> tuple[str, str, str, Any]:
-    started = _get_spool().start(task_id)
+    started = _get_spool().start(task_id, message)
     return started.type, started.id, started.handler, started.input
 
 
 def reenqueueTask(task_id: str, message: str = "") -> None:
-    _get_spool().hand_back(task_id, message or "re-enqueued")
+    """Hand the claimed task back; StaleClaim if the claim no longer holds it."""
+    if _get_spool().hand_back(task_id, message or "re-enqueued") is Action.GONE:
+        raise StaleClaim(f"claim {task_id} no longer holds its task: nothing handed back")
 
 
 def stopTaskSuccess(task_id: str, message: str = "") -> None:
@@ -138,8 +155,8 @@ def resumeTask(task_id: str, message: str = "") -> None:
     _get_spool().set_state(task_id, State.RUNNING, message)
 
 
-def stopTaskSuccessIfNotFinished(task_id: str, message: str = "") -> None:
-    _get_spool().finish_if_not_finished(task_id, message)
+def stopTaskSuccessIfNotFinished(task_id: str, message: str = "") -> bool:
+    return _get_spool().finish_if_not_finished(task_id, message)
 
 
 def setTaskResponse(task_id: str, response: bytes | str, mimeType: str | None = DEFAULT_RESPONSE_MIME) -> None:
@@ -191,8 +208,16 @@ def deleteTaskByIdentifier(type_id: str, identifier: str) -> None:
 
 
 def deleteTask(task_id: str) -> None:
+    """Delete the task of claim *task_id*: StaleClaim, and nothing deleted,
+    once another life of the task holds it; a no-op when it is gone (as
+    :func:`deleteTaskByIdentifier`)."""
     claim = Claim.parse(task_id)
-    deleteTaskByIdentifier(claim.type, claim.id)
+    spool = _get_spool()
+    spool.get_type(claim.type)
+    try:
+        spool.delete(claim.type, claim.id, through=claim)
+    except TaskNotFound:
+        pass
 
 
 def reenqueueZombieTasks(message: str = "") -> list[tuple[str, str]]:

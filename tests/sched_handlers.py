@@ -52,3 +52,12 @@ def short(ts, inp):
     _note(ts, inp, "start")
     time.sleep(inp.get("seconds", 0.01))
     _note(ts, inp, "end")
+
+
+def set_failure_then(ts, inp):
+    """Fails through set_failure (not by raising), then returns; with
+    inp["then"] == "success", calls set_success after it too (refused)."""
+    _note(ts, inp, "start")
+    ts.set_failure("asked to fail")
+    if inp.get("then") == "success":
+        ts.set_success("too late")

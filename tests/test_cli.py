@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from spoolq import Spool, SpoolError, State
+from spoolq import Spool, SpoolError, State, TaskNotFound
 
 TYPE = "SequenceSum"
 HANDLER = "spoolq.demo.sequence_sum"
@@ -189,6 +189,10 @@ def test_register_takes_the_bounds_and_still_normalises(root: Path) -> None:
     (("init", "--max-input-bytes", "0"), "--max-input-bytes"),
     (("register", "Other", "pkg.mod.func", "--max-output-bytes", "1"), "--max-output-bytes"),
     (("worker", "w1", "--types", "Good,Bad Name"), "--types"),
+    (("init", "--max-queue", "99999999999999999999999"), "--max-queue"),
+    (("wait", TYPE, "x", "--timeout", "nan"), "--timeout"),  # waited forever
+    (("wait", TYPE, "x", "--timeout", "-1"), "--timeout"),  # "timed out after -1 s"
+    (("log", TYPE, "x", "--follow", "--timeout", "nan"), "--timeout"),
 ])
 def test_a_value_out_of_range_is_a_usage_error_and_nothing_is_written(root: Path, tmp_path: Path,
                                                                       args: tuple[str, ...], option: str) -> None:
@@ -274,6 +278,17 @@ def test_status_log_result_delete(root: Path, spool: Spool) -> None:
     assert result.returncode == 0 and result.stdout == binary
     assert spoolq("delete", TYPE, "t1", root=root).returncode == 0
     assert_one_line_error(spoolq("status", TYPE, "t1", root=root), 1)
+
+
+def test_log_lines_escape_a_message_as_the_log_stores_it(root: Path, spool: Spool) -> None:
+    """A tab or carriage return in a message printed raw broke the columns
+    or overwrote the line on a terminal; a newline was escaped already."""
+    spool.enqueue(TYPE, "esc", None)
+    finish(spool, "esc", State.FAILED, message="a\tb\rc\\d\ne")
+    last = out(spoolq("log", TYPE, "esc", root=root)).splitlines()[-1]
+    assert last.endswith("FAILED     a\\tb\\rc\\\\d\\ne"), repr(last)
+    doc = json.loads(out(spoolq("log", TYPE, "esc", "--json", root=root)))
+    assert doc[-1]["message"] == "a\tb\rc\\d\ne"
 
 
 def test_one_task_errors_are_one_line(root: Path, spool: Spool, tmp_path: Path) -> None:
@@ -857,3 +872,115 @@ def test_the_quick_path_answers_as_typer_does(tmp_path: Path) -> None:
         assert same == [slow.returncode, slow.stdout.replace(bytes(typer_root), b"ROOT"),
                         slow.stderr.replace(bytes(typer_root), b"ROOT")], args
     assert sorted(i.id for i in Spool(quick_root).list_tasks()) == sorted(i.id for i in Spool(typer_root).list_tasks())
+
+
+# --------------------------------------------------------------------------- the standard streams (outside testing, round 3)
+
+
+def _spoolq_with_closed(fd: int, *args: str | Path, root: Path, timeout: float = 60,
+                        stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    """spoolq run the way `spoolq ... >&-` (fd 1) or `<&-` (fd 0) runs it."""
+    env = {k: v for k, v in os.environ.items() if k != "SPOOLQ_ROOT"}
+    return subprocess.run([sys.executable, "-m", "spoolq", "--root", str(root), *map(str, args)],
+                          input=stdin, capture_output=fd != 1, stderr=subprocess.PIPE if fd == 1 else None,
+                          preexec_fn=lambda: os.close(fd), env=env, timeout=timeout)
+
+
+def test_a_worker_started_with_stdout_closed_runs_its_tasks(root: Path, spool: Spool, tmp_path: Path) -> None:
+    """`spoolq worker w1 >&-`: the worker crashed with a traceback on its
+    first task and left it SCHEDULED (sys.stdout was None; and fd 1 was the
+    next file opened, where a print would have gone)."""
+    spool.enqueue(TYPE, "t", [1, 2, 3])
+    env = {k: v for k, v in os.environ.items() if k != "SPOOLQ_ROOT"}
+    log_path = tmp_path / "w.log"
+    with open(log_path, "wb") as log_file:
+        worker = subprocess.Popen([sys.executable, "-m", "spoolq", "--root", str(root), "worker", "w1"],
+                                  stderr=log_file, preexec_fn=lambda: os.close(1), env=env)
+    try:
+        deadline = time.monotonic() + DEADLINE
+        while spool.status(TYPE, "t").state is not State.FINISHED:
+            assert worker.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+    finally:
+        worker.terminate()
+        assert worker.wait(30) == 0, log_path.read_text()
+    assert "Traceback" not in log_path.read_text()
+
+
+def test_commands_with_a_closed_stdout_or_stdin_end_in_one_line_at_most(root: Path, spool: Spool) -> None:
+    spool.enqueue(TYPE, "t", 4)
+    finish(spool, "t", response=b"r")
+    for args in (("list",), ("types",), ("stats",), ("stats", "--prometheus"), ("result", TYPE, "t"),
+                 ("output", TYPE, "t"), ("status", TYPE, "t", "--json")):
+        done = _spoolq_with_closed(1, *args, root=root)
+        assert done.returncode == 0 and done.stderr == b"", (args, done.returncode, done.stderr)
+    refused = _spoolq_with_closed(0, "enqueue", TYPE, "n", "-", "--json", root=root)
+    assert_one_line_error(refused, 1)
+    assert "not valid JSON" in refused.stderr.decode()
+    with pytest.raises(TaskNotFound):
+        spool.status(TYPE, "n")
+
+
+def test_output_the_locale_cannot_encode_is_escaped_not_a_traceback(root: Path, spool: Spool) -> None:
+    spool.enqueue(TYPE, "t", 4)
+    finish(spool, "t", State.FAILED, message="snow \u2603")
+    for args in (("log", TYPE, "t"), ("list",)):
+        done = spoolq(*args, root=root, env={"PYTHONIOENCODING": "latin-1"})
+        assert done.returncode == 0 and b"snow \\u2603" in done.stdout, (args, done.stderr)
+
+
+def test_a_message_argument_that_is_not_utf8_is_kept_readable(root: Path, spool: Spool) -> None:
+    """Python passes the bytes of such an argument on as lone surrogates,
+    which UTF-8 cannot hold: the log write raised a traceback."""
+    spool.enqueue(TYPE, "t", 4)
+    env = {k: v for k, v in os.environ.items() if k != "SPOOLQ_ROOT"}
+    done = subprocess.run([sys.executable.encode(), b"-m", b"spoolq", b"--root", bytes(root), b"cancel",
+                           TYPE.encode(), b"t", b"--reason", b"a\xffb"], capture_output=True, env=env, timeout=60)
+    assert done.returncode == 0 and done.stdout == b"FAILED\n", done.stderr
+    assert spool.log_records(TYPE, "t")[-1].message == "cancelled: a\ufffdb"
+    assert spool.status(TYPE, "t").doc["message"] == "cancelled: a\ufffdb"
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly_with_141(root: Path, spool: Spool) -> None:
+    for i in range(400):
+        spool.enqueue(TYPE, f"t{i:04d}", 4)
+    env = {k: v for k, v in os.environ.items() if k != "SPOOLQ_ROOT"}
+    for args in (("list",), ("list", "--json")):
+        proc = subprocess.Popen([sys.executable, "-m", "spoolq", "--root", str(root), *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.read(10)
+        proc.stdout.close()  # `| head -c 10`
+        err = proc.stderr.read()
+        assert proc.wait(60) == 141 and err == b"", (args, proc.returncode, err)
+
+
+def test_list_says_when_it_leaves_out_a_task_it_cannot_read(root: Path, spool: Spool) -> None:
+    for i in ("a", "b", "c"):
+        spool.enqueue(TYPE, i, 4)
+    (root / "enqueued" / f"{TYPE}:b" / "status.json").write_text("junk")
+    done = spoolq("list", root=root)
+    assert done.returncode == 0
+    assert [line.split()[1] for line in out(done).splitlines()[1:]] == ["a", "c"]
+    err = done.stderr.decode()
+    assert err.startswith("spoolq: warning: 1 task(s) left out") and f"{TYPE}:b" in err and "fsck" in err, err
+    assert len(err.splitlines()) == 1
+
+
+def test_a_worker_lane_of_an_unregistered_type_is_said(root: Path, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "SPOOLQ_ROOT"}
+    log_path = tmp_path / "w.log"
+    with open(log_path, "wb") as log_file:
+        worker = subprocess.Popen([sys.executable, "-m", "spoolq", "--root", str(root), "worker", "w1",
+                                   "--types", f"{TYPE},Nope"], stderr=log_file, env=env)
+    try:
+        deadline = time.monotonic() + DEADLINE
+        while " ready on " not in log_path.read_text():
+            assert worker.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    text = log_path.read_text()
+    assert "--types names unknown task type 'Nope'" in text and TYPE + "'" not in text.split("unknown task type")[1][:20]

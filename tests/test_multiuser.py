@@ -276,3 +276,18 @@ def test_init_as_root_first_gives_the_whole_spool_to_its_owner(site):
     site.start_worker()
     wait_until(lambda: state(site.root, "t1") == State.FINISHED, what="the task")
     assert site.spoolq(WORKER, "fsck").returncode == 0
+
+
+def test_a_worker_whose_user_may_not_write_the_spool_exits_78(site):
+    """A spool its user may not enter will not become one it may by a
+    restart: exit 78, which systemd does not restart on (it was 1, and
+    systemd restarted it in a loop). Here the user is not in the spool's
+    group."""
+    site.spoolq(WORKER, "init", umask=0o022)
+    nobody = pwd.getpwnam("nobody")
+    denied = subprocess.run([str(site.venv / "bin" / "spoolq"), "--root", str(site.root), "worker", "w8"],
+                            capture_output=True, text=True, timeout=120, user=nobody.pw_uid,
+                            group=nobody.pw_gid, extra_groups=[], env=site.env())
+    assert denied.returncode == 78, (denied.returncode, denied.stderr)
+    assert "Permission denied" in denied.stderr and "Traceback" not in denied.stderr, denied.stderr
+    assert len(denied.stderr.splitlines()) == 1, denied.stderr

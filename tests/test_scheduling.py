@@ -575,3 +575,25 @@ def test_a_retry_asked_with_a_delay_spoolq_cannot_take_fails_with_a_reason(env):
         message = spool.status("R", task_id).doc["message"]
         assert message.startswith("the handler asked for a retry spoolq cannot make: "), message
     assert "Traceback" not in stderr_of(proc)
+
+
+def test_the_daemon_reports_a_retry_through_set_failure_as_a_retry_not_a_lost_task(env):
+    """A handler that fails by calling set_failure, its retries not used up,
+    sent its task back for a retry: the daemon said it "was taken away or
+    deleted while it ran", a warning that hid the real ones. Likewise a
+    handler that ended its task and then had a later status call refused."""
+    spool, root, workers, tmp = env
+    register(spool, "SF", "set_failure_then", retries=1, retry_backoff=0.1)
+    register(spool, "SS", "set_failure_then")
+    rec = tmp / "rec"
+    spool.enqueue("SF", "t", {"record": str(rec)})
+    spool.enqueue("SS", "t", {"record": str(rec), "then": "success"})
+    proc = workers.start("w1")
+    wait_until(lambda: final(spool, "SF", "t") and final(spool, "SS", "t"), timeout=60, what="both final")
+    assert spool.status("SF", "t").doc["retries"] == 1
+    assert spool.status("SS", "t").state == State.FAILED
+    wait_until(lambda: stderr_of(proc).count("failed S") >= 2, timeout=30, what="both ends logged")
+    err = stderr_of(proc)
+    assert "taken away or deleted" not in err and "no longer owns" not in err, err
+    assert "SF:t: retry 1/1 in " in err, err
+    assert "refused" in err and "failed SS:t: asked to fail" in err, err

@@ -14,6 +14,7 @@ import pytest
 
 from spoolq import (
     Claim,
+    InvalidInput,
     NoResponse,
     QueueFull,
     Spool,
@@ -22,6 +23,7 @@ from spoolq import (
     State,
     TaskExists,
     TaskNotFound,
+    WrongState,
 )
 
 
@@ -454,7 +456,7 @@ def test_a_scheduled_task_becomes_running_only_through_start(spool: Spool) -> No
     claim = spool.claim("s1")
     before = task_files(spool, "T", "a")
     for state in (State.RUNNING, State.PAUSED, State.FINISHED):
-        with pytest.raises(StaleClaim):
+        with pytest.raises(WrongState):  # the claim still holds it: not stale, the change is not allowed
             spool.set_state(claim, state)
     assert task_files(spool, "T", "a") == before
     spool.set_state(claim, State.FAILED, "cannot run")  # the holder may fail it
@@ -758,3 +760,12 @@ def test_a_registry_moment_looks_at_each_type_once_and_sees_its_own_changes(spoo
         assert registry.get("T").timeout == 77  # its own change
     other.register_type("T", "daemon_handlers.add", timeout=55)
     assert registry.get("T").timeout == 55  # the moment is over
+
+
+def test_a_wait_with_a_timeout_that_is_no_duration_is_refused(spool: Spool) -> None:
+    """nan waited forever and a negative timeout ended at once, both silently."""
+    spool.enqueue("T", "w", 1)
+    for bad in (float("nan"), -1.0, float("inf")):
+        with pytest.raises(InvalidInput):
+            spool.wait("T", "w", bad)
+    assert spool.wait("T", "w", 0) is None

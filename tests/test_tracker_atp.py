@@ -518,3 +518,107 @@ def test_use_spool_works_on_the_given_spool_wherever_spoolq_root_points(make_spo
         assert mine.status("T", "given").state.name == "ENQUEUED"
     finally:
         tracker.use_spool(None)
+
+
+# --- an ATP application's second look (outside testing, round 3) -------------------------
+
+
+def test_an_old_task_id_can_neither_delete_nor_hand_back_the_tasks_next_life(atp_root: Path) -> None:
+    """§1.5, §5.3: writes through a task_id whose task was taken away are
+    refused. deleteTask(old) used to delete the run another server had
+    claimed since, and reenqueueTask(old) returned as if it had worked."""
+    registerTaskType("T", "atp_demo.handler")  # noqa: F405
+    enqueueTask("T", "H", {"n": 1})  # noqa: F405
+    (old,) = dequeueTask("appY")  # noqa: F405
+    startTask(old)  # noqa: F405
+    reenqueueTask(old, "back")  # noqa: F405
+    with pytest.raises(StaleClaim):
+        reenqueueTask(old)  # noqa: F405 - handed back already: nothing of it to hand back
+    (new,) = dequeueTask("appZ")  # noqa: F405
+    startTask(new)  # noqa: F405
+    with pytest.raises(StaleClaim):
+        deleteTask(old)  # noqa: F405
+    with pytest.raises(StaleClaim):
+        reenqueueTask(old)  # noqa: F405
+    assert getTaskStatusByIdentifier("T", "H") == (3, "RUNNING")  # noqa: F405 - untouched
+    stopTaskSuccess(new)  # noqa: F405 - the new life's writes still work
+    deleteTask(new)  # noqa: F405 - its own claim deletes it
+    with pytest.raises(TaskNotFound):
+        getTaskStatusByIdentifier("T", "H")  # noqa: F405
+    deleteTask(new)  # noqa: F405 - gone already: a no-op, as deleteTaskByIdentifier
+
+
+def test_start_keeps_its_message_and_if_not_finished_says_whether_it_changed(atp_root: Path) -> None:
+    registerTaskType("T", "atp_demo.handler")  # noqa: F405
+    enqueueTask("T", "S", None)  # noqa: F405
+    (task_id,) = dequeueTask("srv")  # noqa: F405
+    startTask(task_id, "my start msg")  # noqa: F405
+    assert getTaskLog("T", "S")[-1][1:] == ((3, "RUNNING"), "my start msg")  # noqa: F405
+    assert stopTaskSuccessIfNotFinished(task_id) is True  # noqa: F405 - §6.11
+    assert stopTaskSuccessIfNotFinished(task_id) is False  # noqa: F405
+
+
+def test_a_change_the_state_forbids_is_wrong_state_not_a_stale_claim(atp_root: Path) -> None:
+    """§5.2: StaleClaim means the claim lost its task (or it is final);
+    finishing a task that is claimed but not started is WrongState."""
+    registerTaskType("T", "atp_demo.handler")  # noqa: F405
+    enqueueTask("T", "W", None)  # noqa: F405
+    (task_id,) = dequeueTask("srv")  # noqa: F405
+    for call in (stopTaskSuccess, pauseTask, resumeTask, stopTaskSuccessIfNotFinished):  # noqa: F405
+        with pytest.raises(WrongState) as caught:  # noqa: F405
+            call(task_id)
+        assert not isinstance(caught.value, StaleClaim) and "SCHEDULED" in str(caught.value)
+    assert startTask(task_id)[:2] == ("T", "W")  # noqa: F405 - the claim is still good
+
+
+def test_lookups_of_an_unknown_type_say_so(atp_root: Path) -> None:
+    registerTaskType("T", "atp_demo.handler")  # noqa: F405
+    for call in (getTaskStatusByIdentifier, getTaskLog, getTaskResponse):  # noqa: F405
+        with pytest.raises(UnknownType):
+            call("Nope", "X")
+        with pytest.raises(TaskNotFound):
+            call("T", "X")
+
+
+def test_the_star_import_names_every_error_the_tracker_raises() -> None:
+    names = set(tracker.__all__)
+    assert {"NoResponse", "TaskExists", "TypeInUse", "InvalidName", "InvalidInput", "WrongState"} <= names
+
+
+def test_a_program_that_runs_its_tasks_itself_keeps_the_last_progress(atp_root: Path) -> None:
+    """§12.3: the last progress is kept. In the daemon the runner writes it
+    when the handler returns; a program that runs the handler itself ends
+    the task with setSuccess, which must write it first."""
+    registerTaskType("T", "atp_demo.handler")  # noqa: F405
+    enqueueTask("T", "P", None)  # noqa: F405
+    (task_id,) = dequeueTask("srv")  # noqa: F405
+    startTask(task_id)  # noqa: F405
+    status = TaskStatus(task_id)  # noqa: F405
+    for i in range(1, 101):
+        status.progress(i, 100)
+    status.setSuccess()
+    assert tracker._get_spool().status("T", "P").progress["done"] == 100
+
+
+def test_a_zombie_sweeps_message_keeps_the_reason(atp_root: Path, make_clock) -> None:
+    """§2.3: the record of a take-away says why, with the caller's message."""
+    clock = make_clock()
+    tracker.use_spool(Spool(atp_root, clock=clock))
+    registerTaskType("T", "atp_demo.handler", timeout=2)  # noqa: F405
+    enqueueTask("T", "Z", None)  # noqa: F405
+    (task_id,) = dequeueTask("srv")  # noqa: F405
+    startTask(task_id)  # noqa: F405
+    clock.advance(3)
+    assert reenqueueZombieTasks("sweep") == [("reenqueued", "T::Z")]  # noqa: F405
+    assert getTaskLog("T", "Z")[-1][2] == "sweep: timed out after 2 s"  # noqa: F405
+    tracker.use_spool(None)
+
+
+def test_a_new_queue_limit_holds_for_a_producer_already_running(atp_root: Path) -> None:
+    registerTaskType("T", "atp_demo.handler")  # noqa: F405
+    enqueueTask("T", "q1", None)  # noqa: F405 - the spool is open in this process from here on
+    assert getMaxQueueSize() == sys.maxsize  # noqa: F405
+    Spool.init(atp_root, max_queue=1)  # another process's `spoolq init --max-queue 1`
+    assert getMaxQueueSize() == 1  # noqa: F405
+    with pytest.raises(QueueFull):  # noqa: F405
+        enqueueTask("T", "q2", None)  # noqa: F405

@@ -121,9 +121,22 @@ def bounded(message: str, limit: int) -> str:
     InvalidInput unless it is a str."""
     if not isinstance(message, str):
         raise InvalidInput(f"a message must be a str, not {type(message).__name__}")
+    if not message.isascii():
+        message = _utf8_only(message)
     if len(message) <= limit:
         return message
     return f"{message[:limit]}... [{len(message) - limit:,} more characters cut]"
+
+
+def _utf8_only(message: str) -> str:
+    """*message* with each lone surrogate, which UTF-8 cannot hold, made
+    U+FFFD: how Python passes on the bytes of an argument that is not UTF-8
+    (`--reason "$(printf 'a\\xffb')"`), and what a handler may pass too."""
+    try:
+        message.encode()
+        return message
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in message)
 
 
 def one_line(message: str) -> str:

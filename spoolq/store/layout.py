@@ -270,15 +270,18 @@ def layout_problems(root: str) -> list[LayoutProblem]:
 
 # The least value of each whole-number setting: max_queue 0 is "no limit".
 _SETTING_MINIMUM = {"max_queue": 0, "max_input_bytes": 1}
+# Far past any real use, but a bound: spool.json stays a file every JSON
+# reader takes (`--max-queue 99999999999999999999999` was stored as is).
+_SETTING_MAXIMUM = {"max_queue": 10**12, "max_input_bytes": 1 << 40}
 
 
 def check_setting(key: str, value: object) -> int:
     """*value* if it is allowed for the whole-number setting *key*, else
     SpoolError: the one rule for ``spool.json``, ``Spool.init`` and the
     options of ``spoolq init``."""
-    minimum = _SETTING_MINIMUM[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SpoolError(f"{key} must be a whole number >= {minimum}, not {str(value)[:40]}")
+    minimum, maximum = _SETTING_MINIMUM[key], _SETTING_MAXIMUM[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise SpoolError(f"{key} must be a whole number from {minimum} to {maximum:,}, not {str(value)[:40]}")
     return value
 
 
@@ -340,6 +343,7 @@ class Layout:
         # os.path.join: names are checked and never hold a slash).
         self._place_dirs = {place: self.path(place.value) for place in Place if place is not Place.SCHEDULED}
         self._server_dirs: dict[str, str] = {}
+        self._settings_seen: tuple[tuple[int, int, int] | None, Settings] | None = None
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.root, *parts)
@@ -442,6 +446,23 @@ class Layout:
             durable=_flag(self.settings_file, raw, "durable", True),
             max_input_bytes=_setting(self.settings_file, raw, "max_input_bytes", DEFAULT_MAX_INPUT),
         )
+
+    def settings_now(self) -> Settings:
+        """:meth:`read_settings` as ``spool.json`` is now, read again only
+        when the file changed (one ``lstat``): every change replaces it
+        whole, as a new inode. A long-lived producer (a web application)
+        applies a new queue limit from its next enqueue, not its restart."""
+        try:
+            st = os.lstat(self.settings_file)
+            identity: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            identity = None
+        seen = self._settings_seen
+        if seen is not None and seen[0] == identity:
+            return seen[1]
+        settings = self.read_settings()
+        self._settings_seen = (identity, settings)
+        return settings
 
     def create(self) -> None:
         """Create the tree (idempotent). New directories get :data:`DIR_MODE`

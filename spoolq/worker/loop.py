@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from .. import faults, sweeps
-from ..errors import CorruptTask, ServerBusy, SpoolError, SpoolqError, StaleClaim, TaskNotFound
+from ..errors import CorruptTask, ServerBusy, SpoolError, SpoolqError, StaleClaim, TaskNotFound, UnknownType
 from ..lifecycle import Action, Claim, Outcome, Place, State
 from ..names import check_server, check_type, split_task_name
 from ..spool import Spool, SweepAction
@@ -209,7 +209,10 @@ class Worker:
         # by the loop (clean exit 0) instead of killing the process.
         self._install_signals()
         self._fit_concurrency()
-        self.spool.hold_server(self.server)  # ServerBusy if another process is this server
+        try:
+            self.spool.hold_server(self.server)  # ServerBusy if another process is this server
+        except OSError as exc:
+            raise startup_error(exc) from None
         held = self._recover()
         self._departures = DirWatcher(self.spool.layout.running, poll=self.poll, events=ARRIVALS | DEPARTURES)
         self._task_watches = TaskWatches(poll=self.poll)
@@ -861,7 +864,7 @@ class Worker:
         # stopped: nobody else takes a task from a run that holds its run lock.
         try:
             self.spool.locate(job.claim.type, job.claim.id)
-        except TaskNotFound:
+        except (TaskNotFound, UnknownType):  # (its type unregistered with --force, tasks and all)
             log.warning("%s was deleted; stopping its handler", job.claim, extra=task_fields(job.claim))
             self._kill(job, "task deleted", charge=False)
 
@@ -913,6 +916,21 @@ def _drain_pipe(fd: int) -> None:
         pass
 
 
+# A worker that cannot start for one of these will not start on a retry
+# either: a configuration error (exit 78, not restarted). A full disk or an
+# I/O error may pass, and stays an error systemd restarts on.
+_CONFIG_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+def startup_error(exc: OSError) -> Exception:
+    """What a worker that met *exc* while starting raises: SpoolError (exit
+    78) for a spool it may not or cannot write, else *exc* itself."""
+    if exc.errno not in _CONFIG_ERRNOS:
+        return exc
+    where = f": {exc.filename}" if exc.filename else ""
+    return SpoolError(f"cannot start: {exc.strerror}{where} (the worker's user needs to write the spool)")
+
+
 def run_worker(
     root: str | None,
     server: str,
@@ -941,11 +959,18 @@ def run_worker(
         if not os.path.isdir(path):
             raise SpoolError(f"--pythonpath {directory}: not a directory")
         sys.path.insert(0, path)
-    spool = Spool(root)
+    try:
+        spool = Spool(root)
+    except OSError as exc:
+        raise startup_error(exc) from None
     if drain and spool.server_alive(server):
         return drain_running(spool, server)
     if types is not None and not types:
         raise SpoolError("--types needs at least one type name")
+    for name in types or []:
+        if spool.registry.find(name) is None:  # a typo, or registered later by the deployment: said, not refused
+            log.warning("server %s: --types names unknown task type %r: none of its tasks is claimed until it is "
+                        "registered ('spoolq types' lists the registered ones)", server, name)
     worker = Worker(
         spool, server, concurrency=concurrency, drain=drain, grace=grace, poll=poll,
         max_tasks_per_child=max_tasks_per_child, dask_scheduler=dask_scheduler, dask_concurrency=dask_concurrency,

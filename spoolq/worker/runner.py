@@ -227,7 +227,15 @@ def _run_started(
             # Not durable state, no reason to fail the run; but said once.
             log.warning("%s: its output is not kept whole: %s", claim, safe_text(capture.error))
         if isinstance(caught, StaleClaim):
-            raise caught  # the handler's own status call found its task taken away
+            # The handler's own status call was refused: its task was taken
+            # away, or it had ended the task itself already (setSuccess, then
+            # setFailure), and that end stands.
+            done = outcome_of(spool, claim)
+            if done is Outcome.GONE:
+                raise caught
+            log.warning("%s: a status call of the handler after it ended the task (%s) was refused: %s",
+                        claim, done.value, caught)
+            return done
         if lift is not None:
             failure = _failure_of(caught, limits)
         else:  # the limits could not be applied: the handler never ran
@@ -245,8 +253,10 @@ def _run_started(
             raise NotRecorded(State.FAILED if failure else State.FINISHED, failure,
                               exc.strerror or str(exc)) from None
     except StaleClaim as exc:
-        log.warning("%s: %s", claim, exc)
-        return Outcome.GONE
+        done = outcome_of(spool, claim)
+        if done is Outcome.GONE:
+            log.warning("%s: %s", claim, exc)
+        return done
 
 
 def _failure_of(caught: BaseException | None, limits: Limits) -> str:
@@ -298,15 +308,19 @@ def _outcome_for(state: State) -> Outcome:
 
 
 def outcome_of(spool: Spool, claim: Claim) -> Outcome:
-    """The outcome *claim* ended with, read from the task's status: GONE
-    unless the task is final through this very claim."""
+    """The outcome *claim* ended with, read from the task's status: its final
+    state through this very claim; RETRY when it went back to the queue from
+    this claim (its handler asked for a retry, or failed with retries left:
+    nobody else takes a task from a run that holds its run lock); else GONE."""
     try:
         info = spool.status(claim.type, claim.id)
     except SpoolqError:
         return Outcome.GONE
-    if not claim.owns(info.doc) or not info.state.terminal:
-        return Outcome.GONE
-    return Outcome(info.state.name)
+    if claim.owns(info.doc) and info.state.terminal:
+        return Outcome(info.state.name)
+    if claim.sent_back(info.doc):
+        return Outcome.RETRY
+    return Outcome.GONE
 
 
 def fail(spool: Spool, claim: Claim, message: str, exc: BaseException) -> State:
