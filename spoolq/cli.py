@@ -71,6 +71,9 @@ class _Invocation:
     root: str = DEFAULT_ROOT
     command: str | None = None
     follow: bool = False  # a --follow: its errors exit 2, as wait's do
+    # The command made its change (an enqueue, a cancel, a requeue: what a
+    # script must not simply retry); an error after it is in the output.
+    acted: bool = False
 
 
 _run = _Invocation()
@@ -497,7 +500,9 @@ def enqueue(
     when = {"priority": priority, "not_before": at, "delay": in_}
     try:
         if json_in:
-            _print_json(_task_json(spool.enqueue_json(type_name, task_id, payload, **when)))
+            info = spool.enqueue_json(type_name, task_id, payload, **when)
+            _run.acted = True
+            _print_json(_task_json(info))
         else:
             spool.enqueue_pickled(type_name, task_id, payload, **when)
     except InvalidInput as exc:
@@ -656,6 +661,7 @@ def cancel(
     effect. With --json, the task's status document."""
     spool = _spool()
     info = spool.cancel(type_name, task_id, reason)
+    _run.acted = True
     if not no_wait and not info.state.terminal:
         info = spool.wait(type_name, task_id) or info
     if json_out:
@@ -692,6 +698,7 @@ def requeue(
         if type_name is not None or task_id is not None or at is not None or in_ is not None:
             raise UsageError("--failed takes no TYPE, ID, --at or --in (use --type)")
         count = spool.requeue_failed(only_type)
+        _run.acted = True
         if json_out:
             _print_json({"requeued": count})
         else:
@@ -702,6 +709,7 @@ def requeue(
     if only_type is not None or (at is not None and in_ is not None):
         raise UsageError("--type goes with --failed; give --at or --in, not both")
     info = spool.requeue(type_name, task_id, not_before=at, delay=in_)
+    _run.acted = True
     if json_out:
         _print_json(info.as_json())
 
@@ -741,6 +749,7 @@ def enqueue_many(
             except ValueError as exc:
                 errors.append({"line": number, "id": None, "error": str(exc)})
     results = spool.enqueue_many(type_name, items)
+    _run.acted = True
     errors += [{"line": lines[r.index], "id": r.id, "error": str(r.error)} for r in results if r.error is not None]
     errors.sort(key=lambda e: e["line"])
     enqueued = sum(1 for r in results if r.error is None)
@@ -1382,6 +1391,8 @@ def main(argv: list[str] | None = None, *, quick: bool = True) -> NoReturn:
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # nothing more to flush into the pipe at exit
         sys.exit(EX_PIPE)
     except (SpoolqError, OSError) as exc:
+        if _run.acted and isinstance(exc, OSError):
+            _fail(f"done, but its output could not be written: {_error_text(exc)}", EX_FAILED)
         _fail(_error_text(exc), _exit_code(exc))
     sys.exit(result if isinstance(result, int) else 0)
 

@@ -164,7 +164,7 @@ def follow_log(queries: Queries, type_name: str, task_id: str, write: Callable[[
         for record in codec.parse_log(complete + b"\n"):
             if as_json:
                 write(json.dumps({"time": record.time.isoformat(), "state": record.state.name,
-                                  "message": record.message}) + "\n")
+                                  "message": record.message}, sort_keys=True) + "\n")  # as every --json output
             else:
                 write(format_log([record])[0] + "\n")
 

@@ -943,7 +943,8 @@ def test_a_message_argument_that_is_not_utf8_is_kept_readable(root: Path, spool:
 
 
 def test_a_reader_that_goes_away_ends_the_command_quietly_with_141(root: Path, spool: Spool) -> None:
-    for i in range(400):
+    # More output than a pipe holds (64 KiB), so that the writer meets the closed pipe.
+    for i in range(1200):
         spool.enqueue(TYPE, f"t{i:04d}", 4)
     env = {k: v for k, v in os.environ.items() if k != "SPOOLQ_ROOT"}
     for args in (("list",), ("list", "--json")):
@@ -984,3 +985,22 @@ def test_a_worker_lane_of_an_unregistered_type_is_said(root: Path, tmp_path: Pat
         worker.wait(30)
     text = log_path.read_text()
     assert "--types names unknown task type 'Nope'" in text and TYPE + "'" not in text.split("unknown task type")[1][:20]
+
+
+def test_output_that_cannot_be_written_says_the_command_was_done(root: Path, spool: Spool, tmp_path: Path) -> None:
+    """`spoolq enqueue ... --json > out` on a full disk: the task was
+    enqueued, and the one line said only "No space left on device", so a
+    script retried into TaskExists."""
+    from test_hostile import fill, mounted_tmpfs
+
+    (tmp_path / "in.json").write_text("[1, 2]")
+    with mounted_tmpfs(tmp_path / "full", size="64k") as full:
+        fill(full)
+        env = {k: v for k, v in os.environ.items() if k != "SPOOLQ_ROOT"}
+        with open(full / "out.json", "wb") as sink:
+            done = subprocess.run([sys.executable, "-m", "spoolq", "--root", str(root), "enqueue", TYPE, "e",
+                                   str(tmp_path / "in.json"), "--json"], stdout=sink, stderr=subprocess.PIPE,
+                                  env=env, timeout=60)
+    err = assert_one_line_error(done, 1)
+    assert "done, but its output could not be written: No space left on device" in err, err
+    assert spool.status(TYPE, "e").state is State.ENQUEUED
