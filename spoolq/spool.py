@@ -309,8 +309,9 @@ class Spool:
         """Enqueue many tasks of one type (JSON inputs) with one durable
         barrier (group commit). *items*: :class:`Item` or dicts with "id",
         "input" and optionally "priority", "not_before"/"delay". One result
-        per item, in order; a bad item is reported there and skipped."""
-        return list(self.producer.enqueue_many(type_name, (it if isinstance(it, Item) else Item(**it) for it in items)))
+        per item, in order; a bad item (a malformed one too: InvalidInput)
+        is reported there and skipped."""
+        return list(self.producer.enqueue_many(type_name, items))
 
     def read_input(self, fd: int) -> bytes:
         """Read a task input from *fd*, stopping at the spool's input limit."""
