@@ -69,7 +69,9 @@ from .store import codec, fsutil
 from .store.codec import DEFAULT_RESPONSE_MIME, INPUT_JSON, INPUT_NAMES, INPUT_PICKLE, RESPONSE, LogRecord
 from .store.layout import Layout, check_setting
 from .store.queue import WaitingIndex
-from .store.registry import DEFAULT_MAX_RESTARTS, DEFAULT_RETENTION, DEFAULT_TIMEOUT, TaskType, TypeRegistry
+from .store.registry import (
+    DEFAULT_MAX_RESTARTS, DEFAULT_RETENTION, DEFAULT_TIMEOUT, TaskType, TypeRegistry, check_number,
+)
 from .store.servers import ServerLocks
 from .store.slots import TypeSlots
 from .store.taskdir import LockBusy, Moved, TaskDir, peek_status, read_status, response_mime, run_alive, run_lock_holders
@@ -219,6 +221,10 @@ class Spool:
         released as it was.
         """
         check_type(name)
+        # Checked before ATP's rules below rewrite them: float('nan') would
+        # become 0 (no limit), 2.7 restarts 2, '10' ten seconds.
+        for setting, value in (("timeout", timeout), ("retention", retention), ("max_restarts", max_restarts)):
+            check_number(setting, value)
         unknown = set(settings) - {f.name for f in dataclasses.fields(TaskType)} - {"name", "handler", "held"}
         if unknown or "held" in settings:
             raise TypeError(f"register_type() got unexpected settings: {', '.join(sorted(unknown or {'held'}))}")

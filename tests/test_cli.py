@@ -184,6 +184,40 @@ def test_register_takes_the_bounds_and_still_normalises(root: Path) -> None:
     assert (types["Low"]["timeout"], types["Low"]["retention"], types["Low"]["max_restarts"]) == (0.0, -1.0, 0)
 
 
+@pytest.mark.parametrize("setting, value", [
+    ("timeout", "abc"), ("timeout", "10"), ("timeout", None), ("timeout", float("nan")), ("timeout", float("inf")),
+    ("timeout", True), ("retention", float("nan")), ("retention", "1d"), ("max_restarts", "x"), ("max_restarts", 2.7),
+    ("max_restarts", True), ("retries", 2.5), ("retries", True), ("retry_backoff", float("nan")),
+    ("retry_backoff_max", "1h"), ("concurrency", "3"), ("memory_max", 1.5), ("cpu_time", float("nan")),
+    ("nice", True), ("max_open_files", 8.0), ("max_output_bytes", 4096.0), ("priority", 1.5),
+])
+def test_register_refuses_a_setting_that_is_not_a_number_of_its_kind(root: Path, setting: str, value: object) -> None:
+    """Contract §5.2: a setting that is not a number (a str, None, a bool),
+    not a whole one where the setting counts, or NaN or infinity where it is
+    seconds, is a SpoolError with a one-line message naming it, through
+    Spool.register_type and the tracker's registerTaskType alike; never a
+    bare ValueError/TypeError, never stored rounded or as "no limit". The
+    command line's parsers refuse such text as a usage error (exit 2)."""
+    from spoolq import tracker
+
+    with pytest.raises(SpoolError, match=f"^{setting} must be a (whole|finite) number, not ") as caught:
+        Spool(root).register_type("Bad", "pkg.mod.func", **{setting: value})
+    assert "\n" not in str(caught.value)
+    atp = {"timeout": "timeout", "retention": "timeret", "max_restarts": "maxrestart"}
+    if setting in atp:
+        tracker.use_spool(Spool(root))
+        try:
+            with pytest.raises(SpoolError, match=f"^{setting} must be"):
+                tracker.registerTaskType("Bad", "pkg.mod.func", **{atp[setting]: value})
+        finally:
+            tracker.use_spool(None)
+        if str(value) in ("abc", "nan", "inf", "x", "2.7"):  # bad as text too ("10" and "1d" are good text)
+            option = "--" + setting.replace("_", "-")
+            err = assert_one_line_error(spoolq("register", "Bad", "pkg.mod.func", option, str(value), root=root), 2)
+            assert option in err, err
+    assert "Bad" not in out(spoolq("types", root=root))
+
+
 @pytest.mark.parametrize("args, option", [
     (("init", "--max-queue", "-1"), "--max-queue"),
     (("init", "--max-input-bytes", "0"), "--max-input-bytes"),
