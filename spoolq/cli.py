@@ -43,6 +43,7 @@ from .names import check_type, task_name
 from .producer import check_due
 from .queries import Census, TaskInfo, format_log
 from .spool import Spool
+from .store.codec import loads_json
 from .store.layout import DEFAULT_ROOT, ROOT_ENV, check_setting, resolve_root
 from .store.registry import DEFAULT_MAX_OUTPUT, EXECUTORS, MAX_COUNT, check_output_cap
 from .units import parse_duration, parse_size
@@ -761,9 +762,9 @@ def _batch_item(line: str) -> Any:
     from .producer import Item, check_item_keys
 
     try:
-        doc = json.loads(line)
-    except ValueError as exc:
-        raise ValueError(f"not JSON: {exc}") from None
+        doc = loads_json(line)
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"not JSON: {str(exc)[:200]}") from None
     check_item_keys(doc, ("priority", "at", "in"), "a line")  # InvalidInput, a ValueError
     if not isinstance(doc["id"], str):
         raise ValueError('"id" must be a string')

@@ -194,18 +194,6 @@ class Producer:
         codec.check_pickle(payload)
         return payload
 
-    @staticmethod
-    def as_json(value: Any) -> bytes:
-        if isinstance(value, (bytes, bytearray)):
-            try:
-                value = json.loads(value)
-            except ValueError as exc:
-                raise InvalidInput(f"input is not valid JSON: {exc}") from None
-        try:
-            return json.dumps(value).encode()
-        except (TypeError, ValueError) as exc:
-            raise InvalidInput(f"input cannot be stored as JSON: {exc}") from None
-
     def read_input(self, fd: int) -> bytes:
         """Read a task input from *fd*, stopping at the spool's input limit:
         InvalidInput as soon as more arrives (a pipe or device that never
@@ -343,7 +331,7 @@ class Producer:
                     item = item_of(value)
                     if item.id in seen:
                         raise TaskExists(type_name, item.id)
-                    stage = self._stage(type_name, item.id, INPUT_JSON, self.as_json(item.input), "",
+                    stage = self._stage(type_name, item.id, INPUT_JSON, codec.json_input(item.input), "",
                                         item.priority, item.not_before, item.delay, sync=False)
                 except SpoolqError as exc:
                     given = value.get("id") if isinstance(value, Mapping) else getattr(value, "id", None)

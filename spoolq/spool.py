@@ -308,7 +308,7 @@ class Spool:
         not_before: datetime | float | None = None, delay: float | None = None,
     ) -> TaskInfo:
         """Enqueue task (type, id) whose input is stored as JSON (``input.json``)."""
-        return self.producer.enqueue(type_name, task_id, INPUT_JSON, self.producer.as_json(value), message=message,
+        return self.producer.enqueue(type_name, task_id, INPUT_JSON, codec.json_input(value), message=message,
                                      priority=priority, not_before=not_before, delay=delay)
 
     def enqueue_many(self, type_name: str, items: Iterable[Item | dict[str, Any]]) -> list[BatchResult]:

@@ -292,6 +292,34 @@ def test_enqueue_errors_are_one_line(root: Path, pickled: Path, tmp_path: Path) 
     assert [i.id for i in Spool(root).list_tasks()] == ["dup"]
 
 
+def test_nan_and_infinity_are_not_json_and_are_never_stored(root: Path, spool: Spool, tmp_path: Path) -> None:
+    """Contract §3.2: input.json is one JSON document. Python's json writes
+    and reads NaN, Infinity and -Infinity, which JSON has not: every way in
+    (enqueue_json of a value or of JSON text, enqueue_many, the command
+    line's enqueue --json and enqueue-many) refuses them as InvalidInput,
+    and nothing is written."""
+    from spoolq import InvalidInput
+
+    for value in (float("nan"), [1, float("inf")], {"a": {"b": -float("inf")}}, b"NaN", b'{"a": Infinity}',
+                  b"[-Infinity]"):
+        with pytest.raises(InvalidInput, match="^input (is not JSON|cannot be stored as JSON): ") as caught:
+            spool.enqueue_json(TYPE, "n", value)
+        assert "\n" not in str(caught.value)
+    results = spool.enqueue_many(TYPE, [{"id": "m1", "input": float("nan")}, {"id": "m2", "input": [1.5]}])
+    assert [type(r.error) for r in results] == [InvalidInput, type(None)]
+    assert [t.id for t in spool.list_tasks()] == ["m2"] and not os.listdir(root / "tmp")
+    assert (root / "enqueued" / f"{TYPE}:m2" / "input.json").read_bytes() == b"[1.5]"
+
+    nan_file = tmp_path / "nan.json"
+    nan_file.write_bytes(b'{"x": NaN}')
+    err = assert_one_line_error(spoolq("enqueue", TYPE, "c1", nan_file, "--json", root=root), 1)
+    assert "input is not JSON: NaN is not allowed" in err, err
+    proc = spoolq("enqueue-many", TYPE, "-", root=root, stdin=b'{"id": "c2", "input": Infinity}\n{"id": "c3", "input": 1}\n')
+    assert proc.returncode == 1 and out(proc) == "1\n", proc
+    assert proc.stderr.decode().splitlines() == ["spoolq: line 1: not JSON: Infinity is not allowed"]
+    assert sorted(t.id for t in spool.list_tasks()) == ["c3", "m2"] and not os.listdir(root / "tmp")
+
+
 def test_status_log_result_delete(root: Path, spool: Spool) -> None:
     spool.enqueue(TYPE, "t1", (1, 2))
     binary = bytes(range(256))
