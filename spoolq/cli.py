@@ -764,17 +764,13 @@ def enqueue_many(
 
 def _batch_item(line: str) -> Any:
     """One line of `enqueue-many`: an Item; ValueError saying what is wrong."""
-    from .producer import Item
+    from .producer import Item, check_item_keys
 
     try:
-        doc = json.loads(line)
-    except ValueError as exc:
-        raise ValueError(f"not JSON: {exc}") from None
-    if not isinstance(doc, dict) or "id" not in doc or "input" not in doc:
-        raise ValueError('each line must be an object with "id" and "input"')
-    unknown = set(doc) - {"id", "input", "priority", "at", "in"}
-    if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(sorted(unknown))}")
+        doc = codec.loads_json(line)
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"not JSON: {str(exc)[:200]}") from None
+    check_item_keys(doc, ("priority", "at", "in"), "a line")  # InvalidInput, a ValueError
     if not isinstance(doc["id"], str):
         raise ValueError('"id" must be a string')
     at = doc.get("at")

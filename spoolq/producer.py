@@ -26,8 +26,8 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
@@ -112,6 +112,36 @@ class Item:
     delay: float | None = None
 
 
+# The keys a batch item given as a dict (Spool.enqueue_many) may have
+# besides "id" and "input": Item's other fields.
+ITEM_KEYS = tuple(field.name for field in fields(Item) if field.name not in ("id", "input"))
+
+
+def check_item_keys(doc: Any, optional: Collection[str], what: str) -> None:
+    """InvalidInput unless *doc* is an object (a mapping) with "id" and
+    "input" and no key but those and *optional*; *what* names it in the
+    message ("an item", "a line"). The one rule of a batch item's shape, for
+    the library's dicts and the command line's JSON Lines alike."""
+    if not isinstance(doc, Mapping):
+        raise InvalidInput(f'{what} must be an object with "id" and "input", not {type(doc).__name__}')
+    missing = [key for key in ("id", "input") if key not in doc]
+    if missing:
+        raise InvalidInput(f"{what} has no {' or '.join(map(json.dumps, missing))}")
+    unknown = [key for key in doc if key not in ("id", "input", *optional)]
+    if unknown:
+        raise InvalidInput(f"{what} has unknown key(s) {', '.join(map(repr, unknown))}"[:200])
+
+
+def item_of(value: Any) -> Item:
+    """*value* as an :class:`Item`: an Item, or a dict with "id", "input"
+    and optionally "priority", "not_before", "delay"; InvalidInput saying
+    what is wrong with it otherwise (:func:`check_item_keys`)."""
+    if isinstance(value, Item):
+        return value
+    check_item_keys(value, ITEM_KEYS, "an item")
+    return Item(**value)
+
+
 @dataclass(frozen=True)
 class BatchResult:
     """What became of item number *index* (0-based) of a batch: *error* is
@@ -162,18 +192,6 @@ class Producer:
         payload = bytes(payload)
         codec.check_pickle(payload)
         return payload
-
-    @staticmethod
-    def as_json(value: Any) -> bytes:
-        if isinstance(value, (bytes, bytearray)):
-            try:
-                value = json.loads(value)
-            except ValueError as exc:
-                raise InvalidInput(f"input is not valid JSON: {exc}") from None
-        try:
-            return json.dumps(value).encode()
-        except (TypeError, ValueError) as exc:
-            raise InvalidInput(f"input cannot be stored as JSON: {exc}") from None
 
     def read_input(self, fd: int) -> bytes:
         """Read a task input from *fd*, stopping at the spool's input limit:
@@ -295,25 +313,30 @@ class Producer:
 
     # ------------------------------------------------------------------ many tasks
 
-    def enqueue_many(self, type_name: str, items: Iterable[Item]) -> Iterator[BatchResult]:
+    def enqueue_many(self, type_name: str, items: Iterable[Item | Mapping[str, Any]]) -> Iterator[BatchResult]:
         """Enqueue a batch of tasks (JSON inputs) of one type with one
         durable barrier; yields one :class:`BatchResult` per item, in order,
-        once the whole batch is published. A bad item (a bad id, input,
-        priority or due time, an id that exists or comes twice) is reported
-        and skipped; the others are enqueued."""
+        once the whole batch is published. A bad item (not an Item or a dict
+        of its fields (:func:`item_of`), a bad id, input, priority or due
+        time, an id that exists or comes twice) is reported and skipped; the
+        others are enqueued."""
         self.registry.get(type_name)
         stages: list[tuple[int, _Stage]] = []
         results: dict[int, BatchResult] = {}
         seen: set[str] = set()
         try:
-            for index, item in enumerate(items):
+            for index, value in enumerate(items):
                 try:
+                    # Converted here, inside the item's own try: a malformed
+                    # item is its own result, not the end of the batch.
+                    item = item_of(value)
                     if item.id in seen:
                         raise TaskExists(type_name, item.id)
-                    stage = self._stage(type_name, item.id, INPUT_JSON, self.as_json(item.input), "",
+                    stage = self._stage(type_name, item.id, INPUT_JSON, codec.json_input(item.input), "",
                                         item.priority, item.not_before, item.delay, sync=False)
                 except SpoolqError as exc:
-                    results[index] = BatchResult(index, item.id if isinstance(item.id, str) else None, exc)
+                    given = value.get("id") if isinstance(value, Mapping) else getattr(value, "id", None)
+                    results[index] = BatchResult(index, given if isinstance(given, str) else None, exc)
                     continue
                 seen.add(item.id)
                 stages.append((index, stage))
@@ -362,4 +385,5 @@ class Producer:
                 os.close(dfd)
 
 
-__all__ = ["BatchResult", "Item", "Producer", "StampClock", "check_delay", "check_due", "due_time"]
+__all__ = ["BatchResult", "ITEM_KEYS", "Item", "Producer", "StampClock", "check_delay", "check_due", "check_item_keys",
+           "due_time", "item_of"]

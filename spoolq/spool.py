@@ -70,7 +70,9 @@ from .store import codec, fsutil
 from .store.codec import DEFAULT_RESPONSE_MIME, INPUT_JSON, INPUT_NAMES, INPUT_PICKLE, RESPONSE, LogRecord
 from .store.layout import Layout, check_setting
 from .store.queue import WaitingIndex
-from .store.registry import DEFAULT_MAX_RESTARTS, DEFAULT_RETENTION, DEFAULT_TIMEOUT, TaskType, TypeRegistry
+from .store.registry import (
+    DEFAULT_MAX_RESTARTS, DEFAULT_RETENTION, DEFAULT_TIMEOUT, TaskType, TypeRegistry, check_number,
+)
 from .store.servers import ServerLocks
 from .store.slots import TypeSlots
 from .store.taskdir import LockBusy, Moved, TaskDir, peek_status, read_status, response_mime, run_alive, run_lock_holders
@@ -224,6 +226,10 @@ class Spool:
         released as it was.
         """
         check_type(name)
+        # Checked before ATP's rules below rewrite them: float('nan') would
+        # become 0 (no limit), 2.7 restarts 2, '10' ten seconds.
+        for setting, value in (("timeout", timeout), ("retention", retention), ("max_restarts", max_restarts)):
+            check_number(setting, value)
         unknown = set(settings) - {f.name for f in dataclasses.fields(TaskType)} - {"name", "handler", "held"}
         if unknown or "held" in settings:
             raise TypeError(f"register_type() got unexpected settings: {', '.join(sorted(unknown or {'held'}))}")
@@ -307,15 +313,16 @@ class Spool:
         not_before: datetime | float | None = None, delay: float | None = None,
     ) -> TaskInfo:
         """Enqueue task (type, id) whose input is stored as JSON (``input.json``)."""
-        return self.producer.enqueue(type_name, task_id, INPUT_JSON, self.producer.as_json(value), message=message,
+        return self.producer.enqueue(type_name, task_id, INPUT_JSON, codec.json_input(value), message=message,
                                      priority=priority, not_before=not_before, delay=delay)
 
     def enqueue_many(self, type_name: str, items: Iterable[Item | dict[str, Any]]) -> list[BatchResult]:
         """Enqueue many tasks of one type (JSON inputs) with one durable
         barrier (group commit). *items*: :class:`Item` or dicts with "id",
         "input" and optionally "priority", "not_before"/"delay". One result
-        per item, in order; a bad item is reported there and skipped."""
-        return list(self.producer.enqueue_many(type_name, (it if isinstance(it, Item) else Item(**it) for it in items)))
+        per item, in order; a bad item (a malformed one too: InvalidInput)
+        is reported there and skipped."""
+        return list(self.producer.enqueue_many(type_name, items))
 
     def read_input(self, fd: int) -> bytes:
         """Read a task input from *fd*, stopping at the spool's input limit."""

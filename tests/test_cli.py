@@ -184,6 +184,40 @@ def test_register_takes_the_bounds_and_still_normalises(root: Path) -> None:
     assert (types["Low"]["timeout"], types["Low"]["retention"], types["Low"]["max_restarts"]) == (0.0, -1.0, 0)
 
 
+@pytest.mark.parametrize("setting, value", [
+    ("timeout", "abc"), ("timeout", "10"), ("timeout", None), ("timeout", float("nan")), ("timeout", float("inf")),
+    ("timeout", True), ("retention", float("nan")), ("retention", "1d"), ("max_restarts", "x"), ("max_restarts", 2.7),
+    ("max_restarts", True), ("retries", 2.5), ("retries", True), ("retry_backoff", float("nan")),
+    ("retry_backoff_max", "1h"), ("concurrency", "3"), ("memory_max", 1.5), ("cpu_time", float("nan")),
+    ("nice", True), ("max_open_files", 8.0), ("max_output_bytes", 4096.0), ("priority", 1.5),
+])
+def test_register_refuses_a_setting_that_is_not_a_number_of_its_kind(root: Path, setting: str, value: object) -> None:
+    """Contract §5.2: a setting that is not a number (a str, None, a bool),
+    not a whole one where the setting counts, or NaN or infinity where it is
+    seconds, is a SpoolError with a one-line message naming it, through
+    Spool.register_type and the tracker's registerTaskType alike; never a
+    bare ValueError/TypeError, never stored rounded or as "no limit". The
+    command line's parsers refuse such text as a usage error (exit 2)."""
+    from spoolq import tracker
+
+    with pytest.raises(SpoolError, match=f"^{setting} must be a (whole|finite) number, not ") as caught:
+        Spool(root).register_type("Bad", "pkg.mod.func", **{setting: value})
+    assert "\n" not in str(caught.value)
+    atp = {"timeout": "timeout", "retention": "timeret", "max_restarts": "maxrestart"}
+    if setting in atp:
+        tracker.use_spool(Spool(root))
+        try:
+            with pytest.raises(SpoolError, match=f"^{setting} must be"):
+                tracker.registerTaskType("Bad", "pkg.mod.func", **{atp[setting]: value})
+        finally:
+            tracker.use_spool(None)
+        if str(value) in ("abc", "nan", "inf", "x", "2.7"):  # bad as text too ("10" and "1d" are good text)
+            option = "--" + setting.replace("_", "-")
+            err = assert_one_line_error(spoolq("register", "Bad", "pkg.mod.func", option, str(value), root=root), 2)
+            assert option in err, err
+    assert "Bad" not in out(spoolq("types", root=root))
+
+
 @pytest.mark.parametrize("args, option", [
     (("init", "--max-queue", "-1"), "--max-queue"),
     (("init", "--max-input-bytes", "0"), "--max-input-bytes"),
@@ -260,6 +294,34 @@ def test_enqueue_errors_are_one_line(root: Path, pickled: Path, tmp_path: Path) 
     pickle_as_json = spoolq("enqueue", TYPE, "a", "-", "--json", root=root, stdin=pickle.dumps([1]))
     assert assert_one_line_error(pickle_as_json, 1).rstrip().endswith("(it looks like a pickle: leave out --json)")
     assert [i.id for i in Spool(root).list_tasks()] == ["dup"]
+
+
+def test_nan_and_infinity_are_not_json_and_are_never_stored(root: Path, spool: Spool, tmp_path: Path) -> None:
+    """Contract §3.2: input.json is one JSON document. Python's json writes
+    and reads NaN, Infinity and -Infinity, which JSON has not: every way in
+    (enqueue_json of a value or of JSON text, enqueue_many, the command
+    line's enqueue --json and enqueue-many) refuses them as InvalidInput,
+    and nothing is written."""
+    from spoolq import InvalidInput
+
+    for value in (float("nan"), [1, float("inf")], {"a": {"b": -float("inf")}}, b"NaN", b'{"a": Infinity}',
+                  b"[-Infinity]"):
+        with pytest.raises(InvalidInput, match="^input (is not JSON|cannot be stored as JSON): ") as caught:
+            spool.enqueue_json(TYPE, "n", value)
+        assert "\n" not in str(caught.value)
+    results = spool.enqueue_many(TYPE, [{"id": "m1", "input": float("nan")}, {"id": "m2", "input": [1.5]}])
+    assert [type(r.error) for r in results] == [InvalidInput, type(None)]
+    assert [t.id for t in spool.list_tasks()] == ["m2"] and not os.listdir(root / "tmp")
+    assert (root / "enqueued" / f"{TYPE}:m2" / "input.json").read_bytes() == b"[1.5]"
+
+    nan_file = tmp_path / "nan.json"
+    nan_file.write_bytes(b'{"x": NaN}')
+    err = assert_one_line_error(spoolq("enqueue", TYPE, "c1", nan_file, "--json", root=root), 1)
+    assert "input is not JSON: NaN is not allowed" in err, err
+    proc = spoolq("enqueue-many", TYPE, "-", root=root, stdin=b'{"id": "c2", "input": Infinity}\n{"id": "c3", "input": 1}\n')
+    assert proc.returncode == 1 and out(proc) == "1\n", proc
+    assert proc.stderr.decode().splitlines() == ["spoolq: line 1: not JSON: Infinity is not allowed"]
+    assert sorted(t.id for t in spool.list_tasks()) == ["c3", "m2"] and not os.listdir(root / "tmp")
 
 
 def test_status_log_result_delete(root: Path, spool: Spool) -> None:

@@ -542,6 +542,34 @@ def test_enqueue_many_ten_thousand_with_bad_lines(env):
     assert bad.returncode == 1 and bad.stdout == b"0\n"
 
 
+def test_a_malformed_batch_item_is_its_own_invalid_input_and_the_good_ones_are_enqueued(env):
+    """An item that is not an Item or a dict of its fields (no "input", not
+    a dict, a key Item has not) is reported in its own result as
+    InvalidInput with a one-line message, never a bare TypeError that drops
+    the good items of the same call; the command line's lines follow the
+    same rule (producer.check_item_keys)."""
+    spool, root, workers, tmp = env
+    register(spool, "B", "run")
+    results = spool.enqueue_many("B", [{"id": "x1", "input": 1}, {"id": "x2"}, "notadict",
+                                       {"id": "x3", "input": 1, "extra": 2}, {"input": 4}, None,
+                                       {"id": "x4", "input": 5, "delay": 60}])
+    assert [(r.index, r.id, type(r.error)) for r in results] == [
+        (0, "x1", type(None)), (1, "x2", InvalidInput), (2, None, InvalidInput), (3, "x3", InvalidInput),
+        (4, None, InvalidInput), (5, None, InvalidInput), (6, "x4", type(None))]
+    messages = [str(r.error) for r in results if r.error is not None]
+    assert messages == ['an item has no "input"', 'an item must be an object with "id" and "input", not str',
+                        "an item has unknown key(s) 'extra'", 'an item has no "id"',
+                        'an item must be an object with "id" and "input", not NoneType']
+    assert sorted(t.id for t in spool.list_tasks()) == ["x1", "x4"]
+    assert not os.listdir(root / "tmp")
+    proc = cli(root, "enqueue-many", "B", "-",
+               stdin=b'{"id": "y1", "input": 1}\n{"id": "y2"}\n"notadict"\n{"id": "y3", "input": 1, "x": 2}\n')
+    assert proc.returncode == 1 and proc.stdout == b"1\n", proc
+    assert proc.stderr.decode().splitlines() == [
+        'spoolq: line 2: a line has no "input"', 'spoolq: line 3: a line must be an object with "id" and "input", '
+        "not str", "spoolq: line 4: a line has unknown key(s) 'x'"]
+
+
 def test_a_crash_in_the_middle_of_a_batch_leaves_only_whole_tasks(env):
     spool, root, workers, tmp = env
     register(spool, "B", "run")

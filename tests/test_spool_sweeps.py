@@ -203,6 +203,32 @@ def test_a_server_id_is_held_by_one_process(sp: Spool) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_a_busy_server_is_refused_after_two_seconds_and_a_probe_never_makes_one_look_taken(sp: Spool) -> None:
+    """Contract §5.1: claim raises ServerBusy for a server another live
+    process is only after trying for 2 seconds, because a probe of its lock
+    (server_alive, as a sweep or fsck makes) holds it for an instant; with
+    another process probing all the time, becoming the server still works."""
+    code = (f"import sys; from spoolq import Spool\nsp = Spool({sp.root!r})\n"
+            "if sys.argv[1] == 'hold':\n    sp.hold_server('s1'); print('ready', flush=True); sys.stdin.read()\n"
+            "else:\n    print('ready', flush=True)\n    while True: sp.server_alive('s2')\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, "hold"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    prober = subprocess.Popen([sys.executable, "-c", code, "probe"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"ready\n" and prober.stdout.readline() == b"ready\n"
+        begun = time.monotonic()
+        with pytest.raises(ServerBusy, match="already running"):
+            sp.claim("s1")
+        assert time.monotonic() - begun >= 2.0  # (a lower bound only: an upper one would be a timing test)
+        for _ in range(200):  # each a moment the prober may hold the lock
+            sp.hold_server("s2")
+            sp.release_server("s2")
+    finally:
+        prober.kill()
+        holder.stdin.close()
+        holder.wait(timeout=60)
+        prober.wait(timeout=60)
+
+
 def test_recover_server_hands_back_free_and_abandons_started(sp: Spool) -> None:
     sp.enqueue("Z", "run", 1)
     sp.enqueue("Z", "sched", 1)

@@ -268,6 +268,34 @@ def parse_log(raw: bytes) -> Iterator[LogRecord]:
             continue
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def loads_json(text: bytes | str) -> Any:
+    """JSON text as Python values; ValueError (or RecursionError, nested too
+    deep) unless it is JSON. Python's json takes NaN, Infinity and -Infinity
+    by default, which JSON (RFC 8259) has not and other readers refuse: here
+    they are refused too."""
+    return json.loads(text, parse_constant=_no_constant)
+
+
+def json_input(value: Any) -> bytes:
+    """*value* as ``input.json`` holds it: one JSON document (contract §3.2).
+    Bytes are JSON text, parsed first (:func:`loads_json`). InvalidInput
+    saying what is wrong: text that is not JSON, a value JSON cannot hold
+    (NaN and infinities too, which Python's json writes by default)."""
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            value = loads_json(value)
+        except (ValueError, RecursionError) as exc:
+            raise InvalidInput(f"input is not JSON: {str(exc)[:200]}") from None
+    try:
+        return json.dumps(value, allow_nan=False).encode()
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidInput(f"input cannot be stored as JSON: {str(exc)[:200]}") from None
+
+
 def check_pickle(payload: bytes) -> None:
     """Refuse bytes that are not one well-formed pickle, without unpickling
     them (unpickling runs code; parsing the opcodes does not)."""

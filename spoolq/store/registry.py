@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import threading
 from collections.abc import Iterator
@@ -94,9 +95,42 @@ class TaskType:
         return ttype
 
 
+# The numeric settings and their kind: int for a whole number (a count, a
+# size, a niceness, a priority), float for any real number (seconds).
+NUMBERS: dict[str, type] = {
+    "timeout": float, "retention": float, "max_restarts": int, "memory_max": int, "cpu_time": float, "nice": int,
+    "max_open_files": int, "max_output_bytes": int, "retries": int, "retry_backoff": float,
+    "retry_backoff_max": float, "priority": int, "concurrency": int,
+}
+
+
+def _is_number(value: Any) -> bool:
+    # A bool is an int to Python, but True as a timeout or a count is a
+    # mistake, not 1.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_number(name: str, value: Any) -> Any:
+    """*value* if it is a number of setting *name*'s kind (:data:`NUMBERS`):
+    a whole number (an int) where the setting counts, a finite number for
+    seconds (NaN and infinity are no time); never a bool or a str.
+    SpoolError otherwise; the range is :func:`check_settings`' to check."""
+    if NUMBERS[name] is int:
+        if not _is_number(value) or not isinstance(value, int):
+            raise SpoolError(f"{name} must be a whole number, not {repr(value)[:40]}")
+        return value
+    try:
+        finite = _is_number(value) and math.isfinite(value)
+    except OverflowError:  # an int past every float
+        finite = False
+    if not finite:
+        raise SpoolError(f"{name} must be a finite number, not {repr(value)[:40]}")
+    return value
+
+
 def _number(kind: type) -> Any:
     def coerce(value: Any) -> Any:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not _is_number(value):
             raise TypeError(f"not a number: {value!r}")
         return kind(value)
     return coerce
@@ -127,7 +161,11 @@ def check_priority(priority: Any) -> int:
 
 
 def check_settings(ttype: TaskType) -> None:
-    """SpoolError naming the first setting out of its range (contract §11, §13)."""
+    """SpoolError naming the first setting that is not a number of its kind
+    (:func:`check_number`) or is out of its range (contract §11, §13)."""
+    for name in NUMBERS:
+        if getattr(ttype, name) is not None:  # None: no limit (the limits of §13)
+            check_number(name, getattr(ttype, name))
     if ttype.executor not in EXECUTORS:
         raise SpoolError(f"unknown executor {ttype.executor!r}: choose {' or '.join(EXECUTORS)}")
     if ttype.memory_max is not None and ttype.memory_max <= 0:
