@@ -735,19 +735,27 @@ def enqueue_many(
 
     spool = _spool()
     spool.get_type(type_name)
-    stream = sys.stdin if input_path == "-" else open(input_path, encoding="utf-8", errors="replace")
+    # Bytes, each line decoded on its own: a line that is not UTF-8 is that
+    # line's error, not silently altered (U+FFFD from a file, a lone
+    # surrogate from stdin) into an input nobody sent.
+    stream = sys.stdin.buffer if input_path == "-" else open(input_path, "rb")
     errors: list[dict[str, Any]] = []
     items: list[Item] = []
     lines: list[int] = []
     with stream:
-        for number, line in enumerate(stream, 1):
-            if not line.strip():
+        for number, raw in enumerate(stream, 1):
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                errors.append({"line": number, "id": None, "error": f"not UTF-8: byte {raw[exc.start]:#04x} at {exc.start}"})
                 continue
             try:
                 items.append(_batch_item(line))
                 lines.append(number)
             except ValueError as exc:
-                errors.append({"line": number, "id": None, "error": str(exc)})
+                errors.append({"line": number, "id": _line_id(line), "error": str(exc)})
     results = spool.enqueue_many(type_name, items)
     _run.acted = True
     errors += [{"line": lines[r.index], "id": r.id, "error": str(r.error)} for r in results if r.error is not None]
@@ -760,6 +768,16 @@ def enqueue_many(
             print(f"spoolq: line {error['line']}: {error['error']}", file=sys.stderr)
         print(enqueued)
     return 0 if not errors else EX_FAILED
+
+
+def _line_id(line: str) -> str | None:
+    """The id a bad line of `enqueue-many` gives, for its error (None if none)."""
+    try:
+        doc = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    task_id = doc.get("id") if isinstance(doc, dict) else None
+    return task_id if isinstance(task_id, str) else None
 
 
 def _batch_item(line: str) -> Any:

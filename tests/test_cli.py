@@ -1066,3 +1066,20 @@ def test_output_that_cannot_be_written_says_the_command_was_done(root: Path, spo
     err = assert_one_line_error(done, 1)
     assert "done, but its output could not be written: No space left on device" in err, err
     assert spool.status(TYPE, "e").state is State.ENQUEUED
+
+
+def test_enqueue_many_refuses_a_line_that_is_not_utf8_and_names_the_id_of_a_bad_line(root: Path, spool: Spool,
+                                                                                     tmp_path: Path) -> None:
+    """Such a line was enqueued altered (U+FFFD from a file, a lone surrogate
+    from stdin), while `enqueue --json` refused the same bytes."""
+    lines = b'{"id": "u", "input": "\xff"}\n{"id": "neg", "input": 1, "in": "-5"}\n{"id": "ok", "input": [1]}\n'
+    (tmp_path / "f.jsonl").write_bytes(lines)
+    for source, stdin in ((str(tmp_path / "f.jsonl"), None), ("-", lines)):
+        done = spoolq("enqueue-many", TYPE, source, "--json", root=root, stdin=stdin)
+        assert done.returncode == 1, done.stderr
+        report = json.loads(out(done))
+        assert [(e["line"], e["id"]) for e in report["errors"]] == [(1, None), (2, "neg")], report
+        assert report["errors"][0]["error"].startswith("not UTF-8: byte 0xff")
+        with pytest.raises(TaskNotFound):
+            spool.status(TYPE, "u")
+        spool.delete(TYPE, "ok")
