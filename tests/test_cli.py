@@ -979,7 +979,7 @@ def test_commands_with_a_closed_stdout_or_stdin_end_in_one_line_at_most(root: Pa
         assert done.returncode == 0 and done.stderr == b"", (args, done.returncode, done.stderr)
     refused = _spoolq_with_closed(0, "enqueue", TYPE, "n", "-", "--json", root=root)
     assert_one_line_error(refused, 1)
-    assert "not valid JSON" in refused.stderr.decode()
+    assert "is not JSON" in refused.stderr.decode()
     with pytest.raises(TaskNotFound):
         spool.status(TYPE, "n")
 
