@@ -832,9 +832,7 @@ def list_(
     infos = spool.list_tasks(state=State[state.value] if state else None, type_name=type_name, unreadable=unreadable)
     if type_name is not None and not infos:
         spool.get_type(type_name)  # an unknown type is an error, not an empty list
-    if unreadable:
-        print(f"spoolq: warning: {len(unreadable)} task(s) left out, their status cannot be read "
-              f"({unreadable[0]}{', …' if len(unreadable) > 1 else ''}): 'spoolq fsck' says why", file=sys.stderr)
+    _warn_unreadable(unreadable)
     if json_out:
         _print_json([i.as_json() for i in infos])
         return
@@ -847,6 +845,13 @@ def list_(
             for i in infos
         ],
     )
+
+
+def _warn_unreadable(paths: list[str]) -> None:
+    """One warning line for the tasks a listing or a count left out."""
+    if paths:
+        print(f"spoolq: warning: {len(paths)} task(s) left out, their status cannot be read "
+              f"({paths[0]}{', …' if len(paths) > 1 else ''}): 'spoolq fsck' says why", file=sys.stderr)
 
 
 def _progress_text(progress: dict[str, Any] | None) -> str:
@@ -1107,6 +1112,7 @@ def stats(
         raise UsageError("--json and --prometheus exclude each other: give one")
     spool = _spool()
     census = spool.census()
+    _warn_unreadable(census.unreadable)
     if json_out:
         _print_json(census.as_json())
         return

@@ -69,6 +69,9 @@ class Census:
     types: dict[str, dict[str, int]]
     restarts: dict[str, int]
     oldest_waiting_seconds: float | None
+    # Paths of tasks in running/ or done/ whose status cannot be read (not
+    # counted; fsck says why).
+    unreadable: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -328,6 +331,7 @@ class Queries:
         and FINISHED from FAILED."""
         per_type: dict[str, dict[str, int]] = {}
         restarts: dict[str, int] = {}
+        unreadable: list[str] = []
 
         def row(type_name: str) -> dict[str, int]:
             return per_type.setdefault(type_name, {s.name: 0 for s in State})
@@ -343,6 +347,9 @@ class Queries:
                 row(t)[State.ENQUEUED.name if place[0] is Place.ENQUEUED else State.SCHEDULED.name] += 1
                 continue
             info = self._read_listed(t, i, path)  # running/ and done/: the status tells which
+            if isinstance(info, str):
+                unreadable.append(info)
+                continue
             if info is None:
                 continue
             row(t)[info.state.name] += 1
@@ -350,7 +357,7 @@ class Queries:
         totals = {s.name: sum(r[s.name] for r in per_type.values()) for s in State}
         stamps = [key[2] for key, _ in queue.scan(self.layout)]  # queue stamps (not claim order: priorities)
         oldest = max(0.0, self.clock() - min(stamps) / 1e9) if stamps else None
-        return Census(totals, dict(sorted(per_type.items())), dict(sorted(restarts.items())), oldest)
+        return Census(totals, dict(sorted(per_type.items())), dict(sorted(restarts.items())), oldest, unreadable)
 
     def counts(self) -> dict[str, int]:
         """Tasks per state."""

@@ -1083,3 +1083,18 @@ def test_enqueue_many_refuses_a_line_that_is_not_utf8_and_names_the_id_of_a_bad_
         with pytest.raises(TaskNotFound):
             spool.status(TYPE, "u")
         spool.delete(TYPE, "ok")
+
+
+def test_stats_counts_around_a_task_it_cannot_read_and_says_so(root: Path, spool: Spool) -> None:
+    """A done task whose status.json was garbage made every form of `stats`
+    a traceback (the listing had learnt to skip it, the count had not)."""
+    for i in ("a", "b"):
+        spool.enqueue(TYPE, i, [1])
+        finish(spool, i)
+    (root / "done" / f"{TYPE}:a" / "status.json").write_text("garbage{")
+    for args in (("stats",), ("stats", "--json"), ("stats", "--prometheus")):
+        done = spoolq(*args, root=root)
+        err = done.stderr.decode()
+        assert done.returncode == 0 and "Traceback" not in err, (args, err)
+        assert err.startswith("spoolq: warning: 1 task(s) left out") and len(err.splitlines()) == 1, err
+    assert json.loads(out(spoolq("stats", "--json", root=root)))["states"]["FINISHED"] == 1
