@@ -42,7 +42,7 @@ from .errors import (
 from .lifecycle import State
 from .names import check_type, task_name
 from .producer import check_due
-from .queries import Census, TaskInfo, format_log
+from .queries import TaskInfo, format_log
 from .spool import Spool
 from .store import codec
 from .store.layout import DEFAULT_ROOT, ROOT_ENV, check_setting, resolve_root
@@ -1031,12 +1031,15 @@ def fsck(
     return 0 if not remaining else EX_FAILED
 
 
-def _prometheus(spool: Spool, census: Census) -> str:
+def _prometheus(spool: Spool) -> str:
     """The node_exporter textfile format (write it to a *.prom file), made
     by prometheus_client (imported here only: it costs tens of ms, which a
     scrape can afford and a quick command could not). The gauges come from
     the census; the counters and histograms that outlive daemons and
-    retirement from ``metrics/`` (contract §12.5), summed over servers."""
+    retirement from ``metrics/`` (contract §12.5), summed over servers,
+    read first: a task counted as ended is in done/ when the census walks
+    it (read the other way round, a busy worker's ends made the counter of
+    FINISHED tasks pass the FINISHED tasks there are)."""
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
@@ -1046,6 +1049,8 @@ def _prometheus(spool: Spool, census: Census) -> str:
     for name in unreadable:
         print(f"spoolq: metrics/{name} cannot be read; left out of the sums ('spoolq fsck' reports it)",
               file=sys.stderr)
+    census = spool.census()
+    _warn_unreadable(census.unreadable)
     types = sorted({*census.types, *counters.types()})
 
     class Collector:
@@ -1056,7 +1061,8 @@ def _prometheus(spool: Spool, census: Census) -> str:
                     tasks.add_metric([state.lower(), type_name], n)
             yield tasks
             yield GaugeMetricFamily("spoolq_oldest_waiting_seconds",
-                                    "Age of the oldest ENQUEUED task (0 when none waits).",
+                                    "How long the ENQUEUED task waiting longest has been due: from its enqueue, or from the "
+                                    "due time of one enqueued to run later (0 when none is due).",
                                     value=round(census.oldest_waiting_seconds or 0, 3))
             gauge = GaugeMetricFamily("spoolq_task_restarts", "Restarts charged to the tasks now running or done, "
                                       "by type.", labels=["type"])
@@ -1079,7 +1085,8 @@ def _prometheus(spool: Spool, census: Census) -> str:
             yield from (completed, retries, restarts)
             for name, help_text, table in (
                 ("spoolq_task_run_seconds", "Time from a task's start to its end, by type.", counters.run_seconds),
-                ("spoolq_task_wait_seconds", "Time from a task's enqueue to its start, by type.", counters.wait_seconds),
+                ("spoolq_task_wait_seconds", "Time from a task's due time (its enqueue unless delayed) to its start, "
+                 "by type.", counters.wait_seconds),
             ):
                 family = HistogramMetricFamily(name, help_text, labels=["type"])
                 for type_name, hist in sorted(table.items()):
@@ -1111,13 +1118,13 @@ def stats(
     if json_out and prometheus:
         raise UsageError("--json and --prometheus exclude each other: give one")
     spool = _spool()
+    if prometheus:
+        sys.stdout.write(_prometheus(spool))
+        return
     census = spool.census()
     _warn_unreadable(census.unreadable)
     if json_out:
         _print_json(census.as_json())
-        return
-    if prometheus:
-        sys.stdout.write(_prometheus(spool, census))
         return
     states = [s.name for s in State]
     rows = [[t, *(counts[s] for s in states), census.restarts.get(t, 0)] for t, counts in census.types.items()]

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CorruptTask, NoResponse, SpoolqError, TaskNotFound, UnknownType
-from .lifecycle import PLACE_OF, PLACE_ORDER, Place, State
+from .lifecycle import PLACE_OF, PLACE_ORDER, Place, State, due
 from .names import split_task_name, task_name
 from .store import codec, fsutil, queue
 from .store.codec import LOG, LogRecord
@@ -355,8 +355,12 @@ class Queries:
             row(t)[info.state.name] += 1
             restarts[t] = restarts.get(t, 0) + int(info.doc.get("restarts", 0))
         totals = {s.name: sum(r[s.name] for r in per_type.values()) for s in State}
-        stamps = [key[2] for key, _ in queue.scan(self.layout)]  # queue stamps (not claim order: priorities)
-        oldest = max(0.0, self.clock() - min(stamps) / 1e9) if stamps else None
+        # How long the task waiting longest has been due: one enqueued to
+        # run later waits from its due time (an alert on this age must not
+        # fire for every task scheduled ahead), not from its enqueue.
+        now_ns = int(self.clock() * 1e9)
+        due_since = [key[1] for key, _ in queue.scan(self.layout) if due(key, now_ns)]
+        oldest = max(0.0, (now_ns - min(due_since)) / 1e9) if due_since else None
         return Census(totals, dict(sorted(per_type.items())), dict(sorted(restarts.items())), oldest, unreadable)
 
     def counts(self) -> dict[str, int]:

@@ -204,15 +204,6 @@ class Notifier:
         """
         return self._send("STOPPING=1", f"STATUS={_one_line(status)}")
 
-    def extend_timeout(self, seconds: float) -> bool:
-        """Ask for ``seconds`` more before systemd's start/stop timeout fires.
-
-        ``EXTEND_TIMEOUT_USEC=`` does not add to the unit's timeout; it
-        guarantees the next ``seconds`` from now, and must be repeated to keep
-        extending.  Useful while a long recovery or hand-back is in progress.
-        """
-        return self._send(f"EXTEND_TIMEOUT_USEC={max(0, int(seconds * 1_000_000))}")
-
 
 def under_journald(fd: int = 2) -> bool:
     """True when ``fd`` is connected straight to systemd-journald.

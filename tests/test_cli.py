@@ -1098,3 +1098,16 @@ def test_stats_counts_around_a_task_it_cannot_read_and_says_so(root: Path, spool
         assert done.returncode == 0 and "Traceback" not in err, (args, err)
         assert err.startswith("spoolq: warning: 1 task(s) left out") and len(err.splitlines()) == 1, err
     assert json.loads(out(spoolq("stats", "--json", root=root)))["states"]["FINISHED"] == 1
+
+
+def test_the_oldest_waiting_age_leaves_out_tasks_not_due_yet(root: Path, spool: Spool) -> None:
+    """A task enqueued to run in an hour made `oldest waiting` (and its
+    gauge) grow from its enqueue: an alert on it fired for every delayed task."""
+    spool.enqueue(TYPE, "later", [1], delay=3600)
+    assert json.loads(out(spoolq("stats", "--json", root=root)))["oldest_waiting_seconds"] is None
+    assert "oldest waiting: none" in out(spoolq("stats", root=root))
+    prom = out(spoolq("stats", "--prometheus", root=root))
+    assert "\nspoolq_oldest_waiting_seconds 0.0\n" in prom, prom
+    spool.enqueue(TYPE, "now", [1])
+    age = json.loads(out(spoolq("stats", "--json", root=root)))["oldest_waiting_seconds"]
+    assert age is not None and 0 <= age < 3600  # the due one counts

@@ -408,6 +408,7 @@ def test_ready_comes_before_the_first_pass_over_a_backlog_and_claims_wait_for_it
     sock.close()
     queued = int(ready.split(" running, ")[1].split(" queued")[0])
     assert queued < n + 1, ready  # ready before the pass had indexed the backlog
+    assert "queued so far (scanning)" in ready, ready  # and says the count is partial
     wait_until(lambda: rec.exists() and len(rec.read_text().splitlines()) >= 4, what="two tasks run")
     assert rec.read_text().split()[1] == "T:urgent"  # the first started is the first in the queue
     assert stop(proc)[0] == 0

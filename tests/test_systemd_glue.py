@@ -114,7 +114,6 @@ def test_nothing_sent_when_notify_socket_unset(tmp_path, quiet_env):
         assert n.ready("x") is False
         assert n.status("x") is False
         assert n.stopping("x") is False
-        assert n.extend_timeout(5) is False
         assert n.watchdog() is False
         assert n.next_watchdog_in() is None
         assert r.pending() == []
@@ -155,8 +154,6 @@ def test_ready_status_stopping_extend(receiver):
     assert receiver.recv() == b"STATUS=running 2 of 4"
     assert n.stopping("handing back 1 task")
     assert receiver.recv() == b"STOPPING=1\nSTATUS=handing back 1 task"
-    assert n.extend_timeout(2.5)
-    assert receiver.recv() == b"EXTEND_TIMEOUT_USEC=2500000"
     assert receiver.pending() == []
 
 
