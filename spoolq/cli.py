@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -1337,6 +1338,8 @@ def _fail(message: str, code: int) -> NoReturn:
 def _error_text(exc: BaseException) -> str:
     """One line for an error, with the command that would fix it where one does."""
     if isinstance(exc, OSError) and exc.strerror:
+        if exc.filename == "":
+            return f"{exc.strerror}: '' (an empty path)"
         where = exc.filename if exc.filename is not None else ""
         return f"{exc.strerror}: {where}" if where else exc.strerror
     if isinstance(exc, NoSpool):
@@ -1395,6 +1398,10 @@ def main(argv: list[str] | None = None, *, quick: bool = True) -> NoReturn:
     """
     args = sys.argv[1:] if argv is None else list(argv)
     _standard_streams()
+    # A command says what it did itself, one line a finding (`fsck --repair`
+    # printed each quarantine twice: its line and the library's warning).
+    # The worker sets up its own logging (systemd.setup_logging).
+    logging.getLogger("spoolq").addHandler(logging.NullHandler())
     try:
         args = _hoist_root(args)
         plain = _quick(args) if quick and not _completing() else None

@@ -5,7 +5,8 @@ tests/test_dask.py, so the test process itself runs no Dask threads.
 
 Prints one JSON line ``{"address": ...}`` once the cluster is up, then
 answers one JSON line per command read on stdin: ``pids`` (the Dask worker
-processes, address -> pid), ``wait N`` (until N workers are up). Closes the
+processes, address -> pid), ``wait N`` (until N workers are up), ``scale N``
+(to N workers, and wait for them). Closes the
 cluster at EOF.
 """
 
@@ -28,6 +29,10 @@ if __name__ == "__main__":
         if command[:1] == ["pids"]:
             answer = client.run(os.getpid)
         elif command[:1] == ["wait"]:
+            client.wait_for_workers(int(command[1]), timeout=120)
+            answer = "ok"
+        elif command[:1] == ["scale"]:
+            cluster.scale(int(command[1]))
             client.wait_for_workers(int(command[1]), timeout=120)
             answer = "ok"
         else:

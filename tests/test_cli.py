@@ -283,11 +283,13 @@ def test_enqueue_errors_are_one_line(root: Path, pickled: Path, tmp_path: Path) 
         "truncated pickle": spoolq("enqueue", TYPE, "a", "-", root=root, stdin=pickle.dumps((1, 2))[:-3]),
         "invalid JSON": spoolq("enqueue", TYPE, "a", "-", "--json", root=root, stdin=b"{nope"),
         "missing spool": spoolq("enqueue", TYPE, "a", pickled, root=tmp_path / "nowhere"),
+        "empty path": spoolq("enqueue", TYPE, "a", "", root=root),
     }
     for what, proc in cases.items():
         assert proc.returncode == 1, (what, proc.stderr)
         assert_one_line_error(proc, 1)
     assert cases["input is a directory"].stderr.decode().rstrip().endswith(f": {tmp_path}")
+    assert cases["empty path"].stderr.decode().rstrip().endswith(": '' (an empty path)")  # it named nothing
     # Input in the other format than the one asked for: the line says so.
     json_as_pickle = spoolq("enqueue", TYPE, "a", "-", root=root, stdin=b"[1, 2, 3]")
     assert assert_one_line_error(json_as_pickle, 1).rstrip().endswith("(it looks like JSON: add --json)")

@@ -173,6 +173,9 @@ def test_every_failure_mode_gets_a_final_state(env):
     code, err = stop(proc)
     assert code == 0
     assert "Traceback" not in err
+    # Its "started" line is followed by one that says it went back (it said
+    # RUNNING and nothing more, so a trace by task told the wrong story).
+    assert "handed back noimport:t1, not started: its handler does not import here" in err, err
 
 
 def test_timeout_kills_the_process_group_and_restarts_are_limited(env):

@@ -331,6 +331,32 @@ def test_an_unreachable_scheduler_pauses_dask_types_only_and_the_server_resumes_
     assert stop(proc)[0] == 0
 
 
+def test_a_cluster_without_workers_gets_no_task_claimed_for_it(env):
+    """Contract §13.2: a dask task is claimed only while the cluster has a
+    free thread. With the scheduler up and no worker, one task a server was
+    claimed and sat RUNNING, its timeout running, with nothing to run it."""
+    spool, workers, _ = env
+    spool.register_type("F", "atp_demo.handler")
+    spool.register_type("D", "atp_demo.handler", executor="dask")
+    bare = Cluster(0)
+    try:
+        spool.enqueue("D", "d1", (3, 4))
+        proc = workers.start(dask_scheduler=bare.scheduler_address)
+        # Fork tasks done after it: the loop went round with the scheduler
+        # connected (it reads the cluster's threads every second).
+        for i in range(3):
+            spool.enqueue("F", f"f{i}", (1, 2))
+            wait_until(lambda i=i: spool.status("F", f"f{i}").state == State.FINISHED, what="fork task done")
+            time.sleep(0.5)  # a window for the wrong claim to happen, not a wait for a right one
+        assert spool.status("D", "d1").state == State.ENQUEUED, spool.status("D", "d1").doc
+        assert bare.ask("scale 1") == "ok"
+        wait_until(lambda: spool.status("D", "d1").state == State.FINISHED, timeout=120, what="run once a worker came")
+        assert spool.status("D", "d1").doc["restarts"] == 0
+        assert stop(proc)[0] == 0
+    finally:
+        bare.close()
+
+
 @pytest.mark.parametrize("address, exit_code, words", [
     ("nope://x", 78, "bad --dask-scheduler"),
     ("tcp://127.0.0.1", 78, "bad --dask-scheduler"),

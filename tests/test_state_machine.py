@@ -34,7 +34,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from conftest import FakeClock
 from spoolq import sweeps
-from spoolq import Claim, Spool, StaleClaim, State, TaskExists, TaskNotFound
+from spoolq import Claim, Spool, StaleClaim, State, TaskExists, TaskNotFound, WrongState
 
 SERVERS = ["s1", "s2", "s3"]
 IDS = ["a", "b", "c", "d", "e"]
@@ -89,11 +89,13 @@ class SpoolMachine(RuleBasedStateMachine):
                 out[rel] = b"<dir>" if os.path.isdir(path) else Path(path).read_bytes()
         return out
 
-    def refused(self, call) -> None:
-        """*call* must raise StaleClaim and change nothing on disk."""
+    def refused(self, call, task: Model | None) -> None:
+        """*call* must be refused and change nothing on disk: StaleClaim when
+        the claim lost its task (*task* None) or the task is final, WrongState
+        when the claim holds a task whose state forbids the change."""
         event("refused a stale or disallowed write")
         before = self.snapshot()
-        with pytest.raises(StaleClaim):
+        with pytest.raises(StaleClaim if task is None or task.state.terminal else WrongState):
             call()
         assert self.snapshot() == before
 
@@ -180,7 +182,7 @@ class SpoolMachine(RuleBasedStateMachine):
         task = self.current(claim)
         spool = self.spools[claim.server]
         if task is None or task.state != State.SCHEDULED:
-            self.refused(lambda: spool.start(claim))
+            self.refused(lambda: spool.start(claim), task)
             return
         assert spool.start(claim).input is None
         task.state = State.RUNNING
@@ -195,7 +197,7 @@ class SpoolMachine(RuleBasedStateMachine):
         spool = self.spools[claim.server]
         allowed = task is not None and (task.state in STARTED or (task.state == State.SCHEDULED and state == State.FAILED))
         if not allowed:
-            self.refused(lambda: spool.set_state(claim, state, "x"))
+            self.refused(lambda: spool.set_state(claim, state, "x"), task)
             return
         spool.set_state(claim, state, "x")
         if state.terminal:
@@ -211,7 +213,7 @@ class SpoolMachine(RuleBasedStateMachine):
         task = self.current(claim)
         spool = self.spools[claim.server]
         if task is None or task.state not in LIVE:
-            self.refused(lambda: spool.store_response(claim, b"r", "text/plain"))
+            self.refused(lambda: spool.store_response(claim, b"r", "text/plain"), task)
             return
         spool.store_response(claim, b"r", "text/plain")
         task.response = True
@@ -230,7 +232,7 @@ class SpoolMachine(RuleBasedStateMachine):
             assert spool.finish_if_not_finished(claim) is False
             assert self.snapshot() == before
         else:
-            self.refused(lambda: spool.finish_if_not_finished(claim))
+            self.refused(lambda: spool.finish_if_not_finished(claim), task)
 
     @precondition(lambda self: self.claims)
     @rule(data=st.data(), charge=st.booleans(), hand_back=st.booleans())

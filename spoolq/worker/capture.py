@@ -29,7 +29,9 @@ mid-run leaves ``output`` and its parts, which the read side puts together
 nothing is fsynced.
 
 Caveats (docs/design.md, "Output"): bytes a handler leaves in its own
-buffers when it is killed are lost (as on a terminal); a process the handler
+buffers when it is killed are lost (as on a terminal), and so are bytes
+still in the pipe, not moved yet (up to the pipe's 1 MiB; more when the
+thread falls behind a handler that floods on a loaded machine); a process the handler
 leaves behind that still writes after the run is over gets EPIPE; output
 written to other descriptors (a log file of its own) is not captured.
 """
@@ -225,16 +227,18 @@ class Capture:
         fsutil.share_with_group(self.out)
 
     def _roll(self) -> None:
-        """Start the next part; keep only the two latest."""
+        """Start the next part; keep only the two latest. The oldest goes
+        before the next is made, so a kill at any point leaves at most two
+        parts (contract §12.1), the latest full one among them."""
         index = self.parts[-1][0] + 1 if self.parts else 0
+        while len(self.parts) > 1:
+            old, old_fd = self.parts.pop(0)
+            os.close(old_fd)
+            _unlink(self.dfd, part_name(old))
         fd = _above_std(os.open(part_name(index), _O_OUT, 0o660, dir_fd=self.dfd))
         fsutil.share_with_group(fd)
         self.parts.append((index, fd))
         self.part_written = 0
-        while len(self.parts) > 2:
-            old, old_fd = self.parts.pop(0)
-            os.close(old_fd)
-            _unlink(self.dfd, part_name(old))
 
     # ------------------------------------------------------------------ the end
 

@@ -62,7 +62,11 @@ QUIET = 1.0  # seconds a lost run waits for another attempt of it to speak up
 KILL_CONFIRM = 30.0  # seconds a cancelled run may take to confirm its end, connected
 NO_END = 10.0  # seconds a finished future may wait for its end message
 INFO_INTERVAL = 1.0  # seconds between reads of the cluster's workers and threads
-GET_TIMEOUT = 0.2  # seconds the background thread waits on the queue per turn
+# Seconds between looks at the queue when it was empty. A get that waits on
+# the scheduler ends, when nothing came, in a TimeoutError the scheduler logs
+# as an ERROR with its traceback (five a second, for as long as a worker is
+# connected): so the queue is read without waiting, and idle turns sleep here.
+GET_TIMEOUT = 0.05
 CONNECT_TIMEOUT = 5.0
 _WRITES = ("state", "retry", "log", "response", "progress", "output")  # the messages that write to the task, through its claim
 
@@ -157,7 +161,12 @@ class DaskExecutor:
         return f"dask scheduler {self.address}: {why}" if why else ""
 
     def capacity(self) -> int | None:
-        return self.concurrency or max(1, self._nthreads)
+        # --dask-concurrency, else the cluster's threads; and none while the
+        # cluster has no worker: a task claimed then sat RUNNING, its timeout
+        # running and a restart charged at the end, with nothing to run it.
+        if not self._nthreads:
+            return 0
+        return self.concurrency or self._nthreads
 
     def submit(self, claim: Claim, deadline: float = math.inf) -> None:
         client = self._client
@@ -473,13 +482,15 @@ class DaskExecutor:
             self._stop.wait(GET_TIMEOUT)
             return
         try:
-            items = [queue.get(timeout=GET_TIMEOUT)]
-            items += queue.get(batch=True)
+            items = queue.get(batch=True)  # what is there now; never waits
         except (TimeoutError, OSError):
             return
         except Exception as exc:  # noqa: BLE001 - e.g. the scheduler restarted and lost the queue
             log.debug("reading %s: %s", self.queue_name, exc)
             self._queue = None
+            return
+        if not items:
+            self._stop.wait(GET_TIMEOUT)
             return
         for item in items:
             self._post("messages", item)

@@ -365,7 +365,7 @@ class ForkExecutor:
         ended: list[Ended] = []
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status, usage = os.wait4(-1, os.WNOHANG)  # its CPU time tells a CPU-limit kill
             except ChildProcessError:
                 break
             if pid == 0:
@@ -386,7 +386,8 @@ class ForkExecutor:
             slot.close()
             if claim is not None:
                 limits = Limits.for_type(self.spool, claim.type)
-                self._dying.append(Ended(claim, None, limits.explain_death(status) or _death(status)))
+                cpu_used = usage.ru_utime + usage.ru_stime
+                self._dying.append(Ended(claim, None, limits.explain_death(status, cpu_used) or _death(status)))
         if self._dying:
             # Orphans of the dead slots: every child that is not a slot.
             if proctree.kill_children(keep=frozenset(self.slots)):

@@ -616,7 +616,7 @@ class Worker:
             self._claims_paused_until = time.monotonic() + CLAIM_RETRY
             return
         self.jobs[claim] = job
-        log.info("started %s in pid %s", job.label, executor.pid(claim), extra=task_fields(claim, "RUNNING"))
+        log.info("started %s %s", job.label, self._where(job), extra=task_fields(claim, "RUNNING"))
 
     # ------------------------------------------------------------------ ends
 
@@ -626,6 +626,11 @@ class Worker:
         if job is None:
             return
         self._unwatch(job)
+        if ended.outcome in (Outcome.NO_HANDLER, Outcome.NO_ROOM):
+            # The "started" line said its handler process had it; this one
+            # says it went back (a trace by SPOOLQ_ID reads right).
+            why = "its handler does not import here" if ended.outcome is Outcome.NO_HANDLER else ended.reason
+            log.info("handed back %s, not started: %s", job.label, why, extra=task_fields(job.claim, "ENQUEUED"))
         if ended.outcome is Outcome.NO_HANDLER:
             self.gates.handler_missing(job.claim, ended.reason)
             return
@@ -637,7 +642,8 @@ class Worker:
         if ended.outcome is Outcome.NOT_STARTED:
             # Disk full or the like: claims pause as after a failed claim.
             # Back it goes if it can (else the sweep sends it back later).
-            log.error("%s: %s; claiming again in %g s", job.label, ended.reason, CLAIM_RETRY)
+            log.error("%s: %s; claiming again in %g s", job.label, ended.reason, CLAIM_RETRY,
+                      extra=task_fields(job.claim, "ENQUEUED"))
             self._claims_paused_until = time.monotonic() + CLAIM_RETRY
             self._guard(f"handing back {job.claim}", lambda: self.spool.hand_back(
                 job.claim, f"not started on server {self.server}: {ended.reason}"))
@@ -788,8 +794,13 @@ class Worker:
                 # Killed but not ended for a while: stuck in the kernel (D
                 # state); the task stays claimed until its run ends.
                 job.killed_at = now
-                pid = self.executors[job.executor].pid(job.claim)
-                log.warning("pid %s (%s) does not die; still waiting", pid, job.claim)
+                log.warning("%s, run %s, does not end; still waiting", job.claim, self._where(job))
+
+    def _where(self, job: _Job) -> str:
+        """Where a run is, for the log: its handler process here, or the
+        executor whose host runs it (dask: a worker elsewhere)."""
+        pid = self.executors[job.executor].pid(job.claim)
+        return f"in pid {pid}" if pid is not None else f"on the {job.executor} executor"
 
     def _kill(self, job: _Job, reason: str, *, charge: bool) -> None:
         job.kill_reason = reason
