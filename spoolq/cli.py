@@ -1079,8 +1079,8 @@ def _prometheus(spool: Spool) -> str:
                                           "ends.", labels=["type"])
             for type_name in types:
                 row = counters.completed.get(type_name, {})
-                for state in ("FINISHED", "FAILED"):
-                    completed.add_metric([type_name, state], row.get(state, 0))
+                for state in ("FINISHED", "FAILED"):  # the label in lower case, as spoolq_tasks has it
+                    completed.add_metric([type_name, state.lower()], row.get(state, 0))
                 restarts.add_metric([type_name], counters.restarts.get(type_name, 0))
                 retries.add_metric([type_name], counters.retries.get(type_name, 0))
             yield from (completed, retries, restarts)

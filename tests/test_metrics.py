@@ -32,7 +32,9 @@ def prometheus(env: Env) -> dict[tuple[str, frozenset], float]:
 
 
 def completed(values, type_name: str, state: str) -> float:
-    return values[("spoolq_tasks_completed_total", frozenset({("type", type_name), ("state", state)}))]
+    # The state label in lower case, as spoolq_tasks{state} has it (a PromQL
+    # join of the two needed a label rewrite when this one was upper case).
+    return values[("spoolq_tasks_completed_total", frozenset({("type", type_name), ("state", state.lower())}))]
 
 
 def enqueue(env: Env, ids, **inp) -> None:
