@@ -39,7 +39,7 @@ class NoSpool(SpoolError):
         self.missing = missing
         if problem is None:
             what = f"{root} is not a complete spool ({missing}/ is missing)" if missing else f"no spool at {root}"
-            problem = f"{what}: create it with 'spoolq init' or Spool.init()"
+            problem = f"{what}: create it with 'spoolq init' or Spool.init(), or point $SPOOLQ_ROOT at the spool"
         super().__init__(problem)
 
 

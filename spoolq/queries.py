@@ -417,7 +417,10 @@ def _info(type_name: str, task_id: str, path: str, dfd: int, layout: Layout) -> 
         mime = response_mime(dfd)
         if mime is not None:
             doc["response_mime"] = mime
-    return TaskInfo(type_name, task_id, state, path, doc, read_progress(dfd))
+    # A waiting or claimed task has no run: the progress file an interrupted
+    # run left (removed when the next run starts) is not its progress.
+    progress = read_progress(dfd) if state.started or state.terminal else None
+    return TaskInfo(type_name, task_id, state, path, doc, progress)
 
 
 def format_log(records: list[LogRecord]) -> list[str]:

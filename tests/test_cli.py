@@ -1113,3 +1113,13 @@ def test_the_oldest_waiting_age_leaves_out_tasks_not_due_yet(root: Path, spool: 
     spool.enqueue(TYPE, "now", [1])
     age = json.loads(out(spoolq("stats", "--json", root=root)))["oldest_waiting_seconds"]
     assert age is not None and 0 <= age < 3600  # the due one counts
+
+
+def test_register_refuses_a_file_path_or_a_colon_for_a_handler_and_shows_the_form(root: Path) -> None:
+    """`myapp/tasks.py` and `myapp.tasks:add` were registered with a warning
+    that named the wrong module; the worker then never ran their tasks."""
+    for handler, hint in (("myapp/tasks.py", "not its file"), ("myapp.tasks:add", "write 'myapp.tasks.add'"),
+                          ("a.b-c", "dotted import path")):
+        err = assert_one_line_error(spoolq("register", "Typo", handler, root=root), 1)
+        assert hint in err, err
+    assert not (root / "types" / "Typo.json").exists()

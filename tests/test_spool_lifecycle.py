@@ -769,3 +769,22 @@ def test_a_wait_with_a_timeout_that_is_no_duration_is_refused(spool: Spool) -> N
         with pytest.raises(InvalidInput):
             spool.wait("T", "w", bad)
     assert spool.wait("T", "w", 0) is None
+
+
+def test_a_task_sent_back_shows_no_progress_of_the_run_it_lost(spool: Spool) -> None:
+    """`status --json` of a task handed back showed ENQUEUED with the killed
+    run's "step 3": a waiting task has no run, so no progress."""
+    from spoolq.task import TaskContext
+
+    spool.enqueue("T", "p", 1)
+    claim = spool.claim("s1")
+    spool.start(claim)
+    context = TaskContext(spool, claim)
+    context.progress(3, 10, "step 3")
+    assert spool.status("T", "p").progress["message"] == "step 3"
+    spool.hand_back(claim, "stopping")
+    assert spool.status("T", "p").state is State.ENQUEUED and spool.status("T", "p").progress is None
+    again = spool.claim("s1")
+    spool.start(again)
+    spool.set_state(again, State.FINISHED)
+    assert spool.status("T", "p").state is State.FINISHED

@@ -204,9 +204,18 @@ def check_output_cap(max_output_bytes: int) -> None:
 
 
 def check_handler(handler: object) -> str:
-    """*handler* if it looks like a dotted import path, else SpoolError."""
-    if not isinstance(handler, str) or "." not in handler.strip(".") or any(c.isspace() for c in handler):
-        raise SpoolError(f"handler must be a dotted import path like 'pkg.module.func', not {handler!r}")
+    """*handler* if it is a dotted import path (``pkg.module.func``: two or
+    more Python identifiers), else SpoolError. A file path
+    (``myapp/tasks.py``) and the ``module:func`` form are the likely
+    mistakes; each gets a message that shows the right form."""
+    parts = handler.split(".") if isinstance(handler, str) else []
+    if len(parts) < 2 or not all(part.isidentifier() for part in parts):
+        hint = ""
+        if isinstance(handler, str) and ":" in handler:
+            hint = f" (write {handler.replace(':', '.')!r}: a dot before the function, not a colon)"
+        elif isinstance(handler, str) and ("/" in handler or handler.endswith(".py")):
+            hint = " (the module's import name, not its file: 'myapp.tasks.func' for myapp/tasks.py)"
+        raise SpoolError(f"handler must be a dotted import path like 'pkg.module.func', not {handler!r}{hint}")
     return handler
 
 
