@@ -199,12 +199,7 @@ def getTaskResponse(type_id: str, identifier: str) -> tuple[bytes, str]:
 def deleteTaskByIdentifier(type_id: str, identifier: str) -> None:
     """Delete the task. As in ATP, an unknown type raises and an unknown task
     of a known type is a no-op."""
-    spool = _get_spool()
-    spool.get_type(type_id)
-    try:
-        spool.delete(type_id, identifier)
-    except TaskNotFound:
-        pass
+    _delete(type_id, identifier, None)
 
 
 def deleteTask(task_id: str) -> None:
@@ -212,10 +207,14 @@ def deleteTask(task_id: str) -> None:
     once another life of the task holds it; a no-op when it is gone (as
     :func:`deleteTaskByIdentifier`)."""
     claim = Claim.parse(task_id)
+    _delete(claim.type, claim.id, claim)
+
+
+def _delete(type_id: str, identifier: str, through: Claim | None) -> None:
     spool = _get_spool()
-    spool.get_type(claim.type)
+    spool.get_type(type_id)  # an unknown type raises, as in ATP
     try:
-        spool.delete(claim.type, claim.id, through=claim)
+        spool.delete(type_id, identifier, through=through)
     except TaskNotFound:
         pass
 
