@@ -662,9 +662,9 @@ def cancel(
     effect. With --json, the task's status document."""
     spool = _spool()
     info = spool.cancel(type_name, task_id, reason)
-    _run.acted = True
     if not no_wait and not info.state.terminal:
         info = spool.wait(type_name, task_id) or info
+    _run.acted = True  # (after the wait: an error of the wait's own is not the output's)
     if json_out:
         _print_json(info.as_json())
     else:
