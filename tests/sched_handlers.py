@@ -61,3 +61,14 @@ def set_failure_then(ts, inp):
     ts.set_failure("asked to fail")
     if inp.get("then") == "success":
         ts.set_success("too late")
+
+
+def retry_then_raise(ts, inp):
+    """On its first run asks for a retry, then raises; then succeeds."""
+    _note(ts, inp, "start")
+    marker = inp["marker"]
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        ts.retry(0.1, "again soon")
+        raise RuntimeError("after the retry")
+    _note(ts, inp, "end")

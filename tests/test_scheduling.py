@@ -625,3 +625,20 @@ def test_the_daemon_reports_a_retry_through_set_failure_as_a_retry_not_a_lost_ta
     assert "taken away or deleted" not in err and "no longer owns" not in err, err
     assert "SF:t: retry 1/1 in " in err, err
     assert "refused" in err and "failed SS:t: asked to fail" in err, err
+
+
+def test_a_handler_that_raises_after_asking_for_a_retry_is_reported_as_that_retry(env):
+    """The raise comes after the task went back to the queue through this
+    claim: the retry stands, and the daemon says so (it reported the run
+    FAILED, while the task waited for its retry)."""
+    spool, root, workers, tmp = env
+    register(spool, "RR", "retry_then_raise", retries=2)
+    spool.enqueue("RR", "t", {"record": str(tmp / "rec"), "marker": str(tmp / "m")})
+    proc = workers.start("w1")
+    wait_until(lambda: final(spool, "RR", "t"), timeout=60, what="the task final")
+    info = spool.status("RR", "t")
+    assert info.state == State.FINISHED and info.doc["retries"] == 1, info.doc
+    wait_until(lambda: "finished RR:t" in stderr_of(proc), timeout=30, what="its end logged")
+    err = stderr_of(proc)
+    assert "already sent back for a retry: RuntimeError: after the retry" in err, err
+    assert "failed RR:t" not in err, err

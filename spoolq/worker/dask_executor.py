@@ -66,7 +66,7 @@ INFO_INTERVAL = 1.0  # seconds between reads of the cluster's workers and thread
 # the scheduler ends, when nothing came, in a TimeoutError the scheduler logs
 # as an ERROR with its traceback (five a second, for as long as a worker is
 # connected): so the queue is read without waiting, and idle turns sleep here.
-GET_TIMEOUT = 0.05
+QUEUE_IDLE_SLEEP = 0.05
 CONNECT_TIMEOUT = 5.0
 _WRITES = ("state", "retry", "log", "response", "progress", "output")  # the messages that write to the task, through its claim
 
@@ -479,7 +479,7 @@ class DaskExecutor:
     def _receive(self) -> None:
         queue = self._queue
         if queue is None:
-            self._stop.wait(GET_TIMEOUT)
+            self._stop.wait(QUEUE_IDLE_SLEEP)
             return
         try:
             items = queue.get(batch=True)  # what is there now; never waits
@@ -490,7 +490,7 @@ class DaskExecutor:
             self._queue = None
             return
         if not items:
-            self._stop.wait(GET_TIMEOUT)
+            self._stop.wait(QUEUE_IDLE_SLEEP)
             return
         for item in items:
             self._post("messages", item)

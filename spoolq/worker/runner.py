@@ -291,11 +291,13 @@ def _record_end(spool: Spool, claim: Claim, caught: BaseException | None, failur
 
 def _failed(spool: Spool, claim: Claim, message: str, exc: BaseException | None) -> Outcome:
     """The handler failed: FAILED with *message* (the traceback first), unless
-    it had already given the task its final state through this claim (then
-    that state stands, and the failure after it is only logged)."""
+    it had already given the task its final state, or sent it back for a
+    retry, through this claim (then that stands, and the failure after it is
+    only logged)."""
     done = outcome_of(spool, claim)
     if done is not Outcome.GONE:
-        log.warning("%s: the handler failed after the task was already %s: %s", claim, done.value, message)
+        ended = "sent back for a retry" if done is Outcome.RETRY else done.value  # (outcome_of: RETRY, or a final state)
+        log.warning("%s: the handler failed after the task was already %s: %s", claim, ended, message)
         return done
     if exc is None:
         return _outcome_for(spool.set_state(claim, State.FAILED, message))
