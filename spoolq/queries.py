@@ -19,7 +19,7 @@ import select
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import CorruptTask, NoResponse, SpoolqError, TaskNotFound, UnknownType
 from .lifecycle import PLACE_OF, PLACE_ORDER, Place, State, due
@@ -57,6 +57,12 @@ class TaskInfo:
         out["path"] = self.path
         out["progress"] = self.progress
         return out
+
+
+class Unreadable(NamedTuple):
+    """A listed task whose status cannot be read (fsck says why)."""
+
+    path: str
 
 
 @dataclass
@@ -276,9 +282,10 @@ class Queries:
                 found[(t, i)] = path
         return [(t, i, path) for (t, i), path in found.items()]
 
-    def _read_listed(self, type_name: str, task_id: str, path: str) -> TaskInfo | str | None:
+    def _read_listed(self, type_name: str, task_id: str, path: str) -> TaskInfo | Unreadable | None:
         """The status of a listed task: at its listed path, or wherever it
-        moved since; None if it is gone, the path if it cannot be read."""
+        moved since; None if it is gone, :class:`Unreadable` if it cannot be
+        read."""
         try:
             dfd = open_task_dir(path)
             try:
@@ -288,13 +295,13 @@ class Queries:
         except FileNotFoundError:
             pass
         except (OSError, CorruptTask):
-            return path
+            return Unreadable(path)
         try:
             return self.status(type_name, task_id)
         except (TaskNotFound, UnknownType):
             return None
         except (SpoolqError, OSError):
-            return path
+            return Unreadable(path)
 
     def list_tasks(
         self, *, state: State | None = None, type_name: str | None = None, unreadable: list[str] | None = None,
@@ -308,9 +315,9 @@ class Queries:
             if type_name and t != type_name:
                 continue
             info = self._read_listed(t, i, path)
-            if isinstance(info, str):
+            if isinstance(info, Unreadable):
                 if unreadable is not None:
-                    unreadable.append(info)
+                    unreadable.append(info.path)
             elif info is not None and (state is None or info.state == state):
                 out.append(info)
         return out
@@ -347,8 +354,8 @@ class Queries:
                 row(t)[State.ENQUEUED.name if place[0] is Place.ENQUEUED else State.SCHEDULED.name] += 1
                 continue
             info = self._read_listed(t, i, path)  # running/ and done/: the status tells which
-            if isinstance(info, str):
-                unreadable.append(info)
+            if isinstance(info, Unreadable):
+                unreadable.append(info.path)
                 continue
             if info is None:
                 continue
