@@ -75,8 +75,8 @@ class Census:
     types: dict[str, dict[str, int]]
     restarts: dict[str, int]
     oldest_waiting_seconds: float | None
-    # Paths of tasks in running/ or done/ whose status cannot be read (not
-    # counted; fsck says why).
+    # Paths of tasks in running/ or done/ whose status cannot be read, and of
+    # entries anywhere that are not directories (not counted; fsck says why).
     unreadable: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
@@ -259,28 +259,38 @@ class Queries:
         (all places when None), in lifecycle order; entries that are not task
         names (staging, hand-made junk) are skipped. A task that moves
         during the walk may be met twice."""
+        for t, i, path, _ in self._entries(state):
+            yield t, i, path
+
+    def _entries(self, state: State | None) -> Iterator[tuple[str, str, str, bool]]:
+        """What :meth:`iter_tasks` yields, and whether the entry is a real
+        directory (from the listing's file type: no lstat per entry), so a
+        count of waiting tasks, which reads no status, can leave out a file
+        or a symlink planted under a task's name."""
         for directory in self._dirs(state):
             try:
-                names = sorted(os.listdir(directory))
+                with os.scandir(directory) as listing:
+                    entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in listing)
             except (FileNotFoundError, NotADirectoryError):
                 continue
-            for name in names:
+            for name, is_dir in entries:
                 parts = split_task_name(name)
                 if parts:
-                    yield parts[0], parts[1], os.path.join(directory, name)
+                    yield parts[0], parts[1], os.path.join(directory, name), is_dir
 
-    def snapshot(self, state: State | None = None) -> list[tuple[str, str, str]]:
-        """(type, id, path) of every task in the places where *state* lives
-        (all places when None), each task once: the directories are listed
-        under the enqueue lock, which stops every move backwards, and a task
-        met twice (it moved forward during the listing) is kept at its later
-        place. Listing names is quick; nothing is read under the lock."""
-        found: dict[tuple[str, str], str] = {}
+    def snapshot(self, state: State | None = None) -> list[tuple[str, str, str, bool]]:
+        """(type, id, path, is a directory) of every task in the places where
+        *state* lives (all places when None), each task once: the
+        directories are listed under the enqueue lock, which stops every move
+        backwards, and a task met twice (it moved forward during the listing)
+        is kept at its later place. Listing names is quick; nothing is read
+        under the lock."""
+        found: dict[tuple[str, str], tuple[str, bool]] = {}
         with self.layout.enqueue_lock:
-            for t, i, path in self.iter_tasks(state):
+            for t, i, path, is_dir in self._entries(state):
                 found.pop((t, i), None)
-                found[(t, i)] = path
-        return [(t, i, path) for (t, i), path in found.items()]
+                found[(t, i)] = (path, is_dir)
+        return [(t, i, path, is_dir) for (t, i), (path, is_dir) in found.items()]
 
     def _read_listed(self, type_name: str, task_id: str, path: str) -> TaskInfo | Unreadable | None:
         """The status of a listed task: at its listed path, or wherever it
@@ -311,7 +321,7 @@ class Queries:
         tasks whose status cannot be read (fsck says why) go into
         *unreadable*, when given."""
         out = []
-        for t, i, path in self.snapshot(state):
+        for t, i, path, _ in self.snapshot(state):
             if type_name and t != type_name:
                 continue
             info = self._read_listed(t, i, path)
@@ -333,7 +343,8 @@ class Queries:
     def census(self) -> Census:
         """Counts per state and per type (each task once, see
         :meth:`snapshot`), restarts per type, and the oldest waiting task's
-        age. Waiting and claimed tasks are counted from directory entries;
+        age. Waiting and claimed tasks are counted from directory entries
+        (a file or symlink under a task's name is not one);
         running and done ones read their status to tell RUNNING from PAUSED
         and FINISHED from FAILED."""
         per_type: dict[str, dict[str, int]] = {}
@@ -346,9 +357,12 @@ class Queries:
         for ttype in self.registry.all():
             row(ttype.name)
             restarts[ttype.name] = 0
-        for t, i, path in self.snapshot():
+        for t, i, path, is_dir in self.snapshot():
             place = self.layout.place_of_path(path)
             if place is None:
+                continue
+            if not is_dir:  # a file or symlink under a task's name: no task (fsck sets it aside)
+                unreadable.append(path)
                 continue
             if place[0] in (Place.ENQUEUED, Place.SCHEDULED):
                 row(t)[State.ENQUEUED.name if place[0] is Place.ENQUEUED else State.SCHEDULED.name] += 1

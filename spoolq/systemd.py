@@ -26,6 +26,7 @@ import socket
 import struct
 import sys
 import time
+from datetime import datetime, timezone
 from typing import Any, Callable, TextIO
 
 __all__ = [
@@ -262,7 +263,17 @@ class JournalFormatter(logging.Formatter):
         return "\n".join(prefix + line for line in lines)
 
 
-PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+class PlainFormatter(logging.Formatter):
+    """Formatter for a terminal or a file: each line led by its time in UTC
+    with its offset (``2026-12-04T23:56:16.068+00:00``), the form of the
+    times in a task's log and status, so the daemon's lines and a task's
+    records can be put side by side, whatever the host's time zone."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 (logging's name)
+        return datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")
 
 
 class _SpoolqHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -397,7 +408,7 @@ def setup_logging(level: int = logging.INFO, *, stream: TextIO | None = None) ->
     for old in [h for h in logger.handlers if isinstance(h, (_SpoolqHandler, JournalHandler))]:
         logger.removeHandler(old)
     handler: logging.Handler = _SpoolqHandler(stream)
-    handler.setFormatter(JournalFormatter() if journal else logging.Formatter(PLAIN_FORMAT))
+    handler.setFormatter(JournalFormatter() if journal else PlainFormatter())
     if journal and os.path.exists(JOURNAL_SOCKET):
         # Native protocol: the fields of a line about a task go with it;
         # the prefixed line on stderr is the fallback.

@@ -1102,6 +1102,23 @@ def test_stats_counts_around_a_task_it_cannot_read_and_says_so(root: Path, spool
     assert json.loads(out(spoolq("stats", "--json", root=root)))["states"]["FINISHED"] == 1
 
 
+def test_stats_does_not_count_a_file_or_symlink_planted_under_a_waiting_tasks_name(root: Path, spool: Spool) -> None:
+    """A file or a symlink named like a task in enqueued/ (or a server's
+    scheduled/) was counted as a waiting (or claimed) task: no worker would
+    ever run it, and the queue never looked empty."""
+    spool.enqueue(TYPE, "real", [1])
+    (root / "enqueued" / f"{TYPE}:planted-file").write_text("x")
+    (root / "enqueued" / f"{TYPE}:planted-link").symlink_to(root / "enqueued" / f"{TYPE}:real")
+    (root / "scheduled" / "s1").mkdir()
+    (root / "scheduled" / "s1" / f"{TYPE}:planted-too").write_text("x")
+    for args in (("stats",), ("stats", "--json"), ("stats", "--prometheus")):
+        done = spoolq(*args, root=root)
+        err = done.stderr.decode()
+        assert done.returncode == 0 and err.startswith("spoolq: warning: 3 task(s) left out"), (args, err)
+    states = json.loads(out(spoolq("stats", "--json", root=root)))["states"]
+    assert states["ENQUEUED"] == 1 and states["SCHEDULED"] == 0, states
+
+
 def test_the_oldest_waiting_age_leaves_out_tasks_not_due_yet(root: Path, spool: Spool) -> None:
     """A task enqueued to run in an hour made `oldest waiting` (and its
     gauge) grow from its enqueue: an alert on it fired for every delayed task."""

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -321,6 +322,7 @@ def _run_child(tmp_path: Path, journal_stream: str | None) -> list[str]:
     err.touch()
     env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
     env["PYTHONPATH"] = str(REPO)
+    env["TZ"] = "EST+5"  # a host off UTC: the plain lines must still say UTC
     if journal_stream == "match":
         env["JOURNAL_STREAM"] = _dev_ino(err)
     elif journal_stream == "other":
@@ -350,11 +352,14 @@ def test_journald_lines_carry_priority_prefixes(tmp_path):
 def test_plain_lines_outside_journald(tmp_path, journal_stream):
     lines = _run_child(tmp_path, journal_stream)
     assert not any(line.startswith("<") for line in lines)
-    head = [line.split(" ", 2)[2] for line in lines[:3]]
+    head = [line.split(" ", 1)[1] for line in lines[:3]]
     assert head == ["DEBUG spoolq.child: dbg", "INFO spoolq.child: claimed task t1",
                     "WARNING spoolq.child: slow"]
-    # "2024-05-01 12:00:00,123 INFO ..." -- a timestamp leads the line.
-    time.strptime(" ".join(lines[0].split(" ", 2)[:2]).split(",")[0], "%Y-%m-%d %H:%M:%S")
+    # "2026-12-04T23:56:16.068+00:00 INFO ..." -- the time in UTC, with its
+    # offset, leads the line (it was the host's local time, with no zone).
+    stamp = datetime.fromisoformat(lines[0].split(" ", 1)[0])
+    assert stamp.utcoffset() == timedelta(0)
+    assert abs((datetime.now(timezone.utc) - stamp).total_seconds()) < 600
     assert "Traceback (most recent call last):" in lines
     assert lines[-1].endswith("CRITICAL spoolq.child: fatal")
 
