@@ -183,9 +183,12 @@ def test_timeout_kills_the_process_group_and_restarts_are_limited(env):
     register(spool, "H", "hang_with_grandchild", timeout=1, max_restarts=1)
     pidfile = tmp / "grandchild.pid"
     spool.enqueue("H", "t1", {"pidfile": str(pidfile)})
-    workers.start()
+    proc = workers.start()
     first = int(wait_until(lambda: pidfile.exists() and pidfile.read_text(), what="grandchild pid"))
     wait_until(lambda: state(spool, "H", "t1") == State.FAILED, timeout=30, what="FAILED after restarts")
+    # The daemon says it gave up in the task's own words (it said "no
+    # restarts left" where the task said "gave up after 2 start(s)").
+    wait_until(lambda: "failed H:t1: timed out after 1 s; gave up" in stderr_of(proc), what="the daemon's line")
 
     def gone(pid: int) -> bool:
         try:

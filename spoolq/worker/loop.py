@@ -677,7 +677,10 @@ class Worker:
             elif result is Action.FAILED:
                 self.failed += 1
                 self.counters.ended(job.claim.type, job.claim.id, job.claim.number)
-                log.error("failed %s: %s (no restarts left)", job.label, reason, extra=task_fields(job.claim, "FAILED"))
+                # Worded like the task's own message ("...; gave up after N start(s)"),
+                # so one grep finds both in the journal and in `spoolq log`.
+                log.error("failed %s: %s; gave up, no restarts left", job.label, reason,
+                          extra=task_fields(job.claim, "FAILED"))
             elif result is Action.REENQUEUED:
                 log.warning("re-enqueued %s: %s", job.label, reason, extra=task_fields(job.claim, "ENQUEUED"))
             else:
