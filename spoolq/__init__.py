@@ -14,7 +14,7 @@ _EXPORTS = {
     **dict.fromkeys(
         ["CorruptTask", "CrossDevice", "InvalidInput", "InvalidName", "NoResponse", "NoSpool", "QueueEmpty",
          "QueueException", "QueueFull", "ServerBusy", "SpoolError", "SpoolqError", "StaleClaim", "TaskExists",
-         "TaskNotFound", "TypeInUse", "UnknownType", "UnsafeSpool", "WrongState"],
+         "TaskGone", "TaskNotFound", "TypeInUse", "UnknownType", "UnsafeSpool", "WrongState"],
         "errors"),
     **dict.fromkeys(["Action", "Claim", "Outcome", "State"], "lifecycle"),
     **dict.fromkeys(["Census", "TaskInfo"], "queries"),

@@ -92,6 +92,15 @@ class TaskNotFound(SpoolqError, LookupError):
         super().__init__(f"no task {type_name}/{task_id}")
 
 
+class TaskGone(TaskNotFound):
+    """Task (``type``, ``id``) was there and was deleted (or retired) while
+    a caller was *doing* something with it ("followed", "waited for")."""
+
+    def __init__(self, type_name: str, task_id: str, doing: str) -> None:
+        super().__init__(type_name, task_id)
+        self.args = (f"task {type_name}/{task_id} was deleted while it was {doing}",)
+
+
 class TaskExists(SpoolqError):
     """Task (``type``, ``id``) already exists."""
 

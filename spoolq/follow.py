@@ -23,7 +23,7 @@ import select
 import time
 from collections.abc import Callable
 
-from .errors import CorruptTask, TaskNotFound, UnknownType
+from .errors import CorruptTask, TaskGone, TaskNotFound, UnknownType
 from .names import task_name
 from .queries import Queries, TaskInfo, format_log
 from .store import codec
@@ -35,14 +35,6 @@ from .watch import FdWatch
 RECHECK = 1.5  # seconds between reads without a file event (a safety net)
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 Write = Callable[[bytes], None]
-
-
-class Gone(TaskNotFound):
-    """The followed task was deleted."""
-
-    def __init__(self, type_name: str, task_id: str) -> None:
-        super().__init__(type_name, task_id)
-        self.args = (f"task {type_name}/{task_id} was deleted while it was followed",)
 
 
 def _open_task(queries: Queries, type_name: str, task_id: str) -> tuple[str, int]:
@@ -75,12 +67,12 @@ class _Follower:
         """The task's status, read through the descriptor that follows it."""
         st = os.fstat(self.dfd)
         if st.st_nlink == 0:
-            raise Gone(self.type, self.id)
+            raise TaskGone(self.type, self.id, "followed")
         try:
             doc = read_status(self.dfd, self.path)
         except CorruptTask:
             if os.fstat(self.dfd).st_nlink == 0:
-                raise Gone(self.type, self.id) from None
+                raise TaskGone(self.type, self.id, "followed") from None
             raise
         return TaskInfo(self.type, self.id, codec.state_of(doc), self.path, doc)
 
@@ -105,7 +97,7 @@ class _Follower:
             while True:
                 events = self.watch.drain()  # before the reads: a later event wakes the select
                 if any(mask & 0x00000800 for mask, _ in events) and self.moved_away():  # IN_MOVE_SELF
-                    raise Gone(self.type, self.id)
+                    raise TaskGone(self.type, self.id, "followed")
                 read_new()
                 info = self.status()
                 if info.state.terminal:
@@ -327,4 +319,4 @@ def follow_output(queries: Queries, type_name: str, task_id: str, write: Write, 
         reader.close()
 
 
-__all__ = ["Gone", "RECHECK", "follow_log", "follow_output"]
+__all__ = ["RECHECK", "follow_log", "follow_output"]

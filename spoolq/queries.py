@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from .errors import CorruptTask, NoResponse, SpoolqError, TaskNotFound, UnknownType
+from .errors import CorruptTask, NoResponse, SpoolqError, TaskGone, TaskNotFound, UnknownType
 from .lifecycle import PLACE_OF, PLACE_ORDER, Place, State, due
 from .names import split_task_name, task_name
 from .store import codec, fsutil, queue
@@ -405,16 +405,24 @@ class Queries:
         A task becomes final by a rename into ``done/``: an inotify watch on
         that directory wakes the wait at once, and the status is re-read every
         WAIT_RECHECK seconds as a safety net for a missed event. Raises
-        TaskNotFound if the task disappears (deleted, retired)."""
+        TaskNotFound if there is no such task, and TaskGone (a kind of it) if
+        the task disappears while waited for (deleted, retired)."""
         from .watch import DirWatcher  # not needed by the other queries
 
         task_name(type_name, task_id)  # a bad name fails before the watch is set
         deadline = None if timeout is None else time.monotonic() + timeout
         # The watch is set before the first read, so no arrival can slip between.
         with DirWatcher(self.layout.done) as watcher:
+            seen = False
             while True:
                 watcher.drain()  # before the read: a later arrival wakes the select below
-                info = self.status(type_name, task_id)
+                try:
+                    info = self.status(type_name, task_id)
+                except TaskNotFound:
+                    if seen:
+                        raise TaskGone(type_name, task_id, "waited for") from None
+                    raise
+                seen = True
                 if info.state.terminal:
                     return info
                 if give_up is not None and give_up():

@@ -309,6 +309,21 @@ def test_a_deleted_task_ends_its_follow_with_exit_2(env):
     assert err.decode().strip() == "spoolq: task C/d was deleted while it was followed"
 
 
+def test_a_task_deleted_while_waited_for_says_so_not_no_task(env):
+    """`spoolq wait` said "no task C/d" for a task deleted while it waited,
+    as if the id had been mistyped; `log --follow` said what happened."""
+    register(env, "C", "chatty")
+    env.spool.enqueue_json("C", "d", {})
+    waiter = env.popen("wait", "C", "d")
+    # Asleep in its select: it has read the task once, and waits for an event.
+    # (select(2) sleeps in poll_schedule_timeout.)
+    wait_until(lambda: "poll" in Path(f"/proc/{waiter.pid}/wchan").read_text(), what="the wait asleep")
+    env.spool.delete("C", "d")
+    out, err = waiter.communicate(timeout=20)
+    assert waiter.returncode == 2, err
+    assert err.decode().strip() == "spoolq: task C/d was deleted while it was waited for"
+
+
 # --------------------------------------------------------------------------- progress
 
 
