@@ -1383,7 +1383,14 @@ def _with_typer(args: list[str]) -> Any:
             print(ctx.get_help(), file=sys.stderr)  # bare `spoolq`: the help, once; a usage error
             sys.exit(EX_USAGE)
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        where = f"spoolq {ctx.info_name} --help" if ctx is not None and ctx.parent is not None else "spoolq --help"
+        # typer validates values with pydantic, whose messages lead with its
+        # error kind: "Invalid value for '--state': Value error, 'x' is not ...".
+        message = message.replace(": Value error, ", ": ", 1)
+        top = ctx is None or ctx.parent is None
+        if top and message.startswith("No such option:"):
+            # `spoolq --json list`: the suggestion would be --version.
+            message = message.split(" (Possible options:")[0] + "; a command's options go after its name"
+        where = "spoolq --help" if top else f"spoolq {ctx.info_name} --help"
         _fail(f"{message} (see '{where}')", getattr(exc, "exit_code", EX_USAGE))
 
 

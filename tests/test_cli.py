@@ -1119,6 +1119,16 @@ def test_stats_does_not_count_a_file_or_symlink_planted_under_a_waiting_tasks_na
     assert states["ENQUEUED"] == 1 and states["SCHEDULED"] == 0, states
 
 
+def test_usage_errors_speak_of_the_call_not_of_the_validator(root: Path) -> None:
+    """typer's validation led a bad --state with pydantic's "Value error, ",
+    and an option put before the command was answered with "Possible
+    options: --version"."""
+    err = assert_one_line_error(spoolq("list", "--state", "bogus", root=root), 2)
+    assert "Value error" not in err and "'bogus' is not one of 'enqueued'" in err, err
+    err = assert_one_line_error(spoolq("--json", "list", root=root), 2)
+    assert "--version" not in err and "a command's options go after its name" in err, err
+
+
 def test_the_oldest_waiting_age_leaves_out_tasks_not_due_yet(root: Path, spool: Spool) -> None:
     """A task enqueued to run in an hour made `oldest waiting` (and its
     gauge) grow from its enqueue: an alert on it fired for every delayed task."""
