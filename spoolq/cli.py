@@ -606,7 +606,13 @@ def output(type_name: TypeArg, task_id: IdArg, json_out: JsonFlag = False, follo
             raise UsageError("--json and --follow exclude each other for output: give one")
         from .follow import follow_output
 
-        info = follow_output(spool.queries, type_name, task_id, _write_bytes, timeout=timeout)
+        def new_run() -> None:
+            # On stderr: stdout carries the handler's bytes, untouched.
+            sys.stdout.flush()
+            print(f"spoolq: a new run of {type_name}/{task_id} started; its output follows", file=sys.stderr,
+                  flush=True)
+
+        info = follow_output(spool.queries, type_name, task_id, _write_bytes, timeout=timeout, new_run=new_run)
         return _follow_exit(info, timeout, type_name, task_id)
     if timeout is not None:
         raise UsageError("--timeout goes with --follow")

@@ -173,9 +173,10 @@ class _OutputReader:
     got to it is replaced by a marker line). A new run (a fresh ``output``)
     starts over."""
 
-    def __init__(self, dfd: int, write: Write) -> None:
+    def __init__(self, dfd: int, write: Write, new_run: Callable[[], None] | None = None) -> None:
         self.dfd = dfd
         self.write = write
+        self.new_run = new_run
         self.out: int | None = None
         self.out_ino: tuple[int, int] | None = None
         self.head_off = 0
@@ -202,6 +203,8 @@ class _OutputReader:
         fd = _open_file(self.dfd, OUTPUT)
         if fd is None:
             return
+        if self.out_ino is not None and self.new_run is not None:
+            self.new_run()  # its output does not go on from the last run's
         self.close()  # a new run: start over
         self.out, self.out_ino = fd, (st.st_dev, st.st_ino)
         self.head_off = 0
@@ -305,14 +308,15 @@ class _OutputReader:
 
 
 def follow_output(queries: Queries, type_name: str, task_id: str, write: Write, *,
-                  timeout: float | None = None) -> TaskInfo | None:
+                  timeout: float | None = None, new_run: Callable[[], None] | None = None) -> TaskInfo | None:
     """Print the task's output as it is written, until the task is FINISHED
     or FAILED (its final status is returned; None if *timeout* ran out).
     Within the cap this prints exactly what the output file ends with; past
     it, the tail as it streams (a follower that falls more than a part
-    behind prints a marker where it lost bytes)."""
+    behind prints a marker where it lost bytes). *new_run()* is called when
+    a later run's output replaces one already printed (a restart, a retry)."""
     follower = _Follower(queries, type_name, task_id, timeout)
-    reader = _OutputReader(follower.dfd, write)
+    reader = _OutputReader(follower.dfd, write, new_run)
     try:
         return follower.run(reader)
     finally:

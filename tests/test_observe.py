@@ -271,6 +271,19 @@ def test_a_run_after_a_restart_starts_with_no_output_or_progress_of_the_first(en
     assert not [n for n in os.listdir(env.root / "done" / "R:r") if n.startswith("output.tail.")]
 
 
+def test_output_follow_says_on_stderr_where_a_new_run_starts(env):
+    """A follow of a task that was restarted printed the second run's output
+    straight after the first's, as if one run had printed both."""
+    register(env, "R", "noisy_first_run", timeout=1.5, max_restarts=1)
+    env.spool.enqueue_json("R", "r", {"marker": str(env.root.parent / "marker"), "lines": 2})
+    follow = env.popen("output", "R", "r", "--follow")
+    env.worker()
+    out, err = follow.communicate(timeout=60)
+    assert follow.returncode == 0, err
+    assert out == b"first run 00000000\nfirst run 00000001\nsecond run\n", out
+    assert err.decode() == "spoolq: a new run of R/r started; its output follows\n", err
+
+
 def test_follow_errors_are_one_line_with_wait_exit_codes(env):
     register(env, "C", "chatty")
     env.spool.enqueue_json("C", "w", {})
