@@ -17,7 +17,9 @@ kind                      what is wrong                                    repai
 ``permissions``           writable by any user, by mode bits or through    none: the message names the ``chmod``
                           an ACL (root, a directory above it that is not   or ``setfacl``
                           sticky, a state, server or task directory, a
-                          task file)
+                          task file); a task directory or input of
+                          neither the spool's group nor its owner, whose
+                          input a start would not load (it quarantines it)
 ``group-access``          on a spool its group shares, a state directory,  the modes of what this user owns are
                           task directory or task file the group cannot     fixed; others: the message names the
                           use; spool.json, a type or lock file the group   ``chmod`` (or the ``chgrp``: fsck
@@ -80,7 +82,7 @@ from .names import check_server, check_type, split_task_name
 from .spool import Spool
 from .store import fsutil
 from .store.codec import INPUT_NAMES, INPUT_PICKLE, LOG, RESPONSE, STATUS, state_of
-from .store.layout import SETTINGS, STATE_DIRS, layout_problems, resolve_root
+from .store.layout import SETTINGS, STATE_DIRS, layout_problems, resolve_root, task_trust_problem
 from .store.metrics import METRICS_DIR, load, server_of
 from .store.output import PROGRESS, PROGRESS_TMP, is_output_file
 from .store.taskdir import read_status, roll_forward
@@ -470,7 +472,13 @@ class _Checker:
                 entries[entry] = os.stat(entry, dir_fd=dfd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
-        self._group_access(path, os.fstat(dfd), dfd, directory=True)
+        dir_st = os.fstat(dfd)
+        self._group_access(path, dir_st, dfd, directory=True)
+        root_st = os.stat(self.spool.root)
+        # What a start checks before it loads the input (it quarantines such a task then).
+        problem = task_trust_problem(path, dir_st, root_st)
+        if problem is not None:
+            self.add("permissions", path, f"its input would not be loaded: {problem}")
         for entry, st in sorted(entries.items()):
             epath = os.path.join(path, entry)
             if entry in TASK_FILES:
@@ -478,7 +486,11 @@ class _Checker:
                     return self.add("symlink", path, f"{entry} is a symlink (to {_target(epath)}); never followed")
                 if not stat.S_ISREG(st.st_mode):
                     return self.add("incomplete", path, f"{entry} is {_what(epath)}, not a regular file")
-                if st.st_mode & stat.S_IWOTH:
+                if entry in INPUT_NAMES:
+                    problem = task_trust_problem(epath, st, root_st)
+                    if problem is not None:
+                        self.add("permissions", epath, f"would not be loaded: {problem}")
+                elif st.st_mode & stat.S_IWOTH:
                     self.add("permissions", epath, f"writable by any user: fix with: chmod o-w {epath}")
                 self._group_access(epath, st, dfd, name=entry)
             elif (entry in RUN_FILES or is_output_file(entry)) and stat.S_ISREG(st.st_mode):

@@ -68,7 +68,7 @@ from .producer import BatchResult, Item, Producer, StampClock, check_delay, due_
 from .queries import Census, Queries, TaskInfo
 from .store import codec, fsutil
 from .store.codec import DEFAULT_RESPONSE_MIME, INPUT_JSON, INPUT_NAMES, INPUT_PICKLE, RESPONSE, LogRecord
-from .store.layout import Layout, check_setting
+from .store.layout import Layout, check_setting, task_trust_problem
 from .store.queue import WaitingIndex
 from .store.registry import (
     DEFAULT_MAX_RESTARTS, DEFAULT_RETENTION, DEFAULT_TIMEOUT, TaskType, TypeRegistry, check_number,
@@ -603,6 +603,8 @@ class Spool:
                 except OSError as exc:
                     what = f"{input_name} cannot be read: {exc.strerror}"
             if what is None:
+                what = self._untrusted(task, input_name)
+            if what is None:
                 task.move(self._path(Place.RUNNING, claim.name))
                 starts = int(task.doc.get("starts", 0)) + 1
                 try:
@@ -630,6 +632,18 @@ class Spool:
             return StartedTask(claim.type, claim.id, ttype.handler, value, run_lock, input_name, starts)
         finally:
             task.close()
+
+    def _untrusted(self, task: TaskDir, input_name: str) -> str | None:
+        """Why the input of *task* (open and locked) must not be loaded
+        (:func:`task_trust_problem` of its directory or input file); None if
+        it may be."""
+        root_st = os.stat(self.layout.root)
+        for path, st in ((task.path, os.fstat(task.fd)),
+                         (os.path.join(task.path, input_name), os.stat(input_name, dir_fd=task.fd, follow_symlinks=False))):
+            problem = task_trust_problem(path, st, root_st)
+            if problem is not None:
+                return f"not loaded: {problem}"
+        return None
 
     # ------------------------------------------------------------------ changes by the claim holder
 

@@ -7,6 +7,8 @@ import json
 import os
 import pickle
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -240,6 +242,45 @@ def test_a_claimed_task_whose_log_cannot_be_appended_to_is_quarantined_at_its_st
     reasons = [p.read_text() for p in Path(spool.root, "quarantine").glob("*.reason")]
     assert len(reasons) == 1 and "log cannot be appended to" in reasons[0]
     assert os.listdir(Path(spool.root, "running")) == []
+
+
+class _Pwned:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.mark.parametrize("planted", ["writable-by-others", "foreign-owner-and-group"])
+def test_a_task_planted_from_outside_the_spools_group_is_quarantined_not_loaded(
+        spool: Spool, tmp_path: Path, planted: str) -> None:
+    """While the spool's modes were wrong, an outsider planted a whole task;
+    the operator fixed the modes as the worker's error said, and the next
+    start unpickled the outsider's input (found by an outside tester: a
+    task 0777 of a non-member ran as the service user)."""
+    marker = tmp_path / "pwned"
+    spool.enqueue("T", "victim", 1)
+    stage = Path(spool.root, "enqueued", "T:victim")
+    (stage / "input.pkl").write_bytes(pickle.dumps(_Pwned(str(marker))))
+    if planted == "writable-by-others":
+        for path in (stage, *stage.iterdir()):
+            path.chmod(0o777 if path.is_dir() else 0o666)
+    else:  # the outsider's own uid and group; writable by nobody else
+        for path in (stage, *stage.iterdir()):
+            os.chown(path, 65534, 65534)
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    checked = subprocess.run([sys.executable, "-m", "spoolq", "--root", spool.root, "fsck"], capture_output=True,
+                             text=True, timeout=60)
+    assert checked.returncode == 1 and "would not be loaded" in checked.stdout, checked.stdout + checked.stderr
+    claim = spool.claim("s1")
+    with pytest.raises(CorruptTask, match="not loaded: .*(writable by any user|made outside the spool's group)"):
+        spool.start(claim)
+    assert not marker.exists()
+    with pytest.raises(TaskNotFound):
+        spool.status("T", "victim")
+    reasons = [p.read_text() for p in Path(spool.root, "quarantine").glob("*.reason")]
+    assert len(reasons) == 1 and "not loaded" in reasons[0], reasons
 
 
 # ----------------------------------------------------------------------------- symlinks
