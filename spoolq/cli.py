@@ -953,6 +953,9 @@ def worker(
     types: Annotated[Optional[str], typer.Option(
         "--types", metavar="A,B", callback=_lane_option,
         help="Claim tasks of these types only (a lane); recovery and sweeps cover all.")] = None,
+    allow_root: Annotated[bool, typer.Option(
+        "--allow-root",
+        help="Run handlers as root although others can write the spool (they could then run code as root).")] = False,
 ) -> int:
     """Run the worker daemon for SERVER.
 
@@ -967,7 +970,7 @@ def worker(
         _run.root, server, concurrency=concurrency, drain=drain, grace=grace, poll=poll,
         max_tasks_per_child=max_tasks_per_child, dask_scheduler=dask_scheduler or None,
         dask_concurrency=dask_concurrency, pythonpath=pythonpath,
-        types=_lane(types),
+        types=_lane(types), allow_root=allow_root,
     )
 
 

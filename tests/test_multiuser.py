@@ -291,3 +291,19 @@ def test_a_worker_whose_user_may_not_write_the_spool_exits_78(site):
     assert denied.returncode == 78, (denied.returncode, denied.stderr)
     assert "Permission denied" in denied.stderr and "Traceback" not in denied.stderr, denied.stderr
     assert len(denied.stderr.splitlines()) == 1, denied.stderr
+
+
+def test_root_will_not_run_the_handlers_of_a_spool_others_can_write_unless_told(site):
+    """A worker started by hand as root (operating.md's drain, a debugging
+    session) ran a group member's pickle as root: whoever may enqueue could
+    become root. It now refuses, saying who can write and what to do."""
+    site.spoolq(WORKER, "init", umask=0o022)
+    site.spoolq(WORKER, "register", "W", "mu_handlers.work")
+    refused = site.spoolq(ROOT, "worker", "w9", check=False)
+    assert refused.returncode == 78, (refused.returncode, refused.stderr)
+    assert refused.stderr.startswith("spoolq: refusing to run handlers as root: its owner sqmu-worker and the "
+                                     "members of group sqmu can write the spool"), refused.stderr
+    assert "--allow-root" in refused.stderr and len(refused.stderr.splitlines()) == 1, refused.stderr
+    # Told: it runs (and, draining with nothing held, ends at once).
+    allowed = site.spoolq(ROOT, "worker", "w9", "--drain", "--allow-root", check=False)
+    assert allowed.returncode == 0, allowed.stderr

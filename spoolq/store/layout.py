@@ -146,6 +146,29 @@ def task_trust_problem(path: str, st: os.stat_result, root_st: os.stat_result) -
     return None
 
 
+def root_writers(root: str) -> str | None:
+    """Who, besides root, may write the spool at *root*: its owner when that
+    is not root, and the members of its group when the group may write and
+    is not root's; None when only root may. (Others, by mode bits or an
+    ACL, are refused for everyone: :func:`layout_problems`.)"""
+    import grp
+    import pwd
+
+    st = os.stat(root)
+    who = []
+    if st.st_uid != 0:
+        try:
+            who.append(f"its owner {pwd.getpwuid(st.st_uid).pw_name}")
+        except KeyError:
+            who.append(f"its owner uid {st.st_uid}")
+    if st.st_gid != 0 and st.st_mode & stat.S_IWGRP:
+        try:
+            who.append(f"the members of group {grp.getgrgid(st.st_gid).gr_name}")
+        except KeyError:
+            who.append(f"the members of group {st.st_gid}")
+    return " and ".join(who) or None
+
+
 # POSIX ACLs in their extended-attribute form (linux/posix_acl_xattr.h):
 # a 4-byte version (2), then 8-byte entries of tag (u16), perm (u16), id (u32).
 _ACL_XATTRS = ("system.posix_acl_access", "system.posix_acl_default")

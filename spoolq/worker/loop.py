@@ -52,6 +52,7 @@ from ..lifecycle import Action, Claim, Outcome, Place, State
 from ..names import check_server, check_type, split_task_name
 from ..spool import Spool, SweepAction
 from ..store import codec
+from ..store.layout import root_writers
 from ..store.metrics import ServerCounters
 from ..store.queue import WaitingIndex
 from ..systemd import Notifier, setup_logging, task_fields
@@ -965,6 +966,7 @@ def run_worker(
     dask_concurrency: int = 0,
     pythonpath: list[str] | None = None,
     types: list[str] | None = None,
+    allow_root: bool = False,
 ) -> int:
     """Entry point of ``spoolq worker``. Configuration errors (bad spool,
     bad server id, server already running, a *pythonpath* entry that is not
@@ -972,7 +974,8 @@ def run_worker(
     status 78 (EX_CONFIG), which the systemd unit does not restart on.
 
     *pythonpath*: directories put first on the import path, where handler
-    modules are found (handler processes inherit it)."""
+    modules are found (handler processes inherit it). *allow_root*: run
+    as root although others can write the spool (:func:`root_writers`)."""
     setup_logging()
     check_server(server)
     for directory in reversed(pythonpath or []):
@@ -986,6 +989,13 @@ def run_worker(
         raise startup_error(exc) from None
     if drain and spool.server_alive(server):
         return drain_running(spool, server)
+    if os.geteuid() == 0 and not allow_root:
+        others = root_writers(spool.root)
+        if others:
+            # A pickle is code: whoever may enqueue would run it as root.
+            raise SpoolError(
+                f"refusing to run handlers as root: {others} can write the spool, and their input would run as "
+                f"root; run the worker as the spool's owner (as its unit does: User=), or give --allow-root")
     if types is not None and not types:
         raise SpoolError("--types needs at least one type name")
     for name in types or []:
