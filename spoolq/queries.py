@@ -100,7 +100,7 @@ class Queries:
     # ------------------------------------------------------------------ lookup
 
     def _server_names(self) -> list[str]:
-        """The entries of ``scheduled/``, listed again only when its mtime
+        """The directories in ``scheduled/``, listed again only when its mtime
         changed. A listing is remembered only when that mtime is over a
         second old: mtimes come from a coarse clock, so an entry added in
         the same tick as the listing could leave the mtime as it was."""
@@ -112,7 +112,10 @@ class Queries:
         if cached is not None and cached[0] == mtime:
             return cached[1]
         try:
-            servers = sorted(os.listdir(self.layout.scheduled))
+            with os.scandir(self.layout.scheduled) as listing:
+                # Never through a symlink planted as a server's directory: a
+                # lookup would read (and requeue move in) what it points to.
+                servers = sorted(e.name for e in listing if e.is_dir(follow_symlinks=False))
         except FileNotFoundError:
             return []
         self._servers = (mtime, servers) if time.time_ns() - mtime > 1_000_000_000 else None
@@ -249,7 +252,7 @@ class Queries:
             if state is not None and place is not PLACE_OF[state]:
                 continue
             if place is Place.SCHEDULED:
-                dirs += [layout.server_dir(s) for s in sorted(os.listdir(layout.scheduled))]
+                dirs += [layout.server_dir(s) for s in self._server_names()]
             else:
                 dirs.append(layout.place_dir(place))
         return dirs

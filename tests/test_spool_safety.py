@@ -361,6 +361,28 @@ def test_a_symlinked_server_directory_is_refused(spool: Spool, tmp_path: Path) -
     assert spool.claim("s1").id == "a"
 
 
+def test_lookups_never_go_through_a_symlink_planted_as_a_servers_directory(spool: Spool, tmp_path: Path) -> None:
+    """A group member linked scheduled/serverQ to a directory of theirs
+    holding a forged copy of a task: `status` showed the forgery, and root's
+    `requeue` moved the outside directory into the spool (found by an
+    outside tester)."""
+    spool.enqueue("T", "a", 1)
+    claim = spool.claim("s1")
+    spool.start(claim)
+    spool.set_state(claim, State.FAILED, "the real one")
+    forged = make_outside_task(tmp_path)
+    (tmp_path / "mine").mkdir()
+    forged.rename(tmp_path / "mine" / "T:a")
+    before = snapshot(tmp_path / "mine")
+    os.symlink(tmp_path / "mine", Path(spool.root, "scheduled", "serverQ"))
+    assert spool.status("T", "a").doc["message"] == "the real one"
+    assert [t[1] for t in spool.iter_tasks()] == ["a"]
+    spool.requeue("T", "a")
+    assert spool.status("T", "a").state == State.ENQUEUED
+    assert Path(spool.root, "enqueued", "T:a").is_dir() and not Path(spool.root, "enqueued", "T:a").is_symlink()
+    assert snapshot(tmp_path / "mine") == before
+
+
 # ----------------------------------------------------------------------------- the spool itself
 
 
