@@ -438,7 +438,11 @@ class Spool:
                 ttype = self.registry.find(name.partition(":")[0])
                 if ttype is not None and ttype.held:
                     continue  # held: left waiting (a later scan sees it again)
-                claim = self._claim_one(server, name, message)
+                try:
+                    claim = self._claim_one(server, name, message)
+                except SpoolError as exc:  # this task cannot be claimed by us: the next one can
+                    log.warning("cannot claim %s: %s", name, exc)
+                    continue
                 if claim is not None:
                     return claim
             self._waiting.rescan()
@@ -461,6 +465,14 @@ class Spool:
             log.warning("stale leftover %s blocks a claim; quarantining it", dest)
             self.quarantine(dest, "leftover in scheduled/ blocked a claim")
             return None
+        except PermissionError as exc:
+            # Moving a directory to another parent rewrites its "..": it needs
+            # write permission on the task directory itself, which a task made
+            # by hand under a strict umask lacks. Nor can it be quarantined
+            # (that is a move too): only its owner or root can fix it.
+            raise SpoolError(
+                f"{src} cannot be moved by this worker's user ({exc.strerror}): it was made without the group's "
+                f"write permission; its owner or root must run: chmod -R g+rwX {src}") from None
         try:
             crashpoint("claim.renamed")
             if self.durable and message:

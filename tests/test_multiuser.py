@@ -307,3 +307,35 @@ def test_root_will_not_run_the_handlers_of_a_spool_others_can_write_unless_told(
     # Told: it runs (and, draining with nothing held, ends at once).
     allowed = site.spoolq(ROOT, "worker", "w9", "--drain", "--allow-root", check=False)
     assert allowed.returncode == 0, allowed.stderr
+
+
+def test_a_task_the_worker_cannot_move_is_said_once_and_holds_up_no_other(site):
+    """A task made by hand by a producer whose umask took the group's write
+    permission (0755) cannot be moved by the worker's user: the claim failed
+    with a bare "Permission denied", paused all claims for a second, and was
+    logged again at every rescan, forever."""
+    site.spoolq(WORKER, "init", umask=0o022)
+    site.spoolq(WORKER, "register", "W", "mu_handlers.work")
+    inp = site.base / "in.json"
+    inp.write_text(json.dumps({"n": 1}))
+    inp.chmod(0o644)
+    for task_id in ("stuck", "good1"):
+        site.spoolq(PRODUCER, "enqueue", "W", task_id, str(inp), "--json")
+    stuck = site.root / "enqueued" / "W:stuck"
+    for path in (stuck, *stuck.iterdir()):
+        os.chown(path, site.users["producer"], site.users["producer"])
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    log = site.base / "worker0.log"
+    options = json.dumps({"heartbeat_interval": 0.3, "sweep_interval": 0.5, "rescan_interval": 0.3})
+    with open(log, "w") as err:
+        proc = subprocess.Popen([str(site.venv / "bin" / "python3"), str(site.code / "worker_runner.py"),
+                                 str(site.root), "w1", options], stderr=err, **site.as_user(WORKER, 0o007))
+    site.procs.append(proc)
+    wait_until(lambda: state(site.root, "good1") == State.FINISHED, what="the good task")
+    site.spoolq(PRODUCER, "enqueue", "W", "good2", str(inp), "--json")
+    wait_until(lambda: state(site.root, "good2") == State.FINISHED, what="a task enqueued after it")
+    time.sleep(1.5)  # a few rescans (0.3 s) offer the stuck task again: nothing more is said
+    lines = [line for line in log.read_text().splitlines() if "cannot claim W:stuck" in line]
+    assert len(lines) == 1, lines
+    assert "ERROR" in lines[0] and f"chmod -R g+rwX {stuck}" in lines[0], lines
+    assert state(site.root, "stuck") == State.ENQUEUED

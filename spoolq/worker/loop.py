@@ -64,6 +64,7 @@ from .runner import NotRecorded, outcome_of
 log = logging.getLogger("spoolq.daemon")
 
 EX_CONFIG = 78
+CANNOT_CLAIM_MEMORY = 10_000  # tasks whose refused claim was logged, not to be logged again
 CLAIM_RETRY = 1.0  # seconds claiming pauses after a claim failed with an OSError (disk full)
 KILL_PATIENCE = 5.0  # seconds between complaints about a killed run that does not end
 SETTLE_RETRY = 0.2  # seconds between tries to settle a run whose leftovers still hold it
@@ -196,6 +197,7 @@ class Worker:
         self._next_rescan = 0.0
         self._next_status = 0.0
         self._claims_paused_until = 0.0
+        self._cannot_claim: dict[str, str] = {}  # name -> why its last claim was refused (said once)
         self.finished = 0
         self.failed = 0
         # Counters that outlive this process (contract §12.5): metrics/SERVER.json.
@@ -558,7 +560,13 @@ class Worker:
             try:
                 claim = self.spool.claim(self.server, names=[name])
             except SpoolqError as exc:
-                log.error("cannot claim %s: %s", name, exc)
+                # Said once per task and reason: each rescan offers it again
+                # until someone fixes it, and the log must not fill with it.
+                said = self._cannot_claim.get(name) == str(exc)
+                log.log(logging.DEBUG if said else logging.ERROR, "cannot claim %s: %s", name, exc)
+                if len(self._cannot_claim) >= CANNOT_CLAIM_MEMORY:
+                    self._cannot_claim.clear()  # bounded: at worst a reason is said again
+                self._cannot_claim[name] = str(exc)
                 continue
             except OSError as exc:
                 # Disk full or the like: the claim was undone (the task waits
@@ -568,6 +576,7 @@ class Worker:
                 self._claims_paused_until = time.monotonic() + CLAIM_RETRY
                 return
             if claim is not None:
+                self._cannot_claim.pop(name, None)
                 log.info("claimed %s:%s (claim %d)", claim.type, claim.id, claim.number,
                          extra=task_fields(claim, "SCHEDULED"))
                 self._guard(f"starting {claim}", lambda c=claim: self._launch(c))
