@@ -323,7 +323,7 @@ def test_a_task_the_worker_cannot_move_is_said_once_and_holds_up_no_other(site):
         site.spoolq(PRODUCER, "enqueue", "W", task_id, str(inp), "--json")
     stuck = site.root / "enqueued" / "W:stuck"
     for path in (stuck, *stuck.iterdir()):
-        os.chown(path, site.users["producer"], site.users["producer"])
+        os.chown(path, site.users["producer"], pwd.getpwuid(site.users["producer"]).pw_gid)
         path.chmod(0o755 if path.is_dir() else 0o644)
     log = site.base / "worker0.log"
     options = json.dumps({"heartbeat_interval": 0.3, "sweep_interval": 0.5, "rescan_interval": 0.3})
@@ -339,3 +339,28 @@ def test_a_task_the_worker_cannot_move_is_said_once_and_holds_up_no_other(site):
     assert len(lines) == 1, lines
     assert "ERROR" in lines[0] and f"chmod -R g+rwX {stuck}" in lines[0], lines
     assert state(site.root, "stuck") == State.ENQUEUED
+
+
+def test_init_by_a_member_of_another_primary_group_leaves_spool_json_to_the_group(site):
+    """On a root without the setgid bit (as the tmpfiles.d line made it), a
+    producer's `spoolq init --max-queue 200` left spool.json in the
+    producer's own group: every other member's command, and the worker's
+    restart, failed on it ("fix or remove it")."""
+    site.spoolq(WORKER, "init", umask=0o022)
+    site.spoolq(WORKER, "register", "W", "mu_handlers.work")
+    site.root.chmod(0o770)
+    site.spoolq(PRODUCER, "init", "--max-queue", "200", umask=0o007)
+    st = os.stat(site.root / "spool.json")
+    assert st.st_gid == site.users["gid"], st
+    assert json.loads(site.spoolq(WORKER, "stats", "--json").stdout)["states"]["ENQUEUED"] == 0
+    # Were it unreadable all the same (a hand-made one), the message says how to fix it, keeping it.
+    own_group = pwd.getpwuid(site.users["producer"]).pw_gid
+    os.chown(site.root / "spool.json", site.users["producer"], own_group)
+    (site.root / "spool.json").chmod(0o640)
+    assert os.stat(site.root / "spool.json").st_mode & 0o777 == 0o640
+    inp = site.base / "in.json"
+    inp.write_text("{}")
+    inp.chmod(0o644)
+    done = site.spoolq(WORKER, "enqueue", "W", "x", str(inp), "--json", check=False)
+    assert done.returncode == 1, (done.returncode, done.stdout, done.stderr)
+    assert "give it to the spool's group" in done.stderr and "remove it" not in done.stderr, done.stderr

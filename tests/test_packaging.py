@@ -289,7 +289,7 @@ def test_sysusers_and_tmpfiles_create_user_and_spool(tmp_path: Path):
     assert done.returncode == 0, done.stderr
     spool = os.stat(root / "var/spool/spoolq")
     assert stat.S_ISDIR(spool.st_mode)
-    assert stat.S_IMODE(spool.st_mode) == 0o770
+    assert stat.S_IMODE(spool.st_mode) == 0o2770  # setgid: spool.json made by a member stays the group's
     assert not spool.st_mode & stat.S_IWOTH
     assert (spool.st_uid, spool.st_gid) == (int(uid), int(gid))
     etc = os.stat(root / "etc/spoolq")

@@ -479,6 +479,15 @@ class Layout:
             what = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
                 what = "it is a symlink, never followed"
+            if isinstance(exc, PermissionError):
+                # Its settings are fine, only its group or mode is not: never "remove it".
+                try:
+                    gid = os.stat(self.root).st_gid
+                except OSError:
+                    gid = None
+                fix = f"chgrp {gid} {self.settings_file}; chmod g+r {self.settings_file}" if gid is not None else "fix its modes"
+                raise SpoolError(f"{self.settings_file} cannot be read ({what}): give it to the spool's group "
+                                 f"(its owner or root: {fix})") from None
             raise SpoolError(f"{self.settings_file} cannot be read ({what}): fix or remove it") from None
         if not isinstance(raw, dict):
             raise SpoolError(f"{self.settings_file} must hold a JSON object: fix or remove it")
@@ -559,16 +568,21 @@ class Layout:
             os.close(fd)
 
     def owner_of_new(self) -> tuple[int, int] | None:
-        """Whom what this process makes in the spool must be given to: as
-        root, the root directory's owner and group, since its users cannot
-        use what belongs to root (and its group, where the root lacks the
-        setgid bit, as a root made by ``install -d`` does). None for anyone
-        else: only root may give a file away, and the setgid bit keeps the
-        group."""
-        if os.geteuid() != 0:
-            return None
+        """Whom what this process makes in the spool must be given to, as
+        (uid, gid) for ``fchown`` (-1: unchanged): as root, the root
+        directory's owner and group, since its users cannot use what belongs
+        to root. Anyone else may only give a file to a group of theirs: the
+        root's group, where the root lacks the setgid bit that would give it
+        (a root made by ``install -d``, or by an older tmpfiles.d line), so
+        that a member whose own group is another (``spoolq init`` by a
+        producer) does not leave ``spool.json`` unreadable to the others.
+        None: nothing to change."""
         st = os.stat(self.root)
-        return st.st_uid, st.st_gid
+        if os.geteuid() == 0:
+            return st.st_uid, st.st_gid
+        if st.st_mode & stat.S_ISGID or st.st_gid == os.getegid() or st.st_gid not in os.getgroups():
+            return None
+        return -1, st.st_gid
 
     def change_settings(self, **changes: Any) -> Settings:
         """Store the settings of *changes* that are not None (the others keep
