@@ -379,3 +379,47 @@ def test_a_child_forked_while_a_thread_holds_a_lock_does_not_keep_it(spool: Spoo
     finally:
         os.close(w)
         os.waitpid(pid, 0)
+
+
+def test_children_forked_while_threads_enqueue_never_hang_on_the_enqueue_lock(spool: Spool) -> None:
+    """A pre-forking server with threads that enqueue: a child forked while
+    one of them had opened the enqueue lock's file and not yet recorded it
+    kept that lock for good, and its own enqueue (and every later one of
+    the parent) waited forever: 27 of 60 children, found by an outside tester."""
+    import threading
+
+    stop = threading.Event()
+
+    def busy(k: int) -> None:
+        i = 0
+        while not stop.is_set():
+            spool.enqueue("T", f"bg{k}-{i}", i)
+            i += 1
+
+    threads = [threading.Thread(target=busy, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    stuck = []
+    try:
+        for child in range(40):
+            time.sleep(0.005)
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    spool.enqueue("T", f"child{child}", child)
+                finally:
+                    os._exit(0)
+            deadline = time.monotonic() + 20
+            while os.waitpid(pid, os.WNOHANG)[0] == 0:
+                if time.monotonic() > deadline:
+                    stuck.append(child)
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+                    break
+                time.sleep(0.005)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    assert stuck == [], f"children stuck in enqueue: {stuck}"
+    assert all(spool.status("T", f"child{c}").state == State.ENQUEUED for c in range(40))

@@ -20,6 +20,7 @@ import fcntl
 import os
 import stat
 import threading
+from collections.abc import Callable
 
 from ..faults import crashpoint
 
@@ -329,24 +330,34 @@ def _write_all(fd: int, data: bytes) -> None:
 # Descriptors that carry a short-lived flock (the enqueue lock, task locks)
 # while some thread holds it. A process forked meanwhile would share those
 # locks for as long as it lived, so the child closes its copies at once
-# (closing a copy never releases the parent's lock).
+# (closing a copy never releases the parent's lock). A descriptor is opened
+# and recorded, and forgotten and closed, under the guard, which a fork
+# takes first: no child can inherit one that is open but not recorded (a
+# child forked in that window kept the parent's enqueue lock for good, and
+# every enqueue of both waited on it forever).
 _held_fds: set[int] = set()
 _held_guard = threading.Lock()
 
 
-def track_lock_fd(fd: int) -> None:
+def open_lock_fd(opener: Callable[[], int]) -> int:
+    """``opener()``, a descriptor that is to carry a flock, recorded as such
+    before any fork can copy it."""
     with _held_guard:
+        fd = opener()
         _held_fds.add(fd)
+    return fd
 
 
-def untrack_lock_fd(fd: int) -> None:
+def close_lock_fd(fd: int) -> None:
+    """Close a descriptor of :func:`open_lock_fd` (which releases its flock)."""
     with _held_guard:
         _held_fds.discard(fd)
+        os.close(fd)
 
 
 def _close_inherited_locks() -> None:
     global _held_guard
-    _held_guard = threading.Lock()  # another thread may have held it at fork
+    _held_guard = threading.Lock()  # held by the fork itself (before it)
     for fd in list(_held_fds):
         try:
             os.close(fd)
@@ -355,7 +366,12 @@ def _close_inherited_locks() -> None:
     _held_fds.clear()
 
 
-os.register_at_fork(after_in_child=_close_inherited_locks)
+def _fork_done_in_parent() -> None:
+    _held_guard.release()
+
+
+os.register_at_fork(before=lambda: _held_guard.acquire(), after_in_parent=_fork_done_in_parent,
+                    after_in_child=_close_inherited_locks)
 
 
 class FlockLock:
@@ -382,15 +398,15 @@ class FlockLock:
         # Read-only: flock needs no write access. The file is made by
         # `spoolq init`; if it is made here, it is made readable by the group
         # whatever this process's umask, or other members could not lock it.
-        fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, self.mode)
+        fd = open_lock_fd(lambda: os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                          self.mode))
         try:
             if os.fstat(fd).st_uid == os.geteuid():
                 share_with_group(fd)
             fcntl.flock(fd, fcntl.LOCK_EX)
         except BaseException:
-            os.close(fd)
+            close_lock_fd(fd)
             raise
-        track_lock_fd(fd)
         local.fd, local.depth, local.pid = fd, 1, os.getpid()
 
     def release(self) -> None:
@@ -400,8 +416,7 @@ class FlockLock:
         local.depth -= 1
         if local.depth == 0:
             fd, local.fd = local.fd, -1
-            untrack_lock_fd(fd)
-            os.close(fd)  # closing the only descriptor releases the flock
+            close_lock_fd(fd)  # closing the only descriptor releases the flock
 
     @property
     def held(self) -> bool:

@@ -286,10 +286,9 @@ class TaskDir:
         NotADirectoryError if nothing is there, Moved if the directory moved
         while the lock was awaited, LockBusy if the lock stayed taken past
         the handle's wait, CorruptTask if it cannot be trusted."""
-        self.fd = open_task_dir(self.path)
+        self.fd = fsutil.open_lock_fd(lambda: open_task_dir(self.path))
         try:
             _lock(self.fd, self.wait)
-            fsutil.track_lock_fd(self.fd)
             st = os.fstat(self.fd)
             try:
                 now = os.lstat(self.path)
@@ -306,8 +305,7 @@ class TaskDir:
 
     def close(self) -> None:
         if self.fd >= 0:
-            fsutil.untrack_lock_fd(self.fd)
-            os.close(self.fd)  # closing releases the flock
+            fsutil.close_lock_fd(self.fd)  # closing releases the flock
             self.fd = -1
 
     @property
