@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import InvalidName
+from .errors import InvalidInput, InvalidName
 from .names import check_id, check_server, check_type, split_task_name, task_name
 
 
@@ -49,6 +49,18 @@ class State(enum.IntEnum):
     def started(self) -> bool:
         """A handler was given the task (it used up a start)."""
         return self in (State.RUNNING, State.PAUSED)
+
+
+def state_named(value: object) -> State:
+    """The State *value* names: a State, its ATP code, or its name in any
+    case ("running"); InvalidInput for anything else."""
+    if isinstance(value, State):
+        return value
+    if isinstance(value, str) and value.upper() in State.__members__:
+        return State[value.upper()]
+    if isinstance(value, int) and not isinstance(value, bool) and value in State._value2member_map_:
+        return State(value)
+    raise InvalidInput(f"not a task state: {str(value)[:40]!r} (one of {', '.join(State.__members__)})")
 
 
 class Place(enum.Enum):
@@ -356,5 +368,5 @@ def due(key: WaitKey, now_ns: int) -> bool:
 __all__ = [
     "Action", "Claim", "HELD_STATES", "HOLDER_MOVES", "Judgement", "Outcome", "PLACE_OF", "PLACE_ORDER",
     "Place", "State", "Verdict", "WaitKey", "charges_restart", "due", "gives_up", "judge", "retired",
-    "retry_delay", "sources_of", "timed_out", "wait_order_key", "as_claimed", "claimed_by_move",
+    "retry_delay", "sources_of", "state_named", "timed_out", "wait_order_key", "as_claimed", "claimed_by_move",
 ]

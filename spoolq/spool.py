@@ -62,6 +62,7 @@ from .lifecycle import (
     gives_up,
     retry_delay,
     sources_of,
+    state_named,
 )
 from .names import check_type, split_task_name
 from .producer import BatchResult, Item, Producer, StampClock, check_delay, due_time
@@ -186,10 +187,12 @@ class Spool:
             check_setting("max_queue", max_queue)
         if max_input_bytes is not None:
             check_setting("max_input_bytes", max_input_bytes)
+        if durable is not None and not isinstance(durable, bool):
+            # A truth value would turn 'false', 'no' or '0' from the environment into durable.
+            raise SpoolError(f"durable must be True or False, not {str(durable)[:40]!r}")
         layout = Layout(root)
         layout.create()
-        layout.change_settings(max_queue=max_queue, durable=None if durable is None else bool(durable),
-                               max_input_bytes=max_input_bytes)
+        layout.change_settings(max_queue=max_queue, durable=durable, max_input_bytes=max_input_bytes)
         return cls(layout.root, clock=clock)
 
     def _task(self, path: str, *, wait: float | None = None, as_stored: bool = False) -> TaskDir:
@@ -353,8 +356,14 @@ class Spool:
     def list_tasks(
         self, *, state: State | None = None, type_name: str | None = None, unreadable: list[str] | None = None,
     ) -> list[TaskInfo]:
-        """Status of every task (optionally of one state and/or type), each
-        once; the paths of those that cannot be read go into *unreadable*."""
+        """Status of every task (optionally of one state, a State or its
+        name in any case, and/or of one registered type: UnknownType
+        otherwise), each once; the paths of those that cannot be read go
+        into *unreadable*."""
+        if state is not None:
+            state = state_named(state)
+        if type_name is not None:
+            self.registry.get(type_name)
         return self.queries.list_tasks(state=state, type_name=type_name, unreadable=unreadable)
 
     def count_enqueued(self) -> int:
@@ -902,7 +911,8 @@ class Spool:
         within a second and then ends it (or, when its server is gone, this
         call does). WrongState for a task already final. Returns its status
         after the call (FAILED, or RUNNING/PAUSED with the request in)."""
-        reason = (reason or "").strip() or "no reason given"
+        reason = (codec.bounded(reason, codec.STATUS_MESSAGE_MAX) if reason is not None else "").strip() \
+            or "no reason given"
         for _ in range(5):
             path = self.locate(type_name, task_id)
             try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .errors import SpoolqError
+from .errors import InvalidInput, SpoolqError
 from .lifecycle import Claim, State
 from .queries import TaskInfo
 from .spool import Spool
@@ -31,6 +31,9 @@ class Retry(Exception):
     task FAILS when none is left); *delay* in seconds replaces the backoff."""
 
     def __init__(self, delay: float | None = None, message: str = "") -> None:
+        if not isinstance(message, str):
+            # Here, where the handler's mistake is, and whether or not a retry is left.
+            raise InvalidInput(f"a message must be a str, not {type(message).__name__}")
         self.delay = delay
         self.message = message
         super().__init__(message or "retry")
@@ -97,8 +100,8 @@ class TaskContext:
         ``progress`` file) at most every PROGRESS_INTERVAL seconds, and the
         last one when the run ends or the handler sets a final state.
         ``status --json`` shows it."""
-        if type(done) not in _NUMBER or (total is not None and type(total) not in _NUMBER):
-            _bad_progress(done, total)
+        if type(done) not in _NUMBER or (total is not None and type(total) not in _NUMBER) or type(message) is not str:
+            _bad_progress(done, total, message)
         now = time.monotonic()
         self._progress = (done, total, message, time.time())
         if now < self._progress_due:
@@ -171,11 +174,10 @@ def _finite(value: Any) -> Any:
     return value if value is None or value - value == 0 else None
 
 
-def _bad_progress(done: Any, total: Any) -> None:
-    import math
-
+def _bad_progress(done: Any, total: Any, message: Any) -> None:
     for name, value in (("done", done), ("total", total)):
         if value is None and name == "total":
             continue
-        if isinstance(value, bool) or not isinstance(value, _NUMBER) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, _NUMBER):
             raise TypeError(f"progress {name} must be a number, not {value!r}")
+    raise TypeError(f"progress message must be a str, not {type(message).__name__}")

@@ -508,6 +508,15 @@ def test_output_is_made_when_the_first_byte_comes_and_not_before(tmp_path):
     assert [(s.st_dev, s.st_ino) for s in (os.fstat(1), os.fstat(2))] == [(s.st_dev, s.st_ino) for s in before]
 
 
+def test_retry_refuses_a_message_that_is_not_a_str_where_it_is_raised():
+    """Retry(message=12345) was a retry logged "12345" while retries lasted,
+    and a failure about the message once they were used up."""
+    from spoolq import InvalidInput, Retry
+
+    with pytest.raises(InvalidInput, match="a message must be a str, not int"):
+        Retry(message=12345)  # type: ignore[arg-type]
+
+
 def test_progress_that_is_not_finite_is_stored_as_null(tmp_path):
     from spoolq.store.output import read_progress
     from spoolq.task import TaskContext
@@ -519,5 +528,7 @@ def test_progress_that_is_not_finite_is_stored_as_null(tmp_path):
         assert read_progress(dfd) == {"done": None, "total": None, "message": "odd", "at": read_progress(dfd)["at"]}
         with pytest.raises(TypeError, match="progress total must be a number"):
             context.progress(1, "ten")
+        with pytest.raises(TypeError, match="progress message must be a str, not int"):
+            context.progress(1, 2, 3)  # was stored as "3"
     finally:
         os.close(dfd)

@@ -511,3 +511,42 @@ def test_init_refuses_settings_that_would_refuse_every_task(tmp_path):
     for bad in ({"max_input_bytes": -5}, {"max_input_bytes": 0}, {"max_queue": -1}):
         with pytest.raises(SpoolError):
             Spool.init(tmp_path / "s", **bad)
+
+
+def test_careless_api_calls_get_their_documented_errors_and_change_nothing(spool: Spool, tmp_path: Path) -> None:
+    """An outside tester's careless calls: cancel(reason=5) was an
+    AttributeError, a bytes reason was stored as its repr, two pickles
+    joined were enqueued (the handler got the first), durable='false' made a
+    durable spool, list_tasks(state='RUNNING') a KeyError and
+    list_tasks(type_name='nope') an empty list."""
+    spool.enqueue("T", "a", 1)
+    for reason in (5, ["x"], b"bytes"):
+        with pytest.raises(InvalidInput, match="must be a str"):
+            spool.cancel("T", "a", reason=reason)
+    assert spool.status("T", "a").state == State.ENQUEUED
+    with pytest.raises(InvalidInput, match="not one pickle"):
+        spool.enqueue_pickled("T", "two", pickle.dumps("first") + pickle.dumps("second"))
+    with pytest.raises(TaskNotFound):
+        spool.status("T", "two")
+    for flag in ("false", 0, []):
+        with pytest.raises(SpoolError, match="durable must be True or False"):
+            Spool.init(spool.root, durable=flag)
+    assert Spool(spool.root).durable == spool.durable
+    assert [t.id for t in spool.list_tasks(state="enqueued")] == ["a"] == [t.id for t in spool.list_tasks(state=1)]
+    for state in ("bogus", 99, True):
+        with pytest.raises(InvalidInput, match="not a task state"):
+            spool.list_tasks(state=state)
+    with pytest.raises(UnknownType):
+        spool.list_tasks(type_name="nope")
+
+
+def test_init_makes_missing_parents_0755_whatever_the_umask(tmp_path: Path) -> None:
+    """Under umask 077 they came out 0700, and the spool's group could not
+    reach the spool below them."""
+    old = os.umask(0o077)
+    try:
+        Spool.init(tmp_path / "a" / "b" / "spool")
+    finally:
+        os.umask(old)
+    for parent in (tmp_path / "a", tmp_path / "a" / "b"):
+        assert stat.S_IMODE(os.stat(parent).st_mode) == 0o755, parent

@@ -301,8 +301,13 @@ def check_pickle(payload: bytes) -> None:
     them (unpickling runs code; parsing the opcodes does not)."""
     import pickletools  # here, not at the top: `spoolq status` need not load it (contract §12.7)
 
+    end = 0
     try:
-        for _ in pickletools.genops(payload):
-            pass
+        for opcode, _, pos in pickletools.genops(payload):
+            if opcode.name == "STOP":
+                end = pos + 1
     except Exception as exc:  # genops raises ValueError and friends
         raise InvalidInput(f"input is not a valid pickle: {exc}") from None
+    if end != len(payload):
+        # genops stops at the first STOP: what follows would never be loaded.
+        raise InvalidInput(f"input is not one pickle: {len(payload) - end} byte(s) follow its end")

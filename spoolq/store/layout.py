@@ -520,7 +520,7 @@ class Layout:
         an existing directory keeps the mode its operator gave it.
 
         Missing parents of the root are created first, as ``mkdir -p`` does,
-        but with mode :data:`PARENT_MODE` (less the umask) whatever the umask:
+        but with mode :data:`PARENT_MODE` whatever the umask:
         only their owner may write them, so nobody else can rename the spool
         away and put a directory of their own in its place.
 
@@ -548,6 +548,12 @@ class Layout:
                 os.mkdir(directory, PARENT_MODE)
             except FileExistsError:
                 continue
+            # Whatever the umask (077 made them 0700: the group could not reach the spool).
+            fd = fsutil.open_dir(directory)
+            try:
+                os.fchmod(fd, PARENT_MODE)
+            finally:
+                os.close(fd)
         _make_dir(self.root, None)
         owner = self.owner_of_new()
         # metrics/ (contract §12.5) is not a state directory: a spool made
