@@ -145,23 +145,38 @@ class DirWatcher(_Watch):
         self.overflowed = False
         super().__init__(-1 if poll else self._watch())
 
-    def _watch(self) -> int:
+    def _watch(self, *, level: int = logging.WARNING) -> int:
         if _inotify_init1 is None:
-            log.warning("no inotify on this system; relying on rescans of %s", self.directory)
+            log.log(level, "no inotify on this system; relying on rescans of %s", self.directory)
             return -1
         fd = _inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if fd < 0:
             err = ctypes.get_errno()
-            log.warning("cannot create an inotify instance (%s); relying on rescans", os.strerror(err))
+            hint = " (raise fs.inotify.max_user_instances)" if err == errno.EMFILE else ""
+            log.log(level, "cannot create an inotify instance (%s)%s; relying on rescans", os.strerror(err), hint)
             return -1
         mask = self.events | IN_ONLYDIR | IN_DONT_FOLLOW | IN_DELETE_SELF | IN_MOVE_SELF
         if _inotify_add_watch(fd, os.fsencode(self.directory), mask) < 0:
             err = ctypes.get_errno()
             os.close(fd)
             hint = " (raise fs.inotify.max_user_watches)" if err == errno.ENOSPC else ""
-            log.warning("cannot watch %s: %s%s; relying on rescans", self.directory, os.strerror(err), hint)
+            log.log(level, "cannot watch %s: %s%s; relying on rescans", self.directory, os.strerror(err), hint)
             return -1
         return fd
+
+    def rewatch(self) -> bool:
+        """Try again to set a watch the kernel refused (its limits are per
+        user, and other programs may have let go since); True if one is set
+        now. Quiet: the refusal was said when it happened."""
+        if self._fd >= 0:
+            return True
+        fd = self._watch(level=logging.DEBUG)
+        if fd < 0:
+            return False
+        _close_all(list(self._idle or ()))
+        self._idle = None
+        self._fd = fd
+        return True
 
     def drain(self) -> list[str]:
         """Names that arrived since the last call, oldest first."""

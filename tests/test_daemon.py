@@ -489,3 +489,35 @@ def test_a_long_retirement_pass_does_not_hold_up_new_tasks(env):
     retired_later = sum("sweep: retired O:" in line for line in lines[started:])
     assert retired_later > 0, "the probe started only after the whole pass"
     assert sum("sweep: retired O:" in line for line in lines) == n + 1
+
+
+def test_a_worker_refused_an_inotify_watch_rescans_often_and_watches_again_when_it_can(env):
+    """Each Spool.wait() of a busy web process holds an inotify instance;
+    past the per-user limit, a worker started then lost its watch for good
+    and saw each new task only at its 30 s rescan (an outside tester: 28-30 s
+    for every task, until the worker was restarted)."""
+    import ctypes
+
+    spool, workers, tmp = env
+    register(spool, "T", "noop")
+    libc = ctypes.CDLL(None, use_errno=True)
+    held = []
+    try:
+        while len(held) < 10_000:  # every instance this user may have
+            fd = libc.inotify_init1(os.O_CLOEXEC)
+            if fd < 0:
+                break
+            held.append(fd)
+        proc = workers.start()  # rescan_interval: the default 30 s
+        wait_until(lambda: "cannot create an inotify instance" in stderr_of(proc), what="the refused watch")
+        wait_until(lambda: "ready on" in stderr_of(proc), what="the worker ready")
+        spool.enqueue("T", "unwatched", {})
+        # Seen by a rescan a second later, not 30 s later.
+        wait_until(lambda: state(spool, "T", "unwatched") == State.FINISHED, timeout=15, what="the task seen")
+    finally:
+        for fd in held:
+            os.close(fd)
+    wait_until(lambda: "watching" in stderr_of(proc) and "again: new tasks are seen at once" in stderr_of(proc),
+               timeout=15, what="the watch set again")
+    spool.enqueue("T", "watched", {})
+    wait_until(lambda: state(spool, "T", "watched") == State.FINISHED, timeout=15, what="the next task")

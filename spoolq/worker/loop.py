@@ -64,6 +64,7 @@ from .runner import NotRecorded, outcome_of
 log = logging.getLogger("spoolq.daemon")
 
 EX_CONFIG = 78
+UNWATCHED_RESCAN = 1.0  # seconds between rescans while enqueued/ cannot be watched
 CANNOT_CLAIM_MEMORY = 10_000  # tasks whose refused claim was logged, not to be logged again
 CLAIM_RETRY = 1.0  # seconds claiming pauses after a claim failed with an OSError (disk full)
 KILL_PATIENCE = 5.0  # seconds between complaints about a killed run that does not end
@@ -515,6 +516,9 @@ class Worker:
         starts ``rescan_interval`` after the last one ended."""
         if self._rescanning is None:
             if self._watcher is not None:
+                if not self._watcher.watching and not self.poll and self._watcher.rewatch():
+                    log.info("server %s: watching %s again: new tasks are seen at once", self.server,
+                             self.spool.layout.enqueued)
                 self._watcher.drain()  # what arrives from now on is not lost
             self._rescanning = self.waiting.rescan_steps()
         try:
@@ -524,7 +528,11 @@ class Worker:
             raise
         if ended:
             self._rescanning = None
-            self._next_rescan = time.monotonic() + self.rescan_interval
+            # Without the watch the kernel refused (inotify limits), rescans
+            # are all there is: as often as in poll mode, not once in 30 s.
+            unwatched = self._watcher is not None and not self._watcher.watching
+            self._next_rescan = time.monotonic() + (min(self.rescan_interval, UNWATCHED_RESCAN) if unwatched
+                                                    else self.rescan_interval)
         # else _next_rescan stays in the past: the pass goes on next turn
 
     def _advance(self, steps: Iterator[T], on_step: Callable[[T], object] | None = None) -> bool:
