@@ -31,6 +31,7 @@ import io
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -1272,9 +1273,7 @@ def _hoist_root(args: list[str]) -> list[str]:
     """``--root PATH`` given after the command, moved before it (where the
     global option is parsed); the last one given wins. Nothing after ``--``
     moves."""
-    i = 0
-    while i < len(args) and args[i].startswith("-") and args[i] != "--":
-        i += 2 if args[i] in _GLOBAL_VALUE_OPTIONS else 1
+    i = _command_index(args)
     if i >= len(args) or args[i] == "--":
         return args
     head, command, rest = args[:i], args[i], args[i + 1:]
@@ -1418,6 +1417,11 @@ def main(argv: list[str] | None = None, *, quick: bool = True) -> NoReturn:
     # printed each quarantine twice: its line and the library's warning).
     # The worker sets up its own logging (systemd.setup_logging).
     logging.getLogger("spoolq").addHandler(logging.NullHandler())
+    if _command_of(args) == "worker":
+        # Until the daemon installs its own handlers (Worker.run), a stop is
+        # a clean exit 0, as after them: the defaults ended it by the signal
+        # (143) in its first half second, which a unit or script counts as a failure.
+        signal.signal(signal.SIGTERM, _stopped_while_starting)
     try:
         args = _hoist_root(args)
         plain = _quick(args) if quick and not _completing() else None
@@ -1445,6 +1449,25 @@ def main(argv: list[str] | None = None, *, quick: bool = True) -> NoReturn:
             _fail(f"done, but its output could not be written: {_error_text(exc)}", EX_FAILED)
         _fail(_error_text(exc), _exit_code(exc))
     sys.exit(result if isinstance(result, int) else 0)
+
+
+def _command_index(args: list[str]) -> int:
+    """Where the command is in *args*: the first word that is not a global
+    option or its value (``len(args)``, or a ``--``, when there is none)."""
+    i = 0
+    while i < len(args) and args[i].startswith("-") and args[i] != "--":
+        i += 2 if args[i] in _GLOBAL_VALUE_OPTIONS else 1
+    return i
+
+
+def _command_of(args: list[str]) -> str | None:
+    i = _command_index(args)
+    return args[i] if i < len(args) and args[i] != "--" else None
+
+
+def _stopped_while_starting(signum: int, frame: object) -> None:
+    print("spoolq: stopped before the worker was ready", file=sys.stderr)
+    sys.exit(0)
 
 
 def _standard_streams() -> None:

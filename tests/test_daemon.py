@@ -521,3 +521,31 @@ def test_a_worker_refused_an_inotify_watch_rescans_often_and_watches_again_when_
                timeout=15, what="the watch set again")
     spool.enqueue("T", "watched", {})
     wait_until(lambda: state(spool, "T", "watched") == State.FINISHED, timeout=15, what="the next task")
+
+
+def test_sigterm_before_the_worker_is_ready_is_a_clean_exit_0(env):
+    """A SIGTERM in a worker's first half second (before the daemon set its
+    own handlers) ended it by the signal, exit 143, which a unit or a script
+    counts as a failure. Here the second `spoolq worker` waits, before it is
+    ready, for a draining server of the same name."""
+    spool, workers, tmp = env
+    register(spool, "H", "hang")
+    rec = tmp / "runs"
+    spool.enqueue("H", "t1", {"record": str(rec)})
+    first = workers.start(grace=0.5)
+    wait_until(lambda: records(rec), what="handler started")
+    env_vars = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    waiting = subprocess.Popen([sys.executable, "-m", "spoolq", "--root", spool.root, "worker", "server1", "--drain"],
+                               env=env_vars, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: "drain" in stderr_of(first) or "draining" in stderr_of(first), what="the first drains")
+        waiting.send_signal(signal.SIGTERM)
+        _, err = waiting.communicate(timeout=30)
+        assert waiting.returncode == 0, err
+        assert err.decode().strip().endswith("spoolq: stopped before the worker was ready"), err
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait()
+        first.kill()
+        first.wait()
