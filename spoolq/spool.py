@@ -83,6 +83,7 @@ from .units import MAX_DURATION, parse_duration
 log = logging.getLogger("spoolq.spool")
 
 TAKE_AWAY_LOCK_WAIT = 1.0  # seconds a take-away waits for a task's lock before it leaves the task for later
+DELETE_WAIT = 10.0  # seconds a delete of a running task waits for its handler to be stopped
 
 
 @dataclass(frozen=True)
@@ -1058,7 +1059,9 @@ class Spool:
     def delete(self, type_name: str, task_id: str, *, through: Claim | None = None) -> None:
         """Remove the task in whatever state. Atomic: it is renamed into
         ``tmp/`` first (so it vanishes at once), then removed. A running
-        handler's later writes are refused; the daemon kills it.
+        handler's later writes are refused; the daemon kills it, and this
+        call returns once it has (at most DELETE_WAIT seconds later), so a
+        task enqueued again under the same id never runs beside it.
 
         *through*: a claim of the task (ATP's ``deleteTask(task_id)``); the
         delete is refused with StaleClaim, and nothing changes, once that
@@ -1073,6 +1076,9 @@ class Spool:
                         raise StaleClaim(f"claim {through} no longer owns task {type_name}/{task_id} "
                                          f"(now {task.state.name}): not deleted")
                     task.move(trash)
+                    running = run_alive(task.fd)
+                    if running:
+                        run_dir = os.dup(task.fd)
             except (FileNotFoundError, Moved):
                 continue
             except CorruptTask:
@@ -1080,6 +1086,14 @@ class Spool:
                     os.rename(path, trash)  # a symlink is moved, not followed
                 except FileNotFoundError:
                     continue
+                running = False
+            if running:
+                try:
+                    deadline = time.monotonic() + DELETE_WAIT
+                    while run_alive(run_dir) and time.monotonic() < deadline:
+                        time.sleep(0.02)
+                finally:
+                    os.close(run_dir)
             _remove(trash)
             return
         raise TaskNotFound(type_name, task_id)
