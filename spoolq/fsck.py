@@ -242,7 +242,11 @@ class _Checker:
         """Move *path* (a symlink is moved, not followed) to quarantine/."""
         if not self.repair:
             return
-        dest = self.spool.quarantine(path, f"fsck: {finding.kind}: {finding.message}")
+        try:
+            dest = self.spool.quarantine(path, f"fsck: {finding.kind}: {finding.message}")
+        except PermissionError as exc:  # not this user's to move: the others are still repaired
+            finding.action = f"not quarantined: {exc.strerror} (its owner or root can)"
+            return
         finding.action = f"quarantined as {self.rel(dest)}" if dest else "gone meanwhile"
 
     def alive(self, server: str) -> bool:
@@ -436,6 +440,12 @@ class _Checker:
         try:
             dfd = fsutil.open_dir(path)
         except FileNotFoundError:
+            return
+        except PermissionError:
+            # A directory all the same: its owner's umask kept the group out.
+            self.add("group-access", path,
+                     f"not usable by the spool's group (mode {stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid}): "
+                     f"its owner or root must run: chmod -R g+rwX {path}")
             return
         except OSError as exc:
             finding = self.add("not-a-directory", path, f"cannot be opened: {exc.strerror}")

@@ -364,3 +364,27 @@ def test_init_by_a_member_of_another_primary_group_leaves_spool_json_to_the_grou
     done = site.spoolq(WORKER, "enqueue", "W", "x", str(inp), "--json", check=False)
     assert done.returncode == 1, (done.returncode, done.stdout, done.stderr)
     assert "give it to the spool's group" in done.stderr and "remove it" not in done.stderr, done.stderr
+
+
+def test_fsck_names_a_task_directory_the_group_cannot_open_and_repairs_the_rest(site):
+    """A member's task directory at mode 2700 was reported as "not-a-
+    directory", and `fsck --repair` stopped at it with "Permission denied",
+    repairing nothing after it."""
+    site.spoolq(WORKER, "init", umask=0o022)
+    site.spoolq(WORKER, "register", "W", "mu_handlers.work")
+    inp = site.base / "in.json"
+    inp.write_text("{}")
+    inp.chmod(0o644)
+    site.spoolq(PRODUCER, "enqueue", "W", "private", str(inp), "--json")
+    private = site.root / "enqueued" / "W:private"
+    os.chown(private, site.users["producer"], pwd.getpwuid(site.users["producer"]).pw_gid)
+    private.chmod(0o2700)
+    junk = site.root / "enqueued" / "not-a-task-name"
+    junk.mkdir()
+    os.chown(junk, site.users["worker"], site.users["gid"])
+    for args in (("fsck",), ("fsck", "--repair")):
+        done = site.spoolq(WORKER, *args, check=False)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, (args, done.stdout, done.stderr)
+        assert "group-access" in done.stdout and f"chmod -R g+rwX {private}" in done.stdout, done.stdout
+        assert "not-a-directory" not in done.stdout, done.stdout
+    assert not junk.exists()  # the repair went on past the task it could not open
