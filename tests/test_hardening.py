@@ -295,6 +295,13 @@ def test_write_granted_by_an_acl_is_refused_like_a_world_writable_mode(env):
         Spool(root)
     subprocess.run([setfacl, "-b", "-k", str(root / "running")], check=True)
     Spool(root)
+    # The spool's own group and owner, named in an ACL (to keep new files the
+    # group's), are no new writers: that was refused as "writable by gid N".
+    group, owner = os.stat(root).st_gid, os.stat(root).st_uid
+    for where in ("enqueued", "."):
+        subprocess.run([setfacl, "-m", f"g:{group}:rwx,u:{owner}:rwx", str(root / where)], check=True)
+        subprocess.run([setfacl, "-d", "-m", f"g:{group}:rwx", str(root / where)], check=True)
+    Spool(root)
 
 
 def test_a_state_dir_writable_by_another_group_is_refused(env):

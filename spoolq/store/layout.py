@@ -118,7 +118,7 @@ def _mode_problem(rel: str, path: str, st: os.stat_result) -> LayoutProblem | No
             f"writable by any user (mode {stat.S_IMODE(st.st_mode):04o}); pickles run as code in the worker",
             f"chmod o-w {path}",
         )
-    writers = acl_writers(path)
+    writers = acl_writers(path, st)
     if writers:
         return LayoutProblem(
             "permissions", rel,
@@ -176,10 +176,12 @@ _ACL_USER, _ACL_GROUP, _ACL_MASK = 0x02, 0x08, 0x10
 _ACL_WRITE = 0x02
 
 
-def acl_writers(path: str) -> list[str]:
-    """Named users and groups that an ACL on *path* (its own, or the default
-    one new entries inherit) lets write: permissions the mode bits do not
-    show. Empty when there is no ACL, or the filesystem has none."""
+def acl_writers(path: str, st: os.stat_result) -> list[str]:
+    """Named users and groups that an ACL on *path* (*st*: its stat; its
+    own ACL, or the default one new entries inherit) lets write: permissions
+    the mode bits do not show. Its own owner and group, named again (as
+    ``setfacl -m d:g:spoolq:rwx`` does to keep new files the group's), are
+    no one new. Empty when there is no ACL, or the filesystem has none."""
     writers = []
     for name in _ACL_XATTRS:
         try:
@@ -190,6 +192,8 @@ def acl_writers(path: str) -> list[str]:
         mask = next((perm for tag, perm, _ in entries if tag == _ACL_MASK), 0o7)
         for tag, perm, ident in entries:
             if tag in (_ACL_USER, _ACL_GROUP) and perm & mask & _ACL_WRITE:
+                if ident == (st.st_uid if tag == _ACL_USER else st.st_gid):
+                    continue
                 writers.append(f"{'uid' if tag == _ACL_USER else 'gid'} {ident}")
     return writers
 
