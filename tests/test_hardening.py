@@ -304,6 +304,19 @@ def test_write_granted_by_an_acl_is_refused_like_a_world_writable_mode(env):
     Spool(root)
 
 
+def test_a_state_dir_of_another_owner_is_refused_with_both_fixes(env):
+    """Told only "chown -R 0 SPOOL" for a root given to root by mistake, an
+    operator would have given root the whole spool of a service user."""
+    spool, root, workers, tmp = env
+    os.chown(root / "types", 65534, -1)
+    with pytest.raises(UnsafeSpool) as refused:
+        Spool(root)
+    assert (f"chown 65534 {root} if the root's owner is the one that is wrong, else chown -R 0 {root}"
+            in str(refused.value)), refused.value
+    os.chown(root / "types", 0, -1)
+    Spool(root)
+
+
 def test_a_state_dir_writable_by_another_group_is_refused(env):
     spool, root, workers, tmp = env
     os.chown(root / "done", -1, 65534)  # nogroup

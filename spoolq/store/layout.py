@@ -290,9 +290,12 @@ def layout_problems(root: str) -> list[LayoutProblem]:
                 f"umount {path} (or move the spool onto one filesystem)",
             ))
         if st.st_uid != root_st.st_uid and st.st_uid != 0:
+            # Which of the two changed, only the operator knows: a root given
+            # to root by mistake must not lead to giving root the whole spool.
             out.append(LayoutProblem(
                 "ownership", name, f"owned by uid {st.st_uid}, the spool root by uid {root_st.st_uid}",
-                f"chown -R {root_st.st_uid} {root}",
+                f"chown {st.st_uid} {root} if the root's owner is the one that is wrong, "
+                f"else chown -R {root_st.st_uid} {root}",
             ))
         if st.st_gid != root_st.st_gid and st.st_mode & stat.S_IWGRP:
             out.append(LayoutProblem(
