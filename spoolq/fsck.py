@@ -370,8 +370,8 @@ class _Checker:
         owns; a file in another group is reported with the chgrp (fsck
         changes no owner)."""
         mode = stat.S_IMODE(st.st_mode)
-        if not self.shared or (st.st_gid == self.group and mode & 0o040):
-            return
+        if not self.shared or (st.st_gid == self.group and mode & 0o040) or mode & 0o004:
+            return  # (readable by everyone: the members too, whatever its group)
         fixes = [f"chgrp {self.group} {path}"] if st.st_gid != self.group else []
         fixes += [] if mode & 0o040 else [f"chmod g+r {path}"]
         finding = self.add(

@@ -384,6 +384,10 @@ def test_files_every_member_reads_must_be_the_groups_to_read(spool):
     assert stat.S_IMODE(os.stat(root / "types/T.json").st_mode) == 0o660
     os.chown(root / "spool.json", -1, gid)
     assert run_fsck(str(root), repair=False, out=io.StringIO()) == 0
+    os.chown(root / "spool.json", -1, gid + 4242)
+    os.chmod(root / "spool.json", 0o644)  # any user may read it: the members too (it was a false alarm)
+    assert run_fsck(str(root), repair=False, out=io.StringIO()) == 0
+    os.chmod(root / "spool.json", 0o660)
     os.chmod(root, 0o2700)  # not shared: the group's access does not count
     os.chown(root / "spool.json", -1, gid + 4242)
     assert run_fsck(str(root), repair=False, out=io.StringIO()) == 0
