@@ -388,3 +388,26 @@ def test_fsck_names_a_task_directory_the_group_cannot_open_and_repairs_the_rest(
         assert "group-access" in done.stdout and f"chmod -R g+rwX {private}" in done.stdout, done.stdout
         assert "not-a-directory" not in done.stdout, done.stdout
     assert not junk.exists()  # the repair went on past the task it could not open
+
+
+def test_one_type_file_the_group_cannot_read_stops_only_its_own_type(site):
+    """A member's types/evil.json at 0600 made `stats`, `types` and every
+    enqueue fail for every user ("Permission denied: evil.json"), and
+    registering the type again failed too."""
+    site.spoolq(WORKER, "init", umask=0o022)
+    site.spoolq(WORKER, "register", "W", "mu_handlers.work")
+    site.spoolq(PRODUCER, "register", "Evil", "mu_handlers.work", umask=0o077)
+    evil = site.root / "types" / "Evil.json"
+    evil.chmod(0o600)  # as a strict umask without spoolq's care would leave it
+    os.chown(evil, site.users["producer"], pwd.getpwuid(site.users["producer"]).pw_gid)
+    inp = site.base / "in.json"
+    inp.write_text("{}")
+    inp.chmod(0o644)
+    assert "W" in site.spoolq(WORKER, "types").stdout
+    json.loads(site.spoolq(WORKER, "stats", "--json").stdout)
+    site.spoolq(WORKER, "enqueue", "W", "fine", str(inp), "--json")
+    refused = site.spoolq(WORKER, "enqueue", "Evil", "x", str(inp), "--json", check=False)
+    assert refused.returncode == 1 and f"{evil} cannot be read" in refused.stderr, refused.stderr
+    assert "register the type again" in refused.stderr, refused.stderr
+    site.spoolq(WORKER, "register", "Evil", "mu_handlers.work")  # the way out it names
+    site.spoolq(WORKER, "enqueue", "Evil", "x", str(inp), "--json")

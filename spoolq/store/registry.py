@@ -299,6 +299,9 @@ class TypeRegistry:
             ttype = TaskType.from_json(name, json.loads(fsutil.read_file(dfd, f"{name}.json")))
         except FileNotFoundError:
             raise UnknownType(name) from None
+        except PermissionError as exc:
+            raise SpoolError(f"{path} cannot be read ({exc.strerror}): register the type again, or its owner or "
+                             f"root can run: chgrp {os.stat(self.layout.root).st_gid} {path}; chmod g+r {path}") from None
         except (ValueError, KeyError, TypeError, OverflowError, SpoolError) as exc:
             raise SpoolError(f"{path} is corrupt ({exc}): register the type again") from None
         finally:
@@ -314,13 +317,15 @@ class TypeRegistry:
             return None
 
     def all(self) -> list[TaskType]:
-        """Every readable registered type, sorted by name."""
+        """Every readable registered type, sorted by name (one that cannot be
+        read or is corrupt is left out: fsck reports it, and a lookup of it
+        by name says why)."""
         out = []
         for entry in sorted(os.listdir(self.layout.types)):
             if entry.endswith(".json") and not entry.startswith("."):
                 try:
                     out.append(self.get(entry[:-5]))
-                except (UnknownType, InvalidName):
+                except (UnknownType, InvalidName, SpoolError):
                     continue
         return out
 
