@@ -1349,7 +1349,10 @@ def _error_text(exc: BaseException) -> str:
         if exc.filename == "":
             return f"{exc.strerror}: '' (an empty path)"
         where = exc.filename if exc.filename is not None else ""
-        return f"{exc.strerror}: {where}" if where else exc.strerror
+        text = f"{exc.strerror}: {where}" if where else exc.strerror
+        if isinstance(exc, PermissionError):
+            text += _membership_hint()
+        return text
     if isinstance(exc, NoSpool):
         what = f"{exc.root} is not a complete spool ({exc.missing}/ is missing)" if exc.missing else f"no spool at {exc.root}"
         return f"{what}: run 'spoolq init' (or set --root / SPOOLQ_ROOT)"
@@ -1361,6 +1364,24 @@ def _error_text(exc: BaseException) -> str:
         return (f"task type {exc.type!r} still has {exc.count} task(s): "
                 f"'spoolq unregister {exc.type} --force' deletes them with it")
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _membership_hint() -> str:
+    """Why a user may be refused the spool: not in its group (a shell opened
+    before `usermod -aG` lacks it too). Empty when that is not the reason."""
+    import grp
+
+    try:
+        st = os.stat(_run.root)
+    except (OSError, TypeError):
+        return ""
+    if os.geteuid() in (0, st.st_uid) or st.st_gid == os.getegid() or st.st_gid in os.getgroups():
+        return ""
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    return f" (this user is not in the spool's group {group}: ask to be added, then log in again)"
 
 
 def _exit_code(exc: BaseException) -> int:

@@ -411,3 +411,17 @@ def test_one_type_file_the_group_cannot_read_stops_only_its_own_type(site):
     assert "register the type again" in refused.stderr, refused.stderr
     site.spoolq(WORKER, "register", "Evil", "mu_handlers.work")  # the way out it names
     site.spoolq(WORKER, "enqueue", "Evil", "x", str(inp), "--json")
+
+
+def test_a_user_outside_the_group_is_told_so(site):
+    """Every command of a user outside the spool's group said only
+    "Permission denied: .../types", with no word of the group."""
+    site.spoolq(WORKER, "init", umask=0o022)
+    nobody = pwd.getpwnam("nobody")
+    for args in (("types",), ("stats",), ("list",)):
+        done = subprocess.run([str(site.venv / "bin" / "spoolq"), "--root", str(site.root), *args],
+                              capture_output=True, text=True, timeout=120, user=nobody.pw_uid,
+                              group=nobody.pw_gid, extra_groups=[], env=site.env())
+        assert done.returncode == 1 and len(done.stderr.splitlines()) == 1, (args, done.stderr)
+        assert done.stderr.strip().endswith(f"(this user is not in the spool's group {GROUP}: ask to be added, "
+                                            "then log in again)"), (args, done.stderr)
