@@ -757,15 +757,22 @@ def test_a_worker_whose_lock_file_another_process_took_over_stops_with_78(env):
 def test_a_moment_of_unsafe_modes_sends_tasks_back_instead_of_failing_them(env):
     """`chmod o+w enqueued/` for a few seconds: each start refused (as it
     must: unpickling runs code) used to kill the handler process with a
-    traceback and fail its task with 'exited with status 70'."""
+    traceback and fail its task with 'exited with status 70'; then each
+    task was claimed, "started", refused and handed back every second, its
+    claim number climbing. Now nothing is claimed meanwhile, said once."""
     spool, root, workers, tmp = env
     spool.register_type("T", "daemon_handlers.add")
     for i in range(3):
         spool.enqueue("T", f"u{i}", [i, 1], delay=2)
+    claims = {i: spool.status("T", f"u{i}").doc["claim"] for i in range(3)}
     proc = workers.start("w1")
     wait_until(lambda: " ready on " in stderr_of(proc), what="ready")
     os.chmod(root / "enqueued", 0o2777)  # after the worker's own check at its start, which refuses
-    wait_until(lambda: "cannot start it" in stderr_of(proc), what="a start refused")
+    wait_until(lambda: "claims nothing while the spool is unsafe" in stderr_of(proc), what="claims stopped")
+    time.sleep(3)  # past the tasks' due time: each second would have claimed and handed back
+    assert stderr_of(proc).count("claims nothing while the spool is unsafe") == 1
+    assert {i: spool.status("T", f"u{i}").doc["claim"] for i in range(3)} == claims
+    assert "started" not in stderr_of(proc)
     os.chmod(root / "enqueued", 0o2770)
     wait_until(lambda: all(spool.status("T", f"u{i}").state == State.FINISHED for i in range(3)), timeout=30,
                what="all finished once the modes are right again")

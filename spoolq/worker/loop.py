@@ -47,7 +47,9 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from .. import faults, sweeps
-from ..errors import CorruptTask, ServerBusy, SpoolError, SpoolqError, StaleClaim, TaskNotFound, UnknownType
+from ..errors import (
+    CorruptTask, CrossDevice, ServerBusy, SpoolError, SpoolqError, StaleClaim, TaskNotFound, UnknownType, UnsafeSpool,
+)
 from ..lifecycle import Action, Claim, Outcome, Place, State
 from ..names import check_server, check_type, split_task_name
 from ..spool import Spool, SweepAction
@@ -198,6 +200,7 @@ class Worker:
         self._next_rescan = 0.0
         self._next_status = 0.0
         self._claims_paused_until = 0.0
+        self._unsafe: str | None = None  # why the spool is unsafe, once said
         self._cannot_claim: dict[str, str] = {}  # name -> why its last claim was refused (said once)
         self.finished = 0
         self.failed = 0
@@ -555,6 +558,8 @@ class Worker:
     def _fill_slots(self) -> None:
         if time.monotonic() < self._claims_paused_until or not self.waiting.complete:
             return  # (until the first rescan is complete, a task claimed might not be the first)
+        if not self._spool_safe():
+            return
         self.gates.check_executors(self.notifier.status)
         self.gates.reopen(self.waiting)
         while self.gates.room_anywhere():
@@ -588,6 +593,25 @@ class Worker:
                 log.info("claimed %s:%s (claim %d)", claim.type, claim.id, claim.number,
                          extra=task_fields(claim, "SCHEDULED"))
                 self._guard(f"starting {claim}", lambda c=claim: self._launch(c))
+
+    def _spool_safe(self) -> bool:
+        """Whether the spool may be worked now (the check every start makes,
+        made before claiming: one read while nothing changed). While it is
+        unsafe (a chmod o+w), nothing is claimed, and that is said once:
+        each claim used to be started, refused and handed back every second,
+        a "started" line and an error each time, its claim number climbing."""
+        try:
+            self.spool.layout.check_again()
+        except (UnsafeSpool, CrossDevice) as exc:
+            if self._unsafe != str(exc):
+                log.error("server %s claims nothing while the spool is unsafe: %s", self.server, exc)
+                self._unsafe = str(exc)
+            self._claims_paused_until = time.monotonic() + CLAIM_RETRY
+            return False
+        if self._unsafe is not None:
+            log.info("server %s: the spool is safe again; claiming", self.server)
+            self._unsafe = None
+        return True
 
     # ------------------------------------------------------------------ executors
 
