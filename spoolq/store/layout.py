@@ -65,7 +65,10 @@ def resolve_root(root: str | os.PathLike[str] | None = None) -> str:
                              f"for the default ({DEFAULT_ROOT})")
         if root is None:
             return DEFAULT_ROOT
-    path = os.fspath(root)
+    try:
+        path = os.fsdecode(root)  # bytes, as os.listdir(b".") gives, are a path too
+    except TypeError:
+        raise SpoolError(f"the spool root must be a path, not {type(root).__name__}") from None
     if not path:
         raise SpoolError("the spool root given is empty: name the spool's directory")
     return os.path.abspath(path)
