@@ -58,8 +58,11 @@ def state_named(value: object) -> State:
         return value
     if isinstance(value, str) and value.upper() in State.__members__:
         return State[value.upper()]
-    if isinstance(value, int) and not isinstance(value, bool) and value in State._value2member_map_:
-        return State(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return State(value)
+        except ValueError:
+            pass
     raise InvalidInput(f"not a task state: {str(value)[:40]!r} (one of {', '.join(State.__members__)})")
 
 
