@@ -1077,8 +1077,6 @@ class Spool:
                                          f"(now {task.state.name}): not deleted")
                     task.move(trash)
                     running = run_alive(task.fd)
-                    if running:
-                        run_dir = os.dup(task.fd)
             except (FileNotFoundError, Moved):
                 continue
             except CorruptTask:
@@ -1087,7 +1085,8 @@ class Spool:
                 except FileNotFoundError:
                     continue
                 running = False
-            if running:
+            if running:  # without the task's lock, which stopping the run does not need
+                run_dir = fsutil.open_dir(trash)
                 try:
                     deadline = time.monotonic() + DELETE_WAIT
                     while run_alive(run_dir) and time.monotonic() < deadline:
