@@ -47,9 +47,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from .. import faults, sweeps
-from ..errors import (
-    CorruptTask, CrossDevice, ServerBusy, SpoolError, SpoolqError, StaleClaim, TaskNotFound, UnknownType, UnsafeSpool,
-)
+from ..errors import CorruptTask, ServerBusy, SpoolError, SpoolqError, StaleClaim, TaskNotFound, UnknownType
 from ..lifecycle import Action, Claim, Outcome, Place, State
 from ..names import check_server, check_type, split_task_name
 from ..spool import Spool, SweepAction
@@ -602,7 +600,8 @@ class Worker:
         a "started" line and an error each time, its claim number climbing."""
         try:
             self.spool.layout.check_again()
-        except (UnsafeSpool, CrossDevice) as exc:
+        except (SpoolqError, OSError) as exc:  # unsafe, on two filesystems, a state directory missing
+            self._check_spool()  # gone for good: the loop ends
             if self._unsafe != str(exc):
                 log.error("server %s claims nothing while the spool is unsafe: %s", self.server, exc)
                 self._unsafe = str(exc)
