@@ -177,6 +177,28 @@ def change_process(ts, inp):
     elif what == "user ids":  # root dropping privileges: the process can no longer write the spool
         os.setgid(65534)
         os.setuid(65534)
+    elif what == "sys.modules":  # the next task's start could not import pickle (an outside tester's)
+        sys.modules["pickle"] = None
+    elif what == "warnings":  # the next task's harmless warning became its failure
+        import warnings
+
+        warnings.simplefilter("error")
+    elif what == "spoolq logger":  # the worker's lines about later tasks vanished
+        spoolq_logger = logging.getLogger("spoolq")
+        spoolq_logger.setLevel(51)
+        spoolq_logger.disabled = True
+        spoolq_logger.propagate = False
+    elif what == "interpreter":
+        import gc
+        import socket
+
+        gc.disable()
+        socket.setdefaulttimeout(0.001)
+        sys.path.insert(0, "/nonexistent")
+        sys.set_int_max_str_digits(640)
+    elif what == "time zone":  # the environment is put back; time.tzname went on saying IST
+        os.environ["TZ"] = "Asia/Kolkata"
+        time.tzset()
 
 
 def check_process(ts, inp):
@@ -199,6 +221,15 @@ def check_process(ts, inp):
     assert not logging.root.manager.disable
     assert os.getpriority(os.PRIO_PROCESS, 0) == inp["nice"]
     assert resource.getrlimit(resource.RLIMIT_CORE) == tuple(inp["core"])
+    import gc
+    import pickle  # noqa: F401 - importable again
+    import socket
+    import warnings
+
+    assert not any(f[0] == "error" for f in warnings.filters), warnings.filters  # a warning stays a warning
+    assert not logging.getLogger("spoolq").disabled and logging.getLogger("spoolq").level < 51
+    assert gc.isenabled() and socket.getdefaulttimeout() is None and "/nonexistent" not in sys.path
+    assert sys.get_int_max_str_digits() != 640 and "IST" not in time.tzname, time.tzname
     time.sleep(inp.get("seconds", 0))
 
 
@@ -240,3 +271,21 @@ def leave_child_with_few_fds(ts, inp):
         fh.write(str(child))
     os.rename(inp["pidfile"] + ".tmp", inp["pidfile"])
     resource.setrlimit(resource.RLIMIT_NOFILE, (3, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
+def raise_stale_claim(ts, inp):
+    """A StaleClaim that is not about this run's claim (raised by the
+    handler itself, or from a context it kept from an earlier task)."""
+    import spoolq
+
+    raise spoolq.StaleClaim("raised by the handler itself")
+
+
+def fork_child_raises(ts, inp):
+    """Its forked child raises out of the handler; the parent waits for it
+    and returns."""
+    pid = os.fork()
+    if pid == 0:
+        raise ValueError("the child raises")
+    os.waitpid(pid, 0)
+    _note(inp, "parent-done")

@@ -427,7 +427,12 @@ def test_an_exception_whose_str_raises_keeps_its_traceback_and_the_slot(env):
 
 
 CHANGES = ["streams", "fd 0", "environment", "umask", "working directory", "signal handlers", "timers", "logging",
-           "niceness", "resource limits", "thread"] + (["user ids"] if os.geteuid() == 0 else [])
+           "niceness", "resource limits", "thread", "sys.modules", "warnings", "spoolq logger", "interpreter", "time zone"] + (
+    ["user ids"] if os.geteuid() == 0 else [])
+# What the worker's line names, where it is not the change's own name.
+LABELS = {"streams": "sys.stdout, sys.stderr", "spoolq logger": "logging", "time zone": "environment",
+          "warnings": "interpreter settings (warnings)",
+          "interpreter": "interpreter settings (sys.path, garbage collection, int digits, socket timeout)"}
 RETIRING = {"resource limits": "resource limits", "thread": "threads (one left running)",  # cannot be put back
             "user ids": "user or group ids"}
 
@@ -475,7 +480,7 @@ def test_what_a_handler_changes_in_its_process_never_reaches_the_next_task(env):
     err = stderr_of(proc)
     assert "Traceback" not in err and "Logging error" not in err, err
     for what in CHANGES:
-        label = "sys.stdout, sys.stderr" if what == "streams" else what
+        label = LABELS.get(what, what)
         if what in RETIRING:
             assert f"changed its process's {RETIRING[what]}, which cannot be put back: the process retires" in err, err
         else:

@@ -490,3 +490,38 @@ def test_a_file_whose_size_lies_is_still_read_whole_and_within_its_limit():
     with pytest.raises(OSError) as err:
         fsutil.read_file(None, "/proc/self/mounts", limit=50)
     assert err.value.errno == errno.EFBIG
+
+
+def test_a_stale_claim_raised_by_the_handler_fails_its_task_like_any_exception(daemon_env):
+    """A handler that raised StaleClaim (its own, or a context kept from an
+    earlier task) was taken for a run whose task was taken away: the task
+    sat RUNNING with nothing running it, until sweeps ran it again and
+    again, "timed out" each time (an outside tester)."""
+    spool, root, workers, tmp = daemon_env
+    spool.register_type("S", "hostile_handlers.raise_stale_claim", timeout=60, max_restarts=2)
+    spool.enqueue("S", "a", {})
+    proc = workers.start("w1")
+    wait_until(lambda: spool.status("S", "a").state.terminal, what="the task final")
+    info = spool.status("S", "a")
+    assert info.state == State.FAILED and info.doc["message"] == "StaleClaim: raised by the handler itself", info.doc
+    assert info.doc["starts"] == 1 and info.doc["restarts"] == 0, info.doc
+    assert "taken away" not in stderr_of(proc)
+    finishes_good_work(spool, proc, "after-stale")
+
+
+def test_a_forked_child_coming_back_out_of_the_handler_exits_and_runs_nothing(daemon_env):
+    """A handler's forked child that raised went on into its process's loop:
+    it recorded the task FAILED while the parent still ran it, then read and
+    ran the next tasks meant for the parent; a parent waiting for that child
+    waited for ever (an outside tester)."""
+    spool, root, workers, tmp = daemon_env
+    rec = tmp / "rec"
+    spool.register_type("F", "hostile_handlers.fork_child_raises", timeout=60)
+    spool.enqueue("F", "a", {"record": str(rec)})
+    proc = workers.start("w1", concurrency=1)
+    wait_until(lambda: spool.status("F", "a").state.terminal, what="the task final")
+    info = spool.status("F", "a")
+    assert info.state == State.FINISHED, info.doc
+    assert [r[0] for r in (line.split() for line in rec.read_text().splitlines())] == ["parent-done"], rec.read_text()
+    assert b"ValueError: the child raises" in spool.queries.output("F", "a")
+    finishes_good_work(spool, proc, "after-fork")

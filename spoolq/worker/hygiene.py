@@ -17,8 +17,16 @@ each run, compares and puts back (:meth:`ProcessState.restore`):
 * the environment, the umask, the working directory;
 * the dispositions of the signals a slot relies on, the signal mask, and
   the interval timers (``alarm``, ``setitimer``), cancelled;
-* logging (``logging.disable``, the root logger's level and handlers) and
-  the recursion limit;
+* logging (``logging.disable``; the level, handlers, ``propagate`` and
+  ``disabled`` of the root logger and of every logger the slot was born
+  with: spoolq's own, whose lines the worker relies on, among them) and the
+  recursion limit;
+* the interpreter's shared settings: the warnings filters, ``sys.path``, the
+  modules the slot was born with in ``sys.modules`` (a handler that set
+  ``sys.modules["pickle"] = None`` broke the next task's start), garbage
+  collection switched off, ``sys.excepthook`` and ``threading.excepthook``,
+  the int-to-str digit limit, the socket default timeout, and the time
+  zone (``time.tzset`` after the environment is put back);
 * the resource limits and the niceness: lowered soft limits are raised
   back; a hard limit, which an unprivileged process cannot raise again, or
   a niceness it cannot lower again, cannot be put back: then the slot must
@@ -33,8 +41,10 @@ per limit) and some comparisons: 27 us with a service's environment of 6
 variables, 60-70 us with 38 (comparing ``os.environ`` decodes each
 variable). What it does not cover:
 module-level state of imported code (a handler that monkeypatches a
-library changes it for the next task, as in any long-lived worker
-process) and descriptors it leaves open (its leftovers are killed by the
+library, or leaves an object whose finaliser exits the process, changes it
+for the next task, as in any long-lived worker process: a type registered
+with limits, whose slot retires after each task, is the way out) and
+descriptors it leaves open (its leftovers are killed by the
 runner; descriptors are the handler's own to close). A thread a handler
 leaves running cannot be put back: the process retires after the task
 (one ``stat`` before and after the run counts the threads).
@@ -44,12 +54,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import io
 import logging
 import os
 import resource
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -107,7 +119,10 @@ class ProcessState:
         self.disable = logging.NOTSET
         self.root_level = logging.WARNING
         self.root_handlers: list[logging.Handler] = []
+        self.loggers: dict[str, tuple[Any, ...]] = {}  # name -> what _logger_state says
         self.recursion = 1000
+        self.interpreter: dict[str, Any] = {}  # what _interpreter() says
+        self.modules: dict[str, Any] = {}
         self.limits: dict[int, tuple[int, int]] = {}
         self.niceness = 0
         self.ids: tuple[Any, ...] = ()
@@ -135,7 +150,10 @@ class ProcessState:
         state.disable = logging.root.manager.disable
         state.root_level = logging.root.level
         state.root_handlers = list(logging.root.handlers)
+        state.loggers = {name: _logger_state(logger) for name, logger in _loggers()}
         state.recursion = sys.getrecursionlimit()
+        state.interpreter = _interpreter()
+        state.modules = dict(sys.modules)
         state.limits = {which: resource.getrlimit(which) for which in _LIMITS}
         state.niceness = os.getpriority(os.PRIO_PROCESS, 0)
         state.ids = _ids()
@@ -170,6 +188,7 @@ class ProcessState:
         if os.environ != self.environ:
             os.environ.clear()
             os.environ.update(self.environ)
+            time.tzset()  # a TZ it set (and tzset) would go on in time.localtime
             done.note("environment")
         if os.umask(self.umask) != self.umask:
             done.note("umask")
@@ -179,6 +198,7 @@ class ProcessState:
         if sys.getrecursionlimit() != self.recursion:
             sys.setrecursionlimit(self.recursion)
             done.note("recursion limit")
+        self._interpreter(done)
         self._limits(done)
         if self.threads and proctree.thread_count() > self.threads:
             # A thread the handler left running would go on inside the next
@@ -262,6 +282,34 @@ class ProcessState:
             root.setLevel(self.root_level)
             root.handlers[:] = self.root_handlers
             done.note("logging")
+        for name, logger in _loggers():
+            born = self.loggers.get(name)
+            if born is not None and _logger_state(logger) != born:
+                level, handlers, propagate, disabled = born
+                logger.setLevel(level)
+                for handler in logger.handlers:
+                    if handler not in handlers:
+                        handler.close()  # (its file stayed open)
+                logger.handlers[:] = handlers
+                logger.propagate, logger.disabled = propagate, disabled
+                done.note("logging")
+
+    def _interpreter(self, done: Restored) -> None:
+        now = _interpreter()
+        if now != self.interpreter:
+            _set_interpreter(self.interpreter, now)
+            done.note("interpreter settings (" + ", ".join(k for k in self.interpreter if now.get(k) != self.interpreter[k]) + ")")
+        modules = sys.modules
+        changed = [name for name, module in self.modules.items() if modules.get(name) is not module]
+        for name in changed:
+            modules[name] = self.modules[name]
+        # An entry set to None blocks every later import of that module
+        # (sys.modules["pickle"] = None), one the slot had not imported yet too.
+        blocked = [name for name, module in list(modules.items()) if module is None and name not in self.modules]
+        for name in blocked:
+            del modules[name]
+        if changed or blocked:
+            done.note("sys.modules")
 
     def _limits(self, done: Restored) -> None:
         if os.getpriority(os.PRIO_PROCESS, 0) != self.niceness:
@@ -279,6 +327,52 @@ class ProcessState:
                 done.note("resource limits")
             except (OSError, ValueError):
                 done.note("resource limits", put_back=False)
+
+
+def _loggers() -> list[tuple[str, logging.Logger]]:
+    return [(name, x) for name, x in list(logging.root.manager.loggerDict.items()) if isinstance(x, logging.Logger)]
+
+
+def _logger_state(logger: logging.Logger) -> tuple[Any, ...]:
+    return logger.level, list(logger.handlers), logger.propagate, logger.disabled
+
+
+def _interpreter() -> dict[str, Any]:
+    """Interpreter-wide settings a handler may change for every task after
+    it (compared by value; the warnings filters as a tuple of their entries)."""
+    import warnings
+
+    state: dict[str, Any] = {
+        "warnings": tuple(warnings.filters),
+        "sys.path": tuple(sys.path),
+        "garbage collection": gc.isenabled(),
+        "sys.excepthook": sys.excepthook,
+        "threading.excepthook": sys.modules["threading"].excepthook if "threading" in sys.modules else None,
+    }
+    if hasattr(sys, "get_int_max_str_digits"):
+        state["int digits"] = sys.get_int_max_str_digits()
+    if "socket" in sys.modules:
+        state["socket timeout"] = sys.modules["socket"].getdefaulttimeout()
+    return state
+
+
+def _set_interpreter(born: dict[str, Any], now: dict[str, Any]) -> None:
+    import warnings
+
+    if now.get("warnings") != born["warnings"]:
+        warnings.resetwarnings()  # (which also tells the module's caches the filters changed)
+        warnings.filters[:] = list(born["warnings"])
+    if now.get("sys.path") != born["sys.path"]:
+        sys.path[:] = list(born["sys.path"])
+    if not gc.isenabled() and born["garbage collection"]:
+        gc.enable()
+    sys.excepthook = born["sys.excepthook"]
+    if born["threading.excepthook"] is not None:
+        sys.modules["threading"].excepthook = born["threading.excepthook"]
+    if "int digits" in born:
+        sys.set_int_max_str_digits(born["int digits"])
+    if "socket" in sys.modules:
+        sys.modules["socket"].setdefaulttimeout(born.get("socket timeout"))
 
 
 def _identity(fd: int) -> tuple[int, int] | None:

@@ -27,7 +27,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from ..errors import CorruptTask, InvalidInput, SpoolqError, StaleClaim, TaskNotFound, UnsafeSpool, describe, safe_text
 from ..lifecycle import Claim, Outcome, Place, State
@@ -202,10 +202,16 @@ def _run_started(
             else:
                 if hygiene is not None:
                     hygiene.before_run()
+                me = os.getpid()
                 try:
                     handler(context, value)
                 except BaseException as exc:  # noqa: BLE001 - judged below
+                    if os.getpid() != me:
+                        _leave_fork(exc)
                     caught = exc
+                else:
+                    if os.getpid() != me:
+                        _leave_fork(None)
         # First what the handler changed in its own process (a lowered
         # open-files limit would keep the leftover kill below from reading
         # /proc), then its leftovers die, before its outcome is recorded:
@@ -229,13 +235,18 @@ def _run_started(
         if isinstance(caught, StaleClaim):
             # The handler's own status call was refused: its task was taken
             # away, or it had ended the task itself already (setSuccess, then
-            # setFailure), and that end stands.
+            # setFailure), and that end stands. Unless the task is still this
+            # run's: then the StaleClaim was about another claim (a context
+            # the handler kept from an earlier task, or one it raised
+            # itself), and it fails the run like any exception (it was taken
+            # for "taken away": the task sat RUNNING until a sweep ran it again).
             done = outcome_of(spool, claim)
-            if done is Outcome.GONE:
+            if done is not Outcome.GONE:
+                log.warning("%s: a status call of the handler after it ended the task (%s) was refused: %s",
+                            claim, done.value, caught)
+                return done
+            if not still_running(spool, claim):
                 raise caught
-            log.warning("%s: a status call of the handler after it ended the task (%s) was refused: %s",
-                        claim, done.value, caught)
-            return done
         if lift is not None:
             failure = _failure_of(caught, limits)
         else:  # the limits could not be applied: the handler never ran
@@ -323,6 +334,30 @@ def outcome_of(spool: Spool, claim: Claim) -> Outcome:
     if claim.sent_back(info.doc):
         return Outcome.RETRY
     return Outcome.GONE
+
+
+def still_running(spool: Spool, claim: Claim) -> bool:
+    """Whether *claim* still holds its task, started (RUNNING or PAUSED)."""
+    try:
+        info = spool.status(claim.type, claim.id)
+    except SpoolqError:
+        return False
+    return claim.owns(info.doc) and info.state.started
+
+
+def _leave_fork(exc: BaseException | None) -> NoReturn:
+    """A process the handler forked came back out of the handler (it
+    returned, or raised): it is not the run, and must not go on into this
+    process's loop, where it would record the run's end and read the next
+    tasks meant for its parent. It exits, its traceback on its stderr."""
+    if exc is not None and not isinstance(exc, SystemExit):
+        traceback.print_exception(exc)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - closed by the handler: exit all the same
+            pass
+    os._exit(0 if exc is None or (isinstance(exc, SystemExit) and exc.code in (None, 0)) else 1)
 
 
 def fail(spool: Spool, claim: Claim, message: str, exc: BaseException) -> State:
