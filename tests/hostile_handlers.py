@@ -289,3 +289,12 @@ def fork_child_raises(ts, inp):
         raise ValueError("the child raises")
     os.waitpid(pid, 0)
     _note(inp, "parent-done")
+
+
+def break_json(ts, inp):
+    """Monkeypatch what its process's own protocol uses (hygiene does not
+    cover module attributes): the process then fails on its own."""
+    import json
+
+    json.dumps = None
+    json.loads = None

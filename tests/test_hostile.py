@@ -525,3 +525,20 @@ def test_a_forked_child_coming_back_out_of_the_handler_exits_and_runs_nothing(da
     assert [r[0] for r in (line.split() for line in rec.read_text().splitlines())] == ["parent-done"], rec.read_text()
     assert b"ValueError: the child raises" in spool.queries.output("F", "a")
     finishes_good_work(spool, proc, "after-fork")
+
+
+def test_a_handler_process_failing_on_its_own_says_so_through_the_workers_log(daemon_env):
+    """A handler process that failed in its own code (a handler had broken
+    its json module) printed a bare traceback, with no time, level or logger,
+    which journald could not give a priority."""
+    spool, root, workers, tmp = daemon_env
+    spool.register_type("J", "hostile_handlers.break_json", timeout=60, max_restarts=0)
+    spool.enqueue("J", "a", {})
+    proc = workers.start("w1")
+    wait_until(lambda: "handler process" in stderr_of(proc) and "stopped on an error of its own" in stderr_of(proc),
+               what="the handler process's line")
+    err = stderr_of(proc).splitlines()
+    first = next(i for i, line in enumerate(err) if "stopped on an error of its own" in line)
+    assert " CRITICAL spoolq.executor: handler process " in err[first], err[first]
+    assert err[first + 1] == "Traceback (most recent call last):", err[first:first + 2]
+    finishes_good_work(spool, proc, "after-json")

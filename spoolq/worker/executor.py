@@ -293,7 +293,12 @@ class ForkExecutor:
                 # the worker says which task it could not settle.
                 log.error("handler process %d: %s", os.getpid(), exc)
             except BaseException:  # noqa: BLE001
-                traceback.print_exc()
+                # Through the worker's logging: a time, a level and (under
+                # journald) a priority on each line of the traceback.
+                try:
+                    log.critical("handler process %d stopped on an error of its own", os.getpid(), exc_info=True)
+                except Exception:  # noqa: BLE001 - logging itself broken by a handler: the bare traceback
+                    traceback.print_exc()
             finally:
                 for stream in (sys.stdout, sys.stderr):
                     try:
