@@ -788,3 +788,30 @@ def test_a_task_sent_back_shows_no_progress_of_the_run_it_lost(spool: Spool) -> 
     spool.start(again)
     spool.set_state(again, State.FINISHED)
     assert spool.status("T", "p").state is State.FINISHED
+
+
+def test_a_response_that_cannot_be_written_leaves_no_half_written_file(spool: Spool, tmp_path: Path) -> None:
+    """A store_response that failed (the handler's file size limit, a full
+    disk) left response.tmp in the task, which fsck then reported until
+    someone ran --repair (an outside tester)."""
+    import subprocess
+    import sys
+
+    claim = run_to_running(spool)
+    code = (
+        "import resource, signal, sys\n"
+        "from spoolq import Spool\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (10, resource.RLIM_INFINITY))\n"
+        "try:\n"
+        "    Spool(sys.argv[1]).store_response(sys.argv[2], b'y' * 100, 'text/plain')\n"
+        "except OSError as exc:\n"
+        "    print(exc.errno)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, spool.root, str(claim)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.stdout.strip() == "27", done.stdout + done.stderr  # EFBIG
+    path = Path(spool.locate("T", "a"))
+    assert not (path / "response.tmp").exists()
+    with pytest.raises(NoResponse):
+        spool.response("T", "a")

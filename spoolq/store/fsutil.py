@@ -229,8 +229,17 @@ def replace_file(dir_fd: int, name: str, data: bytes, *, sync: bool,
     fsync of the directory.
     """
     tmp = name + ".tmp"
-    kept = write_new_replacing(dir_fd, tmp, data, sync=sync, attribute=attribute)
-    os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    try:
+        kept = write_new_replacing(dir_fd, tmp, data, sync=sync, attribute=attribute)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except Exception:
+        # A full disk, a file size limit: no half-written tmp left behind
+        # for fsck to report (a crash leaves one, which fsck settles).
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except OSError:
+            pass
+        raise
     return kept
 
 
