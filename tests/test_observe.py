@@ -530,5 +530,11 @@ def test_progress_that_is_not_finite_is_stored_as_null(tmp_path):
             context.progress(1, "ten")
         with pytest.raises(TypeError, match="progress message must be a str, not int"):
             context.progress(1, 2, 3)  # was stored as "3"
+        # A megabyte of message: cut as a status message is (it made the
+        # progress vanish: a file too large to read back).
+        fresh = TaskContext(None, "T:x#1@s", task_dir=dfd)  # type: ignore[arg-type]  # its first call writes at once
+        fresh.progress(1, 2, "m" * 10**6)
+        stored = read_progress(dfd)
+        assert stored is not None and stored["done"] == 1 and stored["message"].endswith("more characters cut]")
     finally:
         os.close(dfd)

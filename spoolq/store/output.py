@@ -38,6 +38,7 @@ import re
 from typing import Any
 
 from . import fsutil
+from .codec import STATUS_MESSAGE_MAX, bounded
 
 OUTPUT = "output"
 PART_PREFIX = "output.tail."
@@ -195,7 +196,10 @@ def write_output(dfd: int, data: bytes) -> None:
 
 
 def progress_doc(done: Any, total: Any, message: str, at: str) -> dict[str, Any]:
-    return {"done": done, "total": total, "message": message, "at": at}
+    """The ``progress`` document; its message cut as a status message is
+    (a megabyte of message made a file too large to read back, and the
+    progress vanished without a word)."""
+    return {"done": done, "total": total, "message": bounded(message, STATUS_MESSAGE_MAX), "at": at}
 
 
 def write_progress(dfd: int, doc: dict[str, Any]) -> None:
