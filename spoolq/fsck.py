@@ -506,7 +506,10 @@ class _Checker:
             elif (entry in RUN_FILES or is_output_file(entry)) and stat.S_ISREG(st.st_mode):
                 if st.st_mode & stat.S_IWOTH:
                     self.add("permissions", epath, f"writable by any user: fix with: chmod o-w {epath}")
-                self._group_access(epath, st, dfd, name=entry)
+                # Only its run writes it: the group needs to read it. (A run
+                # killed between a part's create and its chmod leaves it
+                # without the group's write, which nobody needs.)
+                self._group_access(epath, st, dfd, name=entry, need=0o040)
             elif entry in TASK_LEFTOVERS:
                 what = "an interrupted status write" if entry.startswith(STATUS) else "an interrupted response write"
                 self.add("leftover-tmp", epath, f"left by {what}")
@@ -534,18 +537,20 @@ class _Checker:
         return doc
 
     def _group_access(self, path: str, st: os.stat_result, dfd: int, *, name: str | None = None,
-                      directory: bool = False) -> None:
+                      directory: bool = False, need: int | None = None) -> None:
         """On a spool its group shares, every task directory and file must
-        be usable by the group: a worker that cannot write a task fails it
-        forever, a producer that cannot read it cannot see it. --repair
-        fixes the modes of what this user owns."""
-        need = 0o070 if directory else 0o060
+        be usable by the group (*need*: the mode bits it needs; read and
+        write, and search for a directory, unless given): a worker that
+        cannot write a task fails it forever, a producer that cannot read it
+        cannot see it. --repair fixes the modes of what this user owns."""
+        if need is None:
+            need = 0o070 if directory else 0o060
         if not self.shared or st.st_mode & need == need:
             return
         finding = self.add(
             "group-access", path,
             f"not usable by the spool's group (mode {stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid}): "
-            f"fix with: chmod g+rw{'x' if directory else ''} {path}",
+            f"fix with: chmod g+{''.join(c for c, bit in (('r', 0o040), ('w', 0o020), ('x', 0o010)) if need & bit)} {path}",
         )
         if self.repair and st.st_uid == os.geteuid():
             mode = stat.S_IMODE(st.st_mode) | need

@@ -551,3 +551,22 @@ def test_the_second_editions_fields_and_states(spool):
     assert {spool.status("T", i).state for i in ("past", "prio")} == {State.ENQUEUED}
     assert sorted(p.name.split(".")[0] for p in (root / "quarantine").iterdir()
                   if not p.name.endswith(".reason")) == ["T:badnb", "T:badprio"]
+
+
+def test_a_run_file_needs_only_the_groups_read(spool):
+    """A run killed between an output part's create and its chmod leaves the
+    part without the group's write (0640 under umask 022): fsck called that
+    a problem (exit 1), though only the run ever writes it."""
+    root = Path(spool.root)
+    spool.enqueue("T", "out", 1)
+    claim = spool.claim("s1")
+    spool.start(claim)
+    spool.set_state(claim, State.FINISHED)
+    part = root / "done" / "T:out" / "output.tail.3"
+    part.write_bytes(b"latest\n")
+    part.chmod(0o640)
+    assert run_fsck(str(root), repair=False, out=io.StringIO()) == 0
+    part.chmod(0o600)  # the group cannot read it: that is one
+    out = io.StringIO()
+    assert run_fsck(str(root), repair=False, out=out) == 1
+    assert f"fix with: chmod g+r {part}" in out.getvalue(), out.getvalue()
