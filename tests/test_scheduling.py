@@ -642,3 +642,25 @@ def test_a_handler_that_raises_after_asking_for_a_retry_is_reported_as_that_retr
     err = stderr_of(proc)
     assert "already sent back for a retry: RuntimeError: after the retry" in err, err
     assert "failed RR:t" not in err, err
+
+
+def test_a_type_at_its_concurrency_holds_up_neither_other_types_nor_its_own_order(env):
+    """A type of concurrency 1 with a backlog, on a worker of concurrency 2:
+    the free slot kept claiming the limited type (its run had not taken its
+    slot yet, so the slot counted free), each such claim lost the slot and
+    went to the back of the queue: the other type's tasks waited behind
+    thousands, and the limited type ran out of order (an outside tester)."""
+    spool, root, workers, tmp = env
+    rec = tmp / "rec"
+    register(spool, "R", "run", concurrency=1)
+    register(spool, "F", "run")
+    spool.enqueue_many("R", [{"id": f"r{i:03d}", "input": {"record": str(rec), "seconds": 0.02}} for i in range(40)])
+    spool.enqueue_many("F", [{"id": f"f{i}", "input": {"record": str(rec)}} for i in range(5)])
+    proc = workers.start("w1", concurrency=2)
+    wait_until(lambda: all(final(spool, "R", f"r{i:03d}") for i in range(40)), timeout=60, what="every R task")
+    started = [task for event, task, _, _, _ in events(rec) if event == "start"]
+    r_order = [t for t in started if t.startswith("R:")]
+    assert r_order == sorted(r_order), r_order  # in enqueue order
+    # F ran beside R's one run, not after all of it.
+    assert max(started.index(f"F:f{i}") for i in range(5)) < started.index("R:r010"), started
+    assert "not started: all 1 slots of R are taken" not in stderr_of(proc)

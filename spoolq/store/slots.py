@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 
 from . import fsutil
 from .layout import Layout
 
 _O_SLOT = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+ACQUIRE_TRIES = 3  # looks at the slots before a run is refused for want of one
+PROBE_PAUSE = 0.005  # seconds between them: a probe of free() holds a slot's lock for microseconds
 
 
 class TypeSlots:
@@ -47,14 +50,21 @@ class TypeSlots:
 
     def acquire(self, type_name: str, limit: int) -> int | None:
         """Take a free slot of *type_name* (one of *limit*): its descriptor,
-        to keep open while the task runs; None when all are taken."""
-        for k in range(limit):
-            fd = self._open(type_name, k)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except BlockingIOError:
-                os.close(fd)
+        to keep open while the task runs; None when all are taken.
+
+        A worker that asks how many are :meth:`free` takes each slot's lock
+        for a moment: a slot found taken is tried again after a pause
+        longer than such a probe, before the run is refused for want of one."""
+        for attempt in range(ACQUIRE_TRIES):
+            for k in range(limit):
+                fd = self._open(type_name, k)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return fd
+                except BlockingIOError:
+                    os.close(fd)
+            if attempt + 1 < ACQUIRE_TRIES:
+                time.sleep(PROBE_PAUSE)
         return None
 
     def free(self, type_name: str, limit: int) -> int:

@@ -65,11 +65,13 @@ class Gates:
 
     def __init__(
         self, spool: Spool, server: str, executors: dict[str, Executor], room: Callable[[str], int],
+        running: Callable[[str], int] = lambda type_name: 0,
     ) -> None:
         self.spool = spool
         self.server = server
         self.executors = executors
         self.room = room
+        self.running = running  # how many runs of a type this server has under way
         self.parked: dict[str, list[str]] = {}  # gate -> waiting names behind it
         self._no_handler: dict[str, _Backoff] = {}  # type -> its handler does not import here
         self._unavailable: set[str] = set()
@@ -93,7 +95,7 @@ class Gates:
             return None  # unknown or corrupt type: the launch fails it with the reason
         if ttype.held:
             return f"held:{type_name}"
-        if ttype.concurrency and not self.spool.slots.free(type_name, ttype.concurrency):
+        if ttype.concurrency and not self._slots_free(type_name, ttype.concurrency):
             return f"slots:{type_name}"
         route = self.executor_of(type_name)
         if route not in self.executors and route not in self._told_missing:
@@ -115,8 +117,20 @@ class Gates:
                 return True
             if kind == "held":
                 return not ttype.held
-            return not ttype.concurrency or self.spool.slots.free(what, ttype.concurrency) > 0
+            return not ttype.concurrency or self._slots_free(what, ttype.concurrency) > 0
         return self.room(what) > 0
+
+    def _slots_free(self, type_name: str, limit: int) -> int:
+        """Free slots of a type: the slot files no run holds, less this
+        server's own runs that do not hold theirs yet (a run takes its slot
+        in its handler process, a moment after its launch: counted free,
+        the next claim of the type lost the race there and went back to the
+        queue, again and again, starving what waited behind it)."""
+        own = self.running(type_name)
+        if own >= limit:
+            return 0  # no probe: a probe takes each slot's lock for a moment, which a run taking it would meet
+        taken = max(limit - self.spool.slots.free(type_name, limit), own)
+        return max(limit - taken, 0)
 
     def executor_of(self, type_name: str) -> str:
         ttype = self.spool.registry.find(type_name)

@@ -171,7 +171,8 @@ class Worker:
             from .dask_executor import DaskExecutor  # imports distributed: only when asked for
 
             self.executors["dask"] = DaskExecutor(spool, self.server, dask_scheduler, concurrency=dask_concurrency)
-        self.gates = Gates(spool, self.server, self.executors, self._room)
+        self.gates = Gates(spool, self.server, self.executors, self._room,
+                           lambda type_name: sum(claim.type == type_name for claim in self.jobs))
         self.notifier = Notifier()
         self.jobs: dict[Claim, _Job] = {}
         self.unsettled: list[tuple[_Job, Ended]] = []  # ended runs whose task cannot be settled yet
