@@ -112,6 +112,7 @@ class WaitingIndex:
         self._later: list[tuple[int, WaitKey]] = []  # due later: by due time
         self._keys: dict[str, tuple[WaitKey, int]] = {}  # name -> (its current key, the mtime read with it)
         self._pass_seen: set[str] | None = None  # during a rescan pass: the names it must keep
+        self.popped: tuple[WaitKey, int] | None = None  # (key, mtime) of the name pop() returned last
         self.complete = False
         """True once a rescan has covered the whole directory: until then the
         index may lack tasks that should be claimed before those it holds."""
@@ -222,5 +223,16 @@ class WaitingIndex:
             if mtime != known[1]:
                 self._push(read_key(self.layout.enqueued, name, mtime), mtime)
                 continue
+            self.popped = known
             return name
         return None
+
+    def put_back(self, name: str, entry: tuple[WaitKey, int] | None) -> None:
+        """Index *name* again with the (key, mtime) :attr:`popped` gave for
+        it, without looking at it again (a claim looks anyway): a gate that
+        opens on thousands of tasks (a type released) gives them back at
+        once, not an lstat each (3 s for 77,000). None: as :meth:`add`."""
+        if entry is None:
+            self.add(name)
+        elif name not in self._keys:
+            self._push(*entry)

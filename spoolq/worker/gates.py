@@ -28,6 +28,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ..lifecycle import Claim
 from ..names import split_task_name
@@ -72,7 +73,7 @@ class Gates:
         self.executors = executors
         self.room = room
         self.running = running  # how many runs of a type this server has under way
-        self.parked: dict[str, list[str]] = {}  # gate -> waiting names behind it
+        self.parked: dict[str, list[tuple[str, Any]]] = {}  # gate -> waiting (name, index entry) behind it
         self._no_handler: dict[str, _Backoff] = {}  # type -> its handler does not import here
         self._unavailable: set[str] = set()
         self._said_unavailable: set[str] = set()
@@ -144,16 +145,18 @@ class Gates:
 
     # ------------------------------------------------------------------ parking
 
-    def park(self, gate: str, name: str) -> None:
-        self.parked.setdefault(gate, []).append(name)
+    def park(self, gate: str, name: str, entry: Any = None) -> None:
+        """Keep waiting task *name* behind *gate*, with its index *entry*
+        (:attr:`WaitingIndex.popped`) to put it back by."""
+        self.parked.setdefault(gate, []).append((name, entry))
 
     def reopen(self, waiting: WaitingIndex, *, only: str | None = None) -> None:
         """Give the names behind every gate that opened (of kind *only*, e.g.
         "held") back to the waiting index."""
         for gate in list(self.parked):
             if (only is None or gate.startswith(only + ":")) and self.is_open(gate):
-                for name in self.parked.pop(gate):
-                    waiting.add(name)
+                for name, entry in self.parked.pop(gate):
+                    waiting.put_back(name, entry)
 
     def next_look(self) -> float | None:
         """When (monotonic) a parked gate should be looked at again by time:

@@ -567,7 +567,7 @@ class Worker:
                 return
             gate = self.gates.gate(name)
             if gate is not None:
-                self.gates.park(gate, name)  # back in the index when the gate opens
+                self.gates.park(gate, name, self.waiting.popped)  # back in the index when the gate opens
                 continue
             try:
                 claim = self.spool.claim(self.server, names=[name])
