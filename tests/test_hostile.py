@@ -542,3 +542,27 @@ def test_a_handler_process_failing_on_its_own_says_so_through_the_workers_log(da
     assert " CRITICAL spoolq.executor: handler process " in err[first], err[first]
     assert err[first + 1] == "Traceback (most recent call last):", err[first:first + 2]
     finishes_good_work(spool, proc, "after-json")
+
+
+def test_a_quarantine_on_a_full_disk_moves_nothing_and_leaves_no_empty_note(tmp_path):
+    """`fsck --repair` on a full filesystem moved a leftover into quarantine/
+    and then could not write its .reason: an empty note, no finding
+    reported, and every later fsck clean (an outside tester)."""
+    with mounted_tmpfs(tmp_path / "fs") as fs:
+        spool = Spool.init(fs, durable=False)
+        spool.register_type("T", "daemon_handlers.add")
+        junk = fs / "enqueued" / "not-a-task-name"
+        junk.mkdir()
+        (fs / "junk").mkdir()
+        fill(fs / "junk")
+        done = subprocess.run([sys.executable, "-m", "spoolq", "--root", str(fs), "fsck", "--repair"],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0 and "No space left on device" in done.stdout + done.stderr, done
+        assert "Traceback" not in done.stderr, done.stderr
+        assert junk.is_dir() and os.listdir(fs / "quarantine") == []  # nothing moved, no empty note
+        shutil.rmtree(fs / "junk")
+        done = subprocess.run([sys.executable, "-m", "spoolq", "--root", str(fs), "fsck", "--repair"],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "bad-name" in done.stdout and "1 repaired" in done.stdout, done.stdout
+        notes = [n for n in os.listdir(fs / "quarantine") if n.endswith(".reason")]
+        assert len(notes) == 1 and (fs / "quarantine" / notes[0]).read_text().strip(), notes

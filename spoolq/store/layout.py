@@ -642,12 +642,22 @@ class Layout:
         base = os.path.basename(path)[:200]  # room for the suffixes within NAME_MAX
         stamp = datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%dT%H%M%S")
         dest = self.path("quarantine", f"{base}.{stamp}.{os.urandom(3).hex()}")
+        # The note first: on a full disk it cannot be written, and then
+        # nothing is moved (the item moved first was left beside an empty
+        # note, and nothing said what it was or why).
+        note = dest + ".reason"
         try:
+            with open(note, "w", encoding="utf-8", errors="backslashreplace") as fh:  # names may not be UTF-8
+                fh.write(f"{path}: {reason}\n")
             os.rename(path, dest)
-        except FileNotFoundError:
-            return None
-        with open(dest + ".reason", "w", encoding="utf-8", errors="backslashreplace") as fh:  # names may not be UTF-8
-            fh.write(f"{path}: {reason}\n")
+        except BaseException as exc:
+            try:
+                os.unlink(note)
+            except OSError:
+                pass
+            if isinstance(exc, FileNotFoundError) and exc.filename == path:
+                return None
+            raise
         if durable:
             fsutil.fsync_dir(os.path.dirname(path))
             fsutil.fsync_dir(self.quarantine_dir)
