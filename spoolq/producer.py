@@ -297,6 +297,10 @@ class Producer:
         """Rename a complete stage into ``enqueued/`` (caller holds the
         enqueue lock; *waiting* is how many tasks wait, when there is a
         *limit*)."""
+        # The type again, under the lock an unregister holds while it removes
+        # it: a task published after that would be of no type, and run
+        # anyway by a worker that had the type cached.
+        self.registry.get(stage.type)
         if self.queries.exists(stage.type, stage.id):
             raise TaskExists(stage.type, stage.id)
         if limit and waiting >= limit:

@@ -47,6 +47,7 @@ from .errors import (
     StaleClaim,
     TaskNotFound,
     TypeInUse,
+    UnknownType,
     WrongState,
     describe,
 )
@@ -269,18 +270,23 @@ class Spool:
     def unregister_type(self, name: str, *, force: bool = False) -> list[SweepAction]:
         """Remove type *name*. With tasks of that type present this raises
         TypeInUse, unless *force*, which deletes those tasks first."""
-        self.registry.get(name)
-        tasks = [t for t in self.iter_tasks() if t[0] == name]
-        if tasks and not force:
-            raise TypeInUse(name, len(tasks))
+        # Under the enqueue lock, which every publish of a task holds and
+        # under which it looks at its type again: no task of the type can
+        # appear once the type is gone (one that raced the unregister was
+        # left behind, of no type, and run).
+        with self.layout.enqueue_lock:
+            self.registry.get(name)
+            tasks = [t for t in self.iter_tasks() if t[0] == name]
+            if tasks and not force:
+                raise TypeInUse(name, len(tasks))
+            self.registry.remove(name)
         removed = []
         for type_name, task_id, _ in tasks:
             try:
                 self.delete(type_name, task_id)
                 removed.append(SweepAction(type_name, task_id, Action.DELETED, "type unregistered"))
-            except TaskNotFound:
+            except (TaskNotFound, UnknownType):
                 pass
-        self.registry.remove(name)
         return removed
 
     # ------------------------------------------------------------------ enqueue (spoolq.producer)

@@ -423,3 +423,35 @@ def test_children_forked_while_threads_enqueue_never_hang_on_the_enqueue_lock(sp
             thread.join(60)
     assert stuck == [], f"children stuck in enqueue: {stuck}"
     assert all(spool.status("T", f"child{c}").state == State.ENQUEUED for c in range(40))
+
+
+def test_no_task_of_an_unregistered_type_survives_enqueues_racing_the_unregister(spool: Spool) -> None:
+    """An enqueue that checked the type, then published after `unregister
+    --force` had deleted the type's tasks, left a task of no type, which a
+    worker with the type cached then ran (5 rounds of 7, an outside tester)."""
+    import threading
+
+    from spoolq import UnknownType
+
+    survivors = []
+    for round_ in range(15):
+        spool.register_type("R", "daemon_handlers.add")
+        refused = threading.Event()
+
+        def produce() -> None:
+            for i in range(10_000):
+                try:
+                    spool.enqueue("R", f"r{round_}-{i}", [i])
+                except UnknownType:
+                    refused.set()
+                    return
+
+        thread = threading.Thread(target=produce)
+        thread.start()
+        while not list(spool.iter_tasks()):
+            time.sleep(0.001)
+        spool.unregister_type("R", force=True)
+        thread.join(60)
+        assert refused.is_set()
+        survivors += [t for t in spool.iter_tasks() if t[0] == "R"]
+    assert survivors == [], survivors
