@@ -27,6 +27,7 @@ Not durable state: the file is not fsynced, and a daemon that is killed
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -197,6 +198,10 @@ def ensure_dir(layout: Layout) -> str:
     """``ROOT/metrics``, created (mode 2770, like the state directories)
     when missing: spools made before it existed get it on first use."""
     path = metrics_dir(layout)
+    if not os.path.isdir(path) and not os.path.isdir(layout.enqueued):
+        # The spool is being removed: making a directory in it again would
+        # keep `rm -rf SPOOL` from ending (a stopping worker's last save).
+        raise FileNotFoundError(errno.ENOENT, "the spool is gone", layout.root)
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:

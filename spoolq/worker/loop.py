@@ -240,6 +240,7 @@ class Worker:
         except SpoolGone as exc:
             log.error("%s; stopping", exc)
             code = 1
+            self.counters.dirty = False  # nothing written into a spool being removed
         finally:
             self.counters.close()
             for executor in self.executors.values():
