@@ -417,7 +417,9 @@ def types_(json_out: JsonFlag = False) -> None:
     One a line: TYPE, HANDLER, TIMEOUT, RETENTION, MAX RESTARTS, RETRIES,
     PRIORITY, CONCURRENCY, HELD. With --json, an array of the type documents
     (as types/TYPE.json holds them: every setting, and "held")."""
-    types = _spool().types()
+    left_out: list[str] = []
+    types = _spool().types(left_out=left_out)
+    _warn_unreadable(left_out, what="type(s)", why="their file cannot be read")
     if json_out:
         _print_json([t.to_json() for t in types])
         return
@@ -855,10 +857,10 @@ def list_(
     )
 
 
-def _warn_unreadable(paths: list[str]) -> None:
-    """One warning line for the tasks a listing or a count left out."""
+def _warn_unreadable(paths: list[str], *, what: str = "task(s)", why: str = "their status cannot be read") -> None:
+    """One warning line for the tasks (or types) a listing or a count left out."""
     if paths:
-        print(f"spoolq: warning: {len(paths)} task(s) left out, their status cannot be read "
+        print(f"spoolq: warning: {len(paths)} {what} left out, {why} "
               f"({paths[0]}{', …' if len(paths) > 1 else ''}): 'spoolq fsck' says why", file=sys.stderr)
 
 

@@ -263,9 +263,10 @@ class Spool:
         """The registered type *name*; UnknownType if there is none."""
         return self.registry.get(name)
 
-    def types(self) -> list[TaskType]:
-        """All registered types, sorted by name."""
-        return self.registry.all()
+    def types(self, *, left_out: list[str] | None = None) -> list[TaskType]:
+        """All registered types, sorted by name; the files of those that
+        cannot be read go into *left_out*, when given."""
+        return self.registry.all(left_out=left_out)
 
     def unregister_type(self, name: str, *, force: bool = False) -> list[SweepAction]:
         """Remove type *name*. With tasks of that type present this raises

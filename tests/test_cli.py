@@ -1132,6 +1132,21 @@ def test_usage_errors_speak_of_the_call_not_of_the_validator(root: Path) -> None
     assert "--version" not in err and "a command's options go after its name" in err, err
 
 
+def test_types_says_which_type_it_leaves_out(root: Path, spool: Spool) -> None:
+    """A type file edited into garbage made its type vanish from `spoolq
+    types` without a word (an outside tester), where `list` and `stats`
+    warn about what they leave out."""
+    spool.register_type("Broken", "atp_demo.handler")
+    (root / "types" / "Broken.json").write_text("garbage")
+    for args in (("types",), ("types", "--json")):
+        done = spoolq(*args, root=root)
+        err = done.stderr.decode()
+        assert done.returncode == 0, err
+        assert err.startswith("spoolq: warning: 1 type(s) left out, their file cannot be read") and "Broken.json" in err
+        assert len(err.splitlines()) == 1, err
+    assert "Broken" not in out(spoolq("types", root=root))
+
+
 def test_the_oldest_waiting_age_leaves_out_tasks_not_due_yet(root: Path, spool: Spool) -> None:
     """A task enqueued to run in an hour made `oldest waiting` (and its
     gauge) grow from its enqueue: an alert on it fired for every delayed task."""

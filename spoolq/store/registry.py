@@ -316,17 +316,20 @@ class TypeRegistry:
         except (UnknownType, SpoolError, InvalidName):
             return None
 
-    def all(self) -> list[TaskType]:
+    def all(self, *, left_out: list[str] | None = None) -> list[TaskType]:
         """Every readable registered type, sorted by name (one that cannot be
-        read or is corrupt is left out: fsck reports it, and a lookup of it
-        by name says why)."""
+        read or is corrupt is left out, its file's path put in *left_out*
+        when given: fsck reports it, and a lookup of it by name says why)."""
         out = []
         for entry in sorted(os.listdir(self.layout.types)):
             if entry.endswith(".json") and not entry.startswith("."):
                 try:
                     out.append(self.get(entry[:-5]))
-                except (UnknownType, InvalidName, SpoolError):
-                    continue
+                except UnknownType:
+                    continue  # removed meanwhile
+                except (InvalidName, SpoolError):
+                    if left_out is not None:
+                        left_out.append(self._file(entry[:-5]))
         return out
 
     def remove(self, name: str) -> None:
