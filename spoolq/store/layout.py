@@ -137,13 +137,13 @@ def task_trust_problem(path: str, st: os.stat_result, root_st: os.stat_result) -
     not be loaded; None if it may be trusted. The spool's own directories'
     rule (nobody else may write it, by mode bits or an ACL), and it belongs
     to the spool's group (which whatever a member makes inside the spool
-    inherits), to the spool's owner or to this process: a task planted by
+    inherits), to the spool's owner, to root or to this process: a task planted by
     an outsider while the spool's modes were wrong keeps that outsider's
     group once the modes are fixed, and the fix must not make it run."""
     problem = _mode_problem(path, path, st)
     if problem is not None:
         return f"{path} is {problem.message}: fix with: {problem.fix}"
-    if st.st_gid != root_st.st_gid and st.st_uid not in (root_st.st_uid, os.geteuid()):
+    if st.st_gid != root_st.st_gid and st.st_uid not in (root_st.st_uid, os.geteuid(), 0):
         return (f"{path} belongs to uid {st.st_uid} and group {st.st_gid}, neither the spool's "
                 f"(uid {root_st.st_uid}, group {root_st.st_gid}): it was made outside the spool's group")
     return None

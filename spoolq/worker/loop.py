@@ -558,8 +558,8 @@ class Worker:
     def _fill_slots(self) -> None:
         if time.monotonic() < self._claims_paused_until or not self.waiting.complete:
             return  # (until the first rescan is complete, a task claimed might not be the first)
-        if not self._spool_safe():
-            return
+        if len(self.waiting) and self.gates.room_anywhere() and not self._spool_safe():
+            return  # (looked at only when a claim may follow: without inotify the look is a full check)
         self.gates.check_executors(self.notifier.status)
         self.gates.reopen(self.waiting)
         while self.gates.room_anywhere():
