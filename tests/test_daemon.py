@@ -574,3 +574,34 @@ def test_delete_of_a_running_task_returns_once_its_handler_is_stopped(env):
         return fields[0] in ("Z", "X") or bool(int(fields[6]) & 0x4)
 
     assert stopped(), "the handler still runs after delete returned"
+
+
+def test_a_run_whose_task_was_deleted_and_enqueued_again_is_stopped(env):
+    """A frozen worker could not stop its run while `delete` waited, so the
+    delete gave up after 10 s; the same id enqueued again then ran under
+    another worker, and the old run, once its worker woke, was left beside
+    it for good: its task's name was in running/ again (an outside tester)."""
+    spool, workers, tmp = env
+    register(spool, "H", "hang")
+    rec = tmp / "runs"
+    spool.enqueue("H", "t1", {"record": str(rec)})
+    first = workers.start("w1")
+    wait_until(lambda: records(rec), what="the first run")
+    old = int(records(rec)[0][3])
+    first.send_signal(signal.SIGSTOP)
+    try:
+        spool.delete("H", "t1")  # gives up waiting after 10 s: the worker is frozen
+        spool.enqueue("H", "t1", {"record": str(rec)})
+        workers.start("w2")
+        wait_until(lambda: len(records(rec)) == 2, what="the new life running")
+    finally:
+        first.send_signal(signal.SIGCONT)
+
+    def gone(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        except FileNotFoundError:
+            return True
+
+    wait_until(lambda: gone(old), timeout=15, what="the old run stopped")
+    assert spool.status("H", "t1").state == State.RUNNING  # the new life goes on

@@ -917,17 +917,25 @@ class Worker:
             job.cancel = True
             self._kill(job, f"cancelled: {cancel}", charge=False)
             return
-        if there and (not heartbeat or self.spool.touch(job.claim)):
+        if there and heartbeat and self.spool.touch(job.claim):
             return
-        # Not in running/, or not ours there: not started yet, finished or
-        # sent back for a retry by its own handler (whose answer is on its
-        # way), or deleted. Only a delete (or a quarantine) needs the run
-        # stopped: nobody else takes a task from a run that holds its run lock.
+        # Not in running/, or an event there, or not ours there: not started
+        # yet, finished or sent back for a retry by its own handler (whose
+        # answer is on its way), or deleted, perhaps with its id enqueued
+        # again (a task in running/ under the same name, another life).
+        # Only a delete (or a quarantine) needs the run stopped: nobody else
+        # takes a task from a run that holds its run lock.
         try:
-            self.spool.locate(job.claim.type, job.claim.id)
+            doc = self.spool.status(job.claim.type, job.claim.id).doc
         except (TaskNotFound, UnknownType):  # (its type unregistered with --force, tasks and all)
-            log.warning("%s was deleted; stopping its handler", job.claim, extra=task_fields(job.claim))
-            self._kill(job, "task deleted", charge=False)
+            doc = None
+        if doc is not None and (job.claim.owns(doc) or job.claim.sent_back(doc)):
+            return
+        # (A task of the same id that is not this claim's: the old run was
+        # left running beside the new one while a frozen worker's delete
+        # gave up waiting.)
+        log.warning("%s was deleted; stopping its handler", job.claim, extra=task_fields(job.claim))
+        self._kill(job, "task deleted", charge=False)
 
     def _sweep(self) -> None:
         """A slice of the maintenance pass (sweeps.sweep_steps): at most
