@@ -416,16 +416,19 @@ class Queries:
         deadline = None if timeout is None else time.monotonic() + timeout
         # The watch is set before the first read, so no arrival can slip between.
         with DirWatcher(self.layout.done) as watcher:
-            seen = False
+            life = None  # its enqueue time: a task deleted and enqueued again under its id is another
             while True:
                 watcher.drain()  # before the read: a later arrival wakes the select below
                 try:
                     info = self.status(type_name, task_id)
                 except TaskNotFound:
-                    if seen:
+                    if life is not None:
                         raise TaskGone(type_name, task_id, "waited for") from None
                     raise
-                seen = True
+                if life is None:
+                    life = info.doc.get("enqueued_at")
+                elif info.doc.get("enqueued_at") != life:
+                    raise TaskGone(type_name, task_id, "waited for")
                 if info.state.terminal:
                     return info
                 if give_up is not None and give_up():

@@ -1120,6 +1120,12 @@ def test_stats_does_not_count_a_file_or_symlink_planted_under_a_waiting_tasks_na
         assert done.returncode == 0 and err.startswith("spoolq: warning: 3 task(s) left out"), (args, err)
     states = json.loads(out(spoolq("stats", "--json", root=root)))["states"]
     assert states["ENQUEUED"] == 1 and states["SCHEDULED"] == 0, states
+    # Nor does a planted file's old mtime make the oldest waiting age (alerts fired on years).
+    os.utime(root / "enqueued" / f"{TYPE}:planted-file", (1, 1))
+    (root / "enqueued" / "junk").write_text("x")
+    os.utime(root / "enqueued" / "junk", (1, 1))
+    age = json.loads(out(spoolq("stats", "--json", root=root)))["oldest_waiting_seconds"]
+    assert age is not None and age < 3600, age
 
 
 def test_usage_errors_speak_of_the_call_not_of_the_validator(root: Path) -> None:
@@ -1138,11 +1144,12 @@ def test_types_says_which_type_it_leaves_out(root: Path, spool: Spool) -> None:
     warn about what they leave out."""
     spool.register_type("Broken", "atp_demo.handler")
     (root / "types" / "Broken.json").write_text("garbage")
+    (root / "types" / "Dir.json").mkdir()  # a directory, not a file: it stopped `types` and `stats` whole
     for args in (("types",), ("types", "--json")):
         done = spoolq(*args, root=root)
         err = done.stderr.decode()
         assert done.returncode == 0, err
-        assert err.startswith("spoolq: warning: 1 type(s) left out, their file cannot be read") and "Broken.json" in err
+        assert err.startswith("spoolq: warning: 2 type(s) left out, their file cannot be read") and "Broken.json" in err
         assert len(err.splitlines()) == 1, err
     assert "Broken" not in out(spoolq("types", root=root))
 

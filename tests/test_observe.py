@@ -271,6 +271,21 @@ def test_a_run_after_a_restart_starts_with_no_output_or_progress_of_the_first(en
     assert not [n for n in os.listdir(env.root / "done" / "R:r") if n.startswith("output.tail.")]
 
 
+def test_a_wait_is_not_fooled_by_the_same_id_enqueued_again(env):
+    """A task deleted and enqueued again under its id while `wait` waited:
+    the wait reported the new task's end as its own (an outside tester)."""
+    register(env, "C", "chatty")
+    env.spool.enqueue_json("C", "d", {})
+    waiter = env.popen("wait", "C", "d")
+    wait_until(lambda: "poll" in Path(f"/proc/{waiter.pid}/wchan").read_text(), what="the wait asleep")
+    env.spool.delete("C", "d")
+    env.spool.enqueue_json("C", "d", {})
+    env.worker()
+    out, err = waiter.communicate(timeout=30)
+    assert waiter.returncode == 2, (out, err)
+    assert err.decode().strip() == "spoolq: task C/d was deleted while it was waited for"
+
+
 def test_output_follow_says_on_stderr_where_a_new_run_starts(env):
     """A follow of a task that was restarted printed the second run's output
     straight after the first's, as if one run had printed both."""

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 
 from ..errors import CorruptTask
 from ..lifecycle import Place, State, WaitKey, cancelled_while_waiting, due, wait_order_key
+from ..names import split_task_name
 from .codec import from_iso
 from .layout import Layout
 from .taskdir import peek_status
@@ -84,11 +85,15 @@ def read_key(directory: str, name: str, mtime: int) -> WaitKey:
 
 
 def scan(layout: Layout) -> list[tuple[WaitKey, int]]:
-    """(key, mtime) of every entry of ``enqueued/``, first to be claimed
-    first (due or not)."""
+    """(key, mtime) of every task of ``enqueued/``, first to be claimed
+    first (due or not). A file, a symlink or a directory not named as a
+    task is none (a claim sets it aside): a planted file's years-old mtime
+    made the oldest waiting age, and alerts on it, fire."""
     keyed = []
     with os.scandir(layout.enqueued) as it:
         for entry in it:
+            if split_task_name(entry.name) is None or not entry.is_dir(follow_symlinks=False):
+                continue
             try:
                 mtime = _settle_future(entry.path, entry.stat(follow_symlinks=False).st_mtime_ns)
             except FileNotFoundError:

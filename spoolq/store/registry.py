@@ -302,6 +302,8 @@ class TypeRegistry:
         except PermissionError as exc:
             raise SpoolError(f"{path} cannot be read ({exc.strerror}): register the type again, or its owner or "
                              f"root can run: chgrp {os.stat(self.layout.root).st_gid} {path}; chmod g+r {path}") from None
+        except OSError as exc:  # a directory, a symlink (never followed) or a FIFO under a type's name
+            raise SpoolError(f"{path} cannot be read ({exc.strerror or exc}): register the type again") from None
         except (ValueError, KeyError, TypeError, OverflowError, SpoolError) as exc:
             raise SpoolError(f"{path} is corrupt ({exc}): register the type again") from None
         finally:
