@@ -45,7 +45,7 @@ from .lifecycle import State
 from .names import check_type, task_name
 from .producer import check_due
 from .queries import TaskInfo, format_log
-from .spool import Spool
+from .spool import DELETE_WAIT, Spool
 from .store import codec
 from .store.layout import DEFAULT_ROOT, ROOT_ENV, check_setting, resolve_root
 from .store.registry import DEFAULT_MAX_OUTPUT, EXECUTORS, MAX_COUNT, check_output_cap
@@ -647,7 +647,9 @@ def delete(type_name: TypeArg, task_id: IdArg) -> None:
 
     A handler still running it can no longer write to it."""
     spool = _spool()
-    spool.delete(type_name, task_id)
+    if spool.delete(type_name, task_id):
+        print(f"spoolq: warning: deleted, but its handler still ran {DELETE_WAIT:g} s later (is its worker "
+              "stopped?); the worker stops it when it goes on", file=sys.stderr)
 
 
 @_command(examples=["spoolq cancel Report daily-0101", "spoolq cancel Encode v7 --reason 'wrong file' --json",

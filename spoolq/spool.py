@@ -1063,12 +1063,14 @@ class Spool:
                 continue  # changed meanwhile
         return count
 
-    def delete(self, type_name: str, task_id: str, *, through: Claim | None = None) -> None:
+    def delete(self, type_name: str, task_id: str, *, through: Claim | None = None) -> bool:
         """Remove the task in whatever state. Atomic: it is renamed into
         ``tmp/`` first (so it vanishes at once), then removed. A running
         handler's later writes are refused; the daemon kills it, and this
         call returns once it has (at most DELETE_WAIT seconds later), so a
-        task enqueued again under the same id never runs beside it.
+        task enqueued again under the same id never runs beside it. True
+        when the handler still ran at the end of that wait (its worker is
+        stopped: it stops the run when it goes on); else False.
 
         *through*: a claim of the task (ATP's ``deleteTask(task_id)``); the
         delete is refused with StaleClaim, and nothing changes, once that
@@ -1096,12 +1098,12 @@ class Spool:
                 run_dir = fsutil.open_dir(trash)
                 try:
                     deadline = time.monotonic() + DELETE_WAIT
-                    while run_alive(run_dir) and time.monotonic() < deadline:
+                    while (running := run_alive(run_dir)) and time.monotonic() < deadline:
                         time.sleep(0.02)
                 finally:
                     os.close(run_dir)
             _remove(trash)
-            return
+            return running
         raise TaskNotFound(type_name, task_id)
 
     def quarantine(self, path: str, reason: str) -> str | None:

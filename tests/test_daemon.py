@@ -590,7 +590,7 @@ def test_a_run_whose_task_was_deleted_and_enqueued_again_is_stopped(env):
     old = int(records(rec)[0][3])
     first.send_signal(signal.SIGSTOP)
     try:
-        spool.delete("H", "t1")  # gives up waiting after 10 s: the worker is frozen
+        assert spool.delete("H", "t1") is True  # gave up waiting after 10 s: the worker is frozen
         spool.enqueue("H", "t1", {"record": str(rec)})
         workers.start("w2")
         wait_until(lambda: len(records(rec)) == 2, what="the new life running")
