@@ -902,10 +902,22 @@ class Spool:
                 task.close()
 
     def _requeue_locked(self, task: TaskDir, reason: str) -> None:
-        """Back to ``enqueued/`` (caller holds the enqueue lock and the task).
-        It goes to the back of the queue; the queue limit is not applied."""
+        """Back to ``enqueued/`` (caller holds the enqueue lock and the task);
+        the queue limit is not applied. A task that ran goes to the back of
+        the queue; one never started (a claim handed back: no slot of its
+        type was free after all, its server stopped) keeps its place, by its
+        enqueue time: behind a type at its concurrency, on several servers,
+        such hand-backs ran a type's tasks out of their order."""
+        now = self.clock()
+        stamp = self._stamps.next(now)
+        enqueued_at = task.doc.get("enqueued_at")
+        if not task.state.started and isinstance(enqueued_at, str):
+            try:
+                stamp = int(codec.from_iso(enqueued_at) * 1e9)
+            except ValueError:
+                pass  # unreadable: the back of the queue
         task.write(State.ENQUEUED, reason, server=None, claimed_at=None)
-        task.move(self._path(Place.ENQUEUED, task.name), mtime_ns=self._stamps.next(self.clock()))
+        task.move(self._path(Place.ENQUEUED, task.name), mtime_ns=stamp)
         crashpoint("requeue.moved")
 
     # ------------------------------------------------------------------ user actions: cancel, requeue

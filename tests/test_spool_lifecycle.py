@@ -678,8 +678,22 @@ def test_claim_skips_an_entry_reenqueued_since_its_scan(spool: Spool) -> None:
     other = Spool(spool.root)
     b = other.claim("s2")
     assert b.id == "b"
-    other.hand_back(b)  # b is now behind c
+    other.start(b)
+    other.hand_back(b)  # it ran: b is now behind c
     assert [spool.claim("s1").id, spool.claim("s1").id] == ["c", "b"]
+
+
+def test_a_claim_handed_back_unstarted_keeps_its_place(spool: Spool) -> None:
+    """A claim handed back before its start (no slot of its type was free
+    after all, on another server) went to the back of the queue: a type at
+    its concurrency on several servers ran its tasks out of order (an
+    outside tester)."""
+    for i in "abc":
+        spool.enqueue("T", i, 1)
+    a = spool.claim("s1")
+    spool.hand_back(a, "not started on server s1: all 1 slots of T are taken")
+    fresh = Spool(spool.root)  # (its index is a fresh scan: spool's own still holds b and c)
+    assert [fresh.claim("s2").id for _ in range(3)] == ["a", "b", "c"]
 
 
 def test_claim_with_names_tries_only_those(spool: Spool) -> None:
