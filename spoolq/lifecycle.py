@@ -137,6 +137,14 @@ class Claim:
         number, so no later status of the task matches an old claim."""
         return doc.get("claim") == self.number and doc.get("server") == self.server
 
+    def not_recorded_yet(self, doc: Mapping[str, Any]) -> bool:
+        """Whether a task whose stored status is *doc* is this claim's, made
+        by its move alone and not recorded yet (:func:`claimed_by_move`): it
+        still says ENQUEUED, with the number before this claim's. A start
+        moves it to running/ before it writes its status, so it is met so
+        there too, for that moment."""
+        return doc.get("state") == State.ENQUEUED.name and doc.get("claim") == self.number - 1
+
     def sent_back(self, doc: Mapping[str, Any]) -> bool:
         """Whether a task whose status is *doc* went back to the queue from
         this claim and nobody claimed it since (a re-enqueue keeps the number

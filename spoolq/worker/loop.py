@@ -929,7 +929,8 @@ class Worker:
             doc = self.spool.status(job.claim.type, job.claim.id).doc
         except (TaskNotFound, UnknownType):  # (its type unregistered with --force, tasks and all)
             doc = None
-        if doc is not None and (job.claim.owns(doc) or job.claim.sent_back(doc)):
+        claim = job.claim
+        if doc is not None and (claim.owns(doc) or claim.sent_back(doc) or claim.not_recorded_yet(doc)):
             return
         # (A task of the same id that is not this claim's: the old run was
         # left running beside the new one while a frozen worker's delete
