@@ -222,7 +222,7 @@ class _Checker:
         self.places: dict[str, list[_Place]] = defaultdict(list)
         # The group shares the spool (the root is group rwx): then it must be
         # able to use every task in it.
-        root_st = os.stat(self.root)
+        root_st = self.root_st = os.stat(self.root)
         self.shared = root_st.st_mode & 0o070 == 0o070
         self.group = root_st.st_gid
         self.types: set[str] = set()
@@ -484,7 +484,7 @@ class _Checker:
                 continue
         dir_st = os.fstat(dfd)
         self._group_access(path, dir_st, dfd, directory=True)
-        root_st = os.stat(self.spool.root)
+        root_st = self.root_st
         # What a start checks before it loads the input (it quarantines such a task then).
         problem = task_trust_problem(path, dir_st, root_st)
         if problem is not None:

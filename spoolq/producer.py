@@ -347,7 +347,9 @@ class Producer:
             if self.durable:
                 self._barrier([stage for _, stage in stages])
             crashpoint("enqueue.batch_synced")
-            with self.layout.enqueue_lock:
+            # One look at the type's file for the batch (_publish looks at it
+            # again): under the enqueue lock no unregister can remove it meanwhile.
+            with self.layout.enqueue_lock, self.registry.moment():
                 limit = self.layout.settings_now().max_queue
                 waiting = limit and self.queries.count_enqueued()
                 for index, stage in stages:
